@@ -1,0 +1,1 @@
+"""Reading user data in the common formats into one example type, and rendering it as tokens."""

@@ -1,0 +1,94 @@
+"""The one internal example type every data format normalises to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+    train: bool = False
+    """Whether the loss covers this message. Only assistant messages are ever trained;
+    an assistant message with OpenAI's `weight: 0` has train=False."""
+    tool_calls: list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    def to_template(self) -> dict[str, Any]:
+        """The dict a Hugging Face chat template expects."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = self.tool_calls
+        if self.name:
+            out["name"] = self.name
+        return out
+
+
+@dataclass(frozen=True)
+class Example:
+    """A conversation to train on, with where it came from (1-based line or CSV row)."""
+
+    messages: tuple[Message, ...]
+    line: int = 0
+    tools: list[dict[str, Any]] | None = None
+
+    @property
+    def trained_messages(self) -> list[Message]:
+        return [m for m in self.messages if m.train]
+
+    def key(self) -> tuple:
+        """Identity for duplicate and overlap checks."""
+        return tuple((m.role, m.content.strip(), m.train) for m in self.messages)
+
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    """A prompt conversation with a preferred and a non-preferred assistant answer (DPO)."""
+
+    prompt: tuple[Message, ...]
+    chosen: tuple[Message, ...]
+    rejected: tuple[Message, ...]
+    line: int = 0
+
+    def key(self) -> tuple:
+        return (
+            tuple((m.role, m.content.strip()) for m in self.prompt),
+            tuple(m.content.strip() for m in self.chosen),
+            tuple(m.content.strip() for m in self.rejected),
+        )
+
+
+def chat(*turns: tuple[str, str], line: int = 0) -> Example:
+    """Build an Example from (role, content) pairs; assistant turns are trained."""
+    return Example(
+        messages=tuple(Message(role, content, train=role == "assistant") for role, content in turns),
+        line=line,
+    )
+
+
+@dataclass
+class Problem:
+    """One error or warning about the data, with where it is."""
+
+    line: int
+    field: str
+    code: str
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"line": self.line, "field": self.field, "code": self.code, "message": self.message}
+
+
+@dataclass
+class ParseResult:
+    """What reading a file gives: examples plus every problem met on the way."""
+
+    format: str
+    examples: list[Example] = field(default_factory=list)
+    preferences: list[PreferenceExample] = field(default_factory=list)
+    errors: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)

@@ -1,0 +1,252 @@
+"""Render examples with the model's own chat template into input ids and loss labels.
+
+Training, validation, `inspect`, evaluation and the server all go through this module, so
+the tokens a model is trained on are exactly the tokens it is prompted with later.
+
+How it works: the conversation is rendered once with the template; for every assistant
+turn the template is rendered again up to that turn (with the generation prompt) and up
+to its end, which gives character spans. The text is cut at those spans into segments
+and each segment is tokenized on its own, so no token straddles a trained/untrained
+boundary and an inference prompt (the same segments up to the generation prompt) has the
+same tokens as training had for that prefix. A trained span covers the answer and the
+end-of-turn special token(s) the template closes the turn with (`<|im_end|>` for ChatML),
+so the model learns to stop; the whitespace after that token is not trained.
+
+    python -c "from tunesmith.data.render import render_example; help(render_example)"
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from tunesmith.data.example import Example, Message
+from tunesmith.errors import DataError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Segment:
+    text: str
+    trained: bool
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]
+    """Same length as input_ids; IGNORE_INDEX where the loss does not look."""
+    line: int = 0
+    full_length: int = 0
+    """Token count before truncation."""
+    truncated: bool = False
+    assistant_truncated: bool = False
+    """A trained turn lost tokens to truncation."""
+    eos_trained: bool = True
+    """Every trained turn ends with a trained end-of-turn special token."""
+
+    @property
+    def n_trained(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE_INDEX)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class TemplateError(DataError):
+    """The chat template cannot render this conversation."""
+
+
+def _apply(tokenizer: Any, messages: list[dict], tools: Any, add_generation_prompt: bool) -> str:
+    kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": add_generation_prompt}
+    if tools:
+        kwargs["tools"] = tools
+    try:
+        return tokenizer.apply_chat_template(messages, **kwargs)
+    except Exception as exc:  # jinja raises many types; report them all as one sentence
+        raise TemplateError(f"the model's chat template cannot render this conversation: {exc}") from exc
+
+
+def _special_tokens(tokenizer: Any) -> list[str]:
+    cached = getattr(tokenizer, "_tunesmith_specials", None)
+    if cached is None:
+        specials = set(tokenizer.all_special_tokens)
+        for tok in getattr(tokenizer, "added_tokens_decoder", {}).values():
+            if getattr(tok, "special", False):
+                specials.add(str(tok))
+        # Longest first, so that a token that contains another is matched whole.
+        cached = sorted((s for s in specials if s), key=len, reverse=True)
+        try:
+            tokenizer._tunesmith_specials = cached
+        except AttributeError:
+            pass
+    return cached
+
+
+def _end_of_turn(suffix: str, specials: Sequence[str]) -> int:
+    """Length of the part of `suffix` to train: through its last special token, 0 if none."""
+    end = 0
+    i = 0
+    while i < len(suffix):
+        for s in specials:
+            if suffix.startswith(s, i):
+                end = i + len(s)
+                i += len(s)
+                break
+        else:
+            i += 1
+    return end
+
+
+def needs_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer normally adds a BOS that the rendered text must then carry."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(with_special) and with_special[0] == bos
+
+
+def conversation_segments(
+    tokenizer: Any,
+    messages: Sequence[Message],
+    tools: Any = None,
+    add_generation_prompt: bool = False,
+) -> tuple[list[Segment], bool]:
+    """Cut the rendered conversation into trained and untrained text segments.
+
+    Returns the segments and whether every trained turn ends in a special token.
+    With add_generation_prompt the text ends with the assistant prompt (for inference).
+    """
+    dicts = [m.to_template() for m in messages]
+    full = _apply(tokenizer, dicts, tools, add_generation_prompt)
+    specials = _special_tokens(tokenizer)
+    segments: list[Segment] = []
+    cursor = 0
+    eos_ok = True
+    for i, msg in enumerate(messages):
+        if msg.role != "assistant":
+            continue
+        start = len(_apply(tokenizer, dicts[:i], tools, True))
+        end = len(_apply(tokenizer, dicts[: i + 1], tools, False))
+        if start < cursor or end > len(full) or end < start:
+            raise TemplateError(
+                "the model's chat template renders earlier turns differently once later turns "
+                "are added, so assistant turns cannot be located; use a template without "
+                "history-dependent rendering"
+            )
+        turn = full[start:end]
+        content = msg.content
+        if not content or turn.startswith(content):
+            content_at = 0
+        else:
+            content_at = turn.rfind(content)
+        if content_at < 0:  # the template rewrote the content (trim, reformatting): keep it whole
+            body_end = len(turn.rstrip())
+        else:
+            body_end = content_at + len(content)
+        eot = _end_of_turn(turn[body_end:], specials)
+        if eot == 0 and msg.train:
+            eos_ok = False
+        trained_end = start + body_end + eot
+        if start > cursor:
+            segments.append(Segment(full[cursor:start], False))
+        segments.append(Segment(full[start:trained_end], msg.train))
+        cursor = trained_end
+    if cursor < len(full):
+        segments.append(Segment(full[cursor:], False))
+    return [s for s in segments if s.text], eos_ok
+
+
+def _tokenize_segments(tokenizer: Any, batch: list[list[Segment]]) -> list[tuple[list[int], list[int]]]:
+    flat = [s.text for segs in batch for s in segs]
+    ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+    bos = [tokenizer.bos_token_id] if needs_bos(tokenizer) else []
+    out = []
+    k = 0
+    for segs in batch:
+        input_ids: list[int] = []
+        labels: list[int] = []
+        if bos and not (segs and segs[0].text.startswith(tokenizer.bos_token)):
+            input_ids += bos
+            labels += [IGNORE_INDEX]
+        for s in segs:
+            piece = ids[k]
+            k += 1
+            input_ids += piece
+            labels += piece if s.trained else [IGNORE_INDEX] * len(piece)
+        out.append((input_ids, labels))
+    return out
+
+
+def render_examples(
+    tokenizer: Any, examples: Sequence[Example], max_seq_len: int | None = None
+) -> list[TokenizedExample]:
+    """Tokenize many examples at once (one batched tokenizer call).
+
+    Truncation rule: an example longer than max_seq_len keeps its first max_seq_len
+    tokens (system prompt and question first); `assistant_truncated` marks one that lost
+    trained tokens, and one left with no trained token is for the caller to drop.
+    Raises TemplateError (with the example's line) when the template cannot render one.
+    """
+    batch: list[list[Segment]] = []
+    eos_flags: list[bool] = []
+    for ex in examples:
+        try:
+            segs, eos_ok = conversation_segments(tokenizer, ex.messages, ex.tools)
+        except TemplateError as exc:
+            raise TemplateError(f"line {ex.line}: {exc}") from exc
+        batch.append(segs)
+        eos_flags.append(eos_ok)
+    out = []
+    for ex, (ids, labels), eos_ok in zip(examples, _tokenize_segments(tokenizer, batch), eos_flags):
+        full_len = len(ids)
+        truncated = max_seq_len is not None and full_len > max_seq_len
+        assistant_truncated = False
+        if truncated:
+            assistant_truncated = any(t != IGNORE_INDEX for t in labels[max_seq_len:])
+            ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+        out.append(
+            TokenizedExample(
+                input_ids=ids,
+                labels=labels,
+                line=ex.line,
+                full_length=full_len,
+                truncated=truncated,
+                assistant_truncated=assistant_truncated,
+                eos_trained=eos_ok,
+            )
+        )
+    return out
+
+
+def render_example(tokenizer: Any, example: Example, max_seq_len: int | None = None) -> TokenizedExample:
+    """Input ids and labels for one example; see render_examples for the rules."""
+    return render_examples(tokenizer, [example], max_seq_len)[0]
+
+
+def render_prompt(tokenizer: Any, messages: Sequence[Message], tools: Any = None) -> list[int]:
+    """Token ids of a conversation plus the assistant generation prompt, for inference.
+
+    Token for token what training produced for the same prefix (same segments, one BOS).
+    """
+    segs, _ = conversation_segments(tokenizer, messages, tools, add_generation_prompt=True)
+    return _tokenize_segments(tokenizer, [segs])[0][0]
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """Token ids that end an assistant turn: the template's closing special token and EOS."""
+    probe = [Message("user", "x"), Message("assistant", "y", train=True)]
+    segs, _ = conversation_segments(tokenizer, probe)
+    ids: set[int] = set()
+    specials = _special_tokens(tokenizer)
+    for s in segs:
+        if s.trained:
+            tail = s.text[len("y"):] if s.text.startswith("y") else s.text
+            for sp in specials:
+                if sp in tail:
+                    ids.add(tokenizer.convert_tokens_to_ids(sp))
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)

@@ -1,0 +1,1 @@
+"""Finding, pulling and loading base models (registry names, HF directories, GGUF files)."""
