@@ -115,7 +115,7 @@ def validate_cmd(
     if json_out:
         typer.echo(report_json(report))
     else:
-        print_report(report, Console(highlight=False))
+        print_report(report, Console(highlight=False, soft_wrap=True))
     raise typer.Exit(0 if report.ok else 1)
 
 
@@ -139,7 +139,7 @@ def inspect_cmd(
         path, model=model, n=n, max_seq_len=max_seq_len, format=format,
         columns=_columns(input_column, output_column, system),
     )
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     print_inspection(items, problems, console, plain=not console.is_terminal)
 
 

@@ -35,6 +35,7 @@ DEFAULT_MAX_SEQ_LEN = 2048
 MAX_LABELS = 100
 """Answers drawn from at most this many distinct strings count as class labels."""
 CHUNK_SIZE = 1024
+CHUNK_MAX_CHARS = 200_000
 SPEED_SEQ_LEN = 256
 
 
@@ -125,15 +126,26 @@ def validate_data(
     return report
 
 
-def _chunks(records: Iterable[Record], size: int) -> Iterable[list[Record]]:
+def _chunks(records: Iterable[Record], size: int, max_chars: int = CHUNK_MAX_CHARS) -> Iterable[list[Record]]:
+    """Records in groups of `size`, or fewer when their text is long: token lists of a
+    chunk are Python lists of ints, so the chunk's characters bound validate's memory."""
     chunk: list[Record] = []
+    chars = 0
     for rec in records:
         chunk.append(rec)
-        if len(chunk) >= size:
+        chars += _chars(rec.example)
+        if len(chunk) >= size or chars >= max_chars:
             yield chunk
-            chunk = []
+            chunk, chars = [], 0
     if chunk:
         yield chunk
+
+
+def _chars(ex: Example | PreferenceExample | None) -> int:
+    if ex is None:
+        return 0
+    messages = ex.messages if isinstance(ex, Example) else ex.prompt + ex.chosen + ex.rejected
+    return sum(len(m.content) for m in messages)
 
 
 def _example_hash(ex: Example | PreferenceExample) -> int:
