@@ -169,6 +169,8 @@ class _Scan:
         self.no_system_lines = array("l")
         self.n_with_system = 0
         self.n_truncated = 0
+        self.kept_tokens = 0
+        """Tokens after truncation: what one epoch of training processes."""
         self.labels: Counter[str] | None = Counter()
 
     def check_tokenizer(self) -> None:
@@ -290,6 +292,7 @@ class _Scan:
             return
         self.n_examples += 1
         self.lengths.append(sum(te.full_length for te in tes))
+        self.kept_tokens += sum(len(te) for te in tes)
         self.trained.append(sum(te.n_trained for te in tes))
         self.hashes.append(_example_hash(ex))
         self.lines.append(ex.line)
@@ -344,7 +347,7 @@ class _Scan:
             "max_seq_len": self.max_seq_len,
             "tokens_per_example": _summary(self.lengths),
             "trained_tokens_per_example": _summary(self.trained),
-            "tokens_per_epoch": int(sum(self.lengths)),
+            "tokens_per_epoch": self.kept_tokens,
             "trained_tokens_per_epoch": int(sum(self.trained)),
             "truncated_examples": self.n_truncated,
             "labels": labels,
