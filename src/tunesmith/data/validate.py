@@ -391,16 +391,19 @@ def _check_overlap(scan: _Scan, validation: Path, format: str | None, columns: C
 
 def build_estimate(ref: ModelRef, stats: dict[str, Any], price_per_million: float | None) -> dict[str, Any]:
     """Epochs tunesmith would pick, tokens in total, measured time here, hosted cost."""
-    from tunesmith.models.speed import measure_train_tokens_per_s
+    from tunesmith.models.speed import load_speed_entry, measure_train_tokens_per_s
 
     epochs = auto_epochs(stats["examples"])
     tokens_total = stats["tokens_per_epoch"] * epochs
     tokens_per_s = measure_train_tokens_per_s(ref, seq_len=SPEED_SEQ_LEN)
+    entry = load_speed_entry(ref, seq_len=SPEED_SEQ_LEN) or {}
     return {
         "epochs": epochs,
         "tokens_total": tokens_total,
         "trained_tokens_total": stats["trained_tokens_per_epoch"] * epochs,
         "train_tokens_per_s": round(tokens_per_s, 1),
+        "speed_precision": entry.get("precision"),
+        "speed_measured_busy": bool(entry.get("busy")),
         "time_s": round(tokens_total / tokens_per_s, 1) if tokens_per_s > 0 else None,
         "price_per_million": price_per_million,
         # Hosted APIs bill every token of the file once per epoch, not only the trained ones.
@@ -458,6 +461,9 @@ def print_report(report: ValidationReport, console: Any) -> None:
             f"{e['trained_tokens_total']:,} trained; at {e['train_tokens_per_s']:,} tokens/s measured here "
             f"(LoRA r=16) about {_duration(e['time_s'])}"
         )
+        if e.get("speed_measured_busy"):
+            console.print("  (the speed was measured while other processes kept the CPUs busy; "
+                          "it is measured again once the machine is idle)")
         if e.get("hosted_cost") is not None:
             console.print(f"hosted cost at ${e['price_per_million']}/M tokens: ${e['hosted_cost']:,.2f}")
 
