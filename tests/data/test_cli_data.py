@@ -145,3 +145,25 @@ def test_inspect_csv_and_truncation(tmp_path, tiny_model_dir, home):
     proc = cli("inspect", str(REPO / "examples" / "chat.jsonl"), "--model", str(tiny_model_dir), "-n", "1",
                "--max-seq-len", "20", home=home)
     assert "truncated from" in proc.stdout and "[[" not in proc.stdout.split("(trained tokens")[0]
+
+
+def test_inspect_preference_shows_both_answers(tiny_model_dir, home):
+    proc = cli("inspect", str(REPO / "examples" / "dpo.jsonl"), "--model", str(tiny_model_dir), "-n", "1", home=home)
+    assert proc.returncode == 0, proc.stderr
+    assert "--- line 1 (chosen)" in proc.stdout and "--- line 1 (rejected)" in proc.stdout
+    assert "[[Call us.<|im_end|>]]" in proc.stdout
+
+
+def test_inspect_styles_on_a_terminal(tiny_model_dir):
+    """On a terminal, trained text is styled bold green and masked text dim, without markers."""
+    from rich.console import Console
+
+    from tunesmith.data.inspection import inspect_data, print_inspection
+
+    items, problems = inspect_data(REPO / "examples" / "prompt_completion.jsonl", model=str(tiny_model_dir), n=1)
+    console = Console(record=True, force_terminal=True, color_system="truecolor", width=200)
+    print_inspection(items, problems, console, plain=False)
+    spans = {(seg.text, str(seg.style)) for seg in console._record_buffer if seg.text.strip()}
+    assert any("<|im_end|>" in text and "bold" in style and "green" in style for text, style in spans)
+    assert any("How do I reset my password?" in text and "dim" in style for text, style in spans)
+    assert "[[" not in console.export_text()
