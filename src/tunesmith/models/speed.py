@@ -16,8 +16,9 @@ import os
 import platform
 import tempfile
 import time
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tunesmith.models.registry import ModelRef, identity
 from tunesmith.settings import Settings
@@ -74,6 +75,7 @@ def measure_train_tokens_per_s(
     steps: int = 2,
     home: Path | None = None,
     use_cache: bool = True,
+    log: Callable[[str], None] | None = None,
 ) -> float:
     """Tokens per second of LoRA training (forward + backward + optimizer step).
 
@@ -88,7 +90,11 @@ def measure_train_tokens_per_s(
     if use_cache and entry and not (entry.get("busy") and not machine_busy()):
         return float(entry["tokens_per_s"])
     busy = machine_busy()
-    tokens_per_s, precision = _measure(model_ref, seq_len, batch_size, steps)
+    if log:
+        log(f"measuring LoRA training speed of {model_ref.name} on this machine (once; cached in {cache_file})")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # library deprecation notices, not ours
+        tokens_per_s, precision = _measure(model_ref, seq_len, batch_size, steps)
     cache[key] = {
         "tokens_per_s": tokens_per_s,
         "precision": precision,
