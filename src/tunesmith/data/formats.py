@@ -449,7 +449,8 @@ def _table_records(path: Path, fmt: str, columns: ColumnMapping) -> Iterator[Rec
     try:
         with open(path, "rb") as fh:
             stream = io.TextIOWrapper(fh, encoding="utf-8-sig", errors="surrogateescape", newline="")
-            reader = csv.reader(stream, delimiter=delimiter)
+            # strict: a stray quote is an error at its row instead of silently merging rows.
+            reader = csv.reader(stream, delimiter=delimiter, strict=True)
             try:
                 header = next(reader, None)
             except csv.Error as exc:
@@ -488,7 +489,10 @@ def _table_rows(reader: Any, columns: ColumnMapping, i_in: int, i_out: int | Non
             return
         except csv.Error as exc:
             end = reader.line_num
-            yield Record(start, None, [Problem(start, "", "invalid_csv", f"the row cannot be read: {exc}")])
+            hint = ""
+            if "end of data" in str(exc):
+                hint = "; a quoted cell that starts here is never closed, so the rest of the file ran into it"
+            yield Record(start, None, [Problem(start, "", "invalid_csv", f"the row is not valid CSV ({exc}){hint}")])
             continue
         end = reader.line_num
         if not row or all(not c.strip() for c in row):
