@@ -100,6 +100,7 @@ def validate_data(
     column, model not found); everything about the data itself lands in the report.
     """
     path = check_path(path)
+    validation = check_path(validation) if validation is not None else None
     if max_seq_len < 1:
         raise UsageError(f"--max-seq-len must be a positive number of tokens, got {max_seq_len}")
     fmt = resolve_format(path, format)
@@ -118,7 +119,7 @@ def validate_data(
     report = ValidationReport(path=path, format=fmt, examples=scan.n_examples)
     scan.finish(path)
     if validation is not None:
-        _check_overlap(scan, Path(validation), format, columns)
+        _check_overlap(scan, validation, format, columns)
     report.errors = sorted(scan.errors, key=lambda p: p.line)
     report.warnings = sorted(scan.warnings, key=lambda p: p.line)
     report.stats = scan.stats()
@@ -369,7 +370,6 @@ def _summary(values: array) -> dict[str, int] | None:
 
 def _check_overlap(scan: _Scan, validation: Path, format: str | None, columns: ColumnMapping | None) -> None:
     """Warn on every training example that is also in the validation file; report its errors."""
-    validation = check_path(validation)
     fmt = resolve_format(validation, format if format not in ("csv", "tsv") else None)
     seen: dict[int, int] = {}
     n = 0
