@@ -75,8 +75,16 @@ def run_train_command(options: dict[str, Any]) -> None:
     if dry_run:
         dry_run_report(cfg)
         return
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
     from tunesmith.train.run import train
 
+    # The command's own progress is the report; library progress bars and deprecation
+    # notices would bury it (this is the CLI process, so quieting them here is contained).
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
     train(cfg)
 
 

@@ -46,7 +46,7 @@ class TrainConfig(BaseModel):
     method: Literal["lora", "full", "qlora", "dpo"] = _field("lora", "method", "lora (adapter), full (all weights); qlora and dpo are not available yet.")
     lora_rank: int = _field(16, "method", "LoRA rank r.")
     lora_alpha: float = _field(32.0, "method", "LoRA alpha (the update is scaled by alpha / rank).")
-    lora_dropout: float = _field(0.05, "method", "Dropout on the LoRA input.")
+    lora_dropout: float = _field(0.0, "method", "Dropout on the LoRA input (costs a random mask per layer per step).")
     lora_target_modules: list[str] | Literal["all-linear"] = _field(
         "all-linear", "method", "Modules that get LoRA adapters: all-linear, or comma-separated names (q_proj,v_proj)."
     )

@@ -131,8 +131,8 @@ def collate(examples: Sequence[TokenizedExample], packing: bool, pad_id: int) ->
     """Tensors for one forward pass. Targets are the labels shifted within each example,
     so no example ever predicts the first token of the next one.
 
-    packing: one row [1, total] with per-example position ids and `cu_seq_lens`
-    (cumulative lengths, which the packed attention uses to keep examples apart).
+    packing: one row [1, total] with per-example position ids, `cu_seq_lens` (cumulative
+    lengths) and the gather indices the packed attention uses to keep examples apart.
     Otherwise: right-padded rows with an attention mask.
     """
     import torch
@@ -144,10 +144,20 @@ def collate(examples: Sequence[TokenizedExample], packing: bool, pad_id: int) ->
         cu = [0]
         for t in examples:
             cu.append(cu[-1] + len(t))
+        longest = max(len(t) for t in examples)
+        # pack_index[e, j]: position in the row of token j of example e (0 past its end);
+        # unpack_index[p]: where row position p sits in the [examples * longest] layout.
+        pack_index = torch.zeros((len(examples), longest), dtype=torch.long)
+        unpack_index = torch.empty(len(ids), dtype=torch.long)
+        for e, t in enumerate(examples):
+            pack_index[e, : len(t)] = torch.arange(cu[e], cu[e + 1])
+            unpack_index[cu[e] : cu[e + 1]] = torch.arange(e * longest, e * longest + len(t))
         return {
             "input_ids": torch.tensor([ids]),
             "position_ids": torch.tensor([pos]),
             "cu_seq_lens": torch.tensor(cu),
+            "pack_index": pack_index,
+            "unpack_index": unpack_index,
             "targets": torch.tensor([[x for s in shifted for x in s]]),
             "tokens": len(ids),
         }

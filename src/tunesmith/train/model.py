@@ -44,27 +44,28 @@ def precision_dtype(precision: str) -> Any:
     return torch.float32
 
 
-def packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, cu_seq_lens=None, **kwargs):
-    """Causal attention run separately on each example of a packed row.
+def packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                     pack_index=None, unpack_index=None, **kwargs):
+    """Causal attention inside each example of a packed row, all examples in one call.
 
-    query/key/value are [1, heads, total_tokens, head_dim]; cu_seq_lens holds the
-    examples' boundaries. Each slice gets transformers' own sdpa with is_causal, so no
-    token ever attends to another example, and no compute is spent on masked pairs.
+    query/key/value are [1, heads, total_tokens, head_dim]. `pack_index` [examples, longest]
+    gathers each example's tokens into its own right-padded row; causal attention there
+    lets a token see only earlier tokens of its own example (padding lies after every real
+    token, so no real token sees it); `unpack_index` takes the real rows back out. The
+    linear layers, where the FLOPs are, still run on the padding-free row.
     """
-    import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if cu_seq_lens is None:
-        raise RuntimeError("packed attention needs cu_seq_lens (the example boundaries)")
-    bounds = cu_seq_lens.tolist()
-    outs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        out, _ = sdpa_attention_forward(
-            module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], None,
-            dropout=dropout, scaling=scaling, is_causal=True,
-        )
-        outs.append(out)
-    return torch.cat(outs, dim=1), None
+    if pack_index is None or unpack_index is None:
+        raise RuntimeError("packed attention needs pack_index and unpack_index (see train.data.collate)")
+
+    def rows(x):  # [1, H, T, D] -> [examples, H, longest, D]
+        return x[0][:, pack_index].transpose(0, 1)
+
+    out, _ = sdpa_attention_forward(module, rows(query), rows(key), rows(value), None,
+                                    dropout=dropout, scaling=scaling, is_causal=True)
+    # out: [examples, longest, H, D] -> the packed row [1, T, H, D]
+    return out.reshape(-1, *out.shape[2:])[unpack_index].unsqueeze(0), None
 
 
 def check_packable(config: Any, max_seq_len: int) -> None:
@@ -79,6 +80,17 @@ def check_packable(config: Any, max_seq_len: int) -> None:
         )
 
 
+def use_packed_attention(model: Any, max_seq_len: int) -> None:
+    """Switch a model to per-example attention for packed rows (refused where not exact)."""
+    from transformers import AttentionInterface
+
+    check_packable(model.config, max_seq_len)
+    # Registering under our own name adds an entry to transformers' table of attention
+    # functions; it changes no existing entry and no library method.
+    AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+    model.set_attn_implementation(PACKED_ATTENTION)
+
+
 def build_model(ref: Any, cfg: Any, compute_dtype: Any) -> Any:
     """The base model with the method applied, its trainable parameters in fp32.
 
@@ -86,7 +98,6 @@ def build_model(ref: Any, cfg: Any, compute_dtype: Any) -> Any:
     Full: all weights fp32 (bf16 runs under autocast).
     """
     import torch
-    from transformers import AttentionInterface
 
     from tunesmith.models.registry import load_model
 
@@ -96,11 +107,7 @@ def build_model(ref: Any, cfg: Any, compute_dtype: Any) -> Any:
         raise UsageError("--method dpo is not available yet; train with --method lora on chat data")
     model = load_model(ref, dtype=compute_dtype if cfg.method == "lora" else torch.float32)
     if cfg.packing:
-        check_packable(model.config, cfg.max_seq_len)
-        # Registering under our own name adds an entry to transformers' table of attention
-        # functions; it changes no existing entry and no library method.
-        AttentionInterface.register(PACKED_ATTENTION, packed_attention)
-        model.set_attn_implementation(PACKED_ATTENTION)
+        use_packed_attention(model, cfg.max_seq_len)
     else:
         model.set_attn_implementation("sdpa")
     model.config.use_cache = False
@@ -145,7 +152,7 @@ def forward_loss(model: Any, batch: dict[str, Any], compute_dtype: Any) -> tuple
     lm = causal_lm(model)
     backbone = getattr(lm, lm.base_model_prefix)
     targets = batch["targets"]
-    kwargs = {k: batch[k] for k in ("position_ids", "attention_mask", "cu_seq_lens") if k in batch}
+    kwargs = {k: batch[k] for k in ("position_ids", "attention_mask", "pack_index", "unpack_index") if k in batch}
     device_type = batch["input_ids"].device.type
     with torch.autocast(device_type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
         hidden = backbone(input_ids=batch["input_ids"], use_cache=False, **kwargs).last_hidden_state

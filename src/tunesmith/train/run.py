@@ -69,7 +69,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     from tunesmith.data.stats import auto_epochs
     from tunesmith.models.registry import hash_files, identity, load_tokenizer, resolve_model
     from tunesmith.train import data as td
-    from tunesmith.train.model import build_model, forward_loss, precision_dtype
+    from tunesmith.train.model import build_model, precision_dtype
 
     # --- 1. resolve the config. Everything that can be wrong with the inputs is found
     # before the model loads, so a bad flag costs a second, not a minute.
@@ -185,14 +185,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
                     g["lr"] = lr
                 for p in params:
                     p.grad.zero_()
-                loss_sum, step_tokens = 0.0, 0
                 model.train()
-                for mb in td.micro_batches(mine, cfg.micro_batch_size):
-                    batch = _to_device(td.collate([train_ex[i] for i in mb], cfg.packing, pad_id), dist.device)
-                    mb_loss, _, _ = forward_loss(model, batch, compute_dtype)
-                    (mb_loss / step_targets).backward()
-                    loss_sum += mb_loss.item()
-                    step_tokens += batch["tokens"]
+                loss_sum, step_tokens = accumulate_gradients(
+                    model, [train_ex[i] for i in mine], step_targets, cfg, pad_id, compute_dtype, dist.device
+                )
                 loss_sum, step_tokens, stop_now = _sum_over_processes(params, loss_sum, step_tokens, stop.requested, dist)
                 train_loss = loss_sum / step_targets
                 if not math.isfinite(train_loss):
@@ -262,6 +258,24 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return RunResult(out_dir=out, adapter_dir=adapter_dir, metrics=final, steps=step, stopped=stopped)
+
+
+def accumulate_gradients(model: Any, examples: list, step_targets: int, cfg: TrainConfig, pad_id: int,
+                         compute_dtype: Any, device: str) -> tuple[float, int]:
+    """Backward over micro-batches of `examples`, each loss divided by the whole step's
+    trained-token count, so the summed gradient is that of the mean over the step's tokens
+    whatever the micro-batching. Returns (sum of token losses, tokens processed)."""
+    from tunesmith.train import data as td
+    from tunesmith.train.model import forward_loss
+
+    loss_sum, tokens = 0.0, 0
+    for mb in td.micro_batches(list(range(len(examples))), cfg.micro_batch_size):
+        batch = _to_device(td.collate([examples[i] for i in mb], cfg.packing, pad_id), device)
+        mb_loss, _, _ = forward_loss(model, batch, compute_dtype)
+        (mb_loss / step_targets).backward()
+        loss_sum += mb_loss.item()
+        tokens += batch["tokens"]
+    return loss_sum, tokens
 
 
 def evaluate(model: Any, examples: list, cfg: TrainConfig, pad_id: int, compute_dtype: Any, dist: Dist) -> dict[str, float]:
@@ -350,7 +364,7 @@ def _init_distributed() -> Dist:
 
 
 def _to_device(batch: dict[str, Any], device: str) -> dict[str, Any]:
-    return {k: v.to(device) if hasattr(v, "to") and k != "cu_seq_lens" else v for k, v in batch.items()}
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
 def _versions() -> dict[str, str]:
