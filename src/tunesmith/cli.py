@@ -147,10 +147,22 @@ def inspect_cmd(
 # ----------------------------------------------------------------------------- train
 
 
+def _train_signature(func):
+    from tunesmith.train.command import with_train_signature
+
+    return with_train_signature(func)
+
+
 @app.command("train")
-def train_cmd() -> None:
-    """Fine-tune a model (LoRA by default) on a data file."""
-    _not_yet("train")
+@_train_signature
+def train_cmd(**options) -> None:
+    """Fine-tune a model (LoRA by default) on a data file.
+
+    tunesmith train --data train.jsonl --out runs/first; options come from -c run.yaml too (flags win).
+    """
+    from tunesmith.train.command import run_train_command
+
+    run_train_command(options)
 
 
 # ----------------------------------------------------------------------------- eval / compare / report / demo
