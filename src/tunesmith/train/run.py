@@ -67,6 +67,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
 
     from tunesmith.data.formats import ColumnMapping
     from tunesmith.data.stats import auto_epochs
+    from tunesmith.models.adapters import check_base
     from tunesmith.models.registry import hash_files, identity, load_tokenizer, resolve_model
     from tunesmith.train import data as td
     from tunesmith.train.model import build_model, precision_dtype
@@ -127,6 +128,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
 
     start_step, best, evals_since_best, elapsed_before = 0, None, 0, 0.0
     if resume_from is not None:
+        check_base(resume_from, base_identity)
         ck.load_weights(model, resume_from, cfg.method)
         ck.load_optimizer(optimizer, names, resume_from)
         state = ck.read_state(resume_from)
