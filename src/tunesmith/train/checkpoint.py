@@ -181,13 +181,6 @@ def load_weights(model: Any, ckpt: Path, method: str) -> None:
         raise TrainingError(f"checkpoint {ckpt} is missing weights {really_missing[:3]}")
 
 
-def load_rng(ckpt: Path) -> None:
-    import torch
-    from safetensors.torch import load_file
-
-    torch.set_rng_state(load_file(str(ckpt / RNG_FILE))["torch"])
-
-
 def read_state(ckpt: Path) -> dict[str, Any]:
     return json.loads((ckpt / STATE_FILE).read_text())
 

@@ -15,7 +15,6 @@ import math
 import os
 import platform
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -178,7 +177,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
         with stop.installed():
             while step < total_steps:
                 t0 = time.perf_counter()
-                epoch, indices = td.plan_step(len(train_ex), cfg.batch_size, cfg.seed, step)
+                _, indices = td.plan_step(len(train_ex), cfg.batch_size, cfg.seed, step)
                 step_targets = td.trained_tokens([train_ex[i] for i in indices])
                 mine = td.shard(indices, dist.rank, dist.world_size)
                 torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + dist.rank)  # dropout
