@@ -214,3 +214,7 @@ def chat_cmd() -> None:
 def export_cmd() -> None:
     """Export a run as merged Hugging Face weights or GGUF."""
     _not_yet("export")
+
+
+if __name__ == "__main__":  # `python -m tunesmith.cli`, which `train --nproc` runs under torch.distributed
+    main()
