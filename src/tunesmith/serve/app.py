@@ -297,7 +297,7 @@ def get_engine(request: Request) -> Engine:
 
 @health_router.get("/health")
 async def health(engine: Engine = Depends(get_engine)) -> dict[str, Any]:
-    return {"status": "ok", "models": [c.id for c in engine.models()]}
+    return {"status": "ok", "models": [c.id for c in engine.models()], **engine.stats()}
 
 
 def _model_object(card: Any) -> p.ModelObject:

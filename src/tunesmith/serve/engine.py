@@ -79,7 +79,14 @@ class Engine(Protocol):
     max_context: int
 
     def models(self) -> list[ModelCard]: ...
+    def stats(self) -> dict[str, int]: ...
     def render_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]: ...
+    def stats(self) -> dict[str, int]:
+        """Rows generating now, requests queued, the most rows ever decoded together, steps."""
+        with self._queue_cv:
+            return {"running": len(self._rows), "waiting": len(self._waiting),
+                    "peak_rows": self._peak_rows, "steps": self._steps}
+
     def encode(self, text: str) -> list[int]: ...
     def submit(
         self, prompt_ids: list[int], model: str, params: SamplingParams, on_event: Callable[[Event], None]
@@ -144,6 +151,8 @@ class LocalEngine:
         self._mask: Any = None
         self._next_ids: Any = None
         self._closed = False
+        self._peak_rows = 0
+        self._steps = 0
         self._torch = torch
         self._thread = threading.Thread(target=self._loop, name="tunesmith-engine", daemon=True)
         self._thread.start()
@@ -181,6 +190,12 @@ class LocalEngine:
 
         msgs = [Message(m["role"], m.get("content") or "", name=m.get("name")) for m in messages]
         return render_prompt(self._tok, msgs)
+
+    def stats(self) -> dict[str, int]:
+        """Rows generating now, requests queued, the most rows ever decoded together, steps."""
+        with self._queue_cv:
+            return {"running": len(self._rows), "waiting": len(self._waiting),
+                    "peak_rows": self._peak_rows, "steps": self._steps}
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok(text, add_special_tokens=True)["input_ids"])
@@ -365,6 +380,8 @@ class LocalEngine:
         import torch
 
         rows = self._rows
+        self._peak_rows = max(self._peak_rows, len(rows))
+        self._steps += 1
         self._mask = torch.cat([self._mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
         positions = torch.tensor([[s.n_cached] for s in rows], dtype=torch.long)
         out = self._forward(
