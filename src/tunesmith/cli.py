@@ -143,17 +143,25 @@ def serve_cmd(
     api_key: Optional[str] = typer.Option(
         None, "--api-key", help="Require 'Authorization: Bearer KEY' (default: $TUNESMITH_API_KEY, else none)."
     ),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", min=1, help="CPU threads for generation (default: torch's, one per core); "
+        "1 is often faster on a CPU shared with other work."
+    ),
 ) -> None:
     """OpenAI-compatible server for a base model and many adapters."""
     import dataclasses
 
+    pairs = _adapter_pairs(adapter or [])  # before the heavy imports: a typo fails at once
+
+    import torch
     import uvicorn
 
     from tunesmith.serve.app import create_app
     from tunesmith.serve.engine import LocalEngine
     from tunesmith.settings import Settings
 
-    pairs = _adapter_pairs(adapter or [])
+    if threads:
+        torch.set_num_threads(threads)
     settings = Settings.from_env()
     if api_key:
         settings = dataclasses.replace(settings, api_key=api_key)
@@ -191,18 +199,30 @@ def chat_cmd(
     model: str = typer.Option("smollm2-135m-instruct", "--model", help="Base model: registry name or path."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="Run or adapter directory to chat with."),
     temperature: float = typer.Option(0.7, "--temperature", help="Sampling temperature; 0 is greedy."),
+    max_tokens: Optional[int] = typer.Option(
+        None, "--max-tokens", min=1, help="Most tokens per answer (default: up to the context length)."
+    ),
 ) -> None:
     """Chat with a model or adapter in the terminal (or answer one piped question)."""
+    import io
+
+    from tunesmith.errors import UsageError
     from tunesmith.serve.chat import run_chat
     from tunesmith.serve.engine import LocalEngine
 
     interactive = sys.stdin.isatty()
+    stdin = sys.stdin
     if interactive:
         typer.echo(f"loading {model} ...", err=True)
+    else:  # read the piped question before the model loads, so an empty pipe fails at once
+        stdin = io.StringIO(sys.stdin.read())
+        if not stdin.getvalue().strip():
+            raise UsageError("no question on standard input; pipe one in (echo 'question' | tunesmith chat)")
     adapters = [("adapter", str(adapter))] if adapter else []
     engine = LocalEngine.load(model, adapters)
     try:
-        run_chat(engine, "adapter" if adapter else engine.base_id, sys.stdin, sys.stdout, interactive, temperature)
+        run_chat(engine, "adapter" if adapter else engine.base_id, stdin, sys.stdout, interactive, temperature,
+                 max_tokens)
     finally:
         engine.close()
 

@@ -103,22 +103,41 @@ def error_from_tunesmith(exc: TunesmithError) -> APIError:
 
 
 def validation_error(errors: Sequence[dict[str, Any]]) -> APIError:
-    """One 400 naming the first bad parameter (all of them listed in the message)."""
-    sentences, first_param = [], None
+    """One 400 naming the first bad parameter (every bad parameter listed in the message)."""
+    sentences: dict[str, str] = {}
     for err in errors:
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        param = ".".join(loc).replace(".[", "[") or None
         if err.get("type") == "json_invalid":
             return APIError(400, f"the request body is not valid JSON: {err.get('msg')}", code="invalid_json")
-        if err.get("type") == "extra_forbidden":
-            sentences.append(f"unknown parameter '{param}' (this server does not support it)")
+        param = _param_name(err.get("loc", ()))
+        if not param:
+            sentences[""] = "the request body must be a JSON object"
+        elif param in sentences:  # a union reports one error per branch: keep the first
+            continue
+        elif err.get("type") == "extra_forbidden":
+            sentences[param] = f"unknown parameter '{param}' (this server does not support it)"
         elif err.get("type") == "missing":
-            sentences.append(f"missing required parameter '{param}'")
+            sentences[param] = f"missing required parameter '{param}'"
         else:
             got = json.dumps(err.get("input"), default=str)[:80]
-            sentences.append(f"invalid '{param}': {err.get('msg')} (got {got})")
-        first_param = first_param or param
-    return APIError(400, "; ".join(sentences) or "invalid request", param=first_param, code="invalid_parameter")
+            msg = str(err.get("msg", "")).removeprefix("Value error, ")
+            sentences[param] = f"invalid '{param}': {msg} (got {got})"
+    first = next(iter(sentences), None) or None
+    return APIError(400, "; ".join(sentences.values()) or "invalid request", param=first, code="invalid_parameter")
+
+
+def _param_name(loc: Sequence[Any]) -> str:
+    """('body', 'messages', 0, 'content', 'str') -> 'messages[0].content' (union branch tags dropped)."""
+    name = ""
+    for part in loc:
+        if part == "body" and not name:
+            continue
+        if isinstance(part, int):
+            name += f"[{part}]"
+        elif str(part).isidentifier() and str(part) not in ("str", "int", "float", "bool"):
+            name += ("." if name else "") + str(part)
+        else:
+            break
+    return name
 
 
 async def require_api_key(request: Request) -> None:

@@ -47,11 +47,15 @@ def answer(engine: Engine, model: str, messages: list[dict[str, Any]], params_fo
 
 
 def run_chat(engine: Engine, model: str, stdin: TextIO, stdout: TextIO, interactive: bool,
-             temperature: float = 0.7, seed: int | None = None) -> None:
-    """The chat loop; with interactive=False, answer all of stdin once and return."""
+             temperature: float = 0.7, max_tokens: int | None = None, seed: int | None = None) -> None:
+    """The chat loop; with interactive=False, answer all of stdin once and return.
+
+    max_tokens caps each answer (default: whatever room the context leaves).
+    """
 
     def params_for(room: int) -> SamplingParams:
-        return SamplingParams(max_tokens=room, temperature=temperature, top_p=0.95 if temperature else 1.0, seed=seed)
+        limit = min(room, max_tokens) if max_tokens else room
+        return SamplingParams(max_tokens=limit, temperature=temperature, top_p=0.95 if temperature else 1.0, seed=seed)
 
     def write(text: str) -> None:
         stdout.write(text)
