@@ -160,11 +160,13 @@ class LocalEngine:
     @classmethod
     def load(cls, model: str, adapters: Sequence[tuple[str, str | Path]] = (), home: Path | None = None) -> "LocalEngine":
         """Load a base model by registry name or path, then each (name, path) adapter."""
-        from tunesmith.models.registry import identity, load_model, load_tokenizer, resolve_model
+        from tunesmith.models.registry import REGISTRY, identity, load_model, load_tokenizer, resolve_model
 
         ref = resolve_model(model, home)
         tokenizer = load_tokenizer(ref)
-        base_id = ref.name if ref.name == model and not Path(model).exists() else Path(ref.path).name
+        # A registry model is served under its name; a path under its last part ("my-model"),
+        # since a model id with slashes cannot be used in /v1/models/{id}.
+        base_id = ref.name if ref.name in REGISTRY else Path(ref.gguf_file or ref.path).name.removesuffix(".gguf")
         engine = cls(load_model(ref), tokenizer, base_id, identity(ref))
         try:
             for name, path in adapters:
