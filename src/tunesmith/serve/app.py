@@ -225,9 +225,9 @@ class Generation:
             h.cancel()
 
 
-def _sampling(req: p._Sampling, max_tokens: int, index: int) -> SamplingParams:
+def _sampling(req: p.ChatCompletionRequest | p.CompletionRequest, max_tokens: int, index: int) -> SamplingParams:
     seed = None if req.seed is None else req.seed + index
-    return SamplingParams(max_tokens, req.temperature, req.top_p, req.stop_list(), seed)
+    return SamplingParams(max_tokens, req.temperature, req.top_p, p.stop_list(req.stop), seed)
 
 
 def _budget(engine: Engine, prompt_len: int, requested: int | None, param: str, prompt_param: str) -> int:

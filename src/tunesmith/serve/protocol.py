@@ -43,11 +43,25 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _Sampling(_Strict):
-    """Fields shared by chat and text completions."""
+def _check_stop(v: Any) -> Any:
+    stops = [v] if isinstance(v, str) else (v or [])
+    if len(stops) > MAX_STOP:
+        raise ValueError(f"at most {MAX_STOP} stop strings are accepted, got {len(stops)}")
+    if any(not s for s in stops):
+        raise ValueError("stop strings must not be empty")
+    return v
 
+
+def stop_list(stop: Union[str, list[str], None]) -> tuple[str, ...]:
+    return (stop,) if isinstance(stop, str) else tuple(stop or ())
+
+
+class ChatCompletionRequest(_Strict):
+    messages: list[ChatMessage] = Field(min_length=1)
     model: str
-    max_tokens: Optional[int] = Field(None, ge=1, description="Most tokens to generate.")
+    logprobs: Optional[Literal[False]] = None
+    max_completion_tokens: Optional[int] = Field(None, ge=1, description="Most tokens to generate.")
+    max_tokens: Optional[int] = Field(None, ge=1, description="Most tokens to generate (older name).")
     n: int = Field(1, ge=1, le=MAX_N, description="Completions to generate for the prompt.")
     seed: Optional[int] = Field(None, description="Seed for sampling; same seed, same output.")
     stop: Union[str, list[str], None] = Field(None, description="Up to 4 strings that end generation.")
@@ -59,22 +73,8 @@ class _Sampling(_Strict):
 
     @field_validator("stop")
     @classmethod
-    def _check_stop(cls, v: Any) -> Any:
-        stops = [v] if isinstance(v, str) else (v or [])
-        if len(stops) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop strings are accepted, got {len(stops)}")
-        if any(not s for s in stops):
-            raise ValueError("stop strings must not be empty")
-        return v
-
-    def stop_list(self) -> tuple[str, ...]:
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-
-
-class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1, description="Most tokens to generate.")
-    logprobs: Optional[Literal[False]] = None
+    def _valid_stop(cls, v: Any) -> Any:
+        return _check_stop(v)
 
     def token_limit(self) -> tuple[Optional[int], str]:
         if self.max_completion_tokens is not None:
@@ -82,10 +82,24 @@ class ChatCompletionRequest(_Sampling):
         return self.max_tokens, "max_tokens"
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(_Strict):
+    model: str
     prompt: Union[str, list[str]]
-    max_tokens: Optional[int] = Field(16, ge=1, description="Most tokens to generate (OpenAI's default: 16).")
     echo: Literal[False] = False
+    max_tokens: Optional[int] = Field(16, ge=1, description="Most tokens to generate (OpenAI's default: 16).")
+    n: int = Field(1, ge=1, le=MAX_N, description="Completions to generate for each prompt.")
+    seed: Optional[int] = Field(None, description="Seed for sampling; same seed, same output.")
+    stop: Union[str, list[str], None] = Field(None, description="Up to 4 strings that end generation.")
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    user: Optional[str] = None
+
+    @field_validator("stop")
+    @classmethod
+    def _valid_stop(cls, v: Any) -> Any:
+        return _check_stop(v)
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
