@@ -68,6 +68,10 @@ def test_stream_ends_with_done(server, engine):
         lines = [line for line in r.iter_lines() if line]
     assert r.headers["content-type"].startswith("text/event-stream")
     assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+    events = [json.loads(line[6:]) for line in lines[:-1]]
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(set(e["choices"][0]["delta"]) <= {"content"} for e in events[1:]) and "usage" not in events[1]
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
 
 
 def test_n_seed_and_stop(client, engine):

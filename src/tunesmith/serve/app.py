@@ -110,7 +110,7 @@ def validation_error(errors: Sequence[dict[str, Any]]) -> APIError:
             return APIError(400, f"the request body is not valid JSON: {err.get('msg')}", code="invalid_json")
         param = _param_name(err.get("loc", ()))
         if not param:
-            sentences[""] = "the request body must be a JSON object"
+            sentences[""] = "the request body must be a JSON object (sent with Content-Type: application/json)"
         elif param in sentences:  # a union reports one error per branch: keep the first
             continue
         elif err.get("type") == "extra_forbidden":
@@ -257,8 +257,15 @@ def _check_model(engine: Engine, model: str) -> None:
 
 
 def _sse(obj: Any) -> str:
-    data = obj.model_dump_json(exclude_none=False) if hasattr(obj, "model_dump_json") else json.dumps(obj)
-    return f"data: {data}\n\n"
+    """One server-sent event. Like OpenAI's, a delta carries only the keys it has, and a
+    chunk has `usage` only when it is the usage chunk."""
+    data = obj.model_dump()
+    if data.get("usage") is None:
+        data.pop("usage", None)
+    for choice in data.get("choices", []):
+        if "delta" in choice:
+            choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
 async def _stream(gen: Generation, request: Request, chunks: Callable[[int, Event], list[Any]],
