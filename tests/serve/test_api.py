@@ -190,8 +190,19 @@ def test_client_disconnect_mid_stream_frees_the_row(server, engine):
                 break
         assert engine.stats()["running"] == 1
     # the connection is closed here, long before 400 tokens
-    assert wait_until_idle(engine)["running"] == 0
+    stats = wait_until_idle(engine)
+    assert stats["running"] == 0 and stats["cancelled"] >= 1
     assert greedy(engine, "alpha")[1] == "length"  # and the engine still serves
+
+
+def test_client_gone_before_a_non_streamed_answer_frees_the_row(server, engine):
+    body = {"model": "beta", "messages": QUESTION, "max_tokens": 450, "temperature": 0}
+    cancelled = engine.stats()["cancelled"]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server + "/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=0.3))
+    stats = wait_until_idle(engine)
+    assert stats["running"] == 0 and stats["waiting"] == 0
+    assert stats["cancelled"] == cancelled + 1, "the request ran to its end instead of being cancelled"
 
 
 def test_add_and_remove_adapter_over_http(client, server, engine, tiny_model_dir, tmp_path):

@@ -33,7 +33,8 @@ log = logging.getLogger("tunesmith.serve")
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 """Largest request body accepted; far above any prompt that fits the context."""
-DISCONNECT_POLL_S = 1.0
+DISCONNECT_POLL_S = 0.5
+"""How often a request waiting for tokens checks that its client is still there."""
 
 
 class APIError(Exception):
@@ -192,6 +193,7 @@ class Generation:
         loop = asyncio.get_running_loop()
         self.handles = []
         self.pending = len(jobs)
+        self._checked_at = time.monotonic()
         try:
             for i, (ids, params) in enumerate(jobs):
                 self.handles.append(engine.submit(ids, model, params, self._sender(loop, i)))
@@ -208,13 +210,16 @@ class Generation:
         return on_event
 
     async def next(self, request: Request | None = None) -> tuple[int, Event]:
-        """The next event; with a request, raise ClientGone if its client went away."""
+        """The next event; with a request, raise ClientGone if its client went away
+        (checked every DISCONNECT_POLL_S, whether or not tokens are flowing)."""
         while True:
+            if request is not None and time.monotonic() - self._checked_at >= DISCONNECT_POLL_S:
+                self._checked_at = time.monotonic()
+                if await request.is_disconnected():
+                    raise ClientGone()
             try:
                 index, ev = await asyncio.wait_for(self._queue.get(), DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
-                if request is not None and await request.is_disconnected():
-                    raise ClientGone()
                 continue
             if ev.finish_reason:
                 self.pending -= 1

@@ -82,10 +82,11 @@ class Engine(Protocol):
     def stats(self) -> dict[str, int]: ...
     def render_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]: ...
     def stats(self) -> dict[str, int]:
-        """Rows generating now, requests queued, the most rows ever decoded together, steps."""
+        """Rows generating now, requests queued, the most rows ever decoded together, decode
+        steps run, and requests cancelled before their end (clients that went away)."""
         with self._queue_cv:
             return {"running": len(self._rows), "waiting": len(self._waiting),
-                    "peak_rows": self._peak_rows, "steps": self._steps}
+                    "peak_rows": self._peak_rows, "steps": self._steps, "cancelled": self._cancelled}
 
     def encode(self, text: str) -> list[int]: ...
     def submit(
@@ -153,6 +154,7 @@ class LocalEngine:
         self._closed = False
         self._peak_rows = 0
         self._steps = 0
+        self._cancelled = 0
         self._torch = torch
         self._thread = threading.Thread(target=self._loop, name="tunesmith-engine", daemon=True)
         self._thread.start()
@@ -194,10 +196,11 @@ class LocalEngine:
         return render_prompt(self._tok, msgs)
 
     def stats(self) -> dict[str, int]:
-        """Rows generating now, requests queued, the most rows ever decoded together, steps."""
+        """Rows generating now, requests queued, the most rows ever decoded together, decode
+        steps run, and requests cancelled before their end (clients that went away)."""
         with self._queue_cv:
             return {"running": len(self._rows), "waiting": len(self._waiting),
-                    "peak_rows": self._peak_rows, "steps": self._steps}
+                    "peak_rows": self._peak_rows, "steps": self._steps, "cancelled": self._cancelled}
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok(text, add_special_tokens=True)["input_ids"])
@@ -351,6 +354,7 @@ class LocalEngine:
     def _finish_if_cancelled(self, s: _Seq) -> bool:
         if s.handle.cancelled and not s.done:
             s.done = True
+            self._cancelled += 1
         return s.done
 
     def _forward(self, rows: list[_Seq], **kwargs: Any) -> Any:
