@@ -140,8 +140,9 @@ def test_adapter_refusals(engine, tiny_model_dir, tmp_path):
         engine.add_adapter("other", other)
     with pytest.raises(UsageError, match="does not exist"):
         engine.add_adapter("ghost", tmp_path / "nope")
-    with pytest.raises(UsageError, match="not allowed"):
-        engine.add_adapter("bad/name", other)
+    for bad_name in ("bad/name", "v1.2", ""):
+        with pytest.raises(UsageError, match="not allowed"):
+            engine.add_adapter(bad_name, other)
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "adapter_config.json").write_text((other / "adapter_config.json").read_text())

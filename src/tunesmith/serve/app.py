@@ -24,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tunesmith.errors import TunesmithError, UsageError
+from tunesmith.errors import DataError, TunesmithError, UsageError
 from tunesmith.serve import protocol as p
 from tunesmith.serve.engine import AdapterConflictError, Engine, Event, SamplingParams, UnknownModelError
 from tunesmith.settings import Settings
@@ -98,7 +98,7 @@ def error_from_tunesmith(exc: TunesmithError) -> APIError:
         return APIError(404, str(exc), param="model", code="model_not_found")
     if isinstance(exc, AdapterConflictError):
         return APIError(409, str(exc), param="name", code="conflict")
-    if isinstance(exc, UsageError):
+    if isinstance(exc, (UsageError, DataError)):  # e.g. a chat template refusing the conversation
         return APIError(400, str(exc))
     return APIError(500, str(exc), type="server_error")
 

@@ -31,7 +31,8 @@ BASE_ROW = "__base__"
 """peft's adapter name for a row that uses the bare base model."""
 MAX_BATCH_ROWS = 32
 """Rows decoded together; more requests wait in the queue (KV memory grows with this)."""
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+"""No '.': peft keeps adapters in torch ModuleDicts, whose keys cannot contain one."""
 
 
 class UnknownModelError(ModelNotFoundError):
@@ -213,7 +214,7 @@ class LocalEngine:
 
         if not ADAPTER_NAME.match(name or ""):
             raise UsageError(
-                f"adapter name '{name}' is not allowed; use 1-64 letters, digits, '.', '_' or '-', "
+                f"adapter name '{name}' is not allowed; use 1-64 letters, digits, '_' or '-', "
                 "starting with a letter or digit"
             )
         if name in "lora_":  # peft matches adapter names inside parameter names: "a" would hit "lora_A"
