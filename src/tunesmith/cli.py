@@ -196,15 +196,98 @@ def demo_cmd() -> None:
 
 
 @app.command("serve")
-def serve_cmd() -> None:
+def serve_cmd(
+    model: str = typer.Option("smollm2-135m-instruct", "--model", help="Base model: registry name or path."),
+    adapter: Optional[list[str]] = typer.Option(
+        None, "--adapter", help="NAME=PATH of a run or adapter directory to serve as model NAME (repeatable)."
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (0.0.0.0 exposes it to the network)."),
+    port: int = typer.Option(8000, "--port", help="Port to listen on."),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", help="Require 'Authorization: Bearer KEY' (default: $TUNESMITH_API_KEY, else none)."
+    ),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", min=1, help="CPU threads for generation (default: torch's, one per core); "
+        "1 is often faster on a CPU shared with other work."
+    ),
+) -> None:
     """OpenAI-compatible server for a base model and many adapters."""
-    _not_yet("serve")
+    import dataclasses
+
+    pairs = _adapter_pairs(adapter or [])  # before the heavy imports: a typo fails at once
+
+    import torch
+    import uvicorn
+
+    from tunesmith.serve.app import create_app
+    from tunesmith.serve.engine import LocalEngine
+    from tunesmith.settings import Settings
+
+    if threads:
+        torch.set_num_threads(threads)
+    settings = Settings.from_env()
+    if api_key:
+        settings = dataclasses.replace(settings, api_key=api_key)
+    typer.echo(f"loading {model} and {len(pairs)} adapter(s) ...", err=True)
+    engine = LocalEngine.load(model, pairs)
+    try:
+        url = f"http://{host}:{port}/v1"
+        typer.echo(f"serving at {url} (OpenAI-compatible; key {'required' if settings.api_key else 'not required'})",
+                   err=True)
+        for card in engine.models():
+            kind = f"adapter on {card.parent}, from {card.path}" if card.parent else "base model"
+            typer.echo(f"  model {card.id!r}: {kind}", err=True)
+        uvicorn.run(create_app(engine, settings), host=host, port=port, log_level="info")
+    finally:
+        engine.close()
+
+
+def _adapter_pairs(specs: list[str]) -> list[tuple[str, str]]:
+    from tunesmith.errors import UsageError
+
+    pairs, bad = [], []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            bad.append(spec)
+        else:
+            pairs.append((name, path))
+    if bad:
+        raise UsageError(f"--adapter expects NAME=PATH (e.g. support=runs/support); got: {', '.join(bad)}")
+    return pairs
 
 
 @app.command("chat")
-def chat_cmd() -> None:
-    """Chat with a model or adapter in the terminal."""
-    _not_yet("chat")
+def chat_cmd(
+    model: str = typer.Option("smollm2-135m-instruct", "--model", help="Base model: registry name or path."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Run or adapter directory to chat with."),
+    temperature: float = typer.Option(0.7, "--temperature", help="Sampling temperature; 0 is greedy."),
+    max_tokens: Optional[int] = typer.Option(
+        None, "--max-tokens", min=1, help="Most tokens per answer (default: up to the context length)."
+    ),
+) -> None:
+    """Chat with a model or adapter in the terminal (or answer one piped question)."""
+    import io
+
+    from tunesmith.errors import UsageError
+    from tunesmith.serve.chat import run_chat
+    from tunesmith.serve.engine import LocalEngine
+
+    interactive = sys.stdin.isatty()
+    stdin = sys.stdin
+    if interactive:
+        typer.echo(f"loading {model} ...", err=True)
+    else:  # read the piped question before the model loads, so an empty pipe fails at once
+        stdin = io.StringIO(sys.stdin.read())
+        if not stdin.getvalue().strip():
+            raise UsageError("no question on standard input; pipe one in (echo 'question' | tunesmith chat)")
+    adapters = [("adapter", str(adapter))] if adapter else []
+    engine = LocalEngine.load(model, adapters)
+    try:
+        run_chat(engine, "adapter" if adapter else engine.base_id, stdin, sys.stdout, interactive, temperature,
+                 max_tokens)
+    finally:
+        engine.close()
 
 
 # ----------------------------------------------------------------------------- export

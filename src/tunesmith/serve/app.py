@@ -1,0 +1,449 @@
+"""The OpenAI-compatible HTTP app: thin routers over an Engine, errors in OpenAI's shape.
+
+    tunesmith serve --model smollm2-135m-instruct --adapter support=runs/support
+    curl -s localhost:8000/v1/chat/completions -H 'content-type: application/json' \
+      -d '{"model": "support", "messages": [{"role": "user", "content": "Hi"}]}'
+
+`create_app(engine, settings, routers=...)` builds a new app each call (no module state);
+other parts (the jobs API) pass their routers in and share the API key check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+import uuid
+from typing import Any, AsyncIterator, Callable, Sequence
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tunesmith.errors import DataError, TunesmithError, UsageError
+from tunesmith.serve import protocol as p
+from tunesmith.serve.engine import AdapterConflictError, Engine, Event, SamplingParams, UnknownModelError
+from tunesmith.settings import Settings
+
+log = logging.getLogger("tunesmith.serve")
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+"""Largest request body accepted; far above any prompt that fits the context."""
+DISCONNECT_POLL_S = 0.5
+"""How often a request waiting for tokens checks that its client is still there."""
+
+
+class APIError(Exception):
+    """An error response: status and OpenAI's {message, type, param, code}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def response(self) -> JSONResponse:
+        body = p.ErrorResponse(error=p.ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code))
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(body.model_dump(), status_code=self.status, headers=headers)
+
+
+def create_app(engine: Engine, settings: Settings | None = None, routers: Sequence[APIRouter] = ()) -> FastAPI:
+    """A new FastAPI app serving `engine`; `routers` are mounted behind the same API key."""
+    settings = settings or Settings.from_env()
+    app = FastAPI(title="tunesmith", version="0.1.0", docs_url=None, redoc_url=None)
+    app.state.engine = engine
+    app.state.api_key = settings.api_key
+    _add_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+    app.include_router(health_router)
+    for router in (models_router, completions_router, adapters_router, *routers):
+        app.include_router(router, dependencies=[Depends(require_api_key)])
+    return app
+
+
+# ----------------------------------------------------------------------------- errors, key, body size
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error(exc.errors()).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
+        return APIError(exc.status_code, str(exc.detail), code=code).response()
+
+    @app.exception_handler(TunesmithError)
+    async def _tunesmith(request: Request, exc: TunesmithError) -> JSONResponse:
+        return error_from_tunesmith(exc).response()
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        # The detail goes to the log, never to the client.
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return APIError(500, "internal server error; see the server log", type="server_error").response()
+
+
+def error_from_tunesmith(exc: TunesmithError) -> APIError:
+    if isinstance(exc, UnknownModelError):
+        return APIError(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, AdapterConflictError):
+        return APIError(409, str(exc), param="name", code="conflict")
+    if isinstance(exc, (UsageError, DataError)):  # e.g. a chat template refusing the conversation
+        return APIError(400, str(exc))
+    return APIError(500, str(exc), type="server_error")
+
+
+def validation_error(errors: Sequence[dict[str, Any]]) -> APIError:
+    """One 400 naming the first bad parameter (every bad parameter listed in the message)."""
+    sentences: dict[str, str] = {}
+    for err in errors:
+        if err.get("type") == "json_invalid":
+            return APIError(400, f"the request body is not valid JSON: {err.get('msg')}", code="invalid_json")
+        param = _param_name(err.get("loc", ()))
+        if not param:
+            sentences[""] = "the request body must be a JSON object (sent with Content-Type: application/json)"
+        elif param in sentences:  # a union reports one error per branch: keep the first
+            continue
+        elif err.get("type") == "extra_forbidden":
+            sentences[param] = f"unknown parameter '{param}' (this server does not support it)"
+        elif err.get("type") == "missing":
+            sentences[param] = f"missing required parameter '{param}'"
+        else:
+            got = json.dumps(err.get("input"), default=str)[:80]
+            msg = str(err.get("msg", "")).removeprefix("Value error, ")
+            sentences[param] = f"invalid '{param}': {msg} (got {got})"
+    first = next(iter(sentences), None) or None
+    return APIError(400, "; ".join(sentences.values()) or "invalid request", param=first, code="invalid_parameter")
+
+
+def _param_name(loc: Sequence[Any]) -> str:
+    """('body', 'messages', 0, 'content', 'str') -> 'messages[0].content' (union branch tags dropped)."""
+    name = ""
+    for part in loc:
+        if part == "body" and not name:
+            continue
+        if isinstance(part, int):
+            name += f"[{part}]"
+        elif str(part).isidentifier() and str(part) not in ("str", "int", "float", "bool"):
+            name += ("." if name else "") + str(part)
+        else:
+            break
+    return name
+
+
+async def require_api_key(request: Request) -> None:
+    """401 unless the Authorization header carries the configured key (when one is set)."""
+    expected = request.app.state.api_key
+    if not expected:
+        return
+    header = request.headers.get("authorization", "")
+    given = header[7:] if header[:7].lower() == "bearer " else ""
+    if not secrets.compare_digest(given.encode(), expected.encode()):
+        raise APIError(401, "missing or wrong API key; send 'Authorization: Bearer <key>'", code="invalid_api_key")
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over max_bytes (by Content-Length, or while streaming)."""
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = APIError(413, f"request body larger than {self.max_bytes} bytes", code="request_too_large")
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await too_large.response()(scope, receive, send)
+        seen = 0
+
+        async def limited_receive() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise StarletteHTTPException(413, too_large.message)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+# ----------------------------------------------------------------------------- generation bridge
+
+
+class ClientGone(Exception):
+    """The client closed the connection while its request was generating."""
+
+
+class Generation:
+    """Several engine requests (n choices, several prompts) read as one async event stream."""
+
+    def __init__(self, engine: Engine, model: str, jobs: list[tuple[list[int], SamplingParams]]):
+        self._queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        self.handles = []
+        self.pending = len(jobs)
+        self._checked_at = time.monotonic()
+        try:
+            for i, (ids, params) in enumerate(jobs):
+                self.handles.append(engine.submit(ids, model, params, self._sender(loop, i)))
+        except BaseException:
+            self.cancel()
+            raise
+
+    def _sender(self, loop: asyncio.AbstractEventLoop, index: int) -> Callable[[Event], None]:
+        def on_event(ev: Event) -> None:
+            try:
+                loop.call_soon_threadsafe(self._queue.put_nowait, (index, ev))
+            except RuntimeError:  # the loop is gone (server shutting down)
+                pass
+        return on_event
+
+    async def next(self, request: Request | None = None) -> tuple[int, Event]:
+        """The next event; with a request, raise ClientGone if its client went away
+        (checked every DISCONNECT_POLL_S, whether or not tokens are flowing)."""
+        while True:
+            if request is not None and time.monotonic() - self._checked_at >= DISCONNECT_POLL_S:
+                self._checked_at = time.monotonic()
+                if await request.is_disconnected():
+                    raise ClientGone()
+            try:
+                index, ev = await asyncio.wait_for(self._queue.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                continue
+            if ev.finish_reason:
+                self.pending -= 1
+            return index, ev
+
+    def cancel(self) -> None:
+        for h in self.handles:
+            h.cancel()
+
+
+def _sampling(req: p.ChatCompletionRequest | p.CompletionRequest, max_tokens: int, index: int) -> SamplingParams:
+    seed = None if req.seed is None else req.seed + index
+    return SamplingParams(max_tokens, req.temperature, req.top_p, p.stop_list(req.stop), seed)
+
+
+def _budget(engine: Engine, prompt_len: int, requested: int | None, param: str, prompt_param: str) -> int:
+    """max_tokens for a prompt, or a 400 when prompt (+ requested tokens) exceed the context."""
+    room = engine.max_context - prompt_len
+    if room <= 0:
+        raise APIError(
+            400,
+            f"the prompt is {prompt_len} tokens, but the model's context is {engine.max_context}; shorten it",
+            param=prompt_param, code="context_length_exceeded",
+        )
+    if requested is not None and requested > room:
+        raise APIError(
+            400,
+            f"{param}={requested} does not fit: the prompt is {prompt_len} tokens and the context "
+            f"{engine.max_context}, so at most {room} can be generated; lower {param}",
+            param=param, code="context_length_exceeded",
+        )
+    return requested if requested is not None else room
+
+
+def _check_model(engine: Engine, model: str) -> None:
+    if not any(c.id == model for c in engine.models()):
+        served = ", ".join(c.id for c in engine.models())
+        raise APIError(404, f"model '{model}' is not served here; available: {served}", param="model",
+                       code="model_not_found")
+
+
+def _sse(obj: Any) -> str:
+    """One server-sent event. Like OpenAI's, a delta carries only the keys it has, and a
+    chunk has `usage` only when it is the usage chunk."""
+    data = obj.model_dump()
+    if data.get("usage") is None:
+        data.pop("usage", None)
+    for choice in data.get("choices", []):
+        if "delta" in choice:
+            choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _stream(gen: Generation, request: Request, chunks: Callable[[int, Event], list[Any]],
+                  final: Callable[[], Any | None]) -> AsyncIterator[str]:
+    """SSE body: the chunks for every event, an optional usage chunk, then [DONE]."""
+    try:
+        while gen.pending:
+            index, ev = await gen.next(request)
+            if ev.finish_reason == "error":
+                err = APIError(500, "generation failed; see the server log", type="server_error")
+                yield _sse(p.ErrorResponse(error=p.ErrorBody(message=err.message, type=err.type)))
+                break
+            for chunk in chunks(index, ev):
+                yield _sse(chunk)
+        else:
+            last = final()
+            if last is not None:
+                yield _sse(last)
+        yield "data: [DONE]\n\n"
+    except ClientGone:
+        log.info("client went away mid-stream; its request is cancelled")
+    finally:
+        gen.cancel()  # a client that went away mid-stream frees its rows at the next step
+
+
+async def _collect(gen: Generation, request: Request, n_choices: int) -> tuple[list[str], list[str], int]:
+    texts, reasons, completion = [""] * n_choices, ["stop"] * n_choices, 0
+    try:
+        while gen.pending:
+            index, ev = await gen.next(request)
+            texts[index] += ev.text
+            if ev.finish_reason:
+                if ev.finish_reason == "error":
+                    raise APIError(500, "generation failed; see the server log", type="server_error")
+                reasons[index] = ev.finish_reason
+                completion += ev.completion_tokens
+    except ClientGone:
+        log.info("client went away before its answer; its request is cancelled")
+    finally:
+        gen.cancel()
+    return texts, reasons, completion
+
+
+# ----------------------------------------------------------------------------- routers
+
+health_router = APIRouter()
+models_router = APIRouter(prefix="/v1")
+completions_router = APIRouter(prefix="/v1")
+adapters_router = APIRouter(prefix="/v1")
+
+
+def get_engine(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+@health_router.get("/health")
+async def health(engine: Engine = Depends(get_engine)) -> dict[str, Any]:
+    return {"status": "ok", "models": [c.id for c in engine.models()], **engine.stats()}
+
+
+def _model_object(card: Any) -> p.ModelObject:
+    return p.ModelObject(id=card.id, created=card.created, parent=card.parent)
+
+
+@models_router.get("/models")
+async def list_models(engine: Engine = Depends(get_engine)) -> p.ModelList:
+    return p.ModelList(data=[_model_object(c) for c in engine.models()])
+
+
+@models_router.get("/models/{model_id}")
+async def get_model(model_id: str, engine: Engine = Depends(get_engine)) -> p.ModelObject:
+    _check_model(engine, model_id)
+    return next(_model_object(c) for c in engine.models() if c.id == model_id)
+
+
+@completions_router.post("/chat/completions", response_model=None)
+async def chat_completions(req: p.ChatCompletionRequest, request: Request, engine: Engine = Depends(get_engine)):
+    _check_model(engine, req.model)
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(), "name": m.name}
+                for m in req.messages]
+    prompt = engine.render_chat(messages)
+    limit, limit_param = req.token_limit()
+    max_tokens = _budget(engine, len(prompt), limit, limit_param, "messages")
+    gen = Generation(engine, req.model, [(prompt, _sampling(req, max_tokens, i)) for i in range(req.n)])
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if req.stream:
+        return _stream_chat(gen, request, req, rid, created, len(prompt))
+    texts, reasons, completion = await _collect(gen, request, req.n)
+    return p.ChatCompletion(
+        id=rid, created=created, model=req.model,
+        choices=[p.ChatChoice(index=i, message=p.AssistantMessage(content=t), finish_reason=r)
+                 for i, (t, r) in enumerate(zip(texts, reasons))],
+        usage=p.Usage(prompt_tokens=len(prompt), completion_tokens=completion, total_tokens=len(prompt) + completion),
+    )
+
+
+def _stream_chat(gen: Generation, request: Request, req: p.ChatCompletionRequest, rid: str, created: int,
+                 prompt_tokens: int) -> StreamingResponse:
+    started: set[int] = set()
+    completion = [0]
+
+    def chunk(choices: list[p.ChatChunkChoice]) -> p.ChatCompletionChunk:
+        return p.ChatCompletionChunk(id=rid, created=created, model=req.model, choices=choices)
+
+    def chunks(index: int, ev: Event) -> list[Any]:
+        out = []
+        if index not in started:  # OpenAI opens each choice with the role
+            started.add(index)
+            out.append(chunk([p.ChatChunkChoice(index=index, delta=p.Delta(role="assistant", content=""))]))
+        if ev.text:
+            out.append(chunk([p.ChatChunkChoice(index=index, delta=p.Delta(content=ev.text))]))
+        if ev.finish_reason:
+            completion[0] += ev.completion_tokens
+            out.append(chunk([p.ChatChunkChoice(index=index, delta=p.Delta(), finish_reason=ev.finish_reason)]))
+        return out
+
+    def final() -> Any:
+        if not (req.stream_options and req.stream_options.include_usage):
+            return None
+        usage = p.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion[0],
+                        total_tokens=prompt_tokens + completion[0])
+        return p.ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[], usage=usage)
+
+    return StreamingResponse(_stream(gen, request, chunks, final), media_type="text/event-stream")
+
+
+@completions_router.post("/completions", response_model=None)
+async def completions(req: p.CompletionRequest, request: Request, engine: Engine = Depends(get_engine)):
+    _check_model(engine, req.model)
+    prompts = [engine.encode(text) for text in req.prompts()]
+    if not prompts:
+        raise APIError(400, "'prompt' is an empty list; give a string or a list of strings", param="prompt")
+    jobs = []
+    for k, ids in enumerate(prompts):
+        max_tokens = _budget(engine, len(ids), req.max_tokens, "max_tokens", "prompt")
+        jobs += [(ids, _sampling(req, max_tokens, i)) for i in range(req.n)]
+    gen = Generation(engine, req.model, jobs)
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    prompt_tokens = sum(len(ids) for ids in prompts)
+    if req.stream:
+        completion = [0]
+
+        def chunks(index: int, ev: Event) -> list[Any]:
+            completion[0] += ev.completion_tokens if ev.finish_reason else 0
+            if not ev.text and not ev.finish_reason:
+                return []
+            return [p.Completion(id=rid, created=created, model=req.model,
+                                 choices=[p.CompletionChoice(index=index, text=ev.text, finish_reason=ev.finish_reason)])]
+
+        def final() -> Any:
+            if not (req.stream_options and req.stream_options.include_usage):
+                return None
+            usage = p.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion[0],
+                            total_tokens=prompt_tokens + completion[0])
+            return p.Completion(id=rid, created=created, model=req.model, choices=[], usage=usage)
+
+        return StreamingResponse(_stream(gen, request, chunks, final), media_type="text/event-stream")
+    texts, reasons, completion = await _collect(gen, request, len(jobs))
+    return p.Completion(
+        id=rid, created=created, model=req.model,
+        choices=[p.CompletionChoice(index=i, text=t, finish_reason=r) for i, (t, r) in enumerate(zip(texts, reasons))],
+        usage=p.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion),
+    )
+
+
+@adapters_router.post("/adapters", status_code=201)
+async def add_adapter(req: p.AdapterRequest, engine: Engine = Depends(get_engine)) -> p.ModelObject:
+    # Loading reads files and waits for the current step: keep it off the event loop.
+    card = await run_in_threadpool(engine.add_adapter, req.name, req.path)
+    return _model_object(card)
+
+
+@adapters_router.delete("/adapters/{name}")
+async def remove_adapter(name: str, engine: Engine = Depends(get_engine)) -> dict[str, Any]:
+    await run_in_threadpool(engine.remove_adapter, name)
+    return {"id": name, "object": "model", "deleted": True}

@@ -1,0 +1,515 @@
+"""The inference engine: one base model, many LoRA adapters, dynamic batching.
+
+One scheduler thread owns the model. Every loop it (1) prefills the requests that arrived
+since the last step, together, into a fresh KV cache and samples their first token, (2)
+merges that cache into the running batch (left padding, so every row's newest token is in
+the last column), and (3) runs one decode step for all running rows at once, each row with
+its own adapter (peft's `adapter_names`, "__base__" for the bare model). So a new request
+waits at most one decode step of the others before its prefill, never for them to finish.
+
+    python -c "from tunesmith.serve.engine import LocalEngine, SamplingParams; \
+e = LocalEngine.load('smollm2-135m-instruct'); \
+print(e.generate(e.render_chat([{'role': 'user', 'content': 'Hi'}]), e.base_id, SamplingParams(32, 0.0)))"
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+from tunesmith.errors import ModelNotFoundError, UsageError
+
+log = logging.getLogger("tunesmith.serve")
+
+BASE_ROW = "__base__"
+"""peft's adapter name for a row that uses the bare base model."""
+MAX_BATCH_ROWS = 32
+"""Rows decoded together; more requests wait in the queue (KV memory grows with this)."""
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+"""No '.': peft keeps adapters in torch ModuleDicts, whose keys cannot contain one."""
+
+
+class UnknownModelError(ModelNotFoundError):
+    """A request named a model id this engine does not serve."""
+
+
+class AdapterConflictError(UsageError):
+    """An adapter name that is already taken (or still draining)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    """0 means greedy."""
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Event:
+    """What one step produced for one request: new text, and the reason when it ends."""
+
+    text: str
+    finish_reason: str | None = None
+    """"stop" (end of turn or a stop string), "length" (max_tokens or context), "error"."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class ModelCard:
+    id: str
+    created: int
+    parent: str | None = None
+    """The base model's id for an adapter; None for the base itself."""
+    path: str | None = None
+
+
+class Engine(Protocol):
+    """What the HTTP app and the terminal chat need from an engine."""
+
+    base_id: str
+    max_context: int
+
+    def models(self) -> list[ModelCard]: ...
+    def stats(self) -> dict[str, int]: ...
+    def render_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]: ...
+    def stats(self) -> dict[str, int]:
+        """Rows generating now, requests queued, the most rows ever decoded together, decode
+        steps run, and requests cancelled before their end (clients that went away)."""
+        with self._queue_cv:
+            return {"running": len(self._rows), "waiting": len(self._waiting),
+                    "peak_rows": self._peak_rows, "steps": self._steps, "cancelled": self._cancelled}
+
+    def encode(self, text: str) -> list[int]: ...
+    def submit(
+        self, prompt_ids: list[int], model: str, params: SamplingParams, on_event: Callable[[Event], None]
+    ) -> "Handle": ...
+    def add_adapter(self, name: str, path: str | Path) -> ModelCard: ...
+    def remove_adapter(self, name: str) -> None: ...
+    def close(self) -> None: ...
+
+
+class Handle:
+    """A submitted request; `cancel()` frees its row at the next step (idempotent)."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
+class _Seq:
+    prompt_ids: list[int]
+    adapter: str | None
+    params: SamplingParams
+    on_event: Callable[[Event], None]
+    handle: Handle
+    generator: Any = None
+    out_ids: list[int] = field(default_factory=list)
+    sent_chars: int = 0
+    n_cached: int = 0
+    """Tokens of this row held in the KV cache (its next position id)."""
+    done: bool = False
+
+
+class LocalEngine:
+    """The one real Engine: a transformers model (+ peft adapters) in this process."""
+
+    def __init__(self, model: Any, tokenizer: Any, base_id: str, base_identity: dict[str, Any] | None = None):
+        import torch
+
+        from tunesmith.data.render import end_of_turn_ids
+
+        self.base_id = base_id
+        self.max_context = int(getattr(model.config, "max_position_embeddings", 2048))
+        self._base = model.eval()
+        self._config = model.config
+        self._peft: Any = None
+        self._tok = tokenizer
+        self._identity = base_identity or {}
+        self._eot = set(end_of_turn_ids(tokenizer))
+        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self._eot)
+        self._created = int(time.time())
+        self._adapters: dict[str, ModelCard] = {}
+        self._draining: set[str] = set()
+        # _model_lock: held for a whole step and for adapter changes (peft mutates layers).
+        # _queue_cv: guards the waiting list; the loop sleeps on it when idle.
+        self._model_lock = threading.RLock()
+        self._queue_cv = threading.Condition()
+        self._waiting: list[_Seq] = []
+        self._rows: list[_Seq] = []
+        self._cache: Any = None
+        self._mask: Any = None
+        self._next_ids: Any = None
+        self._closed = False
+        self._peak_rows = 0
+        self._steps = 0
+        self._cancelled = 0
+        self._torch = torch
+        self._thread = threading.Thread(target=self._loop, name="tunesmith-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def load(cls, model: str, adapters: Sequence[tuple[str, str | Path]] = (), home: Path | None = None) -> "LocalEngine":
+        """Load a base model by registry name or path, then each (name, path) adapter."""
+        from tunesmith.models.registry import REGISTRY, identity, load_model, load_tokenizer, resolve_model
+
+        ref = resolve_model(model, home)
+        tokenizer = load_tokenizer(ref)
+        # A registry model is served under its name; a path under its last part ("my-model"),
+        # since a model id with slashes cannot be used in /v1/models/{id}.
+        base_id = ref.name if ref.name in REGISTRY else Path(ref.gguf_file or ref.path).name.removesuffix(".gguf")
+        engine = cls(load_model(ref), tokenizer, base_id, identity(ref))
+        try:
+            for name, path in adapters:
+                engine.add_adapter(name, path)
+        except BaseException:
+            engine.close()
+            raise
+        return engine
+
+    # ------------------------------------------------------------------ models and prompts
+
+    def models(self) -> list[ModelCard]:
+        base = ModelCard(self.base_id, self._created)
+        return [base] + [c for n, c in sorted(self._adapters.items()) if n not in self._draining]
+
+    def has_model(self, model: str) -> bool:
+        return model == self.base_id or (model in self._adapters and model not in self._draining)
+
+    def render_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        """The prompt for a conversation: exactly training's tokens plus the generation prompt."""
+        from tunesmith.data.example import Message
+        from tunesmith.data.render import render_prompt
+
+        msgs = [Message(m["role"], m.get("content") or "", name=m.get("name")) for m in messages]
+        return render_prompt(self._tok, msgs)
+
+    def stats(self) -> dict[str, int]:
+        """Rows generating now, requests queued, the most rows ever decoded together, decode
+        steps run, and requests cancelled before their end (clients that went away)."""
+        with self._queue_cv:
+            return {"running": len(self._rows), "waiting": len(self._waiting),
+                    "peak_rows": self._peak_rows, "steps": self._steps, "cancelled": self._cancelled}
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok(text, add_special_tokens=True)["input_ids"])
+
+    # ------------------------------------------------------------------ adapters
+
+    def add_adapter(self, name: str, path: str | Path) -> ModelCard:
+        """Load a LoRA adapter (run dir or adapter dir) onto the shared base, servable at once."""
+        from tunesmith.models.adapters import check_base, resolve_adapter
+
+        if not ADAPTER_NAME.match(name or ""):
+            raise UsageError(
+                f"adapter name '{name}' is not allowed; use 1-64 letters, digits, '_' or '-', "
+                "starting with a letter or digit"
+            )
+        if name in "lora_":  # peft matches adapter names inside parameter names: "a" would hit "lora_A"
+            raise UsageError(f"adapter name '{name}' clashes with peft's parameter names; choose a longer name")
+        if name == self.base_id or name == BASE_ROW:
+            raise AdapterConflictError(f"adapter name '{name}' is the base model's id; choose another name")
+        adapter_dir = resolve_adapter(path)
+        if not (adapter_dir / "adapter_model.safetensors").is_file():
+            raise UsageError(
+                f"adapter '{adapter_dir}' has no adapter_model.safetensors; only safetensors adapters are "
+                "loaded (re-save it with save_pretrained(..., safe_serialization=True))"
+            )
+        check_base(adapter_dir, self._identity)
+        with self._model_lock:
+            if name in self._adapters:
+                state = "still finishing requests after removal" if name in self._draining else "already loaded"
+                raise AdapterConflictError(
+                    f"adapter '{name}' is {state}; remove it first or choose another name"
+                )
+            try:
+                if self._peft is None:
+                    from peft import PeftModel
+
+                    self._peft = PeftModel.from_pretrained(self._base, str(adapter_dir), adapter_name=name)
+                else:
+                    self._peft.load_adapter(str(adapter_dir), adapter_name=name)
+            except (ValueError, KeyError, RuntimeError, OSError) as exc:
+                raise UsageError(f"could not load adapter '{adapter_dir}' onto {self.base_id}: {exc}") from exc
+            self._keep_active_adapter_valid()
+            self._peft.eval()
+            card = ModelCard(name, int(time.time()), parent=self.base_id, path=str(adapter_dir))
+            self._adapters[name] = card
+        log.info("adapter %s loaded from %s", name, adapter_dir)
+        return card
+
+    def remove_adapter(self, name: str) -> None:
+        """Stop serving an adapter now; its weights go once its running requests finish."""
+        with self._model_lock:
+            if name not in self._adapters or name in self._draining:
+                raise UnknownModelError(f"no adapter named '{name}' is loaded; loaded: {self._adapter_list()}")
+            self._draining.add(name)
+            self._delete_drained()
+
+    def _adapter_list(self) -> str:
+        names = [n for n in sorted(self._adapters) if n not in self._draining]
+        return ", ".join(names) or "none"
+
+    def _delete_drained(self) -> None:
+        with self._queue_cv:
+            in_use = {s.adapter for s in self._rows} | {s.adapter for s in self._waiting}
+        for name in sorted(self._draining - in_use):
+            self._peft.delete_adapter(name)
+            del self._adapters[name]
+            self._draining.discard(name)
+            log.info("adapter %s removed", name)
+        self._keep_active_adapter_valid()
+
+    def _keep_active_adapter_valid(self) -> None:
+        # peft keeps pointing at a deleted "active" adapter once the last one is gone, and
+        # its forward looks that name up even when adapter_names picks each row's adapter.
+        if self._peft is not None and self._peft.peft_config and self._peft.active_adapter not in self._peft.peft_config:
+            self._peft.set_adapter(next(iter(self._peft.peft_config)), inference_mode=True)
+
+    # ------------------------------------------------------------------ requests
+
+    def submit(
+        self, prompt_ids: list[int], model: str, params: SamplingParams, on_event: Callable[[Event], None]
+    ) -> Handle:
+        """Queue one generation; `on_event` is called from the engine thread, keep it quick."""
+        if not self.has_model(model):
+            served = ", ".join(c.id for c in self.models())
+            raise UnknownModelError(f"model '{model}' is not served here; available: {served}")
+        if not prompt_ids:
+            raise UsageError("the prompt is empty")
+        seq = _Seq(list(prompt_ids), None if model == self.base_id else model, params, on_event, Handle())
+        if params.temperature > 0:
+            seq.generator = self._torch.Generator()
+            seq.generator.manual_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "big"))
+        with self._queue_cv:
+            if self._closed:
+                raise UsageError("the engine is shut down")
+            self._waiting.append(seq)
+            self._queue_cv.notify()
+        return seq.handle
+
+    def generate(self, prompt_ids: list[int], model: str, params: SamplingParams) -> tuple[str, str, int]:
+        """Blocking helper: (text, finish_reason, completion_tokens)."""
+        import queue
+
+        q: queue.Queue[Event] = queue.Queue()
+        self.submit(prompt_ids, model, params, q.put)
+        parts = []
+        while True:
+            ev = q.get()
+            parts.append(ev.text)
+            if ev.finish_reason:
+                return "".join(parts), ev.finish_reason, ev.completion_tokens
+
+    def close(self) -> None:
+        with self._queue_cv:
+            self._closed = True
+            self._queue_cv.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)
+
+    # ------------------------------------------------------------------ the scheduler loop
+
+    def _loop(self) -> None:
+        torch = self._torch
+        while True:
+            with self._queue_cv:
+                while not self._waiting and not self._rows and not self._closed:
+                    self._queue_cv.wait()
+                if self._closed:
+                    break
+                room = MAX_BATCH_ROWS - len(self._rows)
+                new, self._waiting = self._waiting[:room], self._waiting[room:]
+            try:
+                with self._model_lock, torch.inference_mode():
+                    new = [s for s in new if not self._finish_if_cancelled(s)]
+                    if new:
+                        self._prefill(new)
+                    if self._rows:
+                        self._decode_step()
+                    if self._draining:
+                        self._delete_drained()
+            except Exception:  # one bad step must not kill the server: fail its rows, go on
+                log.exception("generation step failed; failing the requests in it")
+                for s in self._rows + new:
+                    if not s.done:
+                        s.done = True
+                        s.on_event(Event("", "error", len(s.prompt_ids), len(s.out_ids)))
+                self._rows, self._cache, self._mask, self._next_ids = [], None, None, None
+        for s in self._rows + self._waiting:
+            if not s.done:
+                s.on_event(Event("", "error", len(s.prompt_ids), len(s.out_ids)))
+
+    def _finish_if_cancelled(self, s: _Seq) -> bool:
+        if s.handle.cancelled and not s.done:
+            s.done = True
+            self._cancelled += 1
+        return s.done
+
+    def _forward(self, rows: list[_Seq], **kwargs: Any) -> Any:
+        if self._peft is not None and self._peft.peft_config:
+            return self._peft(adapter_names=[s.adapter or BASE_ROW for s in rows], use_cache=True, **kwargs)
+        return self._base(use_cache=True, **kwargs)
+
+    def _prefill(self, new: list[_Seq]) -> None:
+        """Prefill newcomers together (left-padded), sample their first token, join the batch."""
+        import torch
+        from transformers import DynamicCache
+
+        width = max(len(s.prompt_ids) for s in new)
+        ids = torch.full((len(new), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(new), width), dtype=torch.long)
+        for i, s in enumerate(new):
+            ids[i, width - len(s.prompt_ids):] = torch.tensor(s.prompt_ids)
+            mask[i, width - len(s.prompt_ids):] = 1
+            s.n_cached = len(s.prompt_ids)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self._config)
+        out = self._forward(
+            new, input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, logits_to_keep=1
+        )
+        next_ids = self._sample(new, out.logits[:, -1, :])
+        self._merge(new, cache, mask, next_ids)
+
+    def _decode_step(self) -> None:
+        import torch
+
+        rows = self._rows
+        self._peak_rows = max(self._peak_rows, len(rows))
+        self._steps += 1
+        self._mask = torch.cat([self._mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
+        positions = torch.tensor([[s.n_cached] for s in rows], dtype=torch.long)
+        out = self._forward(
+            rows,
+            input_ids=self._next_ids[:, None],
+            attention_mask=self._mask,
+            position_ids=positions,
+            past_key_values=self._cache,
+        )
+        for s in rows:
+            s.n_cached += 1
+        self._next_ids = self._sample(rows, out.logits[:, -1, :])
+        self._drop_done()
+
+    def _merge(self, new: list[_Seq], cache: Any, mask: Any, next_ids: Any) -> None:
+        """Append the prefilled rows to the running batch, left-padding the shorter side."""
+        import torch
+        import torch.nn.functional as F
+
+        if not self._rows:
+            self._rows, self._cache, self._mask, self._next_ids = list(new), cache, mask, next_ids
+        else:
+            old_len, new_len = self._mask.shape[1], mask.shape[1]
+            width = max(old_len, new_len)
+            for mine, theirs in zip(self._cache.layers, cache.layers):
+                for attr in ("keys", "values"):
+                    a, b = getattr(mine, attr), getattr(theirs, attr)
+                    a = F.pad(a, (0, 0, width - old_len, 0))
+                    b = F.pad(b, (0, 0, width - new_len, 0))
+                    setattr(mine, attr, torch.cat([a, b], dim=0))
+            self._mask = torch.cat([F.pad(self._mask, (width - old_len, 0)), F.pad(mask, (width - new_len, 0))])
+            self._next_ids = torch.cat([self._next_ids, next_ids])
+            self._rows = self._rows + list(new)
+        self._drop_done()
+
+    def _drop_done(self) -> None:
+        """Remove finished or cancelled rows from the batch and trim all-padding columns."""
+        import torch
+
+        for s in self._rows:
+            self._finish_if_cancelled(s)
+        keep = [i for i, s in enumerate(self._rows) if not s.done]
+        if len(keep) == len(self._rows):
+            return
+        if not keep:
+            self._rows, self._cache, self._mask, self._next_ids = [], None, None, None
+            return
+        index = torch.tensor(keep, dtype=torch.long)
+        self._rows = [self._rows[i] for i in keep]
+        self._cache.batch_select_indices(index)
+        self._mask = self._mask[index]
+        self._next_ids = self._next_ids[index]
+        first = int((self._mask.sum(0) > 0).nonzero()[0])
+        if first:
+            for layer in self._cache.layers:
+                layer.keys = layer.keys[:, :, first:]
+                layer.values = layer.values[:, :, first:]
+            self._mask = self._mask[:, first:]
+
+    # ------------------------------------------------------------------ sampling and text
+
+    def _sample(self, rows: list[_Seq], logits: Any) -> Any:
+        import torch
+
+        logits = logits.float()
+        chosen = logits.argmax(dim=-1)
+        for i, s in enumerate(rows):
+            p = s.params
+            if p.temperature > 0:
+                probs = torch.softmax(logits[i] / p.temperature, dim=-1)
+                if p.top_p < 1.0:
+                    sorted_p, order = probs.sort(descending=True)
+                    # keep the smallest prefix whose mass reaches top_p (at least one token)
+                    drop = (sorted_p.cumsum(0) - sorted_p) >= p.top_p
+                    sorted_p[drop] = 0.0
+                    probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+                chosen[i] = torch.multinomial(probs, 1, generator=s.generator)[0]
+        for s, tok in zip(rows, chosen.tolist()):
+            self._advance(s, tok)
+        return chosen
+
+    def _advance(self, s: _Seq, tok: int) -> None:
+        """Record one sampled token for a row and send the text it completes."""
+        if s.done:
+            return
+        s.out_ids.append(tok)
+        finish = None
+        if tok in self._eot:
+            finish = "stop"
+            text = self._tok.decode(s.out_ids[:-1], skip_special_tokens=True)
+        else:
+            text = self._tok.decode(s.out_ids, skip_special_tokens=True)
+        cut = _find_stop(text, s.params.stop, max(0, s.sent_chars - max((len(x) for x in s.params.stop), default=0)))
+        if cut is not None:
+            text, finish = text[:cut], "stop"
+        elif finish is None and (len(s.out_ids) >= s.params.max_tokens or s.n_cached + 1 >= self.max_context):
+            finish = "length"
+        if finish is None:
+            # Hold back a half-decoded character and any tail that may begin a stop string.
+            safe = len(text.rstrip("\ufffd"))
+            safe -= _stop_prefix_len(text[:safe], s.params.stop)
+            delta = text[s.sent_chars : max(safe, s.sent_chars)]
+        else:
+            delta = text[s.sent_chars :]
+            s.done = True
+        s.sent_chars += len(delta)
+        if delta or finish:
+            s.on_event(Event(delta, finish, len(s.prompt_ids), len(s.out_ids)))
+
+
+def _find_stop(text: str, stops: Sequence[str], start: int) -> int | None:
+    hits = [i for i in (text.find(x, start) for x in stops if x) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of text that is a proper prefix of a stop string."""
+    best = 0
+    for x in stops:
+        for n in range(min(len(x) - 1, len(text)), best, -1):
+            if text.endswith(x[:n]):
+                best = n
+                break
+    return best

@@ -1,0 +1,202 @@
+"""Request and response bodies of the OpenAI-compatible API, in OpenAI's field order.
+
+Only the fields the server honours are accepted; any other field is a 400 that names it,
+rather than a parameter silently ignored.
+
+    python -c "from tunesmith.serve.protocol import ChatCompletionRequest; print(ChatCompletionRequest.model_json_schema())"
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_N = 8
+MAX_STOP = 4
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart], None] = None
+    name: Optional[str] = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+def _check_stop(v: Any) -> Any:
+    stops = [v] if isinstance(v, str) else (v or [])
+    if len(stops) > MAX_STOP:
+        raise ValueError(f"at most {MAX_STOP} stop strings are accepted, got {len(stops)}")
+    if any(not s for s in stops):
+        raise ValueError("stop strings must not be empty")
+    return v
+
+
+def stop_list(stop: Union[str, list[str], None]) -> tuple[str, ...]:
+    return (stop,) if isinstance(stop, str) else tuple(stop or ())
+
+
+class ChatCompletionRequest(_Strict):
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str
+    logprobs: Optional[Literal[False]] = None
+    max_completion_tokens: Optional[int] = Field(None, ge=1, description="Most tokens to generate.")
+    max_tokens: Optional[int] = Field(None, ge=1, description="Most tokens to generate (older name).")
+    n: int = Field(1, ge=1, le=MAX_N, description="Completions to generate for the prompt.")
+    seed: Optional[int] = Field(None, description="Seed for sampling; same seed, same output.")
+    stop: Union[str, list[str], None] = Field(None, description="Up to 4 strings that end generation.")
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    user: Optional[str] = None
+
+    @field_validator("stop")
+    @classmethod
+    def _valid_stop(cls, v: Any) -> Any:
+        return _check_stop(v)
+
+    def token_limit(self) -> tuple[Optional[int], str]:
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
+
+
+class CompletionRequest(_Strict):
+    model: str
+    prompt: Union[str, list[str]]
+    echo: Literal[False] = False
+    max_tokens: Optional[int] = Field(16, ge=1, description="Most tokens to generate (OpenAI's default: 16).")
+    n: int = Field(1, ge=1, le=MAX_N, description="Completions to generate for each prompt.")
+    seed: Optional[int] = Field(None, description="Seed for sampling; same seed, same output.")
+    stop: Union[str, list[str], None] = Field(None, description="Up to 4 strings that end generation.")
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    user: Optional[str] = None
+
+    @field_validator("stop")
+    @classmethod
+    def _valid_stop(cls, v: Any) -> Any:
+        return _check_stop(v)
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+class AdapterRequest(_Strict):
+    name: str
+    path: str
+
+
+# ----------------------------------------------------------------------------- responses
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: str
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    logprobs: None = None
+    finish_reason: Optional[str] = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Optional[Usage] = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: Optional[str] = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Optional[Usage] = None
+
+
+class ModelObject(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "tunesmith"
+    parent: Optional[str] = None
+    """The base model's id when this model is an adapter."""
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
