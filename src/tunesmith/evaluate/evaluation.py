@@ -76,6 +76,11 @@ def _other_column(path: Path, input_column: str) -> str:
         raise UsageError(f"data file '{path}' does not exist")
     with open(path, encoding="utf-8-sig", newline="") as fh:
         header = next(csv.reader(fh, delimiter=delimiter), [])
+    if input_column not in header:
+        raise UsageError(
+            f"{path}: column '{input_column}' not found; the header has {', '.join(repr(h) for h in header)}; "
+            "choose with --input-column and --output-column"
+        )
     others = [h for h in header if h != input_column]
     if len(others) != 1:
         raise UsageError(
