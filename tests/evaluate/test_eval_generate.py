@@ -79,3 +79,25 @@ def test_reference_loss_matches_transformers_loss(tiny_tokenizer):
         assert got == pytest.approx(want, rel=1e-4)
     assert res.tokens == sum(render_example(tiny_tokenizer, ex).n_trained for ex in examples)
     assert res.perplexity == pytest.approx(2.718281828 ** res.loss, rel=1e-6)
+
+
+def test_shared_prefix_is_computed_once_and_gives_the_same_outputs(tiny_tokenizer):
+    from tunesmith.evaluate.generate import MIN_SHARED_PREFIX, shared_prefix
+
+    model = build_varied_model(tiny_tokenizer, seed=4)
+    system = Message("system", "Answer with one of these labels: card_arrival, card_linking, exchange_rate, positive, negative.")
+    prompts = [[system, Message("user", q)] for q in QUESTIONS]
+    ids = [render_prompt(tiny_tokenizer, p) for p in prompts]
+    assert len(shared_prefix(ids)) >= MIN_SHARED_PREFIX  # the system turn is shared
+    gens = generate(model, tiny_tokenizer, prompts, max_new_tokens=6, batch_size=3, precision="fp32")
+    for p, g in zip(ids, gens):
+        expected = _hf_greedy(model, tiny_tokenizer, p, 6)
+        assert g.text == tiny_tokenizer.decode(expected, skip_special_tokens=True).strip()
+        assert g.completion_tokens == len(expected)
+
+
+def test_shared_prefix_leaves_every_prompt_a_token():
+    from tunesmith.evaluate.generate import shared_prefix
+
+    assert shared_prefix([[1, 2, 3], [1, 2, 3, 4]]) == [1, 2]
+    assert shared_prefix([[1, 2], [3, 4]]) == []

@@ -188,6 +188,7 @@ def compare(
         result = evaluate_loaded(
             loaded, test_ex, prompts, kind, labels, max_new_tokens, batch_size, precision, with_loss=False, log=log
         )
+        result.metrics["data"] = str(test)
         strategies.append(Strategy(name, result, price_per_million))
     if adapter is not None:
         log(f"{FINE_TUNED}: adapter {adapter}")
@@ -197,6 +198,7 @@ def compare(
         result = evaluate_loaded(
             tuned, tuned_ex, None, kind, labels, max_new_tokens, batch_size, precision, with_loss=True, log=log
         )
+        result.metrics["data"] = str(test)
         strategies.append(Strategy(FINE_TUNED, result, price_per_million))
     main_name = strategies[0].main[0]
     info = {

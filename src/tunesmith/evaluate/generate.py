@@ -129,16 +129,27 @@ def generate_ids(
 
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if not prompt_ids:
+        return []
     stop = set(end_of_turn_ids(tokenizer))
     device = next(model.parameters()).device
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     results: list[Generation | None] = [None] * len(prompt_ids)
     with torch.inference_mode(), autocast(precision, device.type):
+        t0 = time.perf_counter()
+        prefix = shared_prefix(prompt_ids)
+        prefix_cache = None
+        if len(prefix) >= MIN_SHARED_PREFIX:
+            prefix_cache = model(input_ids=torch.tensor([prefix], device=device), use_cache=True).past_key_values
+        else:
+            prefix = []
+        prefix_share = (time.perf_counter() - t0) / len(prompt_ids)
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             t0 = time.perf_counter()
-            outs = _greedy_batch(model, [prompt_ids[i] for i in rows], max_new_tokens, stop, _pad_id(tokenizer), device)
-            per_row = (time.perf_counter() - t0) / len(rows)
+            suffixes = [prompt_ids[i][len(prefix):] for i in rows]
+            outs = _greedy_batch(model, suffixes, max_new_tokens, stop, _pad_id(tokenizer), device, prefix_cache, len(prefix))
+            per_row = (time.perf_counter() - t0) / len(rows) + prefix_share
             for i, new in zip(rows, outs):
                 text = tokenizer.decode(new, skip_special_tokens=True)
                 results[i] = Generation(text.strip(), len(prompt_ids[i]), len(new), per_row)
@@ -147,18 +158,47 @@ def generate_ids(
     return results  # type: ignore[return-value]
 
 
-def _greedy_batch(model: Any, batch: list[list[int]], max_new_tokens: int, stop: set[int], pad: int, device: Any) -> list[list[int]]:
+# Prompts sharing at least this many leading tokens (a long system prompt, a label list,
+# fixed few-shot examples) compute them once and reuse their KV cache in every batch.
+MIN_SHARED_PREFIX = 32
+
+
+def shared_prefix(prompt_ids: Sequence[Sequence[int]]) -> list[int]:
+    """The leading tokens every prompt has, leaving each at least one token of its own."""
+    first = prompt_ids[0]
+    n = min(len(p) for p in prompt_ids) - 1
+    for p in prompt_ids[1:]:
+        k = 0
+        while k < n and p[k] == first[k]:
+            k += 1
+        n = k
+    return list(first[:max(n, 0)])
+
+
+def _greedy_batch(
+    model: Any, batch: list[list[int]], max_new_tokens: int, stop: set[int], pad: int, device: Any,
+    prefix_cache: Any = None, prefix_len: int = 0,
+) -> list[list[int]]:
     """One left-padded batch: prefill, then one token per step from the KV cache.
 
-    Returns each row's new tokens up to (and without) its end-of-turn token."""
+    With a prefix cache the rows continue a shared prefix: its cache is copied per row and
+    the padding sits between prefix and row, masked out. Returns each row's new tokens up
+    to (and without) its end-of-turn token."""
+    import copy
+
     import torch
 
     width = max(len(p) for p in batch)
     input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in batch], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
     # Left padding shifts every row; positions must count real tokens only.
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0) + prefix_len
+    cache = None
+    if prefix_cache is not None:
+        cache = copy.deepcopy(prefix_cache)
+        cache.batch_repeat_interleave(len(batch))
+        mask = torch.cat([torch.ones(len(batch), prefix_len, dtype=mask.dtype, device=device), mask], dim=1)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
     cache = out.past_key_values
     new: list[list[int]] = [[] for _ in batch]
     done = [False] * len(batch)

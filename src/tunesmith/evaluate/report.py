@@ -184,7 +184,7 @@ def _metrics_section(ev: dict[str, Any]) -> str:
     out += _table(["metric", "value"], rows, raw=False)
     if m.get("invalid_labels"):
         out += "<p>Outputs outside the label set: " + ", ".join(
-            f"{_e(k)!s} &times;{v}" for k, v in list(m["invalid_labels"].items())[:10]
+            f"<code>{_e(k) if k else '(empty)'}</code> &times;{v}" for k, v in list(m["invalid_labels"].items())[:10]
         ) + "</p>"
     return out
 
@@ -312,9 +312,12 @@ def heatmap(rows: list[str], cols: list[str], matrix: list[list[int]], cell: int
     """A confusion matrix: row-normalised shading, counts in the tooltips."""
     n_r, n_c = len(rows), len(cols)
     cell = cell or (22 if n_c <= 20 else 12 if n_c <= 50 else 9)
-    label_w = 8 + 6 * max((len(x) for x in rows + cols), default=4)
-    left, top = label_w, label_w
-    width, height = left + n_c * cell + 10, top + n_r * cell + 10
+    char_w = 0.62 * max(7, min(11, cell - 2))
+    left = 10 + char_w * max((len(x) for x in rows), default=4)
+    # Column names are written at 60 degrees: they need height and stick out to the right.
+    col_len = char_w * max((len(x) for x in cols), default=4)
+    top = 10 + 0.87 * col_len
+    width, height = int(left + n_c * cell + 0.5 * col_len + 10), int(top + n_r * cell + 10)
     fs = max(7, min(11, cell - 2))
     out = [f'<svg class=heatmap width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">']
     out.append(f'<rect x="{left}" y="{top}" width="{n_c * cell}" height="{n_r * cell}" fill="#fafafa" stroke="#ccc"/>')
