@@ -67,8 +67,17 @@ def write_heldout(test_csv: Path, out: Path, per_intent: int = HELDOUT_PER_INTEN
     return path, sum(len(v) for v in by_intent.values()), len(by_intent)
 
 
-def run_demo(out: Path, log: Callable[[str], None] = print, train_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run every step; return the base and tuned metrics. Raises TunesmithError on failure."""
+def run_demo(
+    out: Path,
+    log: Callable[[str], None] = print,
+    model: str | None = None,
+    data: Path | None = None,
+    train_overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run every step; return the base and tuned metrics. Raises TunesmithError on failure.
+
+    model, data and train_overrides exist for the tests (a tiny model, a tiny data set,
+    a few steps); the demo itself runs with the defaults."""
     from tunesmith.evaluate.comparison import FINE_TUNED, ZERO_SHOT, Comparison, Strategy, base_system, prompting_prompts, verdict
     from tunesmith.evaluate.evaluation import evaluate, evaluate_loaded, load_examples, write_eval
     from tunesmith.evaluate.generate import load_for_eval, split_example
@@ -83,13 +92,18 @@ def run_demo(out: Path, log: Callable[[str], None] = print, train_overrides: dic
     def step(n: int, text: str) -> None:
         log(f"\n[{n}/6] {text}  (t = {time.perf_counter() - t_start:.0f} s)")
 
-    step(1, f"pull the base model {DEFAULT_MODEL}")
-    pull_model(DEFAULT_MODEL, log=log)
+    model = model or DEFAULT_MODEL
+    step(1, f"pull the base model {model}")
+    if model == DEFAULT_MODEL:
+        pull_model(DEFAULT_MODEL, log=log)
+    else:
+        log(f"using the local model {model}")
 
     step(2, "validate the bundled banking77 data")
-    data = find_demo_data()
+    bundled = data is None
+    data = data or find_demo_data()
     train_csv, test_csv = data / "train.csv", data / "test.csv"
-    _validate(train_csv, test_csv, log)
+    _validate(train_csv, test_csv, model, 77 if bundled else None, log)
     heldout, n_rows, n_intents = write_heldout(test_csv, out)
     labels = sorted({split_example(ex)[1] for ex in load_examples(train_csv, output_column="category")})
     log(f"held-out set: {n_rows} test rows over {n_intents} intents -> {heldout}")
@@ -97,7 +111,7 @@ def run_demo(out: Path, log: Callable[[str], None] = print, train_overrides: dic
     step(3, "zero-shot base model on the held-out set (system prompt + the 77 intent labels)")
     t0 = time.perf_counter()
     held = load_examples(heldout, output_column="category")
-    base = load_for_eval(DEFAULT_MODEL)
+    base = load_for_eval(model)
     prompts = prompting_prompts(ZERO_SHOT, held, [], 0, base_system(SYSTEM, labels))
     base_res = evaluate_loaded(base, held, prompts, "label", labels, MAX_NEW_TOKENS, with_loss=False, log=log)
     base_res.metrics["data"] = str(heldout)
@@ -108,13 +122,13 @@ def run_demo(out: Path, log: Callable[[str], None] = print, train_overrides: dic
 
     step(4, "LoRA fine-tune on the training rows")
     t0 = time.perf_counter()
-    run_dir = _train(train_csv, out / "run", {**DEMO_TRAIN, **(train_overrides or {})}, log)
+    run_dir = _train(model, train_csv, out / "run", {**DEMO_TRAIN, **(train_overrides or {})}, log)
     timings["train_s"] = time.perf_counter() - t0
 
     step(5, "evaluate the adapter on the same held-out rows")
     t0 = time.perf_counter()
     tuned_res = evaluate(
-        DEFAULT_MODEL, heldout, adapter=run_dir, metric="label", out=run_dir / "eval",
+        model, heldout, adapter=run_dir, metric="label", out=run_dir / "eval",
         max_new_tokens=MAX_NEW_TOKENS, output_column="category", system=SYSTEM, log=log,
     )
     timings["eval_s"] = time.perf_counter() - t0
@@ -122,7 +136,7 @@ def run_demo(out: Path, log: Callable[[str], None] = print, train_overrides: dic
     step(6, "write the report")
     strategies = [Strategy(f"{ZERO_SHOT} base", base_res, 0.0), Strategy(FINE_TUNED, tuned_res, 0.0)]
     info = {
-        "model": DEFAULT_MODEL, "adapter": str(run_dir), "train": str(train_csv), "test": str(heldout),
+        "model": model, "adapter": str(run_dir), "train": str(train_csv), "test": str(heldout),
         "n_examples": n_rows, "shots": 0, "metric": "label", "main_metric": "accuracy", "price_per_million": 0.0,
     }
     comparison = Comparison(strategies, info, verdict(strategies))
@@ -140,28 +154,31 @@ def run_demo(out: Path, log: Callable[[str], None] = print, train_overrides: dic
     return {"base": base_res.metrics, "tuned": tuned_res.metrics, "report": report, "timings": timings}
 
 
-def _validate(train_csv: Path, test_csv: Path, log: Callable[[str], None]) -> None:
-    """The data stage's checks, so a broken bundle stops the demo before any training."""
-    from tunesmith.evaluate.evaluation import load_examples
+def _validate(train_csv: Path, test_csv: Path, model: str, intents: int | None, log: Callable[[str], None]) -> None:
+    """The data stage's checks (as `tunesmith validate`), so a broken bundle stops the demo
+    before any compute is spent."""
+    from tunesmith.data.formats import ColumnMapping
+    from tunesmith.data.validate import validate_data
 
     for path in (train_csv, test_csv):
-        examples = load_examples(path, output_column="category")  # raises with every problem listed
-        intents = {ex.messages[-1].content for ex in examples}
-        log(f"{path}: {len(examples)} rows, {len(intents)} intents, no problems")
-        if len(intents) != 77:
-            raise DataError(f"{path} covers {len(intents)} intents, not the 77 of banking77; restore data/banking77/")
+        report = validate_data(path, model, columns=ColumnMapping("text", "category"), estimate=False)
+        if not report.ok:
+            shown = "; ".join(f"line {p.line}: {p.message}" for p in report.errors[:5])
+            raise DataError(f"{path}: {len(report.errors)} problem(s): {shown}; restore data/banking77/ from the repository")
+        labels = (report.stats or {}).get("labels") or {}
+        log(f"{path}: {report.examples} rows, {len(labels)} intents, {len(report.warnings)} warning(s), no errors")
+        if intents is not None and len(labels) != intents:
+            raise DataError(f"{path} covers {len(labels)} intents, not the {intents} of banking77; restore data/banking77/")
 
 
-def _train(train_csv: Path, run_dir: Path, settings: dict[str, Any], log: Callable[[str], None]) -> Path:
+def _train(model: str, train_csv: Path, run_dir: Path, settings: dict[str, Any], log: Callable[[str], None]) -> Path:
     try:
         from tunesmith.train.config import TrainConfig
         from tunesmith.train.run import train
     except ImportError as exc:
         raise UsageError(f"the demo needs tunesmith's training stage, which this build lacks ({exc})") from exc
-    from tunesmith.models.registry import DEFAULT_MODEL
-
     cfg = TrainConfig(
-        model=DEFAULT_MODEL, data=str(train_csv), input_column="text", output_column="category",
+        model=model, data=str(train_csv), input_column="text", output_column="category",
         system=SYSTEM, out=str(run_dir), **settings,
     )
     log(f"training: {', '.join(f'{k}={v}' for k, v in settings.items())}")
