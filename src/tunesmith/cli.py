@@ -168,28 +168,115 @@ def train_cmd(**options) -> None:
 # ----------------------------------------------------------------------------- eval / compare / report / demo
 
 
+_METRIC_HELP = "auto (picked from the references), label, exact, json or rouge."
+_COLUMNS_HELP = "CSV/TSV: column holding the {}."
+
+
 @app.command("eval")
-def eval_cmd() -> None:
+def eval_cmd(
+    data: Path = typer.Option(..., "--data", help="Held-out examples with reference answers (.jsonl, .csv, .tsv)."),
+    model: str = typer.Option("smollm2-135m-instruct", "--model", help="Base model: registry name, HF directory or .gguf."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Run directory or adapter directory to put on the base."),
+    metric: str = typer.Option("auto", "--metric", help=_METRIC_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for predictions.jsonl and metrics.json (default: RUN/eval for a run, else eval-<time>)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Most tokens generated per example."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Examples generated together."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast where fast), fp32 or bf16."),
+    format: Optional[str] = typer.Option(None, "--format", help="Data format; detected when omitted."),
+    input_column: str = typer.Option("text", "--input-column", help=_COLUMNS_HELP.format("the input")),
+    output_column: Optional[str] = typer.Option(None, "--output-column", help=_COLUMNS_HELP.format("reference answer") + " Default: the only other column."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt (default: the one the adapter's run trained with)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N examples."),
+    report: bool = typer.Option(False, "--report", help="Also write report.html into the output folder."),
+) -> None:
     """Evaluate a model or adapter on held-out data."""
-    _not_yet("eval")
+    from tunesmith.evaluate.evaluation import evaluate, print_eval
+
+    out = out or _default_out(adapter, "eval")
+    result = evaluate(
+        model, data, adapter=adapter, metric=metric, out=out, max_new_tokens=max_new_tokens,
+        batch_size=batch_size, precision=precision, format=format, input_column=input_column,
+        output_column=output_column, system=system, limit=limit, log=_log,
+    )
+    print_eval(result)
+    _log(f"wrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}")
+    if report:
+        from tunesmith.evaluate.report import build_report
+
+        _log(f"report: {build_report(out)}")
 
 
 @app.command("compare")
-def compare_cmd() -> None:
+def compare_cmd(
+    train: Path = typer.Option(..., "--train", help="Training examples (the few-shot and retrieval pool; --train-adapter trains on them)."),
+    test: Path = typer.Option(..., "--test", help="Held-out examples every strategy is measured on."),
+    model: str = typer.Option("smollm2-135m-instruct", "--model", help="Base model: registry name, HF directory or .gguf."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Fine-tuned run or adapter directory to include."),
+    train_adapter: bool = typer.Option(False, "--train-adapter", help="Train an adapter on --train with default settings and include it."),
+    shots: int = typer.Option(5, "--shots", help="Examples in the few-shot and retrieval prompts."),
+    price_per_million: float = typer.Option(0.10, "--price-per-million", help="Price of one million tokens, for the cost column."),
+    metric: str = typer.Option("auto", "--metric", help=_METRIC_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for compare.json and each strategy's predictions (default: compare-<time>)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Most tokens generated per example."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Examples generated together."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast where fast), fp32 or bf16."),
+    format: Optional[str] = typer.Option(None, "--format", help="Data format; detected when omitted."),
+    input_column: str = typer.Option("text", "--input-column", help=_COLUMNS_HELP.format("the input")),
+    output_column: Optional[str] = typer.Option(None, "--output-column", help=_COLUMNS_HELP.format("reference answer") + " Default: the only other column."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt for the prompting strategies (and a trained adapter)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N test examples."),
+    report: bool = typer.Option(False, "--report", help="Also write report.html into the output folder."),
+) -> None:
     """Zero-shot vs few-shot vs retrieval few-shot vs fine-tuned, on the same test set."""
-    _not_yet("compare")
+    from tunesmith.evaluate.comparison import compare, print_comparison
+
+    out = out or _default_out(None, "compare")
+    result = compare(
+        model, train, test, adapter=adapter, train_adapter=train_adapter, shots=shots,
+        price_per_million=price_per_million, metric=metric, out=out, max_new_tokens=max_new_tokens,
+        batch_size=batch_size, precision=precision, format=format, input_column=input_column,
+        output_column=output_column, system=system, limit=limit, log=_log,
+    )
+    print_comparison(result)
+    _log(f"wrote {out / 'compare.json'}")
+    if report:
+        from tunesmith.evaluate.report import build_report
+
+        _log(f"report: {build_report(out)}")
 
 
 @app.command("report")
-def report_cmd() -> None:
+def report_cmd(
+    run: Path = typer.Argument(..., help="A training run, eval or compare folder."),
+    out: Optional[Path] = typer.Option(None, "--out", help="HTML file to write (default: RUN/report.html)."),
+) -> None:
     """Write a self-contained HTML report for a run."""
-    _not_yet("report")
+    from tunesmith.evaluate.report import build_report
+
+    typer.echo(f"report: {build_report(run, out)}")
 
 
 @app.command("demo")
-def demo_cmd() -> None:
+def demo_cmd(
+    out: Path = typer.Option(Path("demo-run"), "--out", help="Folder everything the demo writes goes under."),
+) -> None:
     """The whole lifecycle on banking77: pull, validate, zero-shot, fine-tune, evaluate, report."""
-    _not_yet("demo")
+    from tunesmith.evaluate.demo import run_demo
+
+    run_demo(out, log=typer.echo)
+
+
+def _log(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+def _default_out(adapter: Optional[Path], kind: str) -> Path:
+    """RUN/eval for a run directory, else a fresh timestamped folder here."""
+    import time
+
+    if adapter is not None and kind == "eval" and ((adapter / "adapter").is_dir() or (adapter / "checkpoints").is_dir()):
+        return adapter / "eval"
+    return Path(f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 # ----------------------------------------------------------------------------- serve / chat / worker

@@ -1,0 +1,296 @@
+"""`tunesmith compare`: should I fine-tune? Prompting, retrieval and an adapter, measured.
+
+On the same held-out examples: the base model zero-shot (a system prompt, plus the valid
+labels for label tasks), few-shot (k fixed training examples as earlier chat turns),
+retrieval few-shot (the k training examples nearest to each test input by BM25), and the
+fine-tuned adapter (given, or trained here with default settings). For each: the metric,
+prompt tokens per request, latency per request and the cost of a million requests.
+
+    tunesmith compare --train train.csv --test test.csv --adapter runs/first --shots 5
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from tunesmith.data.example import Example, Message
+from tunesmith.errors import UsageError
+from tunesmith.evaluate.evaluation import (
+    EvalResult, evaluate_loaded, format_score, load_examples, run_system_prompt, with_system, write_eval,
+)
+from tunesmith.evaluate.generate import load_for_eval, split_example
+from tunesmith.evaluate.metrics import pick_metric
+from tunesmith.evaluate.retrieval import BM25
+
+COMPARE_FILE = "compare.json"
+DEFAULT_SYSTEM = "You are a precise assistant. Reply with the answer only, without explanation."
+ZERO_SHOT, FEW_SHOT, RETRIEVAL, FINE_TUNED = "zero-shot", "few-shot", "retrieval few-shot", "fine-tuned"
+
+
+@dataclass
+class Strategy:
+    name: str
+    result: EvalResult
+    price_per_million: float
+
+    @property
+    def main(self) -> tuple[str, float]:
+        name = self.result.metrics["main_metric"]
+        return name, self.result.metrics["scores"][name]
+
+    @property
+    def prompt_tokens(self) -> float:
+        return self.result.metrics["prompt_tokens_per_example"]
+
+    @property
+    def tokens(self) -> float:
+        return self.prompt_tokens + self.result.metrics["completion_tokens_per_example"]
+
+    @property
+    def cost_per_million_requests(self) -> float:
+        # 1e6 requests x tokens/request x price/1e6 tokens
+        return self.tokens * self.price_per_million
+
+    def row(self) -> dict[str, Any]:
+        m = self.result.metrics
+        return {
+            "name": self.name,
+            "scores": m["scores"],
+            "prompt_tokens_per_request": self.prompt_tokens,
+            "completion_tokens_per_request": m["completion_tokens_per_example"],
+            "latency_s_per_request": m["latency_s_per_example"],
+            "cost_per_million_requests": self.cost_per_million_requests,
+            "folder": _slug(self.name),
+        }
+
+
+@dataclass
+class Comparison:
+    strategies: list[Strategy]
+    info: dict[str, Any]
+    verdict: str
+    out: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.info, "strategies": [s.row() for s in self.strategies], "verdict": self.verdict}
+
+
+def _slug(name: str) -> str:
+    return name.replace(" ", "-")
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def base_system(system: str | None, labels: Sequence[str] | None) -> str:
+    text = system or DEFAULT_SYSTEM
+    if labels:
+        text += "\nAnswer with exactly one of these labels and nothing else: " + ", ".join(labels) + "."
+    return text
+
+
+def _turns(example: Example) -> list[Message]:
+    """An example as plain chat turns without its system prompt: the shots of a prompt."""
+    prompt, answer = split_example(example)
+    return [m for m in prompt if m.role != "system"] + [Message("assistant", answer)]
+
+
+def pick_shots(train: Sequence[Example], k: int, seed: int = 0) -> list[Example]:
+    """k training examples, fixed by seed, with distinct answers where there are enough."""
+    rng = random.Random(seed)
+    pool = list(train)
+    rng.shuffle(pool)
+    chosen: list[Example] = []
+    seen: set[str] = set()
+    for ex in pool:
+        answer = split_example(ex)[1]
+        if answer not in seen:
+            chosen.append(ex)
+            seen.add(answer)
+        if len(chosen) == k:
+            return chosen
+    rest = [ex for ex in pool if ex not in chosen]
+    return chosen + rest[: k - len(chosen)]
+
+
+def prompting_prompts(
+    kind: str, test: Sequence[Example], train: Sequence[Example], shots: int, system: str
+) -> list[list[Message]]:
+    """The prompt of every test example under one prompting strategy."""
+    prompts = []
+    fixed = [m for ex in pick_shots(train, shots) for m in _turns(ex)] if kind == FEW_SHOT else []
+    index = BM25([_query(split_example(ex)[0]) for ex in train]) if kind == RETRIEVAL else None
+    for ex in test:
+        convo = [m for m in split_example(ex)[0] if m.role != "system"]
+        if index is not None:
+            nearest = index.top_k(_query(convo), shots)
+            # Nearest last: the most similar example sits right before the question.
+            fixed = [m for i in reversed(nearest) for m in _turns(train[i])]
+        prompts.append([Message("system", system)] + fixed + convo)
+    return prompts
+
+
+def _query(prompt: Sequence[Message]) -> str:
+    users = [m.content for m in prompt if m.role == "user"]
+    return users[-1] if users else ""
+
+
+# ----------------------------------------------------------------------------- compare
+
+
+def compare(
+    model: str | Path | None,
+    train: str | Path,
+    test: str | Path,
+    adapter: str | Path | None = None,
+    train_adapter: bool = False,
+    shots: int = 5,
+    price_per_million: float = 0.10,
+    metric: str = "auto",
+    out: str | Path | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    precision: str = "auto",
+    format: str | None = None,
+    input_column: str = "text",
+    output_column: str | None = None,
+    system: str | None = None,
+    limit: int | None = None,
+    log: Callable[[str], None] = print,
+) -> Comparison:
+    """Measure the four strategies on `test`; write compare.json and one folder each to `out`."""
+    if shots < 1:
+        raise UsageError(f"--shots must be at least 1, got {shots}")
+    if adapter is not None and train_adapter:
+        raise UsageError("give either --adapter or --train-adapter, not both")
+    out = Path(out) if out is not None else None
+    train_ex = load_examples(train, format, input_column, output_column)
+    test_ex = load_examples(test, format, input_column, output_column, limit=limit)
+    if train_adapter:
+        adapter = _train_adapter(model, train, out, format, input_column, output_column, system, log)
+    references = [split_example(ex)[1] for ex in test_ex]
+    kind = pick_metric(references) if metric == "auto" else metric
+    labels = None
+    if kind == "label":
+        labels = sorted({split_example(ex)[1].strip() for ex in list(train_ex) + list(test_ex)})
+    system_prompt = base_system(system, labels)
+
+    loaded = load_for_eval(model, None)
+    strategies = []
+    for name in (ZERO_SHOT, FEW_SHOT, RETRIEVAL):
+        log(f"{name}: base model, {shots if name != ZERO_SHOT else 0} examples in the prompt")
+        prompts = prompting_prompts(name, test_ex, train_ex, shots, system_prompt)
+        result = evaluate_loaded(
+            loaded, test_ex, prompts, kind, labels, max_new_tokens, batch_size, precision, with_loss=False, log=log
+        )
+        result.metrics["data"] = str(test)
+        strategies.append(Strategy(name, result, price_per_million))
+    if adapter is not None:
+        log(f"{FINE_TUNED}: adapter {adapter}")
+        tuned = load_for_eval(model, adapter)
+        tuned_system = system if system is not None else run_system_prompt(adapter)
+        tuned_ex = [with_system(ex, tuned_system) for ex in test_ex] if tuned_system else list(test_ex)
+        result = evaluate_loaded(
+            tuned, tuned_ex, None, kind, labels, max_new_tokens, batch_size, precision, with_loss=True, log=log
+        )
+        result.metrics["data"] = str(test)
+        strategies.append(Strategy(FINE_TUNED, result, price_per_million))
+    main_name = strategies[0].main[0]
+    info = {
+        "model": loaded.name,
+        "adapter": str(adapter) if adapter is not None else None,
+        "train": str(train),
+        "test": str(test),
+        "n_examples": len(test_ex),
+        "shots": shots,
+        "metric": kind,
+        "main_metric": main_name,
+        "price_per_million": price_per_million,
+    }
+    comparison = Comparison(strategies, info, verdict(strategies))
+    if out is not None:
+        write_comparison(out, comparison)
+    return comparison
+
+
+def _train_adapter(model, train, out, format, input_column, output_column, system, log) -> Path:
+    """Train an adapter on the training file with default settings (via the train stage)."""
+    try:
+        from tunesmith.train.config import TrainConfig
+        from tunesmith.train.run import train as run_training
+    except ImportError as exc:  # the training stage is not installed in this build
+        raise UsageError(f"--train-adapter needs tunesmith's training stage ({exc}); pass --adapter instead") from exc
+    run_dir = (out or Path(".")) / "adapter-run"
+    wanted = {
+        "model": str(model) if model else None, "data": str(train), "format": format,
+        "input_column": input_column, "output_column": output_column, "system": system, "out": str(run_dir),
+    }
+    fields = _config_fields(TrainConfig)
+    kwargs = {k: v for k, v in wanted.items() if v is not None and (not fields or k in fields)}
+    log(f"training an adapter on {train} with default settings into {run_dir}")
+    result = run_training(TrainConfig(**kwargs))
+    return Path(getattr(result, "out_dir", run_dir))
+
+
+def _config_fields(cls: Any) -> set[str]:
+    if hasattr(cls, "model_fields"):
+        return set(cls.model_fields)
+    if hasattr(cls, "__dataclass_fields__"):
+        return set(cls.__dataclass_fields__)
+    return set()
+
+
+def verdict(strategies: Sequence[Strategy]) -> str:
+    """One plain sentence: which strategy wins and by how much."""
+    metric = strategies[0].main[0]
+    ranked = sorted(strategies, key=lambda s: (-s.main[1], s.tokens))
+    best = ranked[0]
+    if len(ranked) == 1:
+        return f"Only {best.name} was measured: {metric} {format_score(metric, best.main[1])}."
+    second = ranked[1]
+    gap = best.main[1] - second.main[1]
+    tokens = f"{best.prompt_tokens:.0f} vs {second.prompt_tokens:.0f} prompt tokens per request"
+    if gap <= 1e-9:
+        return (
+            f"{best.name} and {second.name} tie on {metric} ({format_score(metric, best.main[1])}); "
+            f"{best.name} is the cheaper at {tokens}."
+        )
+    return (
+        f"{best.name} wins on this data: {metric} {format_score(metric, best.main[1])} against "
+        f"{format_score(metric, second.main[1])} for {second.name}, the runner-up "
+        f"({100 * gap:+.1f} points), at {tokens}."
+    )
+
+
+def write_comparison(out: Path, comparison: Comparison) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for s in comparison.strategies:
+        write_eval(out / _slug(s.name), s.result)
+    (out / COMPARE_FILE).write_text(json.dumps(comparison.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    comparison.out = out
+
+
+def print_comparison(comparison: Comparison) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    info = comparison.info
+    metric = info["main_metric"]
+    table = Table(
+        "strategy", metric, "prompt tokens/request", "latency/request",
+        f"cost of 1M requests (${info['price_per_million']:g}/1M tokens)",
+        title=f"{info['n_examples']} test examples, {info['shots']} shots",
+    )
+    for s in comparison.strategies:
+        table.add_row(
+            s.name, format_score(metric, s.main[1]), f"{s.prompt_tokens:.0f}",
+            f"{1000 * s.result.metrics['latency_s_per_example']:.0f} ms", f"${s.cost_per_million_requests:,.2f}",
+        )
+    console = Console()
+    console.print(table)
+    console.print(comparison.verdict)

@@ -1,0 +1,286 @@
+"""`tunesmith eval`: generate on held-out data, score, measure loss, write the results.
+
+An evaluation directory holds `predictions.jsonl` (one row per example: input, reference,
+prediction, correct, plus score, loss and token counts) and `metrics.json` (headline
+scores, loss/perplexity, latency, tokens, and the confusion matrix for label tasks).
+
+    tunesmith eval --model smollm2-135m-instruct --adapter runs/first --data test.jsonl --out runs/first/eval
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from tunesmith.data.example import Example, Message
+from tunesmith.data.formats import ColumnMapping, read_data
+from tunesmith.errors import DataError, UsageError
+from tunesmith.evaluate.generate import LoadedModel, generate, load_for_eval, reference_loss, split_example
+from tunesmith.evaluate.metrics import score
+
+PREDICTIONS_FILE = "predictions.jsonl"
+METRICS_FILE = "metrics.json"
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, Any]
+    predictions: list[dict[str, Any]]
+    out: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_examples(
+    path: str | Path,
+    format: str | None = None,
+    input_column: str = "text",
+    output_column: str | None = None,
+    system: str | None = None,
+    limit: int | None = None,
+) -> list[Example]:
+    """Read a data file of examples with reference answers; every problem in one error.
+
+    For CSV/TSV without --output-column, a header with exactly one other column than the
+    input column uses that one."""
+    path = Path(path)
+    columns = None
+    if (format or path.suffix.lower().lstrip(".")) in ("csv", "tsv", "tab"):
+        output_column = output_column or _other_column(path, input_column)
+        columns = ColumnMapping(input_column=input_column, output_column=output_column, system=system)
+    parsed = read_data(path, format=format, columns=columns)
+    if parsed.errors:
+        shown = "; ".join(f"line {p.line}: {p.message}" for p in parsed.errors[:5])
+        more = f" (and {len(parsed.errors) - 5} more)" if len(parsed.errors) > 5 else ""
+        raise DataError(f"{path}: {len(parsed.errors)} problem(s): {shown}{more}; fix them (`tunesmith validate {path}` lists all)")
+    examples = parsed.examples
+    if not examples:
+        raise DataError(f"{path} holds no supervised examples (a preference file cannot be evaluated)")
+    if system and columns is None:
+        examples = [with_system(ex, system) for ex in examples]
+    for ex in examples:
+        split_example(ex)  # raises for an example without an answer
+    return examples[:limit] if limit else examples
+
+
+def _other_column(path: Path, input_column: str) -> str:
+    delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
+    if not path.is_file():
+        raise UsageError(f"data file '{path}' does not exist")
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        header = next(csv.reader(fh, delimiter=delimiter), [])
+    if input_column not in header:
+        raise UsageError(
+            f"{path}: column '{input_column}' not found; the header has {', '.join(repr(h) for h in header)}; "
+            "choose with --input-column and --output-column"
+        )
+    others = [h for h in header if h != input_column]
+    if len(others) != 1:
+        raise UsageError(
+            f"{path}: cannot tell which column holds the answers (header: {', '.join(header)}); "
+            "pass --output-column"
+        )
+    return others[0]
+
+
+def with_system(example: Example, system: str) -> Example:
+    """The example with `system` as its system prompt (replacing one it has)."""
+    rest = tuple(m for m in example.messages if m.role != "system")
+    return Example(messages=(Message("system", system),) + rest, line=example.line, tools=example.tools)
+
+
+def run_system_prompt(adapter: str | Path | None) -> str | None:
+    """The system prompt a training run used, from its run.json (None when unknown)."""
+    if adapter is None:
+        return None
+    path = Path(adapter)
+    for cand in (path / "run.json", path.parent / "run.json", path.parent.parent / "run.json"):
+        if cand.is_file():
+            try:
+                info = json.loads(cand.read_text())
+            except json.JSONDecodeError:
+                return None
+            cfg = info.get("config", info) if isinstance(info, dict) else {}
+            value = cfg.get("system") if isinstance(cfg, dict) else None
+            return value if isinstance(value, str) and value else None
+    return None
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate(
+    model: str | Path | None,
+    data: str | Path,
+    adapter: str | Path | None = None,
+    metric: str = "auto",
+    out: str | Path | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    precision: str = "auto",
+    format: str | None = None,
+    input_column: str = "text",
+    output_column: str | None = None,
+    system: str | None = None,
+    limit: int | None = None,
+    log: Callable[[str], None] = print,
+) -> EvalResult:
+    """Evaluate a model (and adapter) on a data file; write predictions and metrics to `out`.
+
+    system: the system prompt; by default the one the adapter's run trained with."""
+    system = system if system is not None else run_system_prompt(adapter)
+    examples = load_examples(data, format, input_column, output_column, system, limit)
+    log(f"evaluating on {len(examples)} examples from {data}")
+    loaded = load_for_eval(model, adapter)
+    result = evaluate_loaded(
+        loaded, examples, metric=metric, max_new_tokens=max_new_tokens,
+        batch_size=batch_size, precision=precision, log=log,
+    )
+    result.metrics["data"] = str(data)
+    if system:
+        result.metrics["system"] = system
+    if out is not None:
+        write_eval(Path(out), result)
+    return result
+
+
+def evaluate_loaded(
+    loaded: LoadedModel,
+    examples: Sequence[Example],
+    prompts: Sequence[Sequence[Message]] | None = None,
+    metric: str = "auto",
+    labels: Sequence[str] | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    precision: str = "auto",
+    with_loss: bool = True,
+    log: Callable[[str], None] = print,
+) -> EvalResult:
+    """Score a loaded model on examples; prompts default to each example's own conversation
+    (as trained). `with_loss` also measures the loss on the reference answers."""
+    split = [split_example(ex) for ex in examples]
+    references = [ref for _, ref in split]
+    prompts = prompts if prompts is not None else [p for p, _ in split]
+    t0 = time.perf_counter()
+    progress = _progress(len(prompts), log)
+    gens = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens, batch_size, precision, progress)
+    gen_s = time.perf_counter() - t0
+    predictions = [g.text for g in gens]
+    scores = score(references, predictions, metric, labels)
+    loss = None
+    if with_loss:
+        loss = reference_loss(loaded.model, loaded.tokenizer, examples, batch_size, precision)
+    n = len(examples)
+    rows = []
+    for i, (ex, (prompt, ref), g) in enumerate(zip(examples, split, gens)):
+        rows.append({
+            "line": ex.line,
+            "input": _last_user(prompt),
+            "reference": ref,
+            "prediction": g.text,
+            "correct": bool(scores.correct[i]),
+            "score": round(scores.per_example[i], 4),
+            "loss": _num(loss.per_example[i]) if loss else None,
+            "prompt_tokens": g.prompt_tokens,
+            "completion_tokens": g.completion_tokens,
+        })
+    main_name, _ = scores.main
+    metrics: dict[str, Any] = {
+        "model": loaded.name,
+        "adapter": str(loaded.adapter) if loaded.adapter else None,
+        "metric": scores.metric,
+        "main_metric": main_name,
+        "n_examples": n,
+        "scores": scores.summary,
+        "loss": _num(loss.loss) if loss else None,
+        "perplexity": _num(loss.perplexity) if loss else None,
+        "latency_s_per_example": gen_s / n if n else 0.0,
+        "prompt_tokens_per_example": sum(g.prompt_tokens for g in gens) / n if n else 0.0,
+        "completion_tokens_per_example": sum(g.completion_tokens for g in gens) / n if n else 0.0,
+        "generation_s": gen_s,
+        "max_new_tokens": max_new_tokens,
+        "precision": precision,
+    }
+    metrics.update(scores.extra)
+    return EvalResult(metrics, rows)
+
+
+def _last_user(prompt: Sequence[Message]) -> str:
+    users = [m.content for m in prompt if m.role == "user"]
+    return users[-1] if users else ""
+
+
+def _num(x: float) -> float | None:
+    return None if x is None or math.isnan(x) or math.isinf(x) else x
+
+
+def _progress(total: int, log: Callable[[str], None]) -> Callable[[int], None]:
+    """Log progress about every 10% of the rows."""
+    done = [0, 0]
+    t0 = time.perf_counter()
+
+    def on_batch(n: int) -> None:
+        done[0] += n
+        if done[0] * 10 // max(total, 1) > done[1] or done[0] == total:
+            done[1] = done[0] * 10 // max(total, 1)
+            rate = done[0] / max(time.perf_counter() - t0, 1e-9)
+            log(f"  generated {done[0]}/{total} ({rate:.1f} examples/s)")
+
+    return on_batch
+
+
+def write_eval(out: Path, result: EvalResult) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / PREDICTIONS_FILE, "w", encoding="utf-8") as fh:
+        for row in result.predictions:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    (out / METRICS_FILE).write_text(json.dumps(result.metrics, indent=2, ensure_ascii=False) + "\n")
+    result.out = out
+
+
+def load_eval(path: Path) -> EvalResult:
+    """Read back an evaluation directory written by write_eval."""
+    metrics = json.loads((path / METRICS_FILE).read_text())
+    preds = []
+    pred_file = path / PREDICTIONS_FILE
+    if pred_file.is_file():
+        preds = [json.loads(line) for line in pred_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return EvalResult(metrics, preds, path)
+
+
+# ----------------------------------------------------------------------------- printing
+
+
+def format_score(name: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    if name in ("loss", "perplexity"):
+        return f"{value:.3f}"
+    return f"{100 * value:.1f}%"
+
+
+def print_eval(result: EvalResult) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    m = result.metrics
+    table = Table("metric", "value", title=f"{m['model']}" + (f" + {m['adapter']}" if m.get("adapter") else ""))
+    for name, value in m["scores"].items():
+        table.add_row(name, format_score(name, value))
+    table.add_row("loss (reference answers)", format_score("loss", m.get("loss")))
+    table.add_row("perplexity", format_score("perplexity", m.get("perplexity")))
+    table.add_row("latency per example", f"{1000 * m['latency_s_per_example']:.0f} ms (batched)")
+    table.add_row("prompt tokens per example", f"{m['prompt_tokens_per_example']:.1f}")
+    table.add_row("completion tokens per example", f"{m['completion_tokens_per_example']:.1f}")
+    table.add_row("examples", str(m["n_examples"]))
+    Console().print(table)
+    if m.get("invalid_labels"):
+        top = ", ".join(f"{k!r} x{v}" for k, v in list(m["invalid_labels"].items())[:5])
+        Console().print(f"invalid labels (outside the label set): {top}")

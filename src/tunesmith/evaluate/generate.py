@@ -1,0 +1,280 @@
+"""Batched greedy generation and reference loss, with the same rendering as training.
+
+Prompts come from `tunesmith.data.render.render_prompt` (the training rendering plus the
+assistant generation prompt), so a fine-tuned adapter sees token for token what it was
+trained on. Generation is greedy, batched with left padding and a KV cache, and stops a
+row at the template's end-of-turn token(s). Rows are sorted by length before batching,
+so padding stays small; results come back in the caller's order.
+
+    python -c "from tunesmith.evaluate.generate import load_for_eval; help(load_for_eval)"
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from tunesmith.data.example import Example, Message
+from tunesmith.data.render import IGNORE_INDEX, end_of_turn_ids, render_examples, render_prompt
+from tunesmith.errors import DataError, UsageError
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class Generation:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    """Wall time of the row's batch divided by the rows in it (amortised, batched)."""
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    name: str
+    adapter: Path | None
+    base_identity: dict[str, Any]
+
+
+def load_for_eval(model: str | Path | None, adapter: str | Path | None = None) -> LoadedModel:
+    """Load a base model (registry name, HF dir or .gguf) and optionally a trained adapter.
+
+    adapter: a run directory or an adapter directory; refused when it was trained on a
+    different base model."""
+    from tunesmith.models.adapters import check_base, resolve_adapter
+    from tunesmith.models.registry import identity, load_model, load_tokenizer, resolve_model
+
+    ref = resolve_model(model)
+    tokenizer = load_tokenizer(ref)
+    if tokenizer.chat_template is None:
+        raise UsageError(f"model '{ref.name}' has no chat template; evaluation renders prompts with it")
+    ident = identity(ref)
+    adapter_dir = None
+    if adapter is not None:
+        adapter_dir = resolve_adapter(adapter)
+        check_base(adapter_dir, ident)
+    lm = load_model(ref)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        lm = PeftModel.from_pretrained(lm, str(adapter_dir))
+    lm.eval()
+    return LoadedModel(lm, tokenizer, ref.name, adapter_dir, ident)
+
+
+def split_example(example: Example) -> tuple[list[Message], str]:
+    """The conversation up to the last assistant turn (the prompt) and that turn (the reference)."""
+    msgs = list(example.messages)
+    last = max((i for i, m in enumerate(msgs) if m.role == "assistant"), default=None)
+    if last is None:
+        raise DataError(f"line {example.line}: the example has no assistant answer to compare against")
+    return msgs[:last], msgs[last].content
+
+
+def autocast(precision: str, device: str = "cpu") -> contextlib.AbstractContextManager:
+    """bf16 autocast where it is fast (auto: CPUs with AVX512-BF16/AMX, any CUDA GPU with bf16)."""
+    import torch
+
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown --precision '{precision}'; accepted: {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        if device == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        else:
+            fast = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+            precision = "bf16" if fast or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device, dtype=torch.bfloat16)
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return tid
+    return 0
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[Message]],
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    precision: str = "auto",
+    on_batch: Callable[[int], None] | None = None,
+) -> list[Generation]:
+    """Greedy completions of chat prompts (lists of Messages ending before the answer)."""
+    ids = [render_prompt(tokenizer, p) for p in prompts]
+    return generate_ids(model, tokenizer, ids, max_new_tokens, batch_size, precision, on_batch)
+
+
+def generate_ids(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[list[int]],
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    precision: str = "auto",
+    on_batch: Callable[[int], None] | None = None,
+) -> list[Generation]:
+    import torch
+
+    if max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if not prompt_ids:
+        return []
+    stop = set(end_of_turn_ids(tokenizer))
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    results: list[Generation | None] = [None] * len(prompt_ids)
+    with torch.inference_mode(), autocast(precision, device.type):
+        t0 = time.perf_counter()
+        prefix = shared_prefix(prompt_ids)
+        prefix_cache = None
+        if len(prefix) >= MIN_SHARED_PREFIX:
+            prefix_cache = model(input_ids=torch.tensor([prefix], device=device), use_cache=True).past_key_values
+        else:
+            prefix = []
+        prefix_share = (time.perf_counter() - t0) / len(prompt_ids)
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            t0 = time.perf_counter()
+            suffixes = [prompt_ids[i][len(prefix):] for i in rows]
+            outs = _greedy_batch(model, suffixes, max_new_tokens, stop, _pad_id(tokenizer), device, prefix_cache, len(prefix))
+            per_row = (time.perf_counter() - t0) / len(rows) + prefix_share
+            for i, new in zip(rows, outs):
+                text = tokenizer.decode(new, skip_special_tokens=True)
+                results[i] = Generation(text.strip(), len(prompt_ids[i]), len(new), per_row)
+            if on_batch:
+                on_batch(len(rows))
+    return results  # type: ignore[return-value]
+
+
+# Prompts sharing at least this many leading tokens (a long system prompt, a label list,
+# fixed few-shot examples) compute them once and reuse their KV cache in every batch.
+MIN_SHARED_PREFIX = 32
+
+
+def shared_prefix(prompt_ids: Sequence[Sequence[int]]) -> list[int]:
+    """The leading tokens every prompt has, leaving each at least one token of its own."""
+    first = prompt_ids[0]
+    n = min(len(p) for p in prompt_ids) - 1
+    for p in prompt_ids[1:]:
+        k = 0
+        while k < n and p[k] == first[k]:
+            k += 1
+        n = k
+    return list(first[:max(n, 0)])
+
+
+def _greedy_batch(
+    model: Any, batch: list[list[int]], max_new_tokens: int, stop: set[int], pad: int, device: Any,
+    prefix_cache: Any = None, prefix_len: int = 0,
+) -> list[list[int]]:
+    """One left-padded batch: prefill, then one token per step from the KV cache.
+
+    With a prefix cache the rows continue a shared prefix: its cache is copied per row and
+    the padding sits between prefix and row, masked out. Returns each row's new tokens up
+    to (and without) its end-of-turn token."""
+    import copy
+
+    import torch
+
+    width = max(len(p) for p in batch)
+    input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in batch], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+    # Left padding shifts every row; positions must count real tokens only.
+    positions = (mask.cumsum(-1) - 1).clamp(min=0) + prefix_len
+    cache = None
+    if prefix_cache is not None:
+        cache = copy.deepcopy(prefix_cache)
+        cache.batch_repeat_interleave(len(batch))
+        mask = torch.cat([torch.ones(len(batch), prefix_len, dtype=mask.dtype, device=device), mask], dim=1)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    cache = out.past_key_values
+    new: list[list[int]] = [[] for _ in batch]
+    done = [False] * len(batch)
+    next_pos = positions[:, -1:] + 1
+    for step in range(max_new_tokens):
+        tok = out.logits[:, -1, :].argmax(-1)
+        for r, t in enumerate(tok.tolist()):
+            if done[r]:
+                continue
+            if t in stop:
+                done[r] = True
+            else:
+                new[r].append(t)
+        if all(done) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = model(
+            input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
+            past_key_values=cache, use_cache=True,
+        )
+        cache = out.past_key_values
+        next_pos = next_pos + 1
+    return new
+
+
+@dataclass
+class LossResult:
+    loss: float
+    """Mean cross-entropy per trained token over the whole set."""
+    perplexity: float
+    tokens: int
+    per_example: list[float]
+    """Mean loss per trained token of each example (nan when it has none)."""
+
+
+def reference_loss(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    batch_size: int = 16,
+    precision: str = "auto",
+    max_seq_len: int | None = 2048,
+) -> LossResult:
+    """Loss on the reference answers, on exactly the tokens training computes loss on."""
+    import torch
+    import torch.nn.functional as F
+
+    rendered = render_examples(tokenizer, examples, max_seq_len)
+    device = next(model.parameters()).device
+    pad = _pad_id(tokenizer)
+    sums = [0.0] * len(rendered)
+    counts = [0] * len(rendered)
+    order = sorted(range(len(rendered)), key=lambda i: len(rendered[i]))
+    with torch.inference_mode(), autocast(precision, device.type):
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            width = max(len(rendered[i]) for i in rows)
+            ids = torch.tensor([rendered[i].input_ids + [pad] * (width - len(rendered[i])) for i in rows], device=device)
+            labels = torch.tensor(
+                [rendered[i].labels + [IGNORE_INDEX] * (width - len(rendered[i])) for i in rows], device=device
+            )
+            mask = (torch.arange(width, device=device)[None, :] < torch.tensor([len(rendered[i]) for i in rows], device=device)[:, None]).long()
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            tok_loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                ignore_index=IGNORE_INDEX, reduction="none",
+            ).view(len(rows), -1)
+            trained = (labels[:, 1:] != IGNORE_INDEX)
+            for r, i in enumerate(rows):
+                sums[i] = float(tok_loss[r][trained[r]].sum())
+                counts[i] = int(trained[r].sum())
+    total = sum(counts)
+    loss = sum(sums) / total if total else float("nan")
+    return LossResult(
+        loss=loss,
+        perplexity=math.exp(loss) if total and loss < 50 else float("nan"),
+        tokens=total,
+        per_example=[s / c if c else float("nan") for s, c in zip(sums, counts)],
+    )

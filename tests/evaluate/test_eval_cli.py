@@ -1,0 +1,136 @@
+"""`tunesmith eval`, `compare` and `report` end to end: the real CLI on the tiny model."""
+
+from __future__ import annotations
+
+import json
+from html.parser import HTMLParser
+
+import pytest
+
+from eval_helpers import LABELS, make_adapter, run_cli, write_label_csv, write_metrics_jsonl
+
+
+class _Collect(HTMLParser):
+    """Collects tags and the embedded report data; fails on nothing but records structure."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.data_json = ""
+        self._in_data = False
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self._in_data = tag == "script" and ("id", "tunesmith-data") in attrs
+
+    def handle_endtag(self, tag):
+        if tag == "script":
+            self._in_data = False
+
+    def handle_data(self, data):
+        if self._in_data:
+            self.data_json += data
+
+
+def parse_report(path):
+    parser = _Collect()
+    parser.feed(path.read_text(encoding="utf-8"))
+    parser.close()
+    return parser, json.loads(parser.data_json)
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_eval_writes_predictions_metrics_and_report(tiny_model_dir, tmp_path):
+    test = write_label_csv(tmp_path / "test.csv", 6, "t")
+    out = tmp_path / "ev"
+    proc = run_cli("eval", "--model", tiny_model_dir, "--data", test, "--out", out, "--max-new-tokens", "4", "--report")
+    assert proc.returncode == 0, proc.stderr
+    rows = _rows(out / "predictions.jsonl")
+    assert len(rows) == 6
+    assert {"input", "reference", "prediction", "correct"} <= set(rows[0])
+    assert rows[0]["reference"] == LABELS[0] and rows[0]["input"].startswith("t 0:")
+    assert all(isinstance(r["correct"], bool) and r["completion_tokens"] <= 4 for r in rows)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["metric"] == "label" and m["n_examples"] == 6
+    assert m["scores"]["accuracy"] == sum(r["correct"] for r in rows) / 6
+    assert m["loss"] > 0 and m["perplexity"] > 1
+    assert m["prompt_tokens_per_example"] > 10 and m["latency_s_per_example"] > 0
+    assert m["confusion"]["columns"][-1] == "invalid label"
+    assert "accuracy" in proc.stdout and "perplexity" in proc.stdout
+    parser, data = parse_report(out / "report.html")
+    assert "svg" in parser.tags
+    assert data["eval"]["metrics"]["n_examples"] == 6
+    assert len(data["eval"]["worst"]) == 6
+
+
+def test_eval_with_adapter_and_system_from_run(tiny_model_dir, tmp_path):
+    test = write_label_csv(tmp_path / "test.csv", 4, "t")
+    run = write_metrics_jsonl(tmp_path / "run")
+    make_adapter(tiny_model_dir, run / "adapter")
+    base = run_cli("eval", "--model", tiny_model_dir, "--data", test, "--out", tmp_path / "base", "--max-new-tokens", "2")
+    tuned = run_cli("eval", "--model", tiny_model_dir, "--adapter", run, "--data", test, "--max-new-tokens", "2")
+    assert base.returncode == 0 and tuned.returncode == 0, tuned.stderr
+    m_base = json.loads((tmp_path / "base" / "metrics.json").read_text())
+    m_tuned = json.loads((run / "eval" / "metrics.json").read_text())  # default --out for a run
+    assert m_tuned["adapter"].endswith("adapter")
+    assert m_tuned["system"] == "Classify the query."  # read from the run's run.json
+    assert m_tuned["loss"] != pytest.approx(m_base["loss"])
+    report = run_cli("report", run)
+    assert report.returncode == 0, report.stderr
+    _, data = parse_report(run / "report.html")
+    assert [r["step"] for r in data["training"]] == list(range(1, 11))
+    assert data["eval"]["metrics"]["adapter"] == m_tuned["adapter"]
+
+
+def test_compare_four_strategies_and_verdict(tiny_model_dir, tmp_path):
+    train = write_label_csv(tmp_path / "train.csv", 12, "q")
+    test = write_label_csv(tmp_path / "test.csv", 4, "t")
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")
+    out = tmp_path / "cmp"
+    proc = run_cli(
+        "compare", "--model", tiny_model_dir, "--train", train, "--test", test, "--adapter", adapter,
+        "--shots", "2", "--max-new-tokens", "3", "--price-per-million", "2", "--out", out, "--report",
+    )
+    assert proc.returncode == 0, proc.stderr
+    c = json.loads((out / "compare.json").read_text())
+    names = [s["name"] for s in c["strategies"]]
+    assert names == ["zero-shot", "few-shot", "retrieval few-shot", "fine-tuned"]
+    tokens = {s["name"]: s["prompt_tokens_per_request"] for s in c["strategies"]}
+    # The label list makes zero-shot longer than the adapter's prompt; shots add more.
+    assert tokens["fine-tuned"] < tokens["zero-shot"] < tokens["few-shot"]
+    for s in c["strategies"]:
+        total = s["prompt_tokens_per_request"] + s["completion_tokens_per_request"]
+        assert s["cost_per_million_requests"] == pytest.approx(2 * total)
+        assert (out / s["folder"] / "predictions.jsonl").is_file()
+    assert c["verdict"] and c["verdict"].endswith(".")
+    assert c["verdict"] in " ".join(proc.stdout.split())
+    # Few-shot prompts hold the label list and two training answers.
+    _, data = parse_report(out / "report.html")
+    assert [s["name"] for s in data["comparison"]["strategies"]] == names
+    assert data["eval"]["strategy"] == "fine-tuned"
+
+
+def test_bad_input_is_one_sentence_not_a_traceback(tiny_model_dir, tmp_path):
+    test = write_label_csv(tmp_path / "test.csv", 2, "t")
+    proc = run_cli("eval", "--model", tiny_model_dir, "--data", test, "--input-column", "question", "--out", tmp_path / "x")
+    assert proc.returncode == 2
+    assert "'question'" in proc.stderr and "--input-column" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run_cli("eval", "--model", tiny_model_dir, "--data", tmp_path / "missing.jsonl")
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("report", tmp_path)
+    assert proc.returncode == 2 and "nothing to report" in proc.stderr
+
+
+def test_report_of_a_training_run_only(tmp_path):
+    run = write_metrics_jsonl(tmp_path / "run", steps=12)
+    proc = run_cli("report", run, "--out", tmp_path / "r.html")
+    assert proc.returncode == 0, proc.stderr
+    parser, data = parse_report(tmp_path / "r.html")
+    assert parser.tags.count("polyline") == 2  # train and validation loss
+    assert [r["valid_loss"] for r in data["training"] if "valid_loss" in r] == pytest.approx([3.2 / 5, 3.2 / 10])
+    html = (tmp_path / "r.html").read_text()
+    assert "http://" not in html and "https://" not in html  # nothing fetched from outside
