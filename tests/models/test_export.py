@@ -1,0 +1,349 @@
+"""`tunesmith export`: merged HF directory and GGUF, checked by reloading them for real.
+
+A run directory is built here the way training lays it out (peft adapter with random,
+non-zero lora_B, run.json, tunesmith_adapter.json), on the tiny random Llama from conftest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROMPTS = [
+    "What is the capital of France?",
+    "I am still waiting on my card?",
+    "The quick brown fox 0123456789 {}[]",
+]
+
+
+def make_run(run: Path, base_dir: Path, seed: int = 1, r: int = 4) -> Path:
+    """A finished training run on `base_dir`: adapter/, checkpoints/step-000002/, run.json."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.models.registry import identity, resolve_model
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    config = LoraConfig(
+        r=r, lora_alpha=2 * r, lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+    model = get_peft_model(base, config)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)  # peft starts lora_B at zero: make the adapter matter
+    ident = identity(resolve_model(str(base_dir)))
+    for sub, step in (("adapter", 4), ("checkpoints/step-000002", 2)):
+        if step == 2:
+            with torch.no_grad():  # an earlier checkpoint differs from the final adapter
+                for name, param in model.named_parameters():
+                    if "lora_B" in name:
+                        param.mul_(0.5)
+        out = run / sub
+        model.save_pretrained(str(out), safe_serialization=True)
+        (out / "tunesmith_adapter.json").write_text(
+            json.dumps({"base_model": ident, "method": "lora", "step": step})
+        )
+    (run / "run.json").write_text(json.dumps({"config": {"model": str(base_dir)}, "base_model": ident}))
+    (run / "metrics.jsonl").write_text('{"step": 2, "loss": 1.0}\n')
+    return run
+
+
+def tree_hash(root: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        h.update(str(path.relative_to(root)).encode())
+        if path.is_file():
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def logits(model, tokenizer, prompts=PROMPTS):
+    import torch
+
+    rows = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+            rows.append(model(input_ids=ids).logits[0].float())
+    return rows
+
+
+def base_plus_adapter(base_dir: Path, adapter_dir: Path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+
+
+def max_diff(a_rows, b_rows) -> float:
+    return max(float((a - b).abs().max()) for a, b in zip(a_rows, b_rows))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
+    return make_run(tmp_path_factory.mktemp("runs") / "tiny", tiny_model_dir)
+
+
+def test_hf_export_logits_equal_base_plus_adapter(tiny_run, tiny_model_dir, tiny_tokenizer, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunesmith.models.export import export_run
+
+    before = tree_hash(tiny_run)
+    result = export_run(tiny_run, format="hf", out=tmp_path / "hf", log=lambda _: None)
+    assert tree_hash(tiny_run) == before, "export changed the run directory"
+    assert (result.out / "model.safetensors").is_file() and (result.out / "config.json").is_file()
+    assert not (result.out / "adapter_config.json").exists()
+
+    merged = AutoModelForCausalLM.from_pretrained(str(result.out), dtype=torch.float32, use_safetensors=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(result.out))
+    assert tokenizer.chat_template == tiny_tokenizer.chat_template
+    want = logits(base_plus_adapter(tiny_model_dir, tiny_run / "adapter"), tiny_tokenizer)
+    got = logits(merged, tokenizer)
+    assert max_diff(got, want) < 1e-3
+    # The adapter must matter, or the comparison above proves nothing.
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    assert max_diff(logits(base, tiny_tokenizer), want) > 1e-2
+    meta = json.loads((result.out / "tunesmith_export.json").read_text())
+    assert meta["adapter_meta"]["step"] == 4 and meta["format"] == "hf" and meta["dtype"] == "f32"
+
+
+def test_hf_export_of_a_checkpoint_uses_that_checkpoint(tiny_run, tiny_model_dir, tiny_tokenizer, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.models.export import export_run
+
+    result = export_run(tiny_run, format="hf", checkpoint="step-2", dtype="bf16", out=tmp_path / "hf", log=lambda _: None)
+    merged = AutoModelForCausalLM.from_pretrained(str(result.out), use_safetensors=True)
+    assert merged.dtype == torch.bfloat16
+    want = logits(base_plus_adapter(tiny_model_dir, tiny_run / "checkpoints" / "step-000002"), tiny_tokenizer)
+    assert max_diff(logits(merged.float().eval(), tiny_tokenizer), want) < 5e-2
+    assert json.loads((result.out / "tunesmith_export.json").read_text())["adapter_meta"]["step"] == 2
+
+
+def load_gguf(out: Path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    (gguf_file,) = [p.name for p in out.glob("*.gguf")]
+    tokenizer = AutoTokenizer.from_pretrained(str(out), gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(str(out), gguf_file=gguf_file, dtype=torch.float32).eval()
+    return model, tokenizer, out / gguf_file
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("f32", 1e-4), ("f16", 2e-2), ("bf16", 1e-1), ("q8_0", 1e-1)])
+def test_gguf_export_reads_back_with_transformers(tiny_run, tiny_model_dir, tiny_tokenizer, tmp_path, dtype, tolerance):
+    from gguf import GGUFReader
+
+    from tunesmith.models.export import export_run
+
+    before = tree_hash(tiny_run)
+    result = export_run(tiny_run, format="gguf", dtype=dtype, out=tmp_path / "gguf", log=lambda _: None)
+    assert tree_hash(tiny_run) == before, "export changed the run directory"
+    model, tokenizer, path = load_gguf(result.out)
+
+    # Same tokens as training had, and the same chat template.
+    for text in PROMPTS + ["<|im_start|>user\nhi<|im_end|>\n"]:
+        assert tokenizer(text)["input_ids"] == tiny_tokenizer(text)["input_ids"], text
+    assert tokenizer.chat_template == tiny_tokenizer.chat_template
+    assert tokenizer.eos_token == "<|im_end|>"
+
+    want = logits(base_plus_adapter(tiny_model_dir, tiny_run / "adapter"), tiny_tokenizer)
+    got = logits(model, tokenizer)
+    assert max_diff(got, want) < tolerance
+    for g, w in zip(got, want):
+        assert (g.argmax(-1) == w.argmax(-1)).float().mean() >= 0.9
+
+    reader = GGUFReader(str(path))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_norm.weight"] == "F32"  # norms stay f32, as llama.cpp expects
+    assert types["blk.0.attn_q.weight"] == dtype.upper()
+    assert "output.weight" not in types  # tied embeddings: llama.cpp reuses token_embd
+    assert bytes(reader.fields["tokenizer.ggml.model"].parts[-1]).decode() == "gpt2"
+
+
+def test_gguf_q_k_are_permuted_for_llama_cpp(tiny_run, tmp_path):
+    """Without the rotary permutation transformers would undo on load, logits would differ;
+    check the stored q rows directly too, against llama.cpp's reshape."""
+    import numpy as np
+    from gguf import GGUFReader
+    from safetensors.numpy import load_file
+
+    from tunesmith.models.export import export_run
+
+    hf = export_run(tiny_run, format="hf", out=tmp_path / "hf", log=lambda _: None)
+    gg = export_run(tiny_run, format="gguf", dtype="f32", out=tmp_path / "gguf", log=lambda _: None)
+    q_hf = load_file(str(hf.out / "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"]
+    reader = GGUFReader(str(next(gg.out.glob("*.gguf"))))
+    (q_gguf,) = [np.asarray(t.data) for t in reader.tensors if t.name == "blk.0.attn_q.weight"]
+    n_head = 4
+    expected = q_hf.reshape(n_head, 2, q_hf.shape[0] // n_head // 2, -1).swapaxes(1, 2).reshape(q_hf.shape)
+    assert not np.array_equal(q_gguf, q_hf)
+    np.testing.assert_array_equal(q_gguf.reshape(q_hf.shape), expected)
+
+
+def test_modelfile_has_chatml_template_system_and_stop(tiny_run, tmp_path):
+    from tunesmith.models.export import export_run
+
+    result = export_run(tiny_run, format="gguf", dtype="q8_0", out=tmp_path / "gguf", log=lambda _: None)
+    text = (result.out / "Modelfile").read_text()
+    assert f"FROM ./tiny-q8_0.gguf" in text
+    assert 'PARAMETER stop "<|im_end|>"' in text
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in text
+    assert "<|im_start|>{{ .Role }}" in text
+    assert result.warnings == []
+
+
+def test_modelfile_without_chatml_has_no_template(tiny_tokenizer):
+    import copy
+
+    from tunesmith.models.ollama import build_modelfile
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}### assistant:"
+    text, warning = build_modelfile("x.gguf", tok)
+    assert "TEMPLATE" not in text.replace("No TEMPLATE", "") and warning and "not ChatML" in warning
+
+
+GO_RENDER = r"""
+package main
+
+import (
+	"encoding/json"
+	"os"
+	"text/template"
+)
+
+type Message struct{ Role, Content string }
+
+func main() {
+	src, _ := os.ReadFile(os.Args[1])
+	var cases [][]Message
+	json.NewDecoder(os.Stdin).Decode(&cases)
+	tmpl := template.Must(template.New("m").Parse(string(src)))
+	var out []string
+	for _, msgs := range cases {
+		var b []byte
+		w := &buf{&b}
+		if err := tmpl.Execute(w, map[string]any{"Messages": msgs}); err != nil {
+			panic(err)
+		}
+		out = append(out, string(b))
+	}
+	json.NewEncoder(os.Stdout).Encode(out)
+}
+
+type buf struct{ b *[]byte }
+
+func (w *buf) Write(p []byte) (int, error) { *w.b = append(*w.b, p...); return len(p), nil }
+"""
+
+
+@pytest.mark.skipif(not any((Path(d) / "go").is_file() for d in os.environ.get("PATH", "").split(os.pathsep)),
+                    reason="needs the Go toolchain (apt-get install golang-go) to run the template as Ollama does")
+def test_modelfile_template_renders_like_the_jinja_template_in_go(tiny_tokenizer, tmp_path):
+    """Execute the TEMPLATE with Go's text/template (what Ollama uses) and compare it with the
+    Jinja chat template, after Ollama's SYSTEM insertion, on several conversations."""
+    from tunesmith.models.ollama import CHATML_GO_TEMPLATE, _PROBES, chatml_system_prompt
+
+    _, default_system = chatml_system_prompt(tiny_tokenizer)
+    (tmp_path / "render.go").write_text(GO_RENDER)
+    (tmp_path / "template.txt").write_text(CHATML_GO_TEMPLATE)
+    cases = [
+        ([{"role": "system", "content": default_system}] + p if p[0]["role"] != "system" else p) for p in _PROBES
+    ]
+    cases.append([{"role": "user", "content": "only {{ braces }} and \"quotes\""}])
+    cases[-1] = [{"role": "system", "content": default_system}] + cases[-1]
+    env = dict(os.environ, GOCACHE=str(tmp_path / "gocache"), GOPATH=str(tmp_path / "gopath"), GO111MODULE="off")
+    proc = subprocess.run(
+        ["go", "run", str(tmp_path / "render.go"), str(tmp_path / "template.txt")],
+        input=json.dumps([[{"Role": m["role"], "Content": m["content"]} for m in c] for c in cases]),
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rendered = json.loads(proc.stdout)
+    for case, go_text in zip(cases, rendered):
+        want = tiny_tokenizer.apply_chat_template(case, tokenize=False, add_generation_prompt=True)
+        assert go_text == want
+
+
+def test_refusals_are_sentences_and_leave_nothing(tiny_run, tmp_path):
+    from tunesmith.errors import UsageError
+    from tunesmith.models.export import export_run
+
+    with pytest.raises(UsageError, match="q8_0 is a GGUF quantization"):
+        export_run(tiny_run, format="hf", dtype="q8_0", out=tmp_path / "a")
+    with pytest.raises(UsageError, match="inside the run directory"):
+        export_run(tiny_run, format="hf", out=tiny_run / "export")
+    with pytest.raises(UsageError, match="no checkpoint step-7"):
+        export_run(tiny_run, format="hf", checkpoint="step-7", out=tmp_path / "b")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(UsageError, match="not an empty folder") as info:
+        export_run(tiny_run, format="onnx", out=tmp_path / "full")
+    assert "--format 'onnx'" in str(info.value)  # every problem reported at once
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not (tiny_run / "export").exists()
+
+
+def test_gguf_refuses_an_architecture_it_does_not_know(tmp_path, tiny_tokenizer):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tunesmith.errors import UsageError
+    from tunesmith.models.export import export_run
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+    )
+    base_dir = tmp_path / "qwen"
+    Qwen2ForCausalLM(config).save_pretrained(str(base_dir), safe_serialization=True)
+    tiny_tokenizer.save_pretrained(str(base_dir))
+    run = make_run(tmp_path / "run", base_dir)
+    with pytest.raises(UsageError, match="architecture is 'qwen2'.*--format hf"):
+        export_run(run, format="gguf", out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    result = export_run(run, format="hf", out=tmp_path / "out-hf", log=lambda _: None)  # hf still works
+    assert (result.out / "model.safetensors").is_file()
+
+
+def test_export_refuses_an_adapter_for_another_base(tiny_run, tmp_path):
+    from conftest import save_tiny_model
+    from tunesmith.errors import UsageError
+    from tunesmith.models.export import export_run
+
+    other = save_tiny_model(tmp_path / "other-base", seed=7)
+    with pytest.raises(UsageError, match="was trained on base model"):
+        export_run(tiny_run, format="hf", model=str(other), out=tmp_path / "x")
+
+
+def test_cli_export_prints_where_and_size(tiny_run, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    cli = [sys.executable, "-c", "from tunesmith.cli import main; main()"]
+    proc = subprocess.run(
+        cli + ["export", str(tiny_run), "--format", "gguf", "--dtype", "q8_0", "--out", str(tmp_path / "g")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert str(tmp_path / "g") in proc.stdout and "MB" in proc.stdout
+    bad = subprocess.run(
+        cli + ["export", str(tiny_run), "--format", "hf", "--dtype", "q8_0", "--out", str(tmp_path / "h")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert bad.returncode == 2 and "error: cannot export" in bad.stderr and "Traceback" not in bad.stderr
