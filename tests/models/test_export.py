@@ -35,8 +35,8 @@ def make_run(run: Path, base_dir: Path, seed: int = 1, r: int = 4) -> Path:
         r=r, lora_alpha=2 * r, lora_dropout=0.0,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     )
+    torch.manual_seed(seed)  # before peft draws lora_A, so the run is the same every time
     model = get_peft_model(base, config)
-    torch.manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -145,7 +145,9 @@ def load_gguf(out: Path):
     return model, tokenizer, out / gguf_file
 
 
-@pytest.mark.parametrize("dtype, tolerance", [("f32", 1e-4), ("f16", 2e-2), ("bf16", 1e-1), ("q8_0", 1e-1)])
+# Logits of the tiny model reach about 1.2; measured errors: f32 3e-7, f16 3e-4, bf16 3e-3,
+# q8_0 1.1e-2 (leaving q/k unpermuted gives 3.4e-2).
+@pytest.mark.parametrize("dtype, tolerance", [("f32", 1e-5), ("f16", 2e-3), ("bf16", 1e-2), ("q8_0", 3e-2)])
 def test_gguf_export_reads_back_with_transformers(tiny_run, tiny_model_dir, tiny_tokenizer, tmp_path, dtype, tolerance):
     from gguf import GGUFReader
 
@@ -347,3 +349,33 @@ def test_cli_export_prints_where_and_size(tiny_run, tmp_path):
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert bad.returncode == 2 and "error: cannot export" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_q8_0_reads_back(smollm2, tmp_path):
+    """The real SmolLM2 with a small random adapter, exported as q8_0 and read back."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from tunesmith.models.export import export_run
+
+    run = make_run(tmp_path / "smol-run", smollm2, r=2)
+    before = tree_hash(run)
+    result = export_run(run, format="gguf", dtype="q8_0", out=tmp_path / "gguf", log=lambda _: None)
+    assert tree_hash(run) == before
+    reference = AutoTokenizer.from_pretrained(str(smollm2))
+    chat = reference.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+    )
+    want = logits(base_plus_adapter(smollm2, run / "adapter"), reference, [chat])
+    del_base = None  # noqa: F841  (free the reference model before loading the GGUF one)
+    model, tokenizer, path = load_gguf(result.out)
+    assert tokenizer.chat_template == reference.chat_template
+    assert tokenizer(chat)["input_ids"] == reference(chat)["input_ids"]
+    got = logits(model, tokenizer, [chat])
+    scale = float(want[0].abs().max())
+    print(f"q8_0 max logit error {max_diff(got, want):.4f} of max |logit| {scale:.2f}; file {path.stat().st_size / 1e6:.0f} MB")
+    assert max_diff(got, want) < 0.05 * scale
+    assert (got[0].argmax(-1) == want[0].argmax(-1)).float().mean() >= 0.9
+    assert path.stat().st_size < 200e6  # q8_0: about a byte per weight, not fp32's four
+    assert torch.isfinite(got[0]).all()
