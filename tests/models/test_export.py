@@ -167,8 +167,6 @@ def test_gguf_export_reads_back_with_transformers(tiny_run, tiny_model_dir, tiny
     want = logits(base_plus_adapter(tiny_model_dir, tiny_run / "adapter"), tiny_tokenizer)
     got = logits(model, tokenizer)
     assert max_diff(got, want) < tolerance
-    for g, w in zip(got, want):
-        assert (g.argmax(-1) == w.argmax(-1)).float().mean() >= 0.9
 
     reader = GGUFReader(str(path))
     types = {t.name: t.tensor_type.name for t in reader.tensors}
@@ -368,7 +366,6 @@ def test_smollm2_gguf_q8_0_reads_back(smollm2, tmp_path):
         [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
     )
     want = logits(base_plus_adapter(smollm2, run / "adapter"), reference, [chat])
-    del_base = None  # noqa: F841  (free the reference model before loading the GGUF one)
     model, tokenizer, path = load_gguf(result.out)
     assert tokenizer.chat_template == reference.chat_template
     assert tokenizer(chat)["input_ids"] == reference(chat)["input_ids"]
@@ -379,3 +376,50 @@ def test_smollm2_gguf_q8_0_reads_back(smollm2, tmp_path):
     assert (got[0].argmax(-1) == want[0].argmax(-1)).float().mean() >= 0.9
     assert path.stat().st_size < 200e6  # q8_0: about a byte per weight, not fp32's four
     assert torch.isfinite(got[0]).all()
+
+
+def test_tokenizer_saved_with_the_adapter_wins(tiny_run, tmp_path):
+    """When training saved its tokenizer (e.g. with a changed chat template) beside the
+    adapter, the export carries that one, not the base model's."""
+    import shutil
+
+    from conftest import build_tiny_tokenizer
+    from transformers import AutoTokenizer
+
+    from tunesmith.models.export import export_run
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    tok = build_tiny_tokenizer()
+    tok.chat_template = tok.chat_template.replace("named SmolLM", "named Banker")
+    tok.save_pretrained(str(run / "adapter"))
+    hf = export_run(run, format="hf", out=tmp_path / "hf", log=lambda _: None)
+    assert "named Banker" in AutoTokenizer.from_pretrained(str(hf.out)).chat_template
+    gg = export_run(run, format="gguf", out=tmp_path / "gguf", log=lambda _: None)
+    _, gguf_tok, _ = load_gguf(gg.out)
+    assert "named Banker" in gguf_tok.chat_template
+    assert 'SYSTEM """You are a helpful AI assistant named Banker' in (gg.out / "Modelfile").read_text()
+
+
+def test_gguf_untied_embeddings_write_output_weight(tmp_path, tiny_tokenizer):
+    import torch
+    from gguf import GGUFReader
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunesmith.models.export import export_run
+
+    torch.manual_seed(3)
+    config = LlamaConfig(
+        vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False,
+        eos_token_id=tiny_tokenizer.eos_token_id, bos_token_id=tiny_tokenizer.bos_token_id,
+    )
+    base_dir = tmp_path / "untied"
+    LlamaForCausalLM(config).save_pretrained(str(base_dir), safe_serialization=True)
+    tiny_tokenizer.save_pretrained(str(base_dir))
+    run = make_run(tmp_path / "run", base_dir)
+    result = export_run(run, format="gguf", dtype="f32", out=tmp_path / "gguf", log=lambda _: None)
+    model, tokenizer, path = load_gguf(result.out)
+    assert "output.weight" in {t.name for t in GGUFReader(str(path)).tensors}
+    want = logits(base_plus_adapter(base_dir, run / "adapter"), tiny_tokenizer)
+    assert max_diff(logits(model, tokenizer), want) < 1e-5
