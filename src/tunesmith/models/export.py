@@ -76,11 +76,11 @@ def export_run(
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
         stage = Path(tmp) / "out"
         stage.mkdir()
-        warnings = []
+        notes: list[str] = []
         if format == "hf":
             _write_hf(merged, tokenizer, stage, dtype)
         else:
-            warnings = _write_gguf(merged, tokenizer, stage, dtype, name, log)
+            notes = _write_gguf(merged, tokenizer, stage, dtype, name, log)
         meta = {
             "format": format,
             "dtype": dtype,
@@ -95,10 +95,10 @@ def export_run(
         os.replace(stage, out)
     result = ExportResult(
         out=out, format=format, dtype=dtype, adapter=adapter_dir, base_model=base_identity,
-        files=sorted(p for p in out.iterdir() if p.is_file()), warnings=warnings,
+        files=sorted(p for p in out.iterdir() if p.is_file()), warnings=notes,
     )
-    for warning in warnings:
-        log(f"warning: {warning}")
+    for note in notes:
+        log(f"warning: {note}")
     return result
 
 
