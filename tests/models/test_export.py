@@ -230,16 +230,21 @@ import (
 
 type Message struct{ Role, Content string }
 
+type Case struct {
+	System   string
+	Messages []Message
+}
+
 func main() {
 	src, _ := os.ReadFile(os.Args[1])
-	var cases [][]Message
+	var cases []Case
 	json.NewDecoder(os.Stdin).Decode(&cases)
 	tmpl := template.Must(template.New("m").Parse(string(src)))
 	var out []string
-	for _, msgs := range cases {
+	for _, c := range cases {
 		var b []byte
 		w := &buf{&b}
-		if err := tmpl.Execute(w, map[string]any{"Messages": msgs}); err != nil {
+		if err := tmpl.Execute(w, map[string]any{"System": c.System, "Messages": c.Messages}); err != nil {
 			panic(err)
 		}
 		out = append(out, string(b))
@@ -263,21 +268,28 @@ def test_modelfile_template_renders_like_the_jinja_template_in_go(tiny_tokenizer
     _, default_system = chatml_system_prompt(tiny_tokenizer)
     (tmp_path / "render.go").write_text(GO_RENDER)
     (tmp_path / "template.txt").write_text(CHATML_GO_TEMPLATE)
-    cases = [
-        ([{"role": "system", "content": default_system}] + p if p[0]["role"] != "system" else p) for p in _PROBES
-    ]
-    cases.append([{"role": "user", "content": "only {{ braces }} and \"quotes\""}])
-    cases[-1] = [{"role": "system", "content": default_system}] + cases[-1]
+    conversations = _PROBES + [[{"role": "user", "content": 'only {{ braces }} and "quotes"'}]]
+    cases, wants = [], []
+    for conversation in conversations:
+        want = tiny_tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        # What Ollama does: SYSTEM goes first when the conversation has no system message...
+        if conversation[0]["role"] != "system":
+            conversation = [{"role": "system", "content": default_system}] + conversation
+        system = "\n\n".join(m["content"] for m in conversation if m["role"] == "system")
+        messages = [{"Role": m["role"], "Content": m["content"]} for m in conversation]
+        cases.append({"System": system, "Messages": messages})  # current Ollama: in both
+        wants.append(want)
+        cases.append({"System": system, "Messages": [m for m in messages if m["Role"] != "system"]})  # older
+        wants.append(want)
     env = dict(os.environ, GOCACHE=str(tmp_path / "gocache"), GOPATH=str(tmp_path / "gopath"), GO111MODULE="off")
     proc = subprocess.run(
         ["go", "run", str(tmp_path / "render.go"), str(tmp_path / "template.txt")],
-        input=json.dumps([[{"Role": m["role"], "Content": m["content"]} for m in c] for c in cases]),
-        capture_output=True, text=True, env=env, timeout=300,
+        input=json.dumps(cases), capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     rendered = json.loads(proc.stdout)
-    for case, go_text in zip(cases, rendered):
-        want = tiny_tokenizer.apply_chat_template(case, tokenize=False, add_generation_prompt=True)
+    assert len(rendered) == len(wants)
+    for go_text, want in zip(rendered, wants):
         assert go_text == want
 
 

@@ -31,7 +31,12 @@ _PROBES: list[list[dict[str, str]]] = [
 
 # Go template for ChatML, in Ollama's `.Messages` form. A final assistant message is left
 # open (Ollama continues it); otherwise the assistant header is the generation prompt.
-CHATML_GO_TEMPLATE = """{{- range $i, $_ := .Messages }}
+# Ollama passes system messages both in .Messages and joined in .System; older versions
+# passed them in .System only, which the first block covers.
+CHATML_GO_TEMPLATE = """{{- if and .System (ne (index .Messages 0).Role "system") }}<|im_start|>system
+{{ .System }}<|im_end|>
+{{ end }}
+{{- range $i, $_ := .Messages }}
 {{- $last := eq (len (slice $.Messages $i)) 1 -}}
 <|im_start|>{{ .Role }}
 {{ .Content }}
