@@ -194,7 +194,8 @@ def _check_gguf(ref: Any, tokenizer: Any) -> None:
 
     from tunesmith.models.gguf_writer import check_gguf_exportable
 
-    config = AutoConfig.from_pretrained(str(ref.path), gguf_file=ref.gguf_file) if ref.is_gguf else AutoConfig.from_pretrained(str(ref.path))
+    kwargs = {"gguf_file": ref.gguf_file} if ref.is_gguf else {}
+    config = AutoConfig.from_pretrained(str(ref.path), **kwargs)
     problems = check_gguf_exportable(config, tokenizer)
     if problems:
         raise UsageError("cannot export as GGUF faithfully: " + "; ".join(problems))
