@@ -154,10 +154,10 @@ async def _receive_upload(request: Request, tmp_dir: Path, max_bytes: int) -> tu
     def on_headers_finished() -> None:
         _, disp = parse_options_header(part["headers"].get(b"content-disposition", b""))
         part["name"] = disp.get(b"name", b"").decode("utf-8", errors="replace")
-        if part["name"] == "file" and b"filename" in disp and "path" not in upload:
+        if part["name"] == "file" and "path" not in upload:
             fd_path = tmp_dir / f".upload-{secrets.token_hex(8)}.part"
             part["fh"] = open(fd_path, "xb")
-            upload.update(path=fd_path, filename=_clean_filename(disp[b"filename"]), bytes=0,
+            upload.update(path=fd_path, filename=_clean_filename(disp.get(b"filename")), bytes=0,
                           sha256=hashlib.sha256())
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
