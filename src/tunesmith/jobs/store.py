@@ -359,6 +359,15 @@ class JobStore:
         with self.engine.begin() as conn:
             return _page(conn, events, sa.select(events).where(events.c.job_id == job_id), after, limit, "desc")
 
+    def last_metrics_step(self, job_id: str) -> int:
+        """The last training step already reported as a metrics event (-1 if none)."""
+        with self.engine.begin() as conn:
+            data = conn.execute(
+                sa.select(events.c.data).where(events.c.job_id == job_id, events.c.type == "metrics")
+                .order_by(events.c.seq.desc()).limit(1)
+            ).scalar()
+        return int((data or {}).get("step") or -1)
+
     # ------------------------------------------------------------------ checkpoints
 
     def add_checkpoint(self, row: dict[str, Any]) -> bool:

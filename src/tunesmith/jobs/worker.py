@@ -212,7 +212,8 @@ class Worker:
         Returns "finished", "failed", "cancelled", "paused", "lost" or "requeued".
         """
         job_id = job["id"]
-        tail = MetricsTail(run_dir / "metrics.jsonl")
+        # A job taken over from a lost worker already has events up to some step.
+        tail = MetricsTail(run_dir / "metrics.jsonl", last_step=self.store.last_metrics_step(job_id))
         seen_ckpts: set[int] = set()
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         with open(root / "train.log", "ab") as log_fh:
@@ -406,10 +407,10 @@ class MetricsTail:
     deduplicated by step: only steps beyond the last one seen are new.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, last_step: int = -1):
         self.path = path
         self.offset = 0
-        self.last_step = -1
+        self.last_step = last_step
         self.by_step: dict[int, dict[str, Any]] = {}
 
     def new_rows(self) -> list[dict[str, Any]]:
