@@ -39,6 +39,7 @@ def test_too_few_examples_fails_the_job(jobs_server, tmp_path, tiny_model_dir):
     job = live.client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=_upload(live, small))
     job = wait_for(lambda: (j := live.client.fine_tuning.jobs.retrieve(job.id)).status == "failed" and j, 60, "failure")
     assert "too_few_examples" in job.error.message and "at least 10" in job.error.message
+    assert job.error.param == "training_file"
 
 
 def test_create_rejects_bad_requests_with_openai_errors(jobs_server, tmp_path, tiny_model_dir):

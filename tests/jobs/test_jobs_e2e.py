@@ -7,6 +7,8 @@ The tiny random model trains a few steps in a child process (`python -m tunesmit
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -42,7 +44,7 @@ def test_upload_train_poll_and_chat_with_the_fine_tuned_model(jobs_server, tmp_p
     live = jobs_server(workers=1, engine=engine, app_factory=factory)
     client = live.client
     train = client.files.create(file=open(write_chat_jsonl(tmp_path / "train.jsonl", n=12), "rb"), purpose="fine-tune")
-    valid = client.files.create(file=open(write_chat_jsonl(tmp_path / "valid.jsonl", n=10), "rb"), purpose="fine-tune")
+    valid = client.files.create(file=open(write_chat_jsonl(tmp_path / "valid.jsonl", n=3), "rb"), purpose="fine-tune")
     job = client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=train.id, validation_file=valid.id,
                                          suffix="demo", seed=7, method={"type": "supervised",
                                                                         "supervised": {"hyperparameters": HP}})
@@ -82,6 +84,13 @@ def test_upload_train_poll_and_chat_with_the_fine_tuned_model(jobs_server, tmp_p
 
     lineage = client.fine_tuning.jobs.retrieve(job.id).model_extra["lineage"]
     assert lineage["files"][train.id] and lineage["base_model"]["sha256"]
+
+    if importlib.util.find_spec("tunesmith.evaluate.evaluation") is not None:
+        summary = [m for m in messages if m.startswith("Evaluation: tuned ")]
+        assert summary and "on 3 validation examples" in summary[0], messages
+        evaluation = json.loads(client.files.content(job.result_files[1]).text)
+        assert evaluation["n_examples"] == 3 and set(evaluation) >= {"base", "tuned", "main_metric"}
+        assert lineage["evaluation"]["main_metric"] == evaluation["main_metric"]
 
     if engine is None:
         pytest.skip("the serving stage is not installed: the fine-tuned model is trained but not served")

@@ -36,7 +36,7 @@ class FileCheck:
         return f"{name} has {len(self.errors)} error(s): {shown}{more}"
 
 
-def check_file(path: str | Path, model: str | None = None) -> FileCheck:
+def check_file(path: str | Path, model: str | None = None, min_examples: int = MIN_EXAMPLES) -> FileCheck:
     """Errors and warnings for one JSONL file; with a model, rendered through its template.
 
     Uses the data area's validator (`tunesmith validate`) when it is installed; otherwise
@@ -57,10 +57,10 @@ def check_file(path: str | Path, model: str | None = None) -> FileCheck:
         )
     else:
         check = _parse_only(Path(path))
-    if check.ok and check.examples < MIN_EXAMPLES:
+    if check.ok and check.examples < min_examples:
         check.errors.append({
             "line": 0, "field": "", "code": "too_few_examples",
-            "message": f"the file holds {check.examples} example(s); fine-tuning needs at least {MIN_EXAMPLES}",
+            "message": f"the file holds {check.examples} example(s); this needs at least {min_examples}",
         })
     return check
 

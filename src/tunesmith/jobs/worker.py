@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tunesmith.jobs.store import JobStore, new_id
-from tunesmith.jobs.validation import check_file
+from tunesmith.jobs.validation import MIN_EXAMPLES, check_file
 
 ModelReady = Callable[[str, Path], None]
 """Called with (model name, adapter directory) when a model (or checkpoint) is published."""
@@ -125,7 +125,8 @@ class Worker:
             if row is None:
                 self._fail(job["id"], f"invalid_{param}", f"{param} {file_id} was deleted before the job started", param)
                 return
-            check = check_file(self.store.storage_root / row["path"], model=job["model"])
+            check = check_file(self.store.storage_root / row["path"], model=job["model"],
+                               min_examples=MIN_EXAMPLES if param == "training_file" else 1)
             for w in check.warnings[:10]:
                 self.store.add_event(job["id"], f"{param} {file_id} line {w['line']} ({w['code']}): {w['message']}",
                                      level="warn")
@@ -161,15 +162,67 @@ class Worker:
         lock_fd = self._wait_for_lock(root / "lock", job_id)
         if lock_fd is None:
             return
+        seen_ckpts: set[int] = set()
+        evaluation = None
         try:
             cmd = self._train_command(job, run_dir)
             self.store.add_event(job_id, "Resuming from the last checkpoint" if "--resume" in cmd
                                  else "Training started")
-            outcome = self._supervise(job, cmd, run_dir, root, lock_fd, stop)
+            # A job taken over from a lost worker already has events up to some step.
+            tail = MetricsTail(run_dir / "metrics.jsonl", last_step=self.store.last_metrics_step(job_id))
+            outcome, rc = self._run_child(job_id, cmd, root / "train.log", lock_fd, stop,
+                                          tick=lambda: self._publish_progress(job, run_dir, tail, seen_ckpts),
+                                          eta=lambda: tail.eta(run_dir))
+            if outcome == "finished" and rc != 0:
+                self._fail(job_id, "training_failed", _last_error(root / "train.log", rc))
+                return
+            if outcome == "finished" and job["validation_file"] and _can_evaluate():
+                outcome, evaluation = self._evaluate(job, run_dir, root, lock_fd, stop)
         finally:
             os.close(lock_fd)
         if outcome == "finished":
-            self._finish(job, run_dir)
+            self._finish(job, run_dir, evaluation)
+        else:
+            self._stopped(job_id, outcome, seen_ckpts)
+
+    def _stopped(self, job_id: str, outcome: str, seen_ckpts: set[int]) -> None:
+        """Record why the child stopped before the end (cancel, pause, shutdown, takeover)."""
+        if outcome == "lost":
+            self.log(f"{job_id}: another worker took the job over; child stopped")
+            return
+        last = max(seen_ckpts) if seen_ckpts else None
+        kept = f"; checkpoint step {last} kept" if last else "; no checkpoint had been written yet"
+        if outcome == "cancelled":
+            self.store.add_event(job_id, f"Training stopped{kept}")
+        elif outcome == "paused":
+            self.store.add_event(job_id, f"Training paused{kept}; resume continues from it")
+        elif outcome == "requeued":
+            self.store.transition(job_id, ["running"], "queued", f"Worker stopping; job queued again{kept}")
+
+    def _evaluate(self, job: dict[str, Any], run_dir: Path, root: Path, lock_fd: int,
+                  stop: threading.Event) -> tuple[str, str | None]:
+        """Base vs tuned on the validation file; returns (outcome, result file id or None)."""
+        from tunesmith.jobs.evaluation_stage import SUMMARY_FILE, summary_sentence
+
+        job_id = job["id"]
+        valid = self.store.get_file(job["validation_file"])
+        out = root / "evaluation"
+        shutil.rmtree(out, ignore_errors=True)
+        self.store.add_event(job_id, "Evaluating the base and the tuned model on the validation file")
+        cmd = [sys.executable, "-m", "tunesmith.jobs.evaluation_stage", "--model", job["model"],
+               "--adapter", str(run_dir / "adapter"), "--data", str(self.store.storage_root / valid["path"]),
+               "--out", str(out)]
+        outcome, rc = self._run_child(job_id, cmd, root / "evaluation.log", lock_fd, stop,
+                                      tick=lambda: None, eta=lambda: None)
+        if outcome != "finished":
+            return outcome, None
+        if rc != 0 or not (out / SUMMARY_FILE).is_file():
+            self.store.add_event(job_id, f"Evaluation failed, the model is kept: "
+                                         f"{_last_error(root / 'evaluation.log', rc)}", level="warn")
+            return outcome, None
+        summary = json.loads((out / SUMMARY_FILE).read_text())
+        self.store.add_event(job_id, summary_sentence(summary), data=summary)
+        return outcome, self._store_result_file(job_id, "evaluation.json", (out / SUMMARY_FILE).read_bytes())
 
     def _wait_for_lock(self, path: Path, job_id: str) -> int | None:
         """Wait (heartbeating) until no earlier trainer of this job still runs."""
@@ -205,34 +258,33 @@ class Worker:
             cmd += ["--save-every-steps", str(every)]
         return cmd
 
-    def _supervise(self, job: dict[str, Any], cmd: list[str], run_dir: Path, root: Path, lock_fd: int,
-                   stop: threading.Event) -> str:
-        """Run the trainer until it ends or the job is cancelled, paused, lost or stopped.
+    def _run_child(self, job_id: str, cmd: list[str], log_path: Path, lock_fd: int, stop: threading.Event,
+                   tick: Callable[[], None], eta: Callable[[], int | None]) -> tuple[str, int | None]:
+        """Run a child until it exits or the job is cancelled, paused, lost or the worker stops.
 
-        Returns "finished", "failed", "cancelled", "paused", "lost" or "requeued".
+        Returns (outcome, exit code): outcome "finished" (the child exited by itself),
+        "cancelled", "paused", "lost" (another worker holds the job) or "requeued".
+        `tick` runs every poll (and once after the child ends) to publish its progress.
         """
-        job_id = job["id"]
-        # A job taken over from a lost worker already has events up to some step.
-        tail = MetricsTail(run_dir / "metrics.jsonl", last_step=self.store.last_metrics_step(job_id))
-        seen_ckpts: set[int] = set()
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        with open(root / "train.log", "ab") as log_fh:
+        with open(log_path, "ab") as log_fh:
             log_fh.write(f"\n$ {' '.join(cmd)}\n".encode())
             log_fh.flush()
+            # pass_fds: the child holds the job's lock until it has exited, even if we die first.
             child = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=env, pass_fds=(lock_fd,), preexec_fn=_die_with_parent,
                                      start_new_session=True)
-        self.log(f"{job_id}: trainer pid {child.pid}")
-        reason = None
+        self.log(f"{job_id}: child pid {child.pid}: {' '.join(cmd[2:4])}")
+        reason = "finished"
         while True:
             try:
                 child.wait(timeout=self.config.poll_interval_s)
             except subprocess.TimeoutExpired:
                 pass
-            self._publish_progress(job, run_dir, tail, seen_ckpts)
+            tick()
             if child.returncode is not None:
-                break
-            status = self.store.heartbeat(job_id, self.worker_id, estimated_finish=tail.eta(run_dir))
+                return reason, child.returncode
+            status = self.store.heartbeat(job_id, self.worker_id, estimated_finish=eta())
             if status is None:
                 reason = "lost"
                 child.kill()
@@ -242,28 +294,10 @@ class Worker:
             elif stop.is_set():
                 reason = "requeued"
                 self._stop_child(child)
-            if reason:
+            if reason != "finished":
                 child.wait()
-                self._publish_progress(job, run_dir, tail, seen_ckpts)
-                break
-        if reason == "lost":
-            self.log(f"{job_id}: another worker took the job over; trainer stopped")
-            return reason
-        last = max(seen_ckpts) if seen_ckpts else None
-        kept = f"; checkpoint step {last} kept" if last else "; no checkpoint had been written yet"
-        if reason == "cancelled":
-            self.store.add_event(job_id, f"Training stopped{kept}")
-            return reason
-        if reason == "paused":
-            self.store.add_event(job_id, f"Training paused{kept}; resume continues from it")
-            return reason
-        if reason == "requeued":
-            self.store.transition(job_id, ["running"], "queued", f"Worker stopping; job queued again{kept}")
-            return reason
-        if child.returncode != 0:
-            self._fail(job_id, "training_failed", _last_error(root / "train.log", child.returncode))
-            return "failed"
-        return "finished"
+                tick()
+                return reason, child.returncode
 
     def _stop_child(self, child: subprocess.Popen) -> None:
         """SIGTERM (the trainer checkpoints and exits), then SIGKILL after the timeout."""
@@ -334,11 +368,11 @@ class Worker:
 
     # ------------------------------------------------------------------ finishing
 
-    def _finish(self, job: dict[str, Any], run_dir: Path) -> None:
+    def _finish(self, job: dict[str, Any], run_dir: Path, evaluation: str | None = None) -> None:
         job_id = job["id"]
         run = json.loads((run_dir / "run.json").read_text())
         adapter = run_dir / "adapter"
-        result_files = [self._metrics_file(job_id, run_dir)]
+        result_files = [self._metrics_file(job_id, run_dir)] + ([evaluation] if evaluation else [])
         name = ft_model_name(job["model"], job["suffix"], job_id)
         files_hashes = {}
         for fid in (job["training_file"], job["validation_file"]):
@@ -353,6 +387,9 @@ class Worker:
             "metrics": run.get("metrics"),
             "adapter": str(adapter.relative_to(self.store.storage_root)),
         }
+        eval_file = job_dir(self.store, job_id) / "evaluation" / "evaluation.json"
+        if evaluation and eval_file.is_file():
+            lineage["evaluation"] = json.loads(eval_file.read_text())
         _, done = self.store.transition(
             job_id, ["running"], "succeeded", f"New fine-tuned model created: {name}",
             fine_tuned_model=name, finished_at=int(time.time()), trained_tokens=_trained_tokens(run),
@@ -472,6 +509,13 @@ def _resolve_hyperparameters(method: dict[str, Any], n_examples: int) -> dict[st
         hp["learning_rate_multiplier"] = 1.0
     hp["steps_per_epoch"] = max(1, -(-n_examples // int(hp["batch_size"])))
     return {**method, "supervised": {**method["supervised"], "hyperparameters": hp}}
+
+
+def _can_evaluate() -> bool:
+    """Whether the evaluation stage (tunesmith eval) is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("tunesmith.evaluate.evaluation") is not None
 
 
 def _has_checkpoint(run_dir: Path) -> bool:

@@ -337,7 +337,8 @@ class JobsService:
                                     "purpose=fine-tune", code="invalid_request", param="purpose")
             from tunesmith.jobs.validation import check_file
 
-            check = await run_in_threadpool(check_file, upload["path"])
+            # The minimum example count is checked per job: a validation file may be small.
+            check = await run_in_threadpool(check_file, upload["path"], None, 1)
             file_id = new_id("file")
             rel = Path("files") / f"{file_id}.jsonl"
             os.replace(upload["path"], self.store.storage_root / rel)
