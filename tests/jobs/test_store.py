@@ -71,6 +71,18 @@ def test_lapsed_heartbeat_makes_a_running_job_claimable_again(store):
     assert "takes over" in events[0]["message"] and events[0]["level"] == "warn"
 
 
+def test_a_lapsed_running_job_is_queued_again(store):
+    job = _job(store)
+    store.claim_job("w1", lease_s=60)
+    store.update_job(job["id"], status="running")
+    assert store.requeue_lapsed(lease_s=60) == []
+    time.sleep(1.2)
+    assert store.requeue_lapsed(lease_s=1.0) == [job["id"]]
+    got = store.get_job(job["id"])
+    assert got["status"] == "queued" and got["worker_id"] is None
+    assert store.claim_job("w2", lease_s=60)["id"] == job["id"]
+
+
 def test_transitions_only_from_allowed_states(store):
     job = _job(store)
     _, changed = store.transition(job["id"], ["running"], "paused", "Paused")

@@ -324,6 +324,27 @@ class JobStore:
         job["worker_id"] = worker_id
         return job
 
+    def requeue_lapsed(self, lease_s: float) -> list[str]:
+        """Queue again every job whose worker stopped heartbeating, so none stays "running".
+
+        Any API node or worker calls this; the next worker to claim the job resumes it from
+        its last checkpoint.
+        """
+        cutoff = time.time() - lease_s
+        q = (sa.select(jobs.c.id, jobs.c.status, jobs.c.worker_id)
+             .where(jobs.c.status.in_(("validating_files", "running")), jobs.c.worker_id.is_not(None),
+                    jobs.c.heartbeat_at < cutoff)
+             .with_for_update(skip_locked=True))
+        with self.engine.begin() as conn:
+            lapsed = [_row(r) for r in conn.execute(q)]
+            for job in lapsed:
+                to = "queued" if job["status"] == "running" else job["status"]
+                conn.execute(jobs.update().where(jobs.c.id == job["id"])
+                             .values(status=to, worker_id=None, heartbeat_at=None))
+                _insert_event(conn, job["id"], f"Worker {job['worker_id']} stopped sending heartbeats; "
+                              "the job is queued again and resumes from its last checkpoint", level="warn")
+        return [j["id"] for j in lapsed]  # type: ignore[index]
+
     def heartbeat(self, job_id: str, worker_id: str, **fields: Any) -> str | None:
         """Renew the lease; return the job's status, or None if this worker lost the job."""
         with self.engine.begin() as conn:

@@ -95,6 +95,7 @@ class Worker:
 
     def run_once(self, stop: threading.Event | None = None) -> bool:
         """Claim and work on one job; False when none is waiting."""
+        self.store.requeue_lapsed(self.config.lease_s)
         job = self.store.claim_job(self.worker_id, self.config.lease_s)
         if job is None:
             return False
@@ -152,7 +153,8 @@ class Worker:
     def _train(self, job: dict[str, Any], stop: threading.Event) -> None:
         job_id = job["id"]
         if job["status"] == "queued":
-            _, started = self.store.transition(job_id, ["queued"], "running", "Fine-tuning job started",
+            message = "Fine-tuning job resumed" if job["started_at"] else "Fine-tuning job started"
+            _, started = self.store.transition(job_id, ["queued"], "running", message,
                                                started_at=job["started_at"] or int(time.time()))
             if not started:
                 return

@@ -275,9 +275,12 @@ class JobsService:
     def _publish_loop(self) -> None:
         while not self._stop.wait(self.worker_config.poll_interval_s):
             try:
+                # Also on an API-only node: a job whose worker vanished does not stay "running".
+                for job_id in self.store.requeue_lapsed(self.worker_config.lease_s):
+                    self.log(f"{job_id}: its worker stopped heartbeating; queued again")
                 self.publisher.sync()
             except Exception as exc:
-                self.log(f"model sync failed: {exc}")
+                self.log(f"background sync failed: {exc}")
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Any) -> AsyncIterator[None]:
