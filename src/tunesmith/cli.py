@@ -81,16 +81,66 @@ def _not_yet(name: str) -> None:
 # ----------------------------------------------------------------------------- validate / inspect (data)
 
 
+_FORMAT_HELP = "Data format: chat, prompt_completion, alpaca, preference, csv, tsv (default: detected)."
+
+
+def _columns(input_column: Optional[str], output_column: Optional[str], system: Optional[str]):
+    from tunesmith.data.formats import ColumnMapping
+
+    return ColumnMapping(input_column=input_column or "text", output_column=output_column, system=system)
+
+
 @app.command("validate")
-def validate_cmd() -> None:
-    """Check a data file through the model's chat template before training."""
-    _not_yet("validate")
+def validate_cmd(
+    path: Path = typer.Argument(..., help="Training data file (.jsonl, .csv, .tsv)."),
+    model: str = typer.Option("smollm2-135m-instruct", "--model", "-m", help="Model whose chat template and tokenizer count the tokens."),
+    max_seq_len: int = typer.Option(2048, "--max-seq-len", help="Training sequence length in tokens; longer examples are truncated."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of the report."),
+    validation: Optional[Path] = typer.Option(None, "--validation", help="Validation file: checked too, and overlap with training reported."),
+    format: Optional[str] = typer.Option(None, "--format", help=_FORMAT_HELP),
+    input_column: Optional[str] = typer.Option(None, "--input-column", help="CSV/TSV column holding the prompt."),
+    output_column: Optional[str] = typer.Option(None, "--output-column", help="CSV/TSV column holding the answer."),
+    system: Optional[str] = typer.Option(None, "--system", help="System message added to every CSV/TSV example."),
+    price_per_million: Optional[float] = typer.Option(None, "--price-per-million", help="Hosted price per million training tokens, to compare costs."),
+) -> None:
+    """Check a data file through the model's chat template before training (exit 0 valid, 1 invalid, 2 usage)."""
+    from rich.console import Console
+
+    from tunesmith.data.validate import print_report, report_json, validate_data
+
+    report = validate_data(
+        path, model=model, max_seq_len=max_seq_len, validation=validation, format=format,
+        columns=_columns(input_column, output_column, system), price_per_million=price_per_million,
+    )
+    if json_out:
+        typer.echo(report_json(report))
+    else:
+        print_report(report, Console(highlight=False))
+    raise typer.Exit(0 if report.ok else 1)
 
 
 @app.command("inspect")
-def inspect_cmd() -> None:
+def inspect_cmd(
+    path: Path = typer.Argument(..., help="Data file (.jsonl, .csv, .tsv)."),
+    model: str = typer.Option("smollm2-135m-instruct", "--model", "-m", help="Model whose chat template renders the examples."),
+    n: int = typer.Option(3, "-n", "--examples", help="How many examples to show."),
+    max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="Show truncation at this many tokens."),
+    format: Optional[str] = typer.Option(None, "--format", help=_FORMAT_HELP),
+    input_column: Optional[str] = typer.Option(None, "--input-column", help="CSV/TSV column holding the prompt."),
+    output_column: Optional[str] = typer.Option(None, "--output-column", help="CSV/TSV column holding the answer."),
+    system: Optional[str] = typer.Option(None, "--system", help="System message added to every CSV/TSV example."),
+) -> None:
     """Show the first examples exactly as the model sees them, trained tokens highlighted."""
-    _not_yet("inspect")
+    from rich.console import Console
+
+    from tunesmith.data.inspection import inspect_data, print_inspection
+
+    items, problems = inspect_data(
+        path, model=model, n=n, max_seq_len=max_seq_len, format=format,
+        columns=_columns(input_column, output_column, system),
+    )
+    console = Console(highlight=False)
+    print_inspection(items, problems, console, plain=not console.is_terminal)
 
 
 # ----------------------------------------------------------------------------- train

@@ -4,22 +4,26 @@ Formats, detected per file from the first object (or the extension for CSV/TSV):
 - chat: `{"messages": [{"role", "content", "weight"?}], "tools"?}` (OpenAI fine-tuning)
 - prompt_completion: `{"prompt", "completion"}` or `{"prompt", "response"}`
 - alpaca: `{"instruction", "input"?, "output"}`
-- preference: `{"prompt", "chosen", "rejected"}` (TRL) or
-  `{"input": {"messages"}, "preferred_completion", "non_preferred_completion"}` (OpenAI DPO)
+- preference: `{"prompt", "chosen", "rejected"}` (TRL, strings or message lists) or
+  `{"input": {"messages"}, "preferred_output", "non_preferred_output"}` (OpenAI DPO;
+  `preferred_completion`/`non_preferred_completion` are accepted as the same thing)
 - csv / tsv: one example per row through a column mapping (--input-column/--output-column)
 
-Every problem is collected with its 1-based line (CSV: row) number; a bad line never
-stops the scan. Files are streamed line by line, so memory stays flat on large files.
+Every problem is collected with its 1-based line (CSV: the line the row starts on, the
+header being line 1); a bad line never stops the scan. Files are streamed record by
+record (`iter_records`), so memory stays flat on large files; `read_data` collects them.
 
-    python -c "from tunesmith.data.formats import read_data; print(read_data('train.jsonl').format)"
+    python -c "from tunesmith.data.formats import read_data; print(read_data('examples/chat.jsonl').format)"
 """
 
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import json
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,6 +31,20 @@ from tunesmith.data.example import ROLES, Example, Message, ParseResult, Prefere
 from tunesmith.errors import UsageError
 
 FORMATS = ("chat", "prompt_completion", "alpaca", "preference", "csv", "tsv")
+
+# Keys each format accepts; anything else is `unknown_key` (a misspelling would otherwise
+# drop data silently). `id` and `metadata` are bookkeeping that many datasets carry.
+_BOOKKEEPING = ("id", "metadata")
+CHAT_KEYS = ("messages", "tools", "functions", "parallel_tool_calls", *_BOOKKEEPING)
+MESSAGE_KEYS = ("role", "content", "weight", "name", "tool_calls", "tool_call_id", "function_call")
+PAIR_KEYS = ("prompt", "completion", "response", "system", *_BOOKKEEPING)
+ALPACA_KEYS = ("instruction", "input", "output", "system", *_BOOKKEEPING)
+TRL_PREFERENCE_KEYS = ("prompt", "chosen", "rejected", *_BOOKKEEPING)
+DPO_KEYS = (
+    "input", "preferred_output", "non_preferred_output",
+    "preferred_completion", "non_preferred_completion", *_BOOKKEEPING,
+)
+DPO_INPUT_KEYS = ("messages", "tools", "parallel_tool_calls")
 
 
 @dataclass(frozen=True)
@@ -37,6 +55,19 @@ class ColumnMapping:
     output_column: str | None = None
     """None reads prompts only (for evaluation or distillation inputs)."""
     system: str | None = None
+
+
+@dataclass
+class Record:
+    """One line (or CSV row) read: its example, or the problems that kept it out."""
+
+    line: int
+    example: Example | PreferenceExample | None
+    errors: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- lines
 
 
 def iter_lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
@@ -54,7 +85,22 @@ def iter_lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
             try:
                 yield line_no, raw.decode("utf-8"), None
             except UnicodeDecodeError as exc:
-                yield line_no, None, f"byte {exc.start} is not valid UTF-8 ({raw[exc.start:exc.start + 1]!r})"
+                yield line_no, None, f"byte {exc.start + 1} of the line is not valid UTF-8 ({raw[exc.start:exc.start + 1]!r})"
+
+
+def check_path(path: str | Path) -> Path:
+    """The path as a Path, or a UsageError saying why it cannot be read."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"data file '{path}' does not exist")
+    if path.is_dir():
+        raise UsageError(f"'{path}' is a directory; give a .jsonl, .csv or .tsv file")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"cannot read data file '{path}': {exc.strerror}") from exc
+    return path
 
 
 def detect_format(path: Path) -> str:
@@ -79,7 +125,7 @@ def detect_format(path: Path) -> str:
 def format_of(obj: dict[str, Any]) -> str:
     if "messages" in obj:
         return "chat"
-    if "chosen" in obj or "preferred_completion" in obj:
+    if "chosen" in obj or "preferred_output" in obj or "preferred_completion" in obj:
         return "preference"
     if "instruction" in obj:
         return "alpaca"
@@ -88,54 +134,94 @@ def format_of(obj: dict[str, Any]) -> str:
     return "chat"
 
 
+def resolve_format(path: Path, format: str | None) -> str:
+    fmt = format or detect_format(path)
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown --format '{fmt}'; accepted: {', '.join(FORMATS)}")
+    return fmt
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def iter_records(path: str | Path, fmt: str, columns: ColumnMapping | None = None) -> Iterator[Record]:
+    """Stream the file's records in order; raises only for an unusable path or mapping."""
+    path = check_path(path)
+    if fmt in ("csv", "tsv"):
+        yield from _table_records(path, fmt, columns or ColumnMapping())
+    else:
+        yield from _jsonl_records(path, fmt)
+
+
 def read_data(
     path: str | Path,
     format: str | None = None,
     columns: ColumnMapping | None = None,
 ) -> ParseResult:
     """Parse a whole file, collecting every problem; raise only for an unusable path."""
-    path = Path(path)
-    if not path.exists():
-        raise UsageError(f"data file '{path}' does not exist")
-    if path.is_dir():
-        raise UsageError(f"'{path}' is a directory; give a .jsonl, .csv or .tsv file")
-    fmt = format or detect_format(path)
-    if fmt not in FORMATS:
-        raise UsageError(f"unknown --format '{fmt}'; accepted: {', '.join(FORMATS)}")
+    path = check_path(path)
+    fmt = resolve_format(path, format)
     result = ParseResult(format=fmt)
-    if fmt in ("csv", "tsv"):
-        _read_table(path, fmt, columns or ColumnMapping(), result)
-    else:
-        _read_jsonl(path, fmt, result)
+    for rec in iter_records(path, fmt, columns):
+        result.errors += rec.errors
+        result.warnings += rec.warnings
+        if isinstance(rec.example, PreferenceExample):
+            result.preferences.append(rec.example)
+        elif rec.example is not None:
+            result.examples.append(rec.example)
     if not result.examples and not result.preferences and not result.errors:
-        result.errors.append(Problem(0, "", "empty_file", f"'{path}' holds no examples"))
+        result.errors.append(empty_file_problem(path))
     return result
 
 
-def _read_jsonl(path: Path, fmt: str, result: ParseResult) -> None:
+def empty_file_problem(path: Path) -> Problem:
+    return Problem(0, "", "empty_file", f"'{path}' holds no examples (it is empty or has only blank lines)")
+
+
+def _jsonl_records(path: Path, fmt: str) -> Iterator[Record]:
     for line_no, text, err in iter_lines(path):
+        rec = Record(line_no, None)
         if err is not None:
-            result.errors.append(Problem(line_no, "", "invalid_encoding", err + "; save the file as UTF-8"))
+            rec.errors.append(Problem(line_no, "", "invalid_encoding", err + "; save the file as UTF-8"))
+            yield rec
             continue
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
-            result.errors.append(Problem(line_no, "", "invalid_json", f"not valid JSON: {exc.msg} at column {exc.colno}"))
+            hint = ""
+            if line_no == 1 and text.lstrip().startswith("["):
+                hint = "; the file looks like one JSON array, but tunesmith reads JSON Lines (one object per line)"
+            rec.errors.append(Problem(line_no, "", "invalid_json", f"not valid JSON: {exc.msg} at column {exc.colno}{hint}"))
+            yield rec
             continue
         if not isinstance(obj, dict):
-            result.errors.append(
-                Problem(line_no, "", "not_an_object", f"expected a JSON object, got {type(obj).__name__}")
-            )
+            rec.errors.append(Problem(line_no, "", "not_an_object", f"expected a JSON object, got {_kind(obj)}"))
+            yield rec
             continue
-        line_fmt = fmt
         if fmt == "preference":
-            pref = parse_preference(obj, line_no, result.errors)
-            if pref is not None:
-                result.preferences.append(pref)
+            rec.example = parse_preference(obj, line_no, rec.errors)
+        else:
+            rec.example = parse_object(obj, fmt, line_no, rec.errors, rec.warnings)
+        yield rec
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _unknown_keys(obj: dict[str, Any], accepted: tuple[str, ...], where: str, line: int, errors: list[Problem]) -> bool:
+    ok = True
+    for key in obj:
+        if key in accepted:
             continue
-        ex = parse_object(obj, line_fmt, line_no, result.errors, result.warnings)
-        if ex is not None:
-            result.examples.append(ex)
+        close = difflib.get_close_matches(str(key), accepted, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; accepted: {', '.join(accepted)}"
+        path = f"{where}.{key}" if where else str(key)
+        label = where or "the object"
+        errors.append(Problem(line, path, "unknown_key", f"{label} has unknown key {key!r}{hint}"))
+        ok = False
+    return ok
 
 
 def parse_object(
@@ -143,149 +229,191 @@ def parse_object(
 ) -> Example | None:
     """One JSON object in a supervised format into an Example (None if it has errors)."""
     if fmt == "prompt_completion":
-        answer_key = "completion" if "completion" in obj else "response"
-        return _pair(obj.get("prompt"), obj.get(answer_key), "prompt", answer_key, line, errors, obj.get("system"))
+        ok = _unknown_keys(obj, PAIR_KEYS, "", line, errors)
+        answer_key = "completion" if "completion" in obj or "response" not in obj else "response"
+        ex = _pair(obj.get("prompt"), obj.get(answer_key), "prompt", answer_key, line, errors, obj.get("system"))
+        return ex if ok else None
     if fmt == "alpaca":
+        ok = _unknown_keys(obj, ALPACA_KEYS, "", line, errors)
         instruction = obj.get("instruction")
         extra = obj.get("input")
-        prompt = instruction if not extra else f"{instruction}\n\n{extra}" if isinstance(instruction, str) else instruction
-        return _pair(prompt, obj.get("output"), "instruction", "output", line, errors, obj.get("system"))
+        if extra is not None and not isinstance(extra, str):
+            errors.append(Problem(line, "input", "content_not_string", f"'input' must be a string, got {_kind(extra)}"))
+            ok = False
+        prompt = f"{instruction}\n\n{extra}" if isinstance(instruction, str) and instruction.strip() and extra and isinstance(extra, str) else instruction
+        ex = _pair(prompt, obj.get("output"), "instruction", "output", line, errors, obj.get("system"))
+        return ex if ok else None
     return parse_chat(obj, line, errors, warnings)
 
 
 def _pair(prompt, answer, prompt_field, answer_field, line, errors, system=None) -> Example | None:
     ok = True
-    for value, field in ((prompt, prompt_field), (answer, answer_field)):
+    for value, name in ((prompt, prompt_field), (answer, answer_field), (system, "system")):
+        if name == "system" and value is None:
+            continue
         if value is None:
-            errors.append(Problem(line, field, "missing_content", f"'{field}' is missing"))
+            errors.append(Problem(line, name, "missing_content", f"'{name}' is missing"))
             ok = False
         elif not isinstance(value, str):
-            errors.append(Problem(line, field, "content_not_string", f"'{field}' must be a string, got {type(value).__name__}"))
+            errors.append(Problem(line, name, "content_not_string", f"'{name}' must be a string, got {_kind(value)}"))
             ok = False
         elif not value.strip():
-            errors.append(Problem(line, field, "empty_content", f"'{field}' is empty"))
+            errors.append(Problem(line, name, "empty_content", f"'{name}' is empty"))
             ok = False
     if not ok:
         return None
-    msgs = []
-    if isinstance(system, str) and system.strip():
-        msgs.append(Message("system", system))
+    msgs = [Message("system", system)] if system else []
     msgs += [Message("user", prompt), Message("assistant", answer, train=True)]
     return Example(messages=tuple(msgs), line=line)
 
 
-def parse_messages(raw: Any, field: str, line: int, errors: list[Problem], warnings: list[Problem] | None = None) -> list[Message] | None:
+def parse_messages(raw: Any, field: str, line: int, errors: list[Problem]) -> list[Message] | None:
+    """A list of message objects into Messages; None (with errors) if any is bad."""
     if not isinstance(raw, list):
-        errors.append(Problem(line, field, "messages_not_list", f"'{field}' must be a list of messages, got {type(raw).__name__}"))
+        errors.append(Problem(line, field, "messages_not_list", f"'{field}' must be a list of messages, got {_kind(raw)}"))
         return None
     out: list[Message] = []
     ok = True
     for i, m in enumerate(raw):
-        where = f"{field}[{i}]"
-        if not isinstance(m, dict):
-            errors.append(Problem(line, where, "message_not_object", f"{where} must be an object with role and content"))
+        msg = _parse_message(m, f"{field}[{i}]", line, errors)
+        if msg is None:
             ok = False
-            continue
-        role = m.get("role")
-        if role is None:
-            errors.append(Problem(line, f"{where}.role", "missing_role", f"{where} has no 'role'"))
-            ok = False
-            continue
-        if role not in ROLES:
-            errors.append(
-                Problem(line, f"{where}.role", "unknown_role", f"role {role!r} is not one of {', '.join(ROLES)}")
-            )
-            ok = False
-            continue
-        for key in m:
-            if key not in ("role", "content", "weight", "name", "tool_calls", "tool_call_id", "function_call"):
-                errors.append(Problem(line, f"{where}.{key}", "unknown_key", f"{where} has unknown key {key!r}"))
-                ok = False
-        tool_calls = m.get("tool_calls")
-        content = m.get("content")
-        if content is None and not tool_calls:
-            errors.append(Problem(line, f"{where}.content", "missing_content", f"{where} has no 'content'"))
-            ok = False
-            continue
-        if content is not None and not isinstance(content, str):
-            errors.append(
-                Problem(line, f"{where}.content", "content_not_string", f"{where}.content must be a string, got {type(content).__name__}")
-            )
-            ok = False
-            continue
-        if content is not None and not content.strip() and not tool_calls:
-            errors.append(Problem(line, f"{where}.content", "empty_content", f"{where}.content is empty"))
-            ok = False
-            continue
-        weight = m.get("weight", 1)
-        if "weight" in m and (role != "assistant" or weight not in (0, 1) or isinstance(weight, bool)):
-            errors.append(
-                Problem(line, f"{where}.weight", "invalid_weight", f"weight must be 0 or 1 on an assistant message, got {weight!r}")
-            )
-            ok = False
-            continue
-        out.append(
-            Message(
-                role=role,
-                content=content or "",
-                train=role == "assistant" and weight == 1,
-                tool_calls=tool_calls if isinstance(tool_calls, list) else None,
-                name=m.get("name") if isinstance(m.get("name"), str) else None,
-            )
-        )
+        else:
+            out.append(msg)
     return out if ok else None
+
+
+def _parse_message(m: Any, where: str, line: int, errors: list[Problem]) -> Message | None:
+    if not isinstance(m, dict):
+        errors.append(Problem(line, where, "message_not_object", f"{where} must be an object with role and content, got {_kind(m)}"))
+        return None
+    before = len(errors)
+    role = m.get("role")
+    if role is None:
+        errors.append(Problem(line, f"{where}.role", "missing_role", f"{where} has no 'role' (one of {', '.join(ROLES)})"))
+    elif role not in ROLES:
+        close = difflib.get_close_matches(str(role), ROLES, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        errors.append(Problem(line, f"{where}.role", "unknown_role", f"role {role!r} is not one of {', '.join(ROLES)}{hint}"))
+    _unknown_keys(m, MESSAGE_KEYS, where, line, errors)
+    tool_calls = m.get("tool_calls")
+    if tool_calls is not None and not (isinstance(tool_calls, list) and all(isinstance(c, dict) for c in tool_calls)):
+        errors.append(Problem(line, f"{where}.tool_calls", "invalid_tool_calls", f"{where}.tool_calls must be a list of objects, got {_kind(tool_calls)}"))
+    content = m.get("content")
+    if content is None and not tool_calls:
+        errors.append(Problem(line, f"{where}.content", "missing_content", f"{where} has no 'content'"))
+    elif content is not None and not isinstance(content, str):
+        hint = " (content parts are not supported: join their text into one string)" if isinstance(content, list) else ""
+        errors.append(Problem(line, f"{where}.content", "content_not_string", f"{where}.content must be a string, got {_kind(content)}{hint}"))
+    elif isinstance(content, str) and not content.strip() and not tool_calls:
+        errors.append(Problem(line, f"{where}.content", "empty_content", f"{where}.content is empty"))
+    weight = m.get("weight", 1)
+    if "weight" in m and (weight not in (0, 1) or isinstance(weight, bool) or role != "assistant"):
+        why = "only assistant messages take a weight" if role != "assistant" and weight in (0, 1) else "weight must be 0 or 1"
+        errors.append(Problem(line, f"{where}.weight", "invalid_weight", f"{why}, got {weight!r} on a {role!r} message"))
+    if len(errors) > before:
+        return None
+    return Message(
+        role=role,
+        content=content or "",
+        train=role == "assistant" and weight == 1,
+        tool_calls=tool_calls or None,
+        name=m.get("name") if isinstance(m.get("name"), str) else None,
+    )
 
 
 def parse_chat(obj: dict[str, Any], line: int, errors: list[Problem], warnings: list[Problem]) -> Example | None:
     if "messages" not in obj:
-        errors.append(Problem(line, "messages", "missing_messages", "the object has no 'messages' list"))
+        errors.append(
+            Problem(line, "messages", "missing_messages",
+                    "the object has no 'messages' list (other formats: prompt/completion, "
+                    "instruction/output, prompt/chosen/rejected; or pass --format)")
+        )
         return None
-    ok = True
-    for key in obj:
-        if key not in ("messages", "tools", "functions", "parallel_tool_calls", "metadata"):
-            errors.append(Problem(line, key, "unknown_key", f"unknown top-level key {key!r} (expected messages, tools)"))
-            ok = False
-    msgs = parse_messages(obj["messages"], "messages", line, errors, warnings)
+    ok = _unknown_keys(obj, CHAT_KEYS, "", line, errors)
+    tools = obj.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        errors.append(Problem(line, "tools", "invalid_tools", f"'tools' must be a list of tool definitions, got {_kind(tools)}"))
+        ok = False
+    msgs = parse_messages(obj["messages"], "messages", line, errors)
     if msgs is None or not ok:
         return None
-    if not any(m.role == "assistant" for m in msgs):
-        errors.append(Problem(line, "messages", "no_assistant_message", "the conversation has no assistant message to learn from"))
+    return check_conversation(msgs, "messages", line, errors, warnings, tools or None)
+
+
+def check_conversation(
+    msgs: list[Message], field: str, line: int, errors: list[Problem], warnings: list[Problem], tools: Any = None
+) -> Example | None:
+    """Conversation-level rules: something to learn from, and ending where learning ends."""
+    if not msgs:
+        errors.append(Problem(line, field, "no_assistant_message", f"'{field}' is empty: there is no assistant message to learn from"))
         return None
-    tools = obj.get("tools") if isinstance(obj.get("tools"), list) else None
+    if not any(m.role == "assistant" for m in msgs):
+        errors.append(Problem(line, field, "no_assistant_message", "the conversation has no assistant message to learn from"))
+        return None
+    if not any(m.train for m in msgs):
+        errors.append(
+            Problem(line, field, "no_trainable_tokens",
+                    "every assistant message has weight 0, so nothing in this example is trained; "
+                    "set weight 1 on at least one or drop the example")
+        )
+        return None
+    if msgs[-1].role != "assistant":
+        last = len(msgs) - 1
+        warnings.append(
+            Problem(line, f"{field}[{last}].role", "last_message_not_assistant",
+                    f"the conversation ends with a {msgs[-1].role!r} message, which is context that nothing "
+                    "learns from; end it with the assistant answer")
+        )
     return Example(messages=tuple(msgs), line=line, tools=tools)
 
 
 def parse_preference(obj: dict[str, Any], line: int, errors: list[Problem]) -> PreferenceExample | None:
     """TRL's prompt/chosen/rejected (strings or message lists) or OpenAI's DPO lines."""
-    if "preferred_completion" in obj or "input" in obj:
+    if "prompt" not in obj and ("input" in obj or any(k in obj for k in DPO_KEYS[1:5])):
+        ok = _unknown_keys(obj, DPO_KEYS, "", line, errors)
         inp = obj.get("input")
+        prompt = None
         if not isinstance(inp, dict) or "messages" not in inp:
-            errors.append(Problem(line, "input", "missing_messages", "'input' must be an object with 'messages'"))
-            return None
-        prompt = parse_messages(inp["messages"], "input.messages", line, errors)
-        chosen = _answer(obj.get("preferred_completion"), "preferred_completion", line, errors)
-        rejected = _answer(obj.get("non_preferred_completion"), "non_preferred_completion", line, errors)
+            errors.append(Problem(line, "input.messages", "missing_messages", "'input' must be an object with a 'messages' list"))
+        else:
+            ok = _unknown_keys(inp, DPO_INPUT_KEYS, "input", line, errors) and ok
+            prompt = parse_messages(inp["messages"], "input.messages", line, errors)
+        names = ("preferred_output", "non_preferred_output")
+        if "preferred_completion" in obj or "non_preferred_completion" in obj:
+            names = ("preferred_completion", "non_preferred_completion")
+        chosen = _answer(obj.get(names[0]), names[0], line, errors)
+        rejected = _answer(obj.get(names[1]), names[1], line, errors)
     else:
+        ok = _unknown_keys(obj, TRL_PREFERENCE_KEYS, "", line, errors)
+        names = ("chosen", "rejected")
         raw_prompt = obj.get("prompt")
-        if isinstance(raw_prompt, str):
-            prompt = [Message("user", raw_prompt)] if raw_prompt.strip() else None
-            if prompt is None:
-                errors.append(Problem(line, "prompt", "empty_content", "'prompt' is empty"))
-        elif raw_prompt is None:
+        prompt = None
+        if raw_prompt is None:
             errors.append(Problem(line, "prompt", "missing_content", "'prompt' is missing"))
-            prompt = None
+        elif isinstance(raw_prompt, str):
+            if raw_prompt.strip():
+                prompt = [Message("user", raw_prompt)]
+            else:
+                errors.append(Problem(line, "prompt", "empty_content", "'prompt' is empty"))
         else:
             prompt = parse_messages(raw_prompt, "prompt", line, errors)
         chosen = _answer(obj.get("chosen"), "chosen", line, errors)
         rejected = _answer(obj.get("rejected"), "rejected", line, errors)
-    if prompt is None or chosen is None or rejected is None:
+    if prompt is None or chosen is None or rejected is None or not ok:
+        return None
+    if [m.content.strip() for m in chosen] == [m.content.strip() for m in rejected]:
+        errors.append(
+            Problem(line, names[1], "identical_answers",
+                    f"'{names[0]}' and '{names[1]}' are the same answer, so there is no preference to learn")
+        )
         return None
     return PreferenceExample(prompt=tuple(prompt), chosen=tuple(chosen), rejected=tuple(rejected), line=line)
 
 
 def _answer(raw: Any, field: str, line: int, errors: list[Problem]) -> list[Message] | None:
     if raw is None:
-        errors.append(Problem(line, field, "missing_content", f"'{field}' is missing"))
+        errors.append(Problem(line, field, "missing_content", f"'{field}' is missing: a preference pair needs both answers"))
         return None
     if isinstance(raw, str):
         if not raw.strip():
@@ -295,62 +423,91 @@ def _answer(raw: Any, field: str, line: int, errors: list[Problem]) -> list[Mess
     msgs = parse_messages(raw, field, line, errors)
     if msgs is None:
         return None
-    msgs = [Message(m.role, m.content, train=m.role == "assistant", tool_calls=m.tool_calls) for m in msgs]
     if not any(m.role == "assistant" for m in msgs):
         errors.append(Problem(line, field, "no_assistant_message", f"'{field}' holds no assistant message"))
         return None
-    return msgs
+    return [Message(m.role, m.content, train=m.role == "assistant", tool_calls=m.tool_calls) for m in msgs]
 
 
-def _read_table(path: Path, fmt: str, columns: ColumnMapping, result: ParseResult) -> None:
+# ----------------------------------------------------------------------------- tables
+
+
+def _has_bad_bytes(text: str) -> bool:
+    # Undecodable bytes arrive as lone surrogates (errors="surrogateescape").
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def _table_records(path: Path, fmt: str, columns: ColumnMapping) -> Iterator[Record]:
     delimiter = "\t" if fmt == "tsv" else ","
-    with open(path, "rb") as fh:
-        stream = io.TextIOWrapper(fh, encoding="utf-8-sig", errors="strict", newline="")
-        try:
+    old_limit = csv.field_size_limit()
+    # The default limit (128 KiB per field) would reject a long document in one cell.
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    try:
+        with open(path, "rb") as fh:
+            stream = io.TextIOWrapper(fh, encoding="utf-8-sig", errors="surrogateescape", newline="")
             reader = csv.reader(stream, delimiter=delimiter)
-            header = next(reader, None)
-        except UnicodeDecodeError as exc:
-            result.errors.append(Problem(1, "", "invalid_encoding", f"the header is not valid UTF-8 ({exc.reason})"))
-            return
-        if header is None:
-            return
-        wanted = [c for c in (columns.input_column, columns.output_column) if c]
-        missing = [c for c in wanted if c not in header]
-        if missing:
-            raise UsageError(
-                f"{path}: column(s) {', '.join(repr(c) for c in missing)} not found; the header has "
-                f"{', '.join(repr(h) for h in header)}; choose with --input-column and --output-column"
-            )
-        i_in = header.index(columns.input_column)
-        i_out = header.index(columns.output_column) if columns.output_column else None
-        row_no = 1
-        while True:
             try:
-                row = next(reader)
-            except StopIteration:
-                break
-            except UnicodeDecodeError as exc:
-                result.errors.append(Problem(row_no + 1, "", "invalid_encoding", f"not valid UTF-8 ({exc.reason})"))
-                break
+                header = next(reader, None)
             except csv.Error as exc:
-                result.errors.append(Problem(reader.line_num, "", "invalid_csv", str(exc)))
-                continue
-            row_no = reader.line_num
-            if not row or all(not c.strip() for c in row):
-                continue
-            problems_before = len(result.errors)
-            text = row[i_in] if i_in < len(row) else ""
-            answer = row[i_out] if i_out is not None and i_out < len(row) else None
-            if not text.strip():
-                result.errors.append(Problem(row_no, columns.input_column, "empty_content", f"column '{columns.input_column}' is empty"))
-            if i_out is not None and not (answer or "").strip():
-                result.errors.append(Problem(row_no, columns.output_column or "", "empty_content", f"column '{columns.output_column}' is empty"))
-            if len(result.errors) > problems_before:
-                continue
-            msgs = []
-            if columns.system:
-                msgs.append(Message("system", columns.system))
+                yield Record(1, None, [Problem(1, "", "invalid_csv", f"the header cannot be read: {exc}")])
+                return
+            if header is None:
+                return
+            if any(_has_bad_bytes(h) for h in header):
+                yield Record(1, None, [Problem(1, "", "invalid_encoding", "the header is not valid UTF-8; save the file as UTF-8")])
+                return
+            i_in, i_out = _column_indexes(path, header, columns)
+            yield from _table_rows(reader, columns, i_in, i_out)
+    finally:
+        csv.field_size_limit(old_limit)
+
+
+def _column_indexes(path: Path, header: list[str], columns: ColumnMapping) -> tuple[int, int | None]:
+    wanted = [c for c in (columns.input_column, columns.output_column) if c]
+    missing = [c for c in wanted if c not in header]
+    if missing:
+        raise UsageError(
+            f"{path}: column(s) {', '.join(repr(c) for c in missing)} not found; the header has "
+            f"{', '.join(repr(h) for h in header)}; choose with --input-column and --output-column"
+        )
+    i_out = header.index(columns.output_column) if columns.output_column else None
+    return header.index(columns.input_column), i_out
+
+
+def _table_rows(reader: Any, columns: ColumnMapping, i_in: int, i_out: int | None) -> Iterator[Record]:
+    end = reader.line_num
+    while True:
+        start = end + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            end = reader.line_num
+            yield Record(start, None, [Problem(start, "", "invalid_csv", f"the row cannot be read: {exc}")])
+            continue
+        end = reader.line_num
+        if not row or all(not c.strip() for c in row):
+            continue
+        rec = Record(start, None)
+        if any(_has_bad_bytes(c) for c in row):
+            rec.errors.append(Problem(start, "", "invalid_encoding", "the row has bytes that are not valid UTF-8; save the file as UTF-8"))
+            yield rec
+            continue
+        text = row[i_in] if i_in < len(row) else ""
+        answer = row[i_out] if i_out is not None and i_out < len(row) else None
+        if not text.strip():
+            rec.errors.append(Problem(start, columns.input_column, "empty_content", f"column '{columns.input_column}' is empty"))
+        if i_out is not None and not (answer or "").strip():
+            rec.errors.append(Problem(start, columns.output_column or "", "empty_content", f"column '{columns.output_column}' is empty"))
+        if not rec.errors:
+            msgs = [Message("system", columns.system)] if columns.system else []
             msgs.append(Message("user", text))
             if answer is not None:
                 msgs.append(Message("assistant", answer, train=True))
-            result.examples.append(Example(messages=tuple(msgs), line=row_no))
+            rec.example = Example(messages=tuple(msgs), line=start)
+        yield rec

@@ -129,7 +129,10 @@ def conversation_segments(
         if msg.role != "assistant":
             continue
         start = len(_apply(tokenizer, dicts[:i], tools, True))
-        end = len(_apply(tokenizer, dicts[: i + 1], tools, False))
+        # The conversation up to its last message is `full` itself: one render fewer per
+        # example for the common single-answer case (validate's speed budget counts it).
+        last = i + 1 == len(dicts) and not add_generation_prompt
+        end = len(full) if last else len(_apply(tokenizer, dicts[: i + 1], tools, False))
         if start < cursor or end > len(full) or end < start:
             raise TemplateError(
                 "the model's chat template renders earlier turns differently once later turns "
@@ -250,3 +253,8 @@ def end_of_turn_ids(tokenizer: Any) -> list[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return sorted(ids)
+
+
+def render_text(tokenizer: Any, messages: Sequence[Message], tools: Any = None, add_generation_prompt: bool = False) -> str:
+    """The chat template's text for a conversation (for display and audits, not for training)."""
+    return _apply(tokenizer, [m.to_template() for m in messages], tools, add_generation_prompt)

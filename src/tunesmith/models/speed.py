@@ -1,0 +1,160 @@
+"""Measure how fast this machine trains a model, so estimates are measured, not guessed.
+
+A short LoRA forward/backward (r=16 on all linear layers, bf16 autocast where the CPU
+has native bf16, else fp32) on random tokens; the result is cached in
+`$TUNESMITH_HOME/speed.json` keyed by model hash, torch version, device and shape, so
+only the first `tunesmith validate` for a model on a machine pays for it.
+
+    python -c "from tunesmith.models.registry import resolve_model; \
+from tunesmith.models.speed import measure_train_tokens_per_s as m; print(m(resolve_model()))"
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tunesmith.models.registry import ModelRef, identity
+from tunesmith.settings import Settings
+
+SPEED_FILE = "speed.json"
+LORA_RANK = 16
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what platform reports."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether bf16 matmuls run in hardware here (AVX512-BF16 or AMX), where autocast pays."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        pass
+    return False
+
+
+def machine_busy() -> bool:
+    """Whether more runnable processes than CPUs compete right now (1-minute load average)."""
+    if not hasattr(os, "getloadavg"):
+        return False
+    return os.getloadavg()[0] > (os.cpu_count() or 1)
+
+
+def speed_key(model_ref: ModelRef, seq_len: int, batch_size: int) -> str:
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu:{cpu_name()}"
+    model_hash = identity(model_ref)["sha256"][:16]
+    threads = torch.get_num_threads()
+    return f"{model_hash}|torch {torch.__version__}|{device}|threads {threads}|lora r{LORA_RANK}|{batch_size}x{seq_len}"
+
+
+def measure_train_tokens_per_s(
+    model_ref: ModelRef,
+    seq_len: int = 256,
+    batch_size: int = 1,
+    steps: int = 2,
+    home: Path | None = None,
+    use_cache: bool = True,
+) -> float:
+    """Tokens per second of LoRA training (forward + backward + optimizer step).
+
+    Cached per model hash, torch version, device, threads and shape; `use_cache=False`
+    measures again and overwrites the entry. A value measured while the machine was busy
+    is measured again on the first call that finds the machine idle.
+    """
+    cache_file = (home or Settings.from_env().home) / SPEED_FILE
+    key = speed_key(model_ref, seq_len, batch_size)
+    cache = _read_cache(cache_file)
+    entry = cache.get(key)
+    if use_cache and entry and not (entry.get("busy") and not machine_busy()):
+        return float(entry["tokens_per_s"])
+    busy = machine_busy()
+    tokens_per_s, precision = _measure(model_ref, seq_len, batch_size, steps)
+    cache[key] = {
+        "tokens_per_s": tokens_per_s,
+        "precision": precision,
+        # Measured while other processes held the CPUs: kept while the machine stays busy
+        # (it is what training would get now), measured again once it is idle.
+        "busy": busy or machine_busy(),
+        "load_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "steps": steps,
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    _write_cache(cache_file, cache)
+    return tokens_per_s
+
+
+def _measure(model_ref: ModelRef, seq_len: int, batch_size: int, steps: int) -> tuple[float, str]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tunesmith.models.registry import load_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16 = device == "cuda" or cpu_has_native_bf16()
+    model = load_model(model_ref, device=device)
+    model = get_peft_model(
+        model, LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=generator).to(device)
+
+    def step() -> None:
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # warm-up: allocator, kernels and autocast caches
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    return batch_size * seq_len * steps / elapsed, "bf16" if bf16 else "fp32"
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(path: Path, cache: dict[str, Any]) -> None:
+    # Atomic: a concurrent validate never reads half a file.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".speed-", suffix=".json")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(cache, fh, indent=2, sort_keys=True)
+    os.replace(tmp, path)
