@@ -36,24 +36,24 @@ class FileCheck:
         return f"{name} has {len(self.errors)} error(s): {shown}{more}"
 
 
-def check_file(path: str | Path, model: str | None = None, min_examples: int = MIN_EXAMPLES) -> FileCheck:
-    """Errors and warnings for one JSONL file; with a model, rendered through its template.
+def check_file(path: str | Path, model: str | None = None, min_examples: int = MIN_EXAMPLES,
+               validation: str | Path | None = None) -> FileCheck:
+    """Errors and warnings for one JSONL file.
 
-    Uses the data area's validator (`tunesmith validate`) when it is installed; otherwise
-    parses the file with the shared readers, which report the same line-numbered codes for
-    broken JSON, unknown roles and missing fields.
+    With a model: `tunesmith validate`'s checks (`validate_data`: rendering through the
+    model's template, lengths, trained tokens, duplicates, and overlap with `validation`).
+    Without one (at upload, when the model is not known yet): the shared readers' parse
+    checks, which give the same line-numbered codes for broken JSON, unknown roles and
+    missing fields.
     """
-    try:
-        from tunesmith.data.validate import validate_data  # noqa: F401
-    except ImportError:
-        validate_data = None
-    if validate_data is not None and model is not None:
-        report = validate_data(Path(path), model=model)
-        as_dict = report.to_dict() if hasattr(report, "to_dict") else dict(report)
+    if model is not None:
+        from tunesmith.data.validate import validate_data
+
+        report = validate_data(Path(path), model=model, validation=validation, estimate=False)
         check = FileCheck(
-            examples=int(as_dict.get("examples", as_dict.get("n_examples", 0)) or 0),
-            errors=list(as_dict.get("errors", [])),
-            warnings=list(as_dict.get("warnings", [])),
+            examples=report.examples,
+            errors=[p.to_dict() for p in report.errors if p.code != "too_few_examples"],
+            warnings=[p.to_dict() for p in report.warnings],
         )
     else:
         check = _parse_only(Path(path))

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from tunesmith.errors import TunesmithError
 from tunesmith.jobs.store import JobStore, new_id
 from tunesmith.jobs.validation import MIN_EXAMPLES, check_file
 
@@ -126,8 +127,16 @@ class Worker:
             if row is None:
                 self._fail(job["id"], f"invalid_{param}", f"{param} {file_id} was deleted before the job started", param)
                 return
-            check = check_file(self.store.storage_root / row["path"], model=job["model"],
-                               min_examples=MIN_EXAMPLES if param == "training_file" else 1)
+            against = None
+            if param == "training_file" and job["validation_file"]:
+                vrow = self.store.get_file(job["validation_file"])
+                against = self.store.storage_root / vrow["path"] if vrow else None
+            try:
+                check = check_file(self.store.storage_root / row["path"], model=job["model"],
+                                   min_examples=MIN_EXAMPLES if param == "training_file" else 1, validation=against)
+            except TunesmithError as exc:  # e.g. the model is gone, or the file cannot be read at all
+                self._fail(job["id"], f"invalid_{param}", f"{param} {file_id}: {exc}", param)
+                return
             for w in check.warnings[:10]:
                 self.store.add_event(job["id"], f"{param} {file_id} line {w['line']} ({w['code']}): {w['message']}",
                                      level="warn")
