@@ -127,3 +127,19 @@ def test_api_key_is_required_when_set(_isolated_home, tmp_path):
         assert openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0).files.list().data == []
     finally:
         stop()
+
+
+def test_a_server_restart_loses_no_file_job_or_event(jobs_server, tmp_path, tiny_model_dir):
+    live = jobs_server(workers=0)
+    data = write_chat_jsonl(tmp_path / "t.jsonl")
+    fid = _upload(live, data)
+    job = live.client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=fid, metadata={"k": "v"})
+    live.client.fine_tuning.jobs.cancel(job.id)
+    before = [e.id for e in live.client.fine_tuning.jobs.list_events(job.id)]
+    live.store.close()
+
+    again = jobs_server(workers=0)  # a new server process state on the same $TUNESMITH_HOME
+    assert again.client.files.content(fid).read() == data.read_bytes()
+    restored = again.client.fine_tuning.jobs.retrieve(job.id)
+    assert restored.status == "cancelled" and restored.metadata == {"k": "v"}
+    assert [e.id for e in again.client.fine_tuning.jobs.list_events(job.id)] == before

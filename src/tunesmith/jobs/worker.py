@@ -401,6 +401,8 @@ class Worker:
         eval_file = job_dir(self.store, job_id) / "evaluation" / "evaluation.json"
         if evaluation and eval_file.is_file():
             lineage["evaluation"] = json.loads(eval_file.read_text())
+        if self.on_model_ready:  # served before anyone can see "succeeded"
+            self.on_model_ready(name, adapter)
         _, done = self.store.transition(
             job_id, ["running"], "succeeded", f"New fine-tuned model created: {name}",
             fine_tuned_model=name, finished_at=int(time.time()), trained_tokens=_trained_tokens(run),
@@ -408,8 +410,6 @@ class Worker:
         )
         if done:
             self.store.add_event(job_id, "The job has successfully completed")
-            if self.on_model_ready:
-                self.on_model_ready(name, adapter)
 
     def _metrics_file(self, job_id: str, run_dir: Path) -> str:
         """Write the run's metrics as OpenAI's step-metrics CSV, stored as a result file."""

@@ -227,12 +227,18 @@ class ModelPublisher:
 
     def sync(self) -> None:
         for job in self.store.succeeded_jobs():
-            lineage = job["lineage"] or {}
-            if job["fine_tuned_model"] and lineage.get("adapter"):
-                self.publish(job["fine_tuned_model"], self.store.storage_root / lineage["adapter"])
-            ckpts, _ = self.store.list_checkpoints(job["id"], limit=PUBLISHED_CHECKPOINTS)
-            for c in ckpts:
-                self.publish(c["fine_tuned_model_checkpoint"], self.store.storage_root / c["path"])
+            self.publish_job(job)
+
+    def publish_job(self, job: dict[str, Any]) -> None:
+        """Serve a succeeded job's model and its last checkpoints (no-op once done)."""
+        if self.engine is None or job["status"] != "succeeded":
+            return
+        lineage = job["lineage"] or {}
+        if job["fine_tuned_model"] and lineage.get("adapter"):
+            self.publish(job["fine_tuned_model"], self.store.storage_root / lineage["adapter"])
+        ckpts, _ = self.store.list_checkpoints(job["id"], limit=PUBLISHED_CHECKPOINTS)
+        for c in ckpts:
+            self.publish(c["fine_tuned_model_checkpoint"], self.store.storage_root / c["path"])
 
 
 class JobsService:
@@ -432,7 +438,11 @@ class JobsService:
         return row
 
     def retrieve_job(self, job_id: str) -> dict[str, Any]:
-        return job_object(self._job(job_id))
+        job = self._job(job_id)
+        # A job another machine's worker finished: load its model before the client, who now
+        # sees "succeeded", asks for it (the background sync would take up to a poll interval).
+        self.publisher.publish_job(job)
+        return job_object(job)
 
     def cancel_job(self, job_id: str) -> dict[str, Any]:
         """Cancel in any unfinished state; a running trainer stops within seconds, checkpoint kept."""
