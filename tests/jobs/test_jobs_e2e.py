@@ -70,13 +70,15 @@ def test_upload_train_poll_and_chat_with_the_fine_tuned_model(jobs_server, tmp_p
     assert "Fine-tuning job started" in messages
     metrics = [e for e in events if e.type == "metrics"]
     assert metrics and all(e.data["train_loss"] is not None for e in metrics)
+    assert any(e.data["valid_loss"] is not None and "validation loss=" in e.message for e in metrics)
     assert max(e.data["step"] for e in metrics) == 6
     assert messages[-1] == "The job has successfully completed"
 
     ckpts = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert sorted(c.step_number for c in ckpts) == [3, 6]
     assert all(c.fine_tuned_model_checkpoint == f"{job.fine_tuned_model}:ckpt-step-{c.step_number}" for c in ckpts)
-    assert all(c.metrics.train_loss is not None for c in ckpts)
+    assert all(c.metrics.train_loss is not None and c.metrics.valid_loss is not None for c in ckpts)
+    assert all(c.metrics.valid_mean_token_accuracy == c.metrics.full_valid_mean_token_accuracy for c in ckpts)
 
     csv_text = client.files.content(job.result_files[0]).text
     header, *rows = csv_text.strip().splitlines()

@@ -267,6 +267,8 @@ class Worker:
         every = self.config.save_every_steps or hp.get("steps_per_epoch")
         if every:
             cmd += ["--save-every-steps", str(every)]
+            if job["validation_file"]:  # so every checkpoint carries validation metrics
+                cmd += ["--eval-every-steps", str(every)]
         return cmd
 
     def _run_child(self, job_id: str, cmd: list[str], log_path: Path, lock_fd: int, stop: threading.Event,
@@ -327,8 +329,11 @@ class Worker:
                 parts.append(f"training loss={row['train_loss']:.4f}")
             if row.get("valid_loss") is not None:
                 parts.append(f"validation loss={row['valid_loss']:.4f}")
+            if row.get("token_accuracy") is not None:
+                parts.append(f"validation token accuracy={row['token_accuracy']:.3f}")
+            # The trainer's token_accuracy is measured on the validation set, with valid_loss.
             data = {"step": step, "total_steps": total, "train_loss": row.get("train_loss"),
-                    "valid_loss": row.get("valid_loss"), "train_mean_token_accuracy": row.get("token_accuracy"),
+                    "valid_loss": row.get("valid_loss"), "valid_mean_token_accuracy": row.get("token_accuracy"),
                     "epoch": row.get("epoch"), "learning_rate": row.get("lr"), "tokens_per_s": row.get("tokens_per_s")}
             self.store.add_event(job["id"], ", ".join(parts), type="metrics", data=data)
         ckpt_root = run_dir / "checkpoints"
@@ -363,11 +368,12 @@ class Worker:
         metrics = {
             "step": float(step),
             "train_loss": m.get("train_loss"),
-            "train_mean_token_accuracy": m.get("token_accuracy"),
+            "train_mean_token_accuracy": None,  # not measured by the trainer
+            # The trainer evaluates on the whole validation file, so "valid" is also "full_valid".
             "valid_loss": m.get("valid_loss"),
-            "valid_mean_token_accuracy": m.get("valid_token_accuracy"),
+            "valid_mean_token_accuracy": m.get("token_accuracy"),
             "full_valid_loss": m.get("valid_loss"),
-            "full_valid_mean_token_accuracy": m.get("valid_token_accuracy"),
+            "full_valid_mean_token_accuracy": m.get("token_accuracy"),
         }
         name = ft_model_name(job["model"], job["suffix"], job["id"]) + f":ckpt-step-{step}"
         added = self.store.add_checkpoint({
@@ -418,8 +424,8 @@ class Worker:
         writer.writerow(METRICS_CSV_FIELDS)
         for row in MetricsTail(run_dir / "metrics.jsonl").new_rows():
             writer.writerow(["" if v is None else v for v in (
-                row.get("step"), row.get("epoch"), row.get("train_loss"), row.get("token_accuracy"),
-                row.get("valid_loss"), row.get("valid_token_accuracy"), row.get("lr"), row.get("tokens_per_s"),
+                row.get("step"), row.get("epoch"), row.get("train_loss"), None,
+                row.get("valid_loss"), row.get("token_accuracy"), row.get("lr"), row.get("tokens_per_s"),
                 row.get("elapsed"))])
         return self._store_result_file(job_id, "step_metrics.csv", buf.getvalue().encode())
 
