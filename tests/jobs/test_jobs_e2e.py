@@ -187,3 +187,32 @@ def test_kill_9_of_the_worker_and_another_worker_resumes(jobs_server, tmp_path, 
     assert resumed.keys() == reference.keys()
     for name, tensor in reference.items():
         assert (resumed[name] - tensor).abs().max().item() <= 1e-4 * (1 + tensor.abs().max().item()), name
+
+
+def test_a_disk_that_fills_during_a_checkpoint_fails_the_job_cleanly(jobs_server, tmp_path, tiny_model_dir):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs as the jobs folder (a disk that can fill)")
+    live = jobs_server(workers=1)
+    jobs_dir = live.home / "jobs"
+    jobs_dir.mkdir()
+    # Room for the first checkpoint of the tiny model (~0.6 MB with the job's copy), not a second.
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=800k", "tmpfs", str(jobs_dir)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        fid = live.client.files.create(file=open(write_chat_jsonl(tmp_path / "t.jsonl", n=12), "rb"),
+                                       purpose="fine-tune").id
+        job = live.client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=fid,
+                                                  hyperparameters={"n_epochs": 3, "batch_size": 4})
+        done = wait_for(lambda: (j := _status(live, job.id)).status in ("succeeded", "failed") and j, 180,
+                        "the job to end")
+        assert done.status == "failed" and done.error.code == "training_failed"
+        assert "space" in done.error.message.lower() or "disk" in done.error.message.lower(), done.error.message
+        first = jobs_dir / job.id / "run" / "checkpoints" / "step-000003"
+        from safetensors.torch import load_file
+
+        assert load_file(first / "adapter_model.safetensors")  # the last good checkpoint is intact
+        assert [c.step_number for c in live.client.fine_tuning.jobs.checkpoints.list(job.id)] == [3]
+    finally:
+        live.service.stop()  # nothing may hold files on the tmpfs when it is unmounted
+        subprocess.run(["umount", "-l", str(jobs_dir)], capture_output=True)

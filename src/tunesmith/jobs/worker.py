@@ -355,15 +355,20 @@ class Worker:
         if not dest.exists():
             tmp = dest.with_name(dest.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
             try:
+                tmp.mkdir(parents=True)
                 for name in ADAPTER_FILES:
                     if (path / name).is_file():
                         shutil.copy2(path / name, tmp / name)
+                os.replace(tmp, dest)
             except FileNotFoundError:  # pruned by the trainer while we copied
                 shutil.rmtree(tmp, ignore_errors=True)
                 return
-            os.replace(tmp, dest)
+            except OSError as exc:  # e.g. the disk is full: point at the trainer's copy instead
+                shutil.rmtree(tmp, ignore_errors=True)
+                self.store.add_event(job["id"], f"Could not keep a copy of checkpoint step {step} ({exc.strerror}); "
+                                     "it may be pruned by later checkpoints", level="warn")
+                dest = path
         m = tail.at_step(step)
         metrics = {
             "step": float(step),
