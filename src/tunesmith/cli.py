@@ -115,7 +115,7 @@ def validate_cmd(
     if json_out:
         typer.echo(report_json(report))
     else:
-        print_report(report, Console(highlight=False))
+        print_report(report, Console(highlight=False, soft_wrap=True))
     raise typer.Exit(0 if report.ok else 1)
 
 
@@ -139,17 +139,29 @@ def inspect_cmd(
         path, model=model, n=n, max_seq_len=max_seq_len, format=format,
         columns=_columns(input_column, output_column, system),
     )
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     print_inspection(items, problems, console, plain=not console.is_terminal)
 
 
 # ----------------------------------------------------------------------------- train
 
 
+def _train_signature(func):
+    from tunesmith.train.command import with_train_signature
+
+    return with_train_signature(func)
+
+
 @app.command("train")
-def train_cmd() -> None:
-    """Fine-tune a model (LoRA by default) on a data file."""
-    _not_yet("train")
+@_train_signature
+def train_cmd(**options) -> None:
+    """Fine-tune a model (LoRA by default) on a data file.
+
+    tunesmith train --data train.jsonl --out runs/first; options come from -c run.yaml too (flags win).
+    """
+    from tunesmith.train.command import run_train_command
+
+    run_train_command(options)
 
 
 # ----------------------------------------------------------------------------- eval / compare / report / demo

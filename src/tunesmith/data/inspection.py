@@ -30,6 +30,8 @@ class InspectedExample:
     """The decoded text cut where the loss mask changes: (text, trained)."""
     roles: dict[str, tuple[int, int]]
     """role -> (tokens, trained tokens); empty when tokens cannot be mapped to messages."""
+    part: str = ""
+    """For a preference pair: "chosen" or "rejected"."""
 
 
 def inspect_data(
@@ -50,20 +52,27 @@ def inspect_data(
         tokenizer = load_tokenizer_quick(resolve_model(model))
     examples: list[Example] = []
     problems: list[Problem] = []
+    parts: list[str] = []
+    shown = 0
     for rec in iter_records(path, fmt, columns):
         problems += rec.errors
         if isinstance(rec.example, PreferenceExample):
+            # A preference pair is trained as two sequences: show both.
             pref = rec.example
-            examples.append(Example(messages=pref.prompt + pref.chosen, line=rec.line))
+            examples += [Example(messages=pref.prompt + pref.chosen, line=rec.line),
+                         Example(messages=pref.prompt + pref.rejected, line=rec.line)]
+            parts += ["chosen", "rejected"]
         elif rec.example is not None:
             examples.append(rec.example)
-        if len(examples) >= n:
+            parts.append("")
+        shown += rec.example is not None
+        if shown >= n:
             break
     rendered = render_examples(tokenizer, examples, max_seq_len)
-    return [_inspect_one(tokenizer, ex, te) for ex, te in zip(examples, rendered)], problems
+    return [_inspect_one(tokenizer, ex, te, part) for ex, te, part in zip(examples, rendered, parts)], problems
 
 
-def _inspect_one(tokenizer: Any, ex: Example, te: TokenizedExample) -> InspectedExample:
+def _inspect_one(tokenizer: Any, ex: Example, te: TokenizedExample, part: str = "") -> InspectedExample:
     runs: list[tuple[str, bool]] = []
     start = 0
     flags = [lab != IGNORE_INDEX for lab in te.labels]
@@ -71,7 +80,7 @@ def _inspect_one(tokenizer: Any, ex: Example, te: TokenizedExample) -> Inspected
         if i == len(flags) or flags[i] != flags[start]:
             runs.append((tokenizer.decode(te.input_ids[start:i]), flags[start]))
             start = i
-    return InspectedExample(ex.line, te, runs, _role_counts(tokenizer, ex, te, flags))
+    return InspectedExample(ex.line, te, runs, _role_counts(tokenizer, ex, te, flags), part)
 
 
 def _role_counts(tokenizer: Any, ex: Example, te: TokenizedExample, flags: list[bool]) -> dict[str, tuple[int, int]]:
@@ -119,7 +128,7 @@ def print_inspection(items: list[InspectedExample], problems: list[Problem], con
     for item in items:
         te = item.tokenized
         share = te.n_trained / len(te) if len(te) else 0.0
-        head = f"line {item.line}: {len(te)} tokens, {te.n_trained} trained ({share:.0%})"
+        head = f"line {item.line}{f' ({item.part})' if item.part else ''}: {len(te)} tokens, {te.n_trained} trained ({share:.0%})"
         if te.truncated:
             head += f", truncated from {te.full_length}"
         console.rule(head) if not plain else console.print(f"--- {head} ---", markup=False, highlight=False)

@@ -35,6 +35,7 @@ DEFAULT_MAX_SEQ_LEN = 2048
 MAX_LABELS = 100
 """Answers drawn from at most this many distinct strings count as class labels."""
 CHUNK_SIZE = 1024
+CHUNK_MAX_CHARS = 200_000
 SPEED_SEQ_LEN = 256
 
 
@@ -125,15 +126,26 @@ def validate_data(
     return report
 
 
-def _chunks(records: Iterable[Record], size: int) -> Iterable[list[Record]]:
+def _chunks(records: Iterable[Record], size: int, max_chars: int = CHUNK_MAX_CHARS) -> Iterable[list[Record]]:
+    """Records in groups of `size`, or fewer when their text is long: token lists of a
+    chunk are Python lists of ints, so the chunk's characters bound validate's memory."""
     chunk: list[Record] = []
+    chars = 0
     for rec in records:
         chunk.append(rec)
-        if len(chunk) >= size:
+        chars += _chars(rec.example)
+        if len(chunk) >= size or chars >= max_chars:
             yield chunk
-            chunk = []
+            chunk, chars = [], 0
     if chunk:
         yield chunk
+
+
+def _chars(ex: Example | PreferenceExample | None) -> int:
+    if ex is None:
+        return 0
+    messages = ex.messages if isinstance(ex, Example) else ex.prompt + ex.chosen + ex.rejected
+    return sum(len(m.content) for m in messages)
 
 
 def _example_hash(ex: Example | PreferenceExample) -> int:
@@ -157,6 +169,8 @@ class _Scan:
         self.no_system_lines = array("l")
         self.n_with_system = 0
         self.n_truncated = 0
+        self.kept_tokens = 0
+        """Tokens after truncation: what one epoch of training processes."""
         self.labels: Counter[str] | None = Counter()
 
     def check_tokenizer(self) -> None:
@@ -278,6 +292,7 @@ class _Scan:
             return
         self.n_examples += 1
         self.lengths.append(sum(te.full_length for te in tes))
+        self.kept_tokens += sum(len(te) for te in tes)
         self.trained.append(sum(te.n_trained for te in tes))
         self.hashes.append(_example_hash(ex))
         self.lines.append(ex.line)
@@ -332,7 +347,7 @@ class _Scan:
             "max_seq_len": self.max_seq_len,
             "tokens_per_example": _summary(self.lengths),
             "trained_tokens_per_example": _summary(self.trained),
-            "tokens_per_epoch": int(sum(self.lengths)),
+            "tokens_per_epoch": self.kept_tokens,
             "trained_tokens_per_epoch": int(sum(self.trained)),
             "truncated_examples": self.n_truncated,
             "labels": labels,
@@ -376,16 +391,19 @@ def _check_overlap(scan: _Scan, validation: Path, format: str | None, columns: C
 
 def build_estimate(ref: ModelRef, stats: dict[str, Any], price_per_million: float | None) -> dict[str, Any]:
     """Epochs tunesmith would pick, tokens in total, measured time here, hosted cost."""
-    from tunesmith.models.speed import measure_train_tokens_per_s
+    from tunesmith.models.speed import load_speed_entry, measure_train_tokens_per_s
 
     epochs = auto_epochs(stats["examples"])
     tokens_total = stats["tokens_per_epoch"] * epochs
     tokens_per_s = measure_train_tokens_per_s(ref, seq_len=SPEED_SEQ_LEN)
+    entry = load_speed_entry(ref, seq_len=SPEED_SEQ_LEN) or {}
     return {
         "epochs": epochs,
         "tokens_total": tokens_total,
         "trained_tokens_total": stats["trained_tokens_per_epoch"] * epochs,
         "train_tokens_per_s": round(tokens_per_s, 1),
+        "speed_precision": entry.get("precision"),
+        "speed_measured_busy": bool(entry.get("busy")),
         "time_s": round(tokens_total / tokens_per_s, 1) if tokens_per_s > 0 else None,
         "price_per_million": price_per_million,
         # Hosted APIs bill every token of the file once per epoch, not only the trained ones.
@@ -443,6 +461,9 @@ def print_report(report: ValidationReport, console: Any) -> None:
             f"{e['trained_tokens_total']:,} trained; at {e['train_tokens_per_s']:,} tokens/s measured here "
             f"(LoRA r=16) about {_duration(e['time_s'])}"
         )
+        if e.get("speed_measured_busy"):
+            console.print("  (the speed was measured while other processes kept the CPUs busy; "
+                          "it is measured again once the machine is idle)")
         if e.get("hosted_cost") is not None:
             console.print(f"hosted cost at ${e['price_per_million']}/M tokens: ${e['hosted_cost']:,.2f}")
 

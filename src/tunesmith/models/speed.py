@@ -105,6 +105,12 @@ def measure_train_tokens_per_s(
     return tokens_per_s
 
 
+def load_speed_entry(model_ref: ModelRef, seq_len: int = 256, batch_size: int = 1, home: Path | None = None) -> dict[str, Any] | None:
+    """The cached measurement (tokens_per_s, precision, busy, measured_at, ...), if any."""
+    cache = _read_cache((home or Settings.from_env().home) / SPEED_FILE)
+    return cache.get(speed_key(model_ref, seq_len, batch_size))
+
+
 def _measure(model_ref: ModelRef, seq_len: int, batch_size: int, steps: int) -> tuple[float, str]:
     import torch
     from peft import LoraConfig, get_peft_model
@@ -157,4 +163,5 @@ def _write_cache(path: Path, cache: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".speed-", suffix=".json")
     with os.fdopen(fd, "w") as fh:
         json.dump(cache, fh, indent=2, sort_keys=True)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)

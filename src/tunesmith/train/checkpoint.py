@@ -1,0 +1,223 @@
+"""Checkpoints: written atomically, loaded from safetensors and JSON only (never pickles).
+
+    OUT/checkpoints/step-000120/
+        adapter_config.json, adapter_model.safetensors   peft format (full: an HF model dir)
+        tunesmith_adapter.json                           {"base_model", "method", "step"}
+        trainer_state.json                               step, data position, best, RNG note
+        optimizer.safetensors                            AdamW moments per parameter name
+        rng.safetensors                                  torch RNG state
+    OUT/checkpoints/best.json                            {"step", "valid_loss"}
+    OUT/adapter/                                         the adapter to use (best, else last)
+
+A checkpoint is written into a temporary directory and renamed into place, so a kill in
+the middle of a save leaves the previous checkpoints as they were.
+
+    python -c "from tunesmith.train.checkpoint import latest_checkpoint; print(latest_checkpoint('runs/first'))"
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from tunesmith.errors import TunesmithError
+from tunesmith.models.adapters import ADAPTER_META
+
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+RNG_FILE = "rng.safetensors"
+KEEP_LAST = 2
+"""Checkpoints kept besides the best one (older ones are deleted)."""
+TRAINING_STATE_FILES = (STATE_FILE, OPTIMIZER_FILE, RNG_FILE)
+
+
+class TrainingError(TunesmithError):
+    """The run stopped: NaN loss, disk full, interrupted. The message says how to go on."""
+
+
+class TrainingInterrupted(TrainingError):
+    exit_code = 130
+
+
+def step_dir(out: Path, step: int) -> Path:
+    return out / "checkpoints" / f"step-{step:06d}"
+
+
+def list_checkpoints(out: Path) -> list[Path]:
+    root = Path(out) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith("step-") and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = list_checkpoints(out)
+    return found[-1] if found else None
+
+
+def _disk_error(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", -1))
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move tmp to final; an existing final is swapped out first, then removed."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(
+    out: Path,
+    step: int,
+    model: Any,
+    optimizer: Any,
+    names: list[str],
+    state: dict[str, Any],
+    meta: dict[str, Any],
+    tokenizer: Any = None,
+) -> Path:
+    """Write checkpoints/step-N atomically; on a full disk raise TrainingError naming the last good one."""
+    import torch
+    from safetensors.torch import save_file
+
+    final = step_dir(out, step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:  # full fine-tuning: the directory is a complete HF model
+            tokenizer.save_pretrained(tmp)
+        (tmp / ADAPTER_META).write_text(json.dumps({**meta, "step": step}, indent=2) + "\n")
+        opt_tensors, steps = optimizer_tensors(optimizer, names)
+        save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
+        save_file({"torch": torch.get_rng_state()}, str(tmp / RNG_FILE))
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "optimizer_steps": steps}, indent=2) + "\n")
+        _replace_dir(tmp, final)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _disk_error(exc):
+            raise
+        last = latest_checkpoint(out)
+        raise TrainingError(
+            f"the disk is full (or a file-size limit was hit) while writing checkpoint {final}: {exc.strerror}; "
+            + (f"the last good checkpoint {last} is intact: free space, then `tunesmith train --resume {out}`"
+               if last else "no checkpoint was saved yet: free space and start again")
+        ) from None
+    return final
+
+
+def optimizer_tensors(optimizer: Any, names: list[str]) -> tuple[dict[str, Any], dict[str, float]]:
+    """AdamW state as named tensors (safetensors) plus each parameter's step count (JSON)."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, Any] = {}
+    steps: dict[str, float] = {}
+    for idx, name in enumerate(names):
+        st = sd["state"].get(idx)
+        if not st:
+            continue
+        for key, value in st.items():
+            if key == "step":
+                steps[name] = float(value)
+            else:
+                tensors[f"{key}/{name}"] = value.detach().contiguous().clone()
+    return tensors, steps
+
+
+def load_optimizer(optimizer: Any, names: list[str], ckpt: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(ckpt / OPTIMIZER_FILE))
+    steps = json.loads((ckpt / STATE_FILE).read_text())["optimizer_steps"]
+    sd = optimizer.state_dict()
+    state = {}
+    for idx, name in enumerate(names):
+        if name not in steps:
+            continue
+        entry: dict[str, Any] = {"step": torch.tensor(steps[name], dtype=torch.float32)}
+        for key in ("exp_avg", "exp_avg_sq"):
+            entry[key] = tensors[f"{key}/{name}"]
+        state[idx] = entry
+    optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+
+
+def load_weights(model: Any, ckpt: Path, method: str) -> None:
+    """Put a checkpoint's trained weights back into the model (safetensors only)."""
+    from safetensors.torch import load_file
+
+    if method == "lora":
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
+        bad = [k for k in result.unexpected_keys if "lora_" in k]
+        if bad:
+            raise TrainingError(f"checkpoint {ckpt} does not fit this model (unexpected weights {bad[:3]}); check --model")
+        return
+    weights: dict[str, Any] = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        if f.name not in (OPTIMIZER_FILE, RNG_FILE):
+            weights.update(load_file(str(f)))
+    missing, _ = model.load_state_dict(weights, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    really_missing = [k for k in missing if k not in tied and "lm_head" not in k]
+    if really_missing:
+        raise TrainingError(f"checkpoint {ckpt} is missing weights {really_missing[:3]}")
+
+
+def load_rng(ckpt: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    torch.set_rng_state(load_file(str(ckpt / RNG_FILE))["torch"])
+
+
+def read_state(ckpt: Path) -> dict[str, Any]:
+    return json.loads((ckpt / STATE_FILE).read_text())
+
+
+def mark_best(out: Path, step: int, valid_loss: float) -> None:
+    path = Path(out) / "checkpoints" / "best.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"step": step, "valid_loss": valid_loss}) + "\n")
+    os.replace(tmp, path)
+
+
+def best_step(out: Path) -> int | None:
+    path = Path(out) / "checkpoints" / "best.json"
+    return json.loads(path.read_text())["step"] if path.is_file() else None
+
+
+def prune_checkpoints(out: Path) -> None:
+    """Keep the best checkpoint and the KEEP_LAST most recent ones."""
+    keep_best = best_step(out)
+    found = list_checkpoints(out)
+    for p in found[:-KEEP_LAST]:
+        if int(p.name.split("-")[1]) != keep_best:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def publish_adapter(out: Path, ckpt: Path) -> Path:
+    """Copy a checkpoint's model files (not its training state) to OUT/adapter atomically."""
+    final = Path(out) / "adapter"
+    tmp = Path(out) / f".tmp-adapter-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shutil.copytree(ckpt, tmp, ignore=shutil.ignore_patterns(*TRAINING_STATE_FILES))
+        _replace_dir(tmp, final)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _disk_error(exc):
+            raise
+        raise TrainingError(f"the disk is full while writing {final}; the checkpoint {ckpt} is intact and usable as the adapter") from None
+    return final

@@ -1,0 +1,161 @@
+"""`tunesmith train`: its options (generated from TrainConfig), --dry-run and --nproc.
+
+    tunesmith train --help
+    tunesmith train -c run.yaml --dry-run
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from tunesmith.train.config import TrainConfig, field_groups, resolve_config
+
+PANELS = {"data": "Data", "model": "Model", "method": "Method", "optimisation": "Optimisation",
+          "evaluation": "Evaluation", "output": "Output"}
+
+
+def _option_type(name: str, annotation: Any) -> Any:
+    if name == "packing":
+        return Optional[bool]
+    text = str(annotation)
+    if name in ("epochs", "lora_target_modules", "method", "precision"):
+        return Optional[str]
+    for typ in (Path, float, int, str):
+        if annotation is typ or typ.__name__ in text and "Literal" not in text:
+            return Optional[typ]
+    return Optional[str]
+
+
+def train_signature() -> inspect.Signature:
+    """Typer parameters: -c, one option per TrainConfig field (grouped panels), --dry-run, --nproc."""
+    P = inspect.Parameter
+    params = [P("config", P.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
+        None, "--config", "-c", help="YAML file with these options (flags given here override it).", rich_help_panel="Run"))]
+    for group, names in field_groups().items():
+        for name in names:
+            info = TrainConfig.model_fields[name]
+            flag = "--" + name.replace("_", "-")
+            decls = ["--packing/--no-packing"] if name == "packing" else [flag]
+            default = "required" if info.is_required() else info.default
+            shown = default if not isinstance(default, (list, Path)) else str(default)
+            params.append(P(name, P.KEYWORD_ONLY, annotation=_option_type(name, info.annotation), default=typer.Option(
+                None, *decls, help=f"{info.description} (default: {shown})", show_default=False,
+                rich_help_panel=PANELS[group])))
+    params.append(P("dry_run", P.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+        False, "--dry-run", help="Print the resolved config, data statistics and an estimate, then exit.", rich_help_panel="Run")))
+    params.append(P("nproc", P.KEYWORD_ONLY, annotation=int, default=typer.Option(
+        1, "--nproc", help="Processes to train with (data parallel through torch.distributed; same as torchrun).",
+        rich_help_panel="Run")))
+    return inspect.Signature(params)
+
+
+def with_train_signature(func: Callable) -> Callable:
+    func.__signature__ = train_signature()  # typer reads options from the signature
+    return func
+
+
+def run_train_command(options: dict[str, Any]) -> None:
+    config_file = options.pop("config", None)
+    dry_run = options.pop("dry_run", False)
+    nproc = options.pop("nproc", 1)
+    overrides = {k: v for k, v in options.items() if v is not None}
+    if isinstance(overrides.get("epochs"), str) and overrides["epochs"].isdigit():
+        overrides["epochs"] = int(overrides["epochs"])
+    cfg = resolve_config(config_file, overrides)
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        sys.exit(_launch(nproc))
+    if dry_run:
+        dry_run_report(cfg)
+        return
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    from tunesmith.train.run import train
+
+    # The command's own progress is the report; library progress bars and deprecation
+    # notices would bury it (this is the CLI process, so quieting them here is contained).
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    train(cfg)
+
+
+def _launch(nproc: int) -> int:
+    """Re-run this same command under torch.distributed.run with nproc processes."""
+    args = []
+    skip = False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        args.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", sys.argv[0], *args]
+    return subprocess.call(cmd)
+
+
+def dry_run_report(cfg: TrainConfig) -> None:
+    """Resolved config, data statistics and a compute estimate; loads no model weights."""
+    from tunesmith.data.formats import ColumnMapping
+    from tunesmith.data.stats import auto_epochs
+    from tunesmith.models.registry import load_tokenizer, resolve_model
+    from tunesmith.train import data as td
+    from tunesmith.train.model import precision_dtype
+
+    ref = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(ref)
+    columns = ColumnMapping(cfg.input_column, cfg.output_column, cfg.system)
+    train_ex, stats = td.render_and_filter(tokenizer, td.load_examples(cfg.data, cfg.format, columns), cfg.max_seq_len, str(cfg.data))
+    valid_n = 0
+    if cfg.validation:
+        valid_n = len(td.render_and_filter(tokenizer, td.load_examples(cfg.validation, cfg.format, columns), cfg.max_seq_len, str(cfg.validation))[0])
+    else:
+        train_ex, valid = td.split_validation(train_ex, cfg.val_split, cfg.seed)
+        valid_n = len(valid)
+    epochs = auto_epochs(len(train_ex)) if cfg.epochs == "auto" else cfg.epochs
+    spe = td.steps_per_epoch(len(train_ex), cfg.batch_size)
+    total = cfg.max_steps or epochs * spe
+    tokens = sum(len(t) for t in train_ex)
+    tokens_total = tokens / max(1, len(train_ex)) * min(cfg.batch_size, len(train_ex)) * total
+    n_params = _parameter_count(ref)
+    flops = (4 if cfg.method == "lora" else 6) * n_params * tokens_total
+    report = {
+        "config": json.loads(cfg.model_dump_json()),
+        "resolved": {"epochs": epochs, "steps_per_epoch": spe, "total_steps": total, "learning_rate": cfg.lr,
+                     "precision": str(precision_dtype(cfg.precision)).replace("torch.", "")},
+        "data": {"train_examples": len(train_ex), "validation_examples": valid_n, **{k: v for k, v in stats.to_dict().items() if k != "examples"}},
+        "estimate": {"tokens": int(tokens_total), "base_parameters": n_params, "training_flops": float(f"{flops:.3g}"),
+                     "note": "about 4 x parameters FLOPs per token for LoRA (6 x for full); divide by your measured FLOP/s"},
+    }
+    typer.echo(json.dumps(report, indent=2, default=str))
+
+
+def _parameter_count(ref: Any) -> int:
+    """Parameters of the base model, read from its safetensors headers (no weights loaded)."""
+    import struct
+
+    total = 0
+    files = sorted(Path(ref.path).glob("*.safetensors")) if not ref.is_gguf else []
+    for f in files:
+        with open(f, "rb") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            header = json.loads(fh.read(n))
+        for k, v in header.items():
+            if k != "__metadata__":
+                count = 1
+                for d in v["shape"]:
+                    count *= d
+                total += count
+    return total

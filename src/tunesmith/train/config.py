@@ -1,0 +1,185 @@
+"""The one config of a training run: every option, its default and its help text.
+
+`tunesmith train --help` is generated from the fields below (grouped by their `group`),
+a YAML file passed with `-c` holds the same keys, and flags override the file.
+
+    tunesmith train -c run.yaml --max-steps 60
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tunesmith.errors import ConfigError
+
+GROUPS = ("data", "model", "method", "optimisation", "evaluation", "output")
+DEFAULT_LEARNING_RATE = {"lora": 1e-3, "full": 2e-5}
+
+
+def _field(default: Any, group: str, help: str) -> Any:
+    return Field(default, description=help, json_schema_extra={"group": group})
+
+
+class TrainConfig(BaseModel):
+    """A training run. Unknown keys are an error; instances are never mutated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    # data
+    data: Path = _field(..., "data", "Training data file (.jsonl in chat, prompt/completion or alpaca format, or .csv/.tsv).")
+    validation: Path | None = _field(None, "data", "Validation data file; without it --val-split holds out a share of --data.")
+    val_split: float = _field(0.0, "data", "Share of --data held out for validation when --validation is not given (0 = none).")
+    format: str | None = _field(None, "data", "Data format; detected from the file when not given.")
+    input_column: str = _field("text", "data", "CSV/TSV column holding the user message.")
+    output_column: str | None = _field(None, "data", "CSV/TSV column holding the assistant answer to learn (required for CSV/TSV).")
+    system: str | None = _field(None, "data", "System prompt put before every CSV/TSV row.")
+    max_seq_len: int = _field(2048, "data", "Longest example in tokens; longer ones keep their first tokens, and ones left with no answer token are dropped.")
+    packing: bool = _field(True, "data", "Pack examples into one padding-free sequence per micro-batch (attention never crosses examples).")
+    # model
+    model: str = _field("smollm2-135m-instruct", "model", "Base model: registry name, Hugging Face directory or .gguf file.")
+    # method
+    method: Literal["lora", "full", "qlora", "dpo"] = _field("lora", "method", "lora (adapter), full (all weights); qlora and dpo are not available yet.")
+    lora_rank: int = _field(16, "method", "LoRA rank r.")
+    lora_alpha: float = _field(32.0, "method", "LoRA alpha (the update is scaled by alpha / rank).")
+    lora_dropout: float = _field(0.0, "method", "Dropout on the LoRA input (costs a random mask per layer per step).")
+    lora_target_modules: list[str] | Literal["all-linear"] = _field(
+        "all-linear", "method", "Modules that get LoRA adapters: all-linear, or comma-separated names (q_proj,v_proj)."
+    )
+    # optimisation
+    epochs: int | Literal["auto"] = _field("auto", "optimisation", "Passes over the data; auto picks from the data size as hosted APIs do.")
+    max_steps: int | None = _field(None, "optimisation", "Stop after this many optimizer steps (overrides --epochs).")
+    batch_size: int = _field(16, "optimisation", "Examples per optimizer step (over all processes).")
+    micro_batch_size: int | None = _field(None, "optimisation", "Examples per forward pass on each process; smaller accumulates gradients (same result, less memory).")
+    learning_rate: float | None = _field(None, "optimisation", "Peak learning rate; default 1e-3 for lora, 2e-5 for full.")
+    warmup_ratio: float = _field(0.03, "optimisation", "Share of steps with linear warm-up before the cosine decay.")
+    weight_decay: float = _field(0.0, "optimisation", "AdamW weight decay.")
+    max_grad_norm: float = _field(1.0, "optimisation", "Clip the gradient norm to this (0 = no clipping).")
+    seed: int = _field(42, "optimisation", "Seed for initialisation, data order and dropout.")
+    precision: Literal["auto", "bf16", "fp32"] = _field("auto", "optimisation", "auto: bf16 compute where the hardware has it, else fp32; trained weights stay fp32.")
+    # evaluation
+    eval_every_steps: int | None = _field(None, "evaluation", "Validation loss and token accuracy every N steps (and always at the end).")
+    early_stopping_patience: int | None = _field(None, "evaluation", "Stop after this many evaluations without a better validation loss.")
+    # output
+    out: Path | None = _field(None, "output", "Run directory; default runs/<data name>-<time>.")
+    save_every_steps: int | None = _field(None, "output", "Checkpoint every N steps (and always at the end, and on Ctrl-C).")
+    resume: Path | None = _field(None, "output", "Continue the run in this run directory from its last checkpoint.")
+
+    @field_validator("val_split")
+    @classmethod
+    def _share(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError("must be at least 0 and below 1, e.g. 0.1")
+        return v
+
+    @field_validator("max_seq_len", "lora_rank", "batch_size")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be a positive integer")
+        return v
+
+    @field_validator("epochs", "max_steps", "micro_batch_size", "eval_every_steps", "save_every_steps", "early_stopping_patience")
+    @classmethod
+    def _positive_or_none(cls, v: Any) -> Any:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be a positive integer")
+        return v
+
+    @field_validator("lora_target_modules", mode="before")
+    @classmethod
+    def _split_modules(cls, v: Any) -> Any:
+        if isinstance(v, str) and v != "all-linear":
+            return [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+    @property
+    def lr(self) -> float:
+        """The learning rate in force: the one given, else the method's default."""
+        return self.learning_rate if self.learning_rate is not None else DEFAULT_LEARNING_RATE.get(self.method, 1e-4)
+
+    def non_defaults(self) -> dict[str, Any]:
+        """Settings that differ from the defaults, for the start-of-run log."""
+        out = {}
+        for name, info in type(self).model_fields.items():
+            value = getattr(self, name)
+            if info.is_required() or value != info.default:
+                out[name] = value
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(self.model_dump_json())
+
+
+def field_groups() -> dict[str, list[str]]:
+    """Field names by help group, in declaration order."""
+    groups: dict[str, list[str]] = {g: [] for g in GROUPS}
+    for name, info in TrainConfig.model_fields.items():
+        groups[(info.json_schema_extra or {})["group"]].append(name)
+    return groups
+
+
+def build_config(values: dict[str, Any], source: str = "options") -> TrainConfig:
+    """Validate a dict of settings; every problem is reported at once, with close matches."""
+    known = list(TrainConfig.model_fields)
+    try:
+        return TrainConfig(**values)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) or len(err["loc"]) == 1)
+            key = str(err["loc"][0]) if err["loc"] else ""
+            if err["type"] == "extra_forbidden":
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(known)}"
+                problems.append(f"unknown key '{key}'{hint}")
+            elif err["type"] == "missing":
+                problems.append(f"'{key}' is required (--{key.replace('_', '-')})")
+            else:
+                got = values.get(key, err.get("input"))
+                problems.append(f"'{loc or key}' {err['msg'].lower()} (got {got!r})")
+        raise ConfigError(f"invalid training config in {source}: " + "; ".join(problems)) from None
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """The settings in a YAML file (a mapping of TrainConfig keys)."""
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must be a mapping of option: value, got {type(data).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def resolve_config(config_file: Path | None, overrides: dict[str, Any]) -> TrainConfig:
+    """Merge: a resumed run's saved config, then the YAML file, then the flags given.
+
+    With `resume`, the run directory's run.json supplies everything not given again, so
+    `tunesmith train --resume runs/NAME` alone continues the same run.
+    """
+    values: dict[str, Any] = {}
+    resume = overrides.get("resume")
+    file_values = load_yaml(Path(config_file)) if config_file else {}
+    resume = resume or file_values.get("resume")
+    source = str(config_file) if config_file else "options"
+    if resume:
+        run_json = Path(resume) / "run.json"
+        if not run_json.is_file():
+            raise ConfigError(f"--resume '{resume}' is not a run directory (no run.json in it)")
+        values.update(json.loads(run_json.read_text())["config"])
+        values["out"] = str(resume)
+    values.update(file_values)
+    values.update(overrides)
+    if resume:
+        values["resume"] = str(resume)
+        values["out"] = str(resume)
+    return build_config(values, source)

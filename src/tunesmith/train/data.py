@@ -1,0 +1,177 @@
+"""Training data: read, render with the chat template, drop what cannot train, batch.
+
+The order of examples is a pure function of (seed, epoch), so a resumed run finds its
+place from the step number alone, and every process of a multi-process run knows every
+batch (it trains its share and knows the step's total trained tokens without talking).
+
+    python -c "from tunesmith.train.data import plan_step; help(plan_step)"
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from tunesmith.data.example import Example
+from tunesmith.data.formats import ColumnMapping, read_data
+from tunesmith.data.render import IGNORE_INDEX, TokenizedExample, render_examples
+from tunesmith.errors import DataError, UsageError
+
+MAX_DROPPED_SHARE = 0.10
+"""Refuse to train when more than this share of examples would lose every trained token."""
+
+
+@dataclass
+class DataStats:
+    examples: int = 0
+    dropped_no_trained_tokens: int = 0
+    truncated: int = 0
+    answer_truncated: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    longest: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class TrainData:
+    train: list[TokenizedExample]
+    valid: list[TokenizedExample]
+    stats: dict[str, DataStats] = field(default_factory=dict)
+
+
+def load_examples(path: Path, fmt: str | None, columns: ColumnMapping) -> list[Example]:
+    """Supervised examples from a file; every problem in it is one DataError."""
+    result = read_data(path, fmt, columns)
+    if result.preferences and not result.examples:
+        raise UsageError(f"'{path}' holds preference pairs (DPO data); --method dpo is not available yet")
+    if result.errors:
+        shown = "; ".join(f"line {p.line} {p.field}: {p.message}".replace(" :", ":") for p in result.errors[:3])
+        more = f" (and {len(result.errors) - 3} more)" if len(result.errors) > 3 else ""
+        raise DataError(
+            f"{path}: {len(result.errors)} problem(s): {shown}{more}; run `tunesmith validate {path}` to see them all"
+        )
+    if not any(ex.trained_messages for ex in result.examples):
+        raise DataError(f"{path}: no example has an assistant answer to learn; for CSV give --output-column")
+    return result.examples
+
+
+def render_and_filter(tokenizer: Any, examples: Sequence[Example], max_seq_len: int, where: str) -> tuple[list[TokenizedExample], DataStats]:
+    """Render, truncate (keep the first max_seq_len tokens), drop examples with no trained token.
+
+    Raises DataError when more than MAX_DROPPED_SHARE of the examples would be dropped.
+    """
+    rendered = render_examples(tokenizer, examples, max_seq_len)
+    kept = [t for t in rendered if t.n_trained > 0]
+    stats = DataStats(
+        examples=len(kept),
+        dropped_no_trained_tokens=len(rendered) - len(kept),
+        truncated=sum(t.truncated for t in rendered),
+        answer_truncated=sum(t.assistant_truncated for t in rendered),
+        tokens=sum(len(t) for t in kept),
+        trained_tokens=sum(t.n_trained for t in kept),
+        longest=max((t.full_length for t in rendered), default=0),
+    )
+    if rendered and stats.dropped_no_trained_tokens > MAX_DROPPED_SHARE * len(rendered):
+        raise DataError(
+            f"{where}: {stats.dropped_no_trained_tokens} of {len(rendered)} examples would have no token to "
+            f"train on (answers beyond --max-seq-len {max_seq_len}, the longest example has {stats.longest} "
+            f"tokens); raise --max-seq-len or shorten the prompts (at most {MAX_DROPPED_SHARE:.0%} may be dropped)"
+        )
+    if not kept:
+        raise DataError(f"{where}: no example left to train on")
+    return kept, stats
+
+
+def split_validation(examples: list[TokenizedExample], share: float, seed: int) -> tuple[list, list]:
+    """Hold out a seeded random share (at least one example) for validation."""
+    import torch
+
+    if share <= 0 or len(examples) < 2:
+        return examples, []
+    n_valid = max(1, round(len(examples) * share))
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+    held = set(order[:n_valid])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+def steps_per_epoch(n_examples: int, batch_size: int) -> int:
+    return max(1, math.ceil(n_examples / batch_size))
+
+
+def epoch_order(n_examples: int, seed: int, epoch: int) -> list[int]:
+    import torch
+
+    return torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+
+
+def plan_step(n_examples: int, batch_size: int, seed: int, step: int) -> tuple[int, list[int]]:
+    """(epoch, example indices) of optimizer step `step` (0-based) over all processes."""
+    spe = steps_per_epoch(n_examples, batch_size)
+    epoch, within = divmod(step, spe)
+    order = epoch_order(n_examples, seed, epoch)
+    return epoch, order[within * batch_size : (within + 1) * batch_size]
+
+
+def shard(indices: list[int], rank: int, world_size: int) -> list[int]:
+    """This process's share of a step's examples."""
+    return indices[rank::world_size]
+
+
+def micro_batches(indices: list[int], micro_batch_size: int | None) -> list[list[int]]:
+    size = micro_batch_size or max(1, len(indices))
+    return [indices[i : i + size] for i in range(0, len(indices), size)]
+
+
+def collate(examples: Sequence[TokenizedExample], packing: bool, pad_id: int) -> dict[str, Any]:
+    """Tensors for one forward pass. Targets are the labels shifted within each example,
+    so no example ever predicts the first token of the next one.
+
+    packing: one row [1, total] with per-example position ids, `cu_seq_lens` (cumulative
+    lengths) and the gather indices the packed attention uses to keep examples apart.
+    Otherwise: right-padded rows with an attention mask.
+    """
+    import torch
+
+    shifted = [t.labels[1:] + [IGNORE_INDEX] for t in examples]
+    if packing:
+        ids = [i for t in examples for i in t.input_ids]
+        pos = [p for t in examples for p in range(len(t))]
+        cu = [0]
+        for t in examples:
+            cu.append(cu[-1] + len(t))
+        longest = max(len(t) for t in examples)
+        # pack_index[e, j]: position in the row of token j of example e (0 past its end);
+        # unpack_index[p]: where row position p sits in the [examples * longest] layout.
+        pack_index = torch.zeros((len(examples), longest), dtype=torch.long)
+        unpack_index = torch.empty(len(ids), dtype=torch.long)
+        for e, t in enumerate(examples):
+            pack_index[e, : len(t)] = torch.arange(cu[e], cu[e + 1])
+            unpack_index[cu[e] : cu[e + 1]] = torch.arange(e * longest, e * longest + len(t))
+        return {
+            "input_ids": torch.tensor([ids]),
+            "position_ids": torch.tensor([pos]),
+            "cu_seq_lens": torch.tensor(cu),
+            "pack_index": pack_index,
+            "unpack_index": unpack_index,
+            "targets": torch.tensor([[x for s in shifted for x in s]]),
+            "tokens": len(ids),
+        }
+    width = max(len(t) for t in examples)
+    ids = torch.full((len(examples), width), pad_id)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    targets = torch.full((len(examples), width), IGNORE_INDEX)
+    for row, (t, s) in enumerate(zip(examples, shifted)):
+        ids[row, : len(t)] = torch.tensor(t.input_ids)
+        mask[row, : len(t)] = 1
+        targets[row, : len(t)] = torch.tensor(s)
+    return {"input_ids": ids, "attention_mask": mask, "targets": targets, "tokens": int(mask.sum())}
+
+
+def trained_tokens(examples: Sequence[TokenizedExample]) -> int:
+    """Positions that carry a loss (after the shift; the first token is never a target)."""
+    return sum(sum(1 for x in t.labels[1:] if x != IGNORE_INDEX) for t in examples)

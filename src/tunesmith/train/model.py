@@ -1,0 +1,169 @@
+"""The model side of training: build base + adapter, pick precision, compute the loss.
+
+Speed levers, all here: the frozen base is cast to bf16 once (LoRA weights and optimizer
+state stay fp32); packed batches go through `packed_attention`, which runs causal
+attention per example inside one padding-free row; the LM head and cross-entropy run only
+at positions that carry a label.
+
+    python -c "from tunesmith.train.model import precision_dtype; print(precision_dtype('auto'))"
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tunesmith.errors import UsageError
+
+PACKED_ATTENTION = "tunesmith_packed"
+# Model types whose attention is plain causal softmax attention over all earlier tokens,
+# so running it per example is exact. Others (sliding windows, soft-capping, attention
+# sinks) are refused for packing rather than silently mixing examples.
+PACKABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def has_bf16() -> bool:
+    """Whether bf16 matmuls are fast here: CUDA with bf16, or a CPU with AVX512-BF16/AMX."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def precision_dtype(precision: str) -> Any:
+    """The compute dtype for --precision (auto: bf16 where the hardware has it)."""
+    import torch
+
+    if precision == "bf16" or (precision == "auto" and has_bf16()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                     pack_index=None, unpack_index=None, **kwargs):
+    """Causal attention inside each example of a packed row, all examples in one call.
+
+    query/key/value are [1, heads, total_tokens, head_dim]. `pack_index` [examples, longest]
+    gathers each example's tokens into its own right-padded row; causal attention there
+    lets a token see only earlier tokens of its own example (padding lies after every real
+    token, so no real token sees it); `unpack_index` takes the real rows back out. The
+    linear layers, where the FLOPs are, still run on the padding-free row.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if pack_index is None or unpack_index is None:
+        raise RuntimeError("packed attention needs pack_index and unpack_index (see train.data.collate)")
+
+    def rows(x):  # [1, H, T, D] -> [examples, H, longest, D]
+        return x[0][:, pack_index].transpose(0, 1)
+
+    out, _ = sdpa_attention_forward(module, rows(query), rows(key), rows(value), None,
+                                    dropout=dropout, scaling=scaling, is_causal=True)
+    # out: [examples, longest, H, D] -> the packed row [1, T, H, D]
+    return out.reshape(-1, *out.shape[2:])[unpack_index].unsqueeze(0), None
+
+
+def check_packable(config: Any, max_seq_len: int) -> None:
+    sliding = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", True) is False:
+        sliding = None
+    if config.model_type not in PACKABLE_MODEL_TYPES or (sliding is not None and sliding < max_seq_len):
+        raise UsageError(
+            f"packing is not supported for model type '{config.model_type}'"
+            + (f" with a sliding window of {sliding}" if sliding else "")
+            + f" (exact per-example attention is guaranteed for {', '.join(PACKABLE_MODEL_TYPES)}); pass --no-packing"
+        )
+
+
+def use_packed_attention(model: Any, max_seq_len: int) -> None:
+    """Switch a model to per-example attention for packed rows (refused where not exact)."""
+    from transformers import AttentionInterface
+
+    check_packable(model.config, max_seq_len)
+    # Registering under our own name adds an entry to transformers' table of attention
+    # functions; it changes no existing entry and no library method.
+    AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+    model.set_attn_implementation(PACKED_ATTENTION)
+
+
+def build_model(ref: Any, cfg: Any, compute_dtype: Any) -> Any:
+    """The base model with the method applied, its trainable parameters in fp32.
+
+    LoRA: base weights in the compute dtype (cast once, here), adapters via peft.
+    Full: all weights fp32 (bf16 runs under autocast).
+    """
+    import torch
+
+    from tunesmith.models.registry import load_model
+
+    if cfg.method == "qlora":
+        raise UsageError("--method qlora needs a CUDA GPU with bitsandbytes, which this version does not support; use --method lora")
+    if cfg.method == "dpo":
+        raise UsageError("--method dpo is not available yet; train with --method lora on chat data")
+    model = load_model(ref, dtype=compute_dtype if cfg.method == "lora" else torch.float32)
+    if cfg.packing:
+        use_packed_attention(model, cfg.max_seq_len)
+    else:
+        model.set_attn_implementation("sdpa")
+    model.config.use_cache = False
+    if cfg.method == "full":
+        model.train()
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.lora_target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        model = get_peft_model(model, lora, autocast_adapter_dtype=True)
+    except ValueError as exc:
+        raise UsageError(f"--lora-target-modules {cfg.lora_target_modules}: {exc}") from None
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    model.train()
+    return model
+
+
+def causal_lm(model: Any) -> Any:
+    """The transformers CausalLM inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def forward_loss(model: Any, batch: dict[str, Any], compute_dtype: Any) -> tuple[Any, int, Any]:
+    """(sum of token cross-entropies, number of target tokens, number predicted right).
+
+    The backbone gives hidden states; only those at positions with a target go through
+    the LM head, so the vocabulary-sized matmul is done for trained tokens only.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    lm = causal_lm(model)
+    backbone = getattr(lm, lm.base_model_prefix)
+    targets = batch["targets"]
+    kwargs = {k: batch[k] for k in ("position_ids", "attention_mask", "pack_index", "unpack_index") if k in batch}
+    device_type = batch["input_ids"].device.type
+    with torch.autocast(device_type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
+        hidden = backbone(input_ids=batch["input_ids"], use_cache=False, **kwargs).last_hidden_state
+        keep = targets != -100
+        logits = lm.get_output_embeddings()(hidden[keep])
+    logits = logits.float()
+    wanted = targets[keep]
+    loss_sum = F.cross_entropy(logits, wanted, reduction="sum")
+    correct = (logits.detach().argmax(-1) == wanted).sum()
+    return loss_sum, int(wanted.numel()), correct
+
+
+def trainable_parameters(model: Any) -> list[tuple[str, Any]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -1,0 +1,82 @@
+"""Where a run reports to: metrics.jsonl always, a rich progress bar on a terminal, plain
+lines otherwise (what the jobs worker captures). Only rank 0 reports.
+
+    tail -f runs/first/metrics.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+METRIC_KEYS = ("step", "epoch", "train_loss", "valid_loss", "token_accuracy", "lr", "tokens_per_s", "elapsed")
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop lines logged after the checkpoint a run resumes from (they will be redone)."""
+    if not path.is_file():
+        return
+    kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= last_step]
+    path.write_text("".join(ln + "\n" for ln in kept))
+
+
+class Reporter:
+    """metrics.jsonl plus a progress display; `enabled=False` for ranks other than 0."""
+
+    def __init__(self, metrics_path: Path, total_steps: int, start_step: int, enabled: bool, progress: bool):
+        self.enabled = enabled
+        self.total = total_steps
+        self.fh = open(metrics_path, "a") if enabled else None
+        self.bar = None
+        self.every = max(1, total_steps // 20)
+        self.last_valid: float | None = None
+        if enabled and progress and sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(), transient=False,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task("train", total=total_steps, completed=start_step, info="")
+
+    def log(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        line = {k: row.get(k) for k in METRIC_KEYS}
+        self.fh.write(json.dumps(line) + "\n")
+        self.fh.flush()
+        if row.get("valid_loss") is not None:
+            self.last_valid = row["valid_loss"]
+        info = (
+            f"epoch {row['epoch']:.2f}  loss {row['train_loss']:.4f}"
+            + (f"  val {self.last_valid:.4f}" if self.last_valid is not None else "")
+            + f"  {row['tokens_per_s']:.0f} tok/s"
+        )
+        if self.bar is not None:
+            self.bar.update(self.task, completed=row["step"], info=info)
+        elif row["step"] % self.every == 0 or row["step"] == self.total or row.get("valid_loss") is not None:
+            eta = row.get("eta_s")
+            say(f"step {row['step']}/{self.total}  {info}" + (f"  eta {eta:.0f}s" if eta is not None else ""))
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.console.print(text)
+        else:
+            say(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None

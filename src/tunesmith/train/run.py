@@ -1,0 +1,417 @@
+"""One training run, top to bottom: config, seed, tokenizer, data, model, optimizer, loop, save.
+
+    tunesmith train --data train.jsonl --out runs/first --max-steps 60
+    python -c "from tunesmith.train.run import train; from tunesmith.train.config import TrainConfig; \
+train(TrainConfig(data='train.jsonl', out='runs/first', max_steps=60))"
+
+Multi-process: under `torchrun --nproc-per-node N` (or `tunesmith train --nproc N`) each
+process trains its share of every step's examples; gradients are summed over processes
+with torch.distributed (gloo on CPU, nccl on GPU) before the optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from tunesmith.train import checkpoint as ck
+from tunesmith.train.config import TrainConfig
+from tunesmith.train.progress import Reporter, say, truncate_metrics
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    adapter_dir: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+    steps: int = 0
+    stopped: str = "finished"
+    """finished, early_stopping."""
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    device: str = "cpu"
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def default_out(cfg: TrainConfig) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{Path(cfg.data).stem}-{stamp}"
+
+
+def lr_at(step: int, total_steps: int, peak: float, warmup_ratio: float) -> float:
+    """Linear warm-up, then cosine decay towards 0 (step is 0-based)."""
+    warmup = int(round(warmup_ratio * total_steps))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
+    import torch
+
+    from tunesmith.data.formats import ColumnMapping
+    from tunesmith.data.stats import auto_epochs
+    from tunesmith.models.registry import hash_files, identity, load_tokenizer, resolve_model
+    from tunesmith.train import data as td
+    from tunesmith.train.model import build_model, precision_dtype
+
+    # --- 1. resolve the config. Everything that can be wrong with the inputs is found
+    # before the model loads, so a bad flag costs a second, not a minute.
+    dist = _init_distributed()
+    out = Path(cfg.resume or cfg.out or default_out(cfg))
+    resume_from = ck.latest_checkpoint(out) if cfg.resume else None
+    if cfg.resume and resume_from is None:
+        raise ck.TrainingError(f"--resume {out}: the run has no checkpoint yet; start it again without --resume")
+    if not cfg.resume and ck.latest_checkpoint(out) is not None:
+        raise ck.TrainingError(f"run directory {out} already holds checkpoints; continue it with --resume {out} or pick another --out")
+    ref = resolve_model(cfg.model)
+    base_identity = identity(ref)
+    compute_dtype = precision_dtype(cfg.precision)
+    log = say if dist.main else (lambda _msg: None)
+
+    # --- 2. seed: initialisation here; data order and dropout derive from (seed, step).
+    torch.manual_seed(cfg.seed)
+
+    # --- 3. tokenizer: the base model's own, with its chat template.
+    tokenizer = load_tokenizer(ref)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    # --- 4. data: render with the template, drop examples left with no trained token.
+    columns = ColumnMapping(cfg.input_column, cfg.output_column, cfg.system)
+    train_ex, train_stats = td.render_and_filter(
+        tokenizer, td.load_examples(cfg.data, cfg.format, columns), cfg.max_seq_len, str(cfg.data)
+    )
+    if cfg.validation:
+        valid_ex, valid_stats = td.render_and_filter(
+            tokenizer, td.load_examples(cfg.validation, cfg.format, columns), cfg.max_seq_len, str(cfg.validation)
+        )
+    else:
+        train_ex, valid_ex = td.split_validation(train_ex, cfg.val_split, cfg.seed)
+        valid_stats = None
+    epochs = auto_epochs(len(train_ex)) if cfg.epochs == "auto" else cfg.epochs
+    spe = td.steps_per_epoch(len(train_ex), cfg.batch_size)
+    total_steps = cfg.max_steps or epochs * spe
+    lr_peak = cfg.lr
+
+    # --- 5. model and adapter (base cast to the compute dtype once, trained weights fp32).
+    model = build_model(ref, cfg, compute_dtype)
+    model.to(dist.device)
+    groups, names = _param_groups(model, cfg.weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    n_trainable = sum(p.numel() for p in params)
+    n_total = sum(p.numel() for p in model.parameters())
+    if dist.world_size > 1:
+        for p in params:  # every process starts from rank 0's weights
+            torch.distributed.broadcast(p.data, src=0)
+
+    # --- 6. optimizer and schedule (the lr is a pure function of the step: see lr_at).
+    optimizer = torch.optim.AdamW(groups, lr=lr_peak, betas=(0.9, 0.999), eps=1e-8)
+    for p in params:  # zero grads rather than None: a process with no examples in a step still sums
+        p.grad = torch.zeros_like(p)
+
+    start_step, best, evals_since_best, elapsed_before = 0, None, 0, 0.0
+    if resume_from is not None:
+        ck.load_weights(model, resume_from, cfg.method)
+        ck.load_optimizer(optimizer, names, resume_from)
+        state = ck.read_state(resume_from)
+        start_step = state["step"]
+        best, evals_since_best = state.get("best"), state.get("evals_since_best", 0)
+        elapsed_before = state.get("elapsed", 0.0)
+        log(f"resuming {out} from {resume_from.name} (epoch {state['epoch']:.2f})")
+
+    meta = {"base_model": base_identity, "method": cfg.method}
+    data_hashes = {str(p): hash_files([Path(p)]) for p in (cfg.data, cfg.validation) if p}
+    run_info = {
+        "config": {**cfg.to_json(), "out": str(out)},
+        "resolved": {"epochs": epochs, "total_steps": total_steps, "steps_per_epoch": spe, "learning_rate": lr_peak,
+                     "precision": str(compute_dtype).replace("torch.", ""), "world_size": dist.world_size},
+        "base_model": base_identity,
+        "data": {"hashes": data_hashes, "train": train_stats.to_dict(),
+                 "valid": valid_stats.to_dict() if valid_stats else {"examples": len(valid_ex), "split_from_train": cfg.val_split}},
+        "parameters": {"trainable": n_trainable, "total": n_total},
+        "versions": _versions(),
+        "status": "running",
+    }
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "run.json", run_info)
+        truncate_metrics(out / "metrics.jsonl", start_step)
+    tokens_per_step = train_stats.tokens / max(1, len(train_ex)) * min(cfg.batch_size, len(train_ex))
+    log(f"run {out}: {cfg.method} on {cfg.model} ({n_trainable:,} trainable of {n_total:,} parameters, "
+        f"{run_info['resolved']['precision']}, {dist.world_size} process(es))")
+    log(f"data: {len(train_ex)} train / {len(valid_ex)} validation examples; {train_stats.truncated} truncated, "
+        f"{train_stats.dropped_no_trained_tokens} dropped (no trained token within --max-seq-len {cfg.max_seq_len})")
+    log(f"plan: {epochs} epoch(s){' (auto)' if cfg.epochs == 'auto' else ''}, {spe} steps/epoch, {total_steps} steps, "
+        f"~{tokens_per_step:.0f} tokens/step, lr {lr_peak:g}")
+    non_default = {k: v for k, v in cfg.non_defaults().items() if k not in ("data", "out")}
+    if non_default:
+        log("settings: " + ", ".join(f"{k}={v}" for k, v in non_default.items()))
+
+    # --- 7. the loop. One optimizer step = cfg.batch_size examples over all processes,
+    # loss = sum of token losses / the step's trained tokens, whatever the micro-batching.
+    stop = _StopFlag()
+    reporter = Reporter(out / "metrics.jsonl", total_steps, start_step, dist.main, progress)
+    stopped = "finished"
+    row: dict[str, Any] = {"step": start_step, "train_loss": None, "valid_loss": None, "token_accuracy": None}
+    train_time, tokens_seen = 0.0, 0
+    t_run = time.perf_counter()
+    step = start_step
+    try:
+        with stop.installed():
+            while step < total_steps:
+                t0 = time.perf_counter()
+                epoch, indices = td.plan_step(len(train_ex), cfg.batch_size, cfg.seed, step)
+                step_targets = td.trained_tokens([train_ex[i] for i in indices])
+                mine = td.shard(indices, dist.rank, dist.world_size)
+                torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + dist.rank)  # dropout
+                lr = lr_at(step, total_steps, lr_peak, cfg.warmup_ratio)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                for p in params:
+                    p.grad.zero_()
+                model.train()
+                loss_sum, step_tokens = accumulate_gradients(
+                    model, [train_ex[i] for i in mine], step_targets, cfg, pad_id, compute_dtype, dist.device
+                )
+                loss_sum, step_tokens, stop_now = _sum_over_processes(params, loss_sum, step_tokens, stop.requested, dist)
+                train_loss = loss_sum / step_targets
+                if not math.isfinite(train_loss):
+                    last = ck.latest_checkpoint(out)
+                    raise ck.TrainingError(
+                        f"the training loss became {train_loss} at step {step + 1}; stopped without saving. "
+                        + (f"The last good checkpoint {last} is intact" if last else "No checkpoint was saved")
+                        + f"; lower --learning-rate (now {lr_peak:g}) and start again"
+                    )
+                if cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                step += 1
+                train_time += time.perf_counter() - t0
+                tokens_seen += step_tokens
+                row = {"step": step, "epoch": step / spe, "train_loss": train_loss, "lr": lr,
+                       "tokens_per_s": tokens_seen / max(train_time, 1e-9),
+                       "elapsed": elapsed_before + time.perf_counter() - t_run,
+                       "eta_s": train_time / (step - start_step) * (total_steps - step)}
+
+                evaluate_now = bool(valid_ex) and (
+                    step == total_steps or bool(cfg.eval_every_steps and step % cfg.eval_every_steps == 0)
+                )
+                if evaluate_now:
+                    row.update(evaluate(model, valid_ex, cfg, pad_id, compute_dtype, dist))
+                reporter.log(row)
+                save_now = step == total_steps or stop_now or bool(cfg.save_every_steps and step % cfg.save_every_steps == 0)
+                if evaluate_now:
+                    improved = best is None or row["valid_loss"] < best["valid_loss"]
+                    if improved:
+                        best, evals_since_best, save_now = {"step": step, "valid_loss": row["valid_loss"]}, 0, True
+                    else:
+                        evals_since_best += 1
+                    if cfg.early_stopping_patience and evals_since_best >= cfg.early_stopping_patience:
+                        reporter.message(f"early stopping at step {step}: no better validation loss in "
+                                         f"{evals_since_best} evaluations (best {best['valid_loss']:.4f} at step {best['step']})")
+                        stopped, save_now = "early_stopping", True
+                if save_now:
+                    _save(out, step, model, optimizer, names, cfg, meta, tokenizer, best, evals_since_best,
+                          row["elapsed"], spe, dist)
+                if stop_now:
+                    raise ck.TrainingInterrupted(
+                        f"stopped by {stop.signal_name} at step {step}/{total_steps}; checkpoint saved; "
+                        f"continue with: tunesmith train --resume {out}"
+                    )
+                if stopped != "finished":
+                    break
+
+    finally:
+        reporter.close()
+
+    # --- 8. the last step was evaluated and saved in the loop; publish OUT/adapter (the
+    # best checkpoint by validation loss, else the last) and the final metrics.
+    adapter_dir, final = out / "adapter", {}
+    if dist.main:
+        chosen = ck.step_dir(out, best["step"]) if best else ck.step_dir(out, step)
+        adapter_dir = ck.publish_adapter(out, chosen)
+        final = {k: row.get(k) for k in ("train_loss", "valid_loss", "token_accuracy")}
+        final.update({"steps": step, "best_step": best["step"] if best else None, "stopped": stopped,
+                      "tokens_per_s": tokens_seen / max(train_time, 1e-9), "train_time_s": train_time,
+                      "adapter": str(adapter_dir), "adapter_step": int(chosen.name.split("-")[1])})
+        run_info.update({"status": "finished", "metrics": final})
+        _write_json(out / "run.json", run_info)
+        log(f"done: {step} steps, adapter {adapter_dir} (step {final['adapter_step']}"
+            + (f", validation loss {best['valid_loss']:.4f}" if best else "") + ")")
+    if dist.world_size > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return RunResult(out_dir=out, adapter_dir=adapter_dir, metrics=final, steps=step, stopped=stopped)
+
+
+def accumulate_gradients(model: Any, examples: list, step_targets: int, cfg: TrainConfig, pad_id: int,
+                         compute_dtype: Any, device: str) -> tuple[float, int]:
+    """Backward over micro-batches of `examples`, each loss divided by the whole step's
+    trained-token count, so the summed gradient is that of the mean over the step's tokens
+    whatever the micro-batching. Returns (sum of token losses, tokens processed)."""
+    from tunesmith.train import data as td
+    from tunesmith.train.model import forward_loss
+
+    loss_sum, tokens = 0.0, 0
+    for mb in td.micro_batches(list(range(len(examples))), cfg.micro_batch_size):
+        batch = _to_device(td.collate([examples[i] for i in mb], cfg.packing, pad_id), device)
+        mb_loss, _, _ = forward_loss(model, batch, compute_dtype)
+        (mb_loss / step_targets).backward()
+        loss_sum += mb_loss.item()
+        tokens += batch["tokens"]
+    return loss_sum, tokens
+
+
+def evaluate(model: Any, examples: list, cfg: TrainConfig, pad_id: int, compute_dtype: Any, dist: Dist) -> dict[str, float]:
+    """Mean validation loss and token accuracy over every trained token (all processes)."""
+    import torch
+
+    from tunesmith.train import data as td
+    from tunesmith.train.model import forward_loss
+
+    model.eval()
+    mine = td.shard(list(range(len(examples))), dist.rank, dist.world_size)
+    sums = torch.zeros(3, dtype=torch.float64)
+    with torch.no_grad():
+        for mb in td.micro_batches(mine, cfg.micro_batch_size or cfg.batch_size):
+            batch = _to_device(td.collate([examples[i] for i in mb], cfg.packing, pad_id), dist.device)
+            loss, n, correct = forward_loss(model, batch, compute_dtype)
+            sums += torch.tensor([loss.item(), n, correct.item()], dtype=torch.float64)
+    model.train()
+    if dist.world_size > 1:
+        torch.distributed.all_reduce(sums)
+    return {"valid_loss": float(sums[0] / sums[1]), "token_accuracy": float(sums[2] / sums[1])}
+
+
+def _save(out, step, model, optimizer, names, cfg, meta, tokenizer, best, evals_since_best, elapsed, spe, dist) -> None:
+    import torch
+
+    if dist.main:
+        state = {"epoch": step / spe, "data_position": {"epoch": step // spe, "step_in_epoch": step % spe},
+                 "best": best, "evals_since_best": evals_since_best, "elapsed": elapsed, "seed": cfg.seed,
+                 "world_size": dist.world_size,
+                 "rng": "dropout and data order derive from (seed, step, rank); rng.safetensors is the torch state at save"}
+        ck.save_checkpoint(out, step, model, optimizer, names, state, meta, tokenizer if cfg.method == "full" else None)
+        if best:
+            ck.mark_best(out, best["step"], best["valid_loss"])
+        ck.prune_checkpoints(out)
+    if dist.world_size > 1:
+        torch.distributed.barrier()
+
+
+def _param_groups(model: Any, weight_decay: float) -> tuple[list[dict], list[str]]:
+    """AdamW groups (no decay on vectors: norms, biases) and the parameter names in order."""
+    from tunesmith.train.model import trainable_parameters
+
+    decay, no_decay = [], []
+    for name, p in trainable_parameters(model):
+        (decay if p.ndim >= 2 else no_decay).append((name, p))
+    groups = [{"params": [p for _, p in decay], "weight_decay": weight_decay},
+              {"params": [p for _, p in no_decay], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]], [n for n, _ in decay] + [n for n, _ in no_decay]
+
+
+def _sum_over_processes(params, loss_sum: float, tokens: int, stop: bool, dist: Dist) -> tuple[float, int, bool]:
+    """Sum gradients, loss and token counts over processes (one all-reduce), and agree on stopping."""
+    if dist.world_size == 1:
+        return loss_sum, tokens, stop
+    import torch
+
+    flat = torch.cat([p.grad.reshape(-1) for p in params] + [torch.tensor([loss_sum, tokens, float(stop)], dtype=params[0].grad.dtype, device=params[0].grad.device)])
+    torch.distributed.all_reduce(flat)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+        offset += n
+    loss_sum, tokens, stops = flat[offset:].tolist()
+    return loss_sum, int(tokens), stops > 0
+
+
+def _init_distributed() -> Dist:
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(device="cuda" if torch.cuda.is_available() else "cpu")
+    import torch.distributed as tdist
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    else:
+        device = "cpu"
+    if not tdist.is_initialized():
+        tdist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return Dist(rank=rank, world_size=world, device=device)
+
+
+def _to_device(batch: dict[str, Any], device: str) -> dict[str, Any]:
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+
+    import tunesmith
+
+    return {"tunesmith": tunesmith.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "python": platform.python_version()}
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    import json
+
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+class _StopFlag:
+    """Ctrl-C / SIGTERM set a flag; the loop saves a checkpoint at the end of the step and stops."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+
+    def _handle(self, signum, _frame) -> None:
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+    def installed(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def ctx():
+            old = {}
+            try:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: the caller handles stopping
+                pass
+            try:
+                yield self
+            finally:
+                for sig, handler in old.items():
+                    signal.signal(sig, handler)
+
+        return ctx()

@@ -1,0 +1,97 @@
+"""Packing isolation, loss normalisation over micro-batches, precision choice."""
+
+from __future__ import annotations
+
+import pytest
+
+from tunesmith.data.example import chat
+from tunesmith.errors import UsageError
+from tunesmith.train import data as td
+from tunesmith.train.config import TrainConfig
+from tunesmith.train.model import check_packable, forward_loss, has_bf16, precision_dtype, use_packed_attention
+
+QUESTIONS = [
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("hi", "yo"),
+    ("How do I reset my password?", "Please click on forgot password."),
+    ("I am still waiting on my card?", "card_arrival"),
+    ("The quick brown fox", "jumps over the lazy dog."),
+    ("positive or negative?", "neutral"),
+    ("label?", "exchange_rate"),
+    ("question json", '{"answer": true}'),
+]
+
+
+def _examples(tok):
+    kept, _ = td.render_and_filter(tok, [chat(("user", q), ("assistant", a)) for q, a in QUESTIONS], 512, "test")
+    return kept
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_packed_equals_alone(tiny_tokenizer, attn):
+    import torch
+
+    from conftest import build_tiny_model
+
+    examples = _examples(tiny_tokenizer)
+    model = build_tiny_model(tiny_tokenizer)
+    model.set_attn_implementation(attn)
+    with torch.no_grad():
+        alone = [model(input_ids=torch.tensor([e.input_ids])).logits[0] for e in examples]
+        alone_loss = sum(forward_loss(model, td.collate([e], False, 0), torch.float32)[0] for e in examples)
+        padded_loss = forward_loss(model, td.collate(examples, False, 0), torch.float32)[0]
+        use_packed_attention(model, 512)
+        batch = td.collate(examples, True, 0)
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                       pack_index=batch["pack_index"], unpack_index=batch["unpack_index"]).logits[0]
+        packed_loss = forward_loss(model, batch, torch.float32)[0]
+    assert packed.shape[0] == sum(len(e) for e in examples)
+    assert torch.allclose(packed, torch.cat(alone), atol=1e-4, rtol=0)
+    assert abs(packed_loss.item() - alone_loss.item()) < 1e-4 * max(1.0, abs(alone_loss.item()))
+    assert abs(padded_loss.item() - alone_loss.item()) < 1e-4 * max(1.0, abs(alone_loss.item()))
+
+
+def test_packing_refused_where_not_exact():
+    from transformers import Gemma2Config, MistralConfig
+
+    with pytest.raises(UsageError, match="sliding window of 16.*--no-packing"):
+        check_packable(MistralConfig(sliding_window=16), max_seq_len=64)
+    check_packable(MistralConfig(sliding_window=4096), max_seq_len=64)
+    with pytest.raises(UsageError, match="model type 'gemma2'.*--no-packing"):
+        check_packable(Gemma2Config(), max_seq_len=64)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_gradient_accumulation_equals_one_batch(tiny_model_dir, tiny_tokenizer, packing):
+    import torch
+
+    from tunesmith.models.registry import resolve_model
+    from tunesmith.train.model import build_model, trainable_parameters
+    from tunesmith.train.run import accumulate_gradients
+
+    examples = _examples(tiny_tokenizer)
+    n_targets = td.trained_tokens(examples)
+    grads = {}
+    for micro in (None, 2):
+        cfg = TrainConfig(data="x.jsonl", model=str(tiny_model_dir), precision="fp32", lora_dropout=0.0,
+                          packing=packing, micro_batch_size=micro, batch_size=len(examples))
+        torch.manual_seed(0)
+        model = build_model(resolve_model(cfg.model), cfg, torch.float32)
+        for _, p in trainable_parameters(model):  # LoRA B starts at zero; make every grad non-trivial
+            p.data.normal_(0, 0.1)
+        accumulate_gradients(model, examples, n_targets, cfg, 0, torch.float32, "cpu")
+        grads[micro] = torch.cat([p.grad.reshape(-1) for _, p in trainable_parameters(model)])
+    assert grads[None].abs().max() > 1e-4
+    assert torch.allclose(grads[2], grads[None], atol=1e-5, rtol=0)
+    # The bug this guards against: averaging each micro-batch's mean gives different gradients
+    # when micro-batches hold different numbers of trained tokens.
+    counts = [td.trained_tokens(examples[i : i + 2]) for i in range(0, len(examples), 2)]
+    assert len(set(counts)) > 1
+
+
+def test_precision_auto_follows_hardware():
+    import torch
+
+    assert precision_dtype("fp32") == torch.float32
+    assert precision_dtype("bf16") == torch.bfloat16
+    assert precision_dtype("auto") == (torch.bfloat16 if has_bf16() else torch.float32)
