@@ -16,10 +16,8 @@ starting before the old child has finished writing.
 
 from __future__ import annotations
 
-import csv
 import ctypes
 import fcntl
-import io
 import json
 import os
 import shutil
@@ -35,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tunesmith.errors import TunesmithError
+from tunesmith.jobs.run_reader import MetricsTail, has_checkpoint, last_error, metrics_csv, trained_tokens
 from tunesmith.jobs.store import JobStore, new_id
 from tunesmith.jobs.validation import MIN_EXAMPLES, check_file
 
@@ -42,10 +41,6 @@ ModelReady = Callable[[str, Path], None]
 """Called with (model name, adapter directory) when a model (or checkpoint) is published."""
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "tunesmith_adapter.json")
-METRICS_CSV_FIELDS = ("step", "epoch", "train_loss", "train_accuracy", "valid_loss",
-                      "valid_mean_token_accuracy", "learning_rate", "tokens_per_s", "elapsed_s")
-
-
 @dataclass(frozen=True)
 class WorkerConfig:
     poll_interval_s: float = 1.0
@@ -185,7 +180,7 @@ class Worker:
                                           tick=lambda: self._publish_progress(job, run_dir, tail, seen_ckpts),
                                           eta=lambda: tail.eta(run_dir))
             if outcome == "finished" and rc != 0:
-                self._fail(job_id, "training_failed", _last_error(root / "train.log", rc))
+                self._fail(job_id, "training_failed", last_error(root / "train.log", rc))
                 return
             if outcome == "finished" and job["validation_file"] and _can_evaluate():
                 outcome, evaluation = self._evaluate(job, run_dir, root, lock_fd, stop)
@@ -229,7 +224,7 @@ class Worker:
             return outcome, None
         if rc != 0 or not (out / SUMMARY_FILE).is_file():
             self.store.add_event(job_id, f"Evaluation failed, the model is kept: "
-                                         f"{_last_error(root / 'evaluation.log', rc)}", level="warn")
+                                         f"{last_error(root / 'evaluation.log', rc)}", level="warn")
             return outcome, None
         summary = json.loads((out / SUMMARY_FILE).read_text())
         self.store.add_event(job_id, summary_sentence(summary), data=summary)
@@ -250,7 +245,7 @@ class Worker:
 
     def _train_command(self, job: dict[str, Any], run_dir: Path) -> list[str]:
         cmd = [sys.executable, "-m", "tunesmith", "train"]
-        if (run_dir / "run.json").is_file() and _has_checkpoint(run_dir):
+        if (run_dir / "run.json").is_file() and has_checkpoint(run_dir):
             return cmd + ["--resume", str(run_dir)]
         if run_dir.exists():  # started but never checkpointed: start over
             shutil.rmtree(run_dir)
@@ -416,23 +411,14 @@ class Worker:
             self.on_model_ready(name, adapter)
         _, done = self.store.transition(
             job_id, ["running"], "succeeded", f"New fine-tuned model created: {name}",
-            fine_tuned_model=name, finished_at=int(time.time()), trained_tokens=_trained_tokens(run),
+            fine_tuned_model=name, finished_at=int(time.time()), trained_tokens=trained_tokens(run),
             result_files=result_files, lineage=lineage, estimated_finish=None,
         )
         if done:
             self.store.add_event(job_id, "The job has successfully completed")
 
     def _metrics_file(self, job_id: str, run_dir: Path) -> str:
-        """Write the run's metrics as OpenAI's step-metrics CSV, stored as a result file."""
-        buf = io.StringIO()
-        writer = csv.writer(buf)
-        writer.writerow(METRICS_CSV_FIELDS)
-        for row in MetricsTail(run_dir / "metrics.jsonl").new_rows():
-            writer.writerow(["" if v is None else v for v in (
-                row.get("step"), row.get("epoch"), row.get("train_loss"), None,
-                row.get("valid_loss"), row.get("token_accuracy"), row.get("lr"), row.get("tokens_per_s"),
-                row.get("elapsed"))])
-        return self._store_result_file(job_id, "step_metrics.csv", buf.getvalue().encode())
+        return self._store_result_file(job_id, "step_metrics.csv", metrics_csv(run_dir))
 
     def _store_result_file(self, job_id: str, filename: str, content: bytes) -> str:
         import hashlib
@@ -459,65 +445,6 @@ class Worker:
         )
 
 
-class MetricsTail:
-    """Reads the complete lines appended to metrics.jsonl since the last call.
-
-    A resumed trainer rewrites the file without the steps it will redo, so rows are
-    deduplicated by step: only steps beyond the last one seen are new.
-    """
-
-    def __init__(self, path: Path, last_step: int = -1):
-        self.path = path
-        self.offset = 0
-        self.last_step = last_step
-        self.by_step: dict[int, dict[str, Any]] = {}
-
-    def new_rows(self) -> list[dict[str, Any]]:
-        if not self.path.is_file():
-            return []
-        size = self.path.stat().st_size
-        if size < self.offset:
-            self.offset = 0
-        with open(self.path, "rb") as fh:
-            fh.seek(self.offset)
-            chunk = fh.read()
-        end = chunk.rfind(b"\n") + 1
-        self.offset += end
-        rows = []
-        for line in chunk[:end].splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            step = int(row.get("step") or 0)
-            self.by_step[step] = {**self.by_step.get(step, {}), **{k: v for k, v in row.items() if v is not None}}
-            if step > self.last_step:
-                self.last_step = step
-                rows.append(row)
-        return rows
-
-    def at_step(self, step: int) -> dict[str, Any]:
-        self.new_rows()
-        steps = [s for s in self.by_step if s <= step]
-        return self.by_step[max(steps)] if steps else {}
-
-    @staticmethod
-    def total_steps(run_dir: Path) -> int | None:
-        try:
-            return int(json.loads((run_dir / "run.json").read_text())["resolved"]["total_steps"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
-    def eta(self, run_dir: Path) -> int | None:
-        """Estimated finish (unix time) from the pace so far."""
-        total = self.total_steps(run_dir)
-        last = self.by_step.get(self.last_step, {})
-        elapsed, step = last.get("elapsed"), last.get("step")
-        if not total or not elapsed or not step:
-            return None
-        return int(time.time() + elapsed / step * max(0, total - step))
-
-
 def _resolve_hyperparameters(method: dict[str, Any], n_examples: int) -> dict[str, Any]:
     """Replace every "auto" with the value training will use (known once the data is read)."""
     from tunesmith.data.stats import auto_epochs
@@ -540,11 +467,6 @@ def _can_evaluate() -> bool:
     return importlib.util.find_spec("tunesmith.evaluate.evaluation") is not None
 
 
-def _has_checkpoint(run_dir: Path) -> bool:
-    """A complete checkpoint (the trainer renames it into place only once written)."""
-    return any((p / "trainer_state.json").is_file() for p in (run_dir / "checkpoints").glob("step-*"))
-
-
 def _default_learning_rate() -> float:
     """The LoRA learning rate `tunesmith train` uses by default (multiplier 1.0)."""
     try:
@@ -552,31 +474,6 @@ def _default_learning_rate() -> float:
     except ImportError:  # the training stage is not installed: its documented default
         return 1e-3
     return DEFAULT_LEARNING_RATE["lora"]
-
-
-def _trained_tokens(run: dict[str, Any]) -> int | None:
-    """Tokens seen in training: tokens per epoch times the epochs actually run."""
-    train = (run.get("data") or {}).get("train") or {}
-    resolved = run.get("resolved") or {}
-    steps = (run.get("metrics") or {}).get("steps")
-    tokens = train.get("tokens")
-    spe = resolved.get("steps_per_epoch")
-    if not tokens or not spe or steps is None:
-        return None
-    return int(round(tokens * steps / spe))
-
-
-def _last_error(log_path: Path, returncode: int) -> str:
-    """The trainer's own error sentence (its last `error:` line), else the log's last line."""
-    try:
-        lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        lines = []
-    errors = [ln for ln in lines if ln.startswith("error:")]
-    if errors:
-        return f"training stopped with {errors[-1]}"
-    tail = lines[-1] if lines else "no output"
-    return f"training exited with code {returncode}: {tail[:500]}"
 
 
 _PR_SET_PDEATHSIG = 1

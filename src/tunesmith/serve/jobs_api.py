@@ -14,10 +14,8 @@ router's lifespan starts and stops them with the app.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import random
-import re
 import secrets
 import sys
 import threading
@@ -42,9 +40,9 @@ from tunesmith.serve.jobs_protocol import (
     job_object,
     page,
 )
+from tunesmith.serve.uploads import UploadError, UploadTooLarge, receive_upload
 
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024 * 1024
-MAX_FORM_FIELD_BYTES = 64 * 1024
 PUBLISHED_CHECKPOINTS = 3
 """Checkpoints per job that are loaded as models (the last ones, as hosted APIs keep)."""
 
@@ -100,104 +98,6 @@ def _validation_error(errors: list[dict[str, Any]]) -> APIError:
         else:
             parts.append(f"'{where}': {err.get('msg', 'invalid').lower()}{shown}")
     return APIError(400, "invalid request: " + "; ".join(parts), code="invalid_request", param=param)
-
-
-# ----------------------------------------------------------------------------- uploads
-
-
-class _TooLarge(Exception):
-    pass
-
-
-def _clean_filename(raw: bytes | None) -> str:
-    """The client's file name as metadata: decoded, control characters and NULs removed."""
-    name = (raw or b"").decode("utf-8", errors="replace")
-    name = re.sub(r"[\x00-\x1f\x7f]", "", name).strip()
-    return name[:255] or "upload.jsonl"
-
-
-async def _receive_upload(request: Request, tmp_dir: Path, max_bytes: int) -> tuple[dict[str, str], dict[str, Any]]:
-    """Stream a multipart body: form fields into memory, the `file` part into a temp file.
-
-    The size limit is checked on every chunk, so an oversized upload is refused after at
-    most `max_bytes` were written, whatever Content-Length claimed.
-    """
-    from python_multipart.multipart import MultipartParser, parse_options_header
-
-    ctype, params = parse_options_header(request.headers.get("content-type", ""))
-    boundary = params.get(b"boundary")
-    if ctype != b"multipart/form-data" or not boundary:
-        raise APIError(400, "upload files as multipart/form-data with fields 'file' and 'purpose'", code="invalid_request")
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_bytes + MAX_FORM_FIELD_BYTES:
-        raise _TooLarge()
-
-    fields: dict[str, str] = {}
-    upload: dict[str, Any] = {}
-    part: dict[str, Any] = {}
-    header = {"field": b"", "value": b""}
-
-    def on_part_begin() -> None:
-        part.clear()
-        part.update(headers={}, data=bytearray(), fh=None)
-
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        header["field"] += data[start:end]
-
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        header["value"] += data[start:end]
-
-    def on_header_end() -> None:
-        part["headers"][header["field"].lower()] = header["value"]
-        header["field"], header["value"] = b"", b""
-
-    def on_headers_finished() -> None:
-        _, disp = parse_options_header(part["headers"].get(b"content-disposition", b""))
-        part["name"] = disp.get(b"name", b"").decode("utf-8", errors="replace")
-        if part["name"] == "file" and "path" not in upload:
-            fd_path = tmp_dir / f".upload-{secrets.token_hex(8)}.part"
-            part["fh"] = open(fd_path, "xb")
-            upload.update(path=fd_path, filename=_clean_filename(disp.get(b"filename")), bytes=0,
-                          sha256=hashlib.sha256())
-
-    def on_part_data(data: bytes, start: int, end: int) -> None:
-        chunk = data[start:end]
-        if part.get("fh") is not None:
-            upload["bytes"] += len(chunk)
-            if upload["bytes"] > max_bytes:
-                raise _TooLarge()
-            part["fh"].write(chunk)
-            upload["sha256"].update(chunk)
-        else:
-            part["data"] += chunk
-            if len(part["data"]) > MAX_FORM_FIELD_BYTES:
-                raise APIError(400, f"form field '{part.get('name')}' is too long", code="invalid_request")
-
-    def on_part_end() -> None:
-        if part.get("fh") is not None:
-            part["fh"].flush()
-            os.fsync(part["fh"].fileno())
-            part["fh"].close()
-            part["fh"] = None
-        elif part.get("name"):
-            fields[part["name"]] = part["data"].decode("utf-8", errors="replace")
-
-    parser = MultipartParser(boundary, {
-        "on_part_begin": on_part_begin, "on_part_data": on_part_data, "on_part_end": on_part_end,
-        "on_header_field": on_header_field, "on_header_value": on_header_value,
-        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
-    })
-    try:
-        async for chunk in request.stream():
-            parser.write(chunk)
-        parser.finalize()
-    except BaseException:
-        if part.get("fh") is not None:
-            part["fh"].close()
-        if upload.get("path"):
-            upload["path"].unlink(missing_ok=True)
-        raise
-    return fields, upload
 
 
 # ----------------------------------------------------------------------------- the service
@@ -333,8 +233,10 @@ class JobsService:
         files_dir = self.store.storage_root / "files"
         files_dir.mkdir(parents=True, exist_ok=True)
         try:
-            fields, upload = await _receive_upload(request, files_dir, self.max_upload_bytes)
-        except _TooLarge:
+            fields, upload = await receive_upload(request, files_dir, self.max_upload_bytes)
+        except UploadError as exc:
+            raise APIError(400, str(exc), code="invalid_request")
+        except UploadTooLarge:
             raise APIError(413, f"the file is larger than this server's upload limit of {self.max_upload_bytes:,} "
                                 "bytes; split it or raise --max-upload-mb", code="file_too_large", param="file")
         try:
