@@ -279,9 +279,9 @@ class Worker:
             log_fh.write(f"\n$ {' '.join(cmd)}\n".encode())
             log_fh.flush()
             # pass_fds: the child holds the job's lock until it has exited, even if we die first.
-            child = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, pass_fds=(lock_fd,), preexec_fn=_die_with_parent,
-                                     start_new_session=True)
+            argv, preexec = _with_parent_death_signal(cmd)
+            child = subprocess.Popen(argv, stdout=log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=env, pass_fds=(lock_fd,), preexec_fn=preexec, start_new_session=True)
         self.log(f"{job_id}: child pid {child.pid}: {' '.join(cmd[2:4])}")
         reason = "finished"
         while True:
@@ -479,8 +479,20 @@ def _default_learning_rate() -> float:
 _PR_SET_PDEATHSIG = 1
 
 
+def _with_parent_death_signal(cmd: list[str]) -> tuple[list[str], Callable[[], None] | None]:
+    """Make the child get SIGTERM when the worker dies (Linux), so it checkpoints and exits.
+
+    util-linux's `setpriv --pdeathsig` does it without running Python between fork and
+    exec (unsafe in a process with threads, like the server); prctl from a preexec
+    function is the fallback where setpriv is missing.
+    """
+    setpriv = shutil.which("setpriv")
+    if setpriv:
+        return [setpriv, "--pdeathsig", "TERM", "--", *cmd], None
+    return cmd, _die_with_parent
+
+
 def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM when the worker dies (Linux), so it checkpoints."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
