@@ -143,3 +143,14 @@ def test_a_server_restart_loses_no_file_job_or_event(jobs_server, tmp_path, tiny
     restored = again.client.fine_tuning.jobs.retrieve(job.id)
     assert restored.status == "cancelled" and restored.metadata == {"k": "v"}
     assert [e.id for e in again.client.fine_tuning.jobs.list_events(job.id)] == before
+
+
+def test_the_api_and_a_worker_on_postgresql(jobs_server, tmp_path, tiny_model_dir, postgres_url):
+    live = jobs_server(workers=1, db=postgres_url)
+    assert live.store.dialect == "postgresql"
+    bad = write_chat_jsonl(tmp_path / "bad.jsonl", n=12, bad_lines={5: "[1, 2]"})
+    job = live.client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=_upload(live, bad))
+    job = wait_for(lambda: (j := live.client.fine_tuning.jobs.retrieve(job.id)).status == "failed" and j, 60,
+                   "the job to fail on PostgreSQL")
+    assert "line 5" in job.error.message
+    assert [j.id for j in live.client.fine_tuning.jobs.list()] == [job.id]
