@@ -419,3 +419,21 @@ def create_jobs_app(service: JobsService) -> FastAPI:
     app.include_router(service.router)
     return app
 
+
+
+def build_jobs_service(db: str | None, workers: int, engine: Any | None, max_upload_mb: float,
+                       settings: Any = None, log: Callable[[str], None] | None = None) -> JobsService:
+    """What `tunesmith serve --db --workers --max-upload-mb` mounts: checks the options, opens the store.
+
+    The routes are meant to sit behind the server's own API key dependency, so the
+    service checks none itself.
+    """
+    from tunesmith.errors import UsageError
+    from tunesmith.jobs.store import open_store
+
+    if workers < 0:
+        raise UsageError(f"--workers must be 0 (API only) or more, got {workers}")
+    if max_upload_mb <= 0:
+        raise UsageError(f"--max-upload-mb must be positive, got {max_upload_mb}")
+    store = open_store(db, settings)
+    return JobsService(store, workers=workers, engine=engine, max_upload_bytes=int(max_upload_mb * 1e6), log=log)
