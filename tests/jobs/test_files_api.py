@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from tests.jobs.conftest import write_chat_jsonl
+from jobs_helpers import jobs_server, write_chat_jsonl  # noqa: F401 (jobs_server is a fixture)
 
 
 def test_upload_retrieve_list_content_delete(jobs_server, tmp_path):

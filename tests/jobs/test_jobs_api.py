@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from tests.jobs.conftest import wait_for, write_chat_jsonl
+from jobs_helpers import jobs_server, postgres_server, postgres_url, wait_for, write_chat_jsonl  # noqa: F401 (fixtures)
 
 
 def _upload(live, path):
@@ -116,7 +116,7 @@ def test_a_file_used_by_an_unfinished_job_cannot_be_deleted(jobs_server, tmp_pat
 
 
 def test_api_key_is_required_when_set(_isolated_home, tmp_path):
-    from tests.jobs.conftest import start_uvicorn
+    from jobs_helpers import start_uvicorn
     from tunesmith.jobs.store import open_store
     from tunesmith.serve.jobs_api import JobsService, create_jobs_app
 

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from tests.jobs.conftest import wait_for, write_chat_jsonl
+from jobs_helpers import jobs_server, wait_for, write_chat_jsonl  # noqa: F401 (jobs_server is a fixture)
 
 pytest.importorskip("tunesmith.train.run", reason="the training stage (tunesmith train) is not installed")
 

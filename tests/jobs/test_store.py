@@ -8,6 +8,8 @@ import time
 import pytest
 import sqlalchemy as sa
 
+from jobs_helpers import postgres_server, postgres_url  # noqa: F401 (fixtures)
+
 from tunesmith.jobs.store import MIGRATIONS, new_id, open_store
 
 

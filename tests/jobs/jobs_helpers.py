@@ -1,4 +1,6 @@
-"""A live jobs server on loopback (uvicorn in a thread), the official openai client, data files."""
+"""Shared by the jobs tests (imported by name, like tests/evaluate's helpers, so that no second
+conftest.py shadows the root one): a live jobs server on loopback (uvicorn in a thread) with
+the official openai client, a throwaway PostgreSQL, data files."""
 
 from __future__ import annotations
 
