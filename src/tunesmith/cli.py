@@ -111,6 +111,7 @@ def validate_cmd(
     report = validate_data(
         path, model=model, max_seq_len=max_seq_len, validation=validation, format=format,
         columns=_columns(input_column, output_column, system), price_per_million=price_per_million,
+        log=lambda msg: typer.echo(msg, err=True),
     )
     if json_out:
         typer.echo(report_json(report))
@@ -236,3 +237,7 @@ def worker_cmd(
 def export_cmd() -> None:
     """Export a run as merged Hugging Face weights or GGUF."""
     _not_yet("export")
+
+
+if __name__ == "__main__":  # `python -m tunesmith.cli`, which `train --nproc` runs under torch.distributed
+    main()

@@ -244,6 +244,21 @@ def test_csv_column_mapping_and_row_lines(tmp_path):
     ]
 
 
+def test_invalid_csv_rows(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('text,category\nok,a\n"bad"quote,b\nfine,c\n"never closed,d\nlost,e\n')
+    result = read_data(path, columns=ColumnMapping("text", "category"))
+    assert codes_at(result.errors) == [(3, "invalid_csv"), (5, "invalid_csv")]
+    assert "never closed" in result.errors[1].message
+    assert [ex.line for ex in result.examples] == [2, 4]
+
+
+def test_invalid_tool_calls(tmp_path):
+    bad = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "tool_calls": "get"}]}
+    result = read_data(write_lines(tmp_path / "d.jsonl", [GOOD, bad]))
+    assert [(p.line, p.field, p.code) for p in result.errors] == [(2, "messages[1].tool_calls", "invalid_tool_calls")]
+
+
 def test_tsv_and_missing_column(tmp_path):
     path = tmp_path / "d.tsv"
     path.write_text("q\ta\nhello\tworld\n")

@@ -18,11 +18,8 @@ record (`iter_records`), so memory stays flat on large files; `read_data` collec
 
 from __future__ import annotations
 
-import csv
 import difflib
-import io
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -148,7 +145,9 @@ def iter_records(path: str | Path, fmt: str, columns: ColumnMapping | None = Non
     """Stream the file's records in order; raises only for an unusable path or mapping."""
     path = check_path(path)
     if fmt in ("csv", "tsv"):
-        yield from _table_records(path, fmt, columns or ColumnMapping())
+        from tunesmith.data.tables import table_records  # tables imports this module
+
+        yield from table_records(path, fmt, columns or ColumnMapping())
     else:
         yield from _jsonl_records(path, fmt)
 
@@ -427,87 +426,3 @@ def _answer(raw: Any, field: str, line: int, errors: list[Problem]) -> list[Mess
         errors.append(Problem(line, field, "no_assistant_message", f"'{field}' holds no assistant message"))
         return None
     return [Message(m.role, m.content, train=m.role == "assistant", tool_calls=m.tool_calls) for m in msgs]
-
-
-# ----------------------------------------------------------------------------- tables
-
-
-def _has_bad_bytes(text: str) -> bool:
-    # Undecodable bytes arrive as lone surrogates (errors="surrogateescape").
-    try:
-        text.encode("utf-8")
-        return False
-    except UnicodeEncodeError:
-        return True
-
-
-def _table_records(path: Path, fmt: str, columns: ColumnMapping) -> Iterator[Record]:
-    delimiter = "\t" if fmt == "tsv" else ","
-    old_limit = csv.field_size_limit()
-    # The default limit (128 KiB per field) would reject a long document in one cell.
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    try:
-        with open(path, "rb") as fh:
-            stream = io.TextIOWrapper(fh, encoding="utf-8-sig", errors="surrogateescape", newline="")
-            reader = csv.reader(stream, delimiter=delimiter)
-            try:
-                header = next(reader, None)
-            except csv.Error as exc:
-                yield Record(1, None, [Problem(1, "", "invalid_csv", f"the header cannot be read: {exc}")])
-                return
-            if header is None:
-                return
-            if any(_has_bad_bytes(h) for h in header):
-                yield Record(1, None, [Problem(1, "", "invalid_encoding", "the header is not valid UTF-8; save the file as UTF-8")])
-                return
-            i_in, i_out = _column_indexes(path, header, columns)
-            yield from _table_rows(reader, columns, i_in, i_out)
-    finally:
-        csv.field_size_limit(old_limit)
-
-
-def _column_indexes(path: Path, header: list[str], columns: ColumnMapping) -> tuple[int, int | None]:
-    wanted = [c for c in (columns.input_column, columns.output_column) if c]
-    missing = [c for c in wanted if c not in header]
-    if missing:
-        raise UsageError(
-            f"{path}: column(s) {', '.join(repr(c) for c in missing)} not found; the header has "
-            f"{', '.join(repr(h) for h in header)}; choose with --input-column and --output-column"
-        )
-    i_out = header.index(columns.output_column) if columns.output_column else None
-    return header.index(columns.input_column), i_out
-
-
-def _table_rows(reader: Any, columns: ColumnMapping, i_in: int, i_out: int | None) -> Iterator[Record]:
-    end = reader.line_num
-    while True:
-        start = end + 1
-        try:
-            row = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as exc:
-            end = reader.line_num
-            yield Record(start, None, [Problem(start, "", "invalid_csv", f"the row cannot be read: {exc}")])
-            continue
-        end = reader.line_num
-        if not row or all(not c.strip() for c in row):
-            continue
-        rec = Record(start, None)
-        if any(_has_bad_bytes(c) for c in row):
-            rec.errors.append(Problem(start, "", "invalid_encoding", "the row has bytes that are not valid UTF-8; save the file as UTF-8"))
-            yield rec
-            continue
-        text = row[i_in] if i_in < len(row) else ""
-        answer = row[i_out] if i_out is not None and i_out < len(row) else None
-        if not text.strip():
-            rec.errors.append(Problem(start, columns.input_column, "empty_content", f"column '{columns.input_column}' is empty"))
-        if i_out is not None and not (answer or "").strip():
-            rec.errors.append(Problem(start, columns.output_column or "", "empty_content", f"column '{columns.output_column}' is empty"))
-        if not rec.errors:
-            msgs = [Message("system", columns.system)] if columns.system else []
-            msgs.append(Message("user", text))
-            if answer is not None:
-                msgs.append(Message("assistant", answer, train=True))
-            rec.example = Example(messages=tuple(msgs), line=start)
-        yield rec

@@ -14,9 +14,9 @@ from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
-from tunesmith.data.example import Example, Message, PreferenceExample, Problem
+from tunesmith.data.example import Example, PreferenceExample, Problem
 from tunesmith.data.formats import (
     ColumnMapping,
     Record,
@@ -92,6 +92,7 @@ def validate_data(
     price_per_million: float | None = None,
     estimate: bool = True,
     tokenizer: Any = None,
+    log: Callable[[str], None] | None = None,
 ) -> ValidationReport:
     """Every problem in the file (and the validation file), stats, and a measured estimate.
 
@@ -99,6 +100,7 @@ def validate_data(
     column, model not found); everything about the data itself lands in the report.
     """
     path = check_path(path)
+    validation = check_path(validation) if validation is not None else None
     if max_seq_len < 1:
         raise UsageError(f"--max-seq-len must be a positive number of tokens, got {max_seq_len}")
     fmt = resolve_format(path, format)
@@ -117,12 +119,12 @@ def validate_data(
     report = ValidationReport(path=path, format=fmt, examples=scan.n_examples)
     scan.finish(path)
     if validation is not None:
-        _check_overlap(scan, Path(validation), format, columns)
+        _check_overlap(scan, validation, format, columns)
     report.errors = sorted(scan.errors, key=lambda p: p.line)
     report.warnings = sorted(scan.warnings, key=lambda p: p.line)
     report.stats = scan.stats()
     if estimate and scan.n_examples:
-        report.estimate = build_estimate(ref, report.stats, price_per_million)
+        report.estimate = build_estimate(ref, report.stats, price_per_million, log)
     return report
 
 
@@ -368,7 +370,6 @@ def _summary(values: array) -> dict[str, int] | None:
 
 def _check_overlap(scan: _Scan, validation: Path, format: str | None, columns: ColumnMapping | None) -> None:
     """Warn on every training example that is also in the validation file; report its errors."""
-    validation = check_path(validation)
     fmt = resolve_format(validation, format if format not in ("csv", "tsv") else None)
     seen: dict[int, int] = {}
     n = 0
@@ -389,13 +390,15 @@ def _check_overlap(scan: _Scan, validation: Path, format: str | None, columns: C
             )
 
 
-def build_estimate(ref: ModelRef, stats: dict[str, Any], price_per_million: float | None) -> dict[str, Any]:
+def build_estimate(
+    ref: ModelRef, stats: dict[str, Any], price_per_million: float | None, log: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     """Epochs tunesmith would pick, tokens in total, measured time here, hosted cost."""
     from tunesmith.models.speed import load_speed_entry, measure_train_tokens_per_s
 
     epochs = auto_epochs(stats["examples"])
     tokens_total = stats["tokens_per_epoch"] * epochs
-    tokens_per_s = measure_train_tokens_per_s(ref, seq_len=SPEED_SEQ_LEN)
+    tokens_per_s = measure_train_tokens_per_s(ref, seq_len=SPEED_SEQ_LEN, log=log)
     entry = load_speed_entry(ref, seq_len=SPEED_SEQ_LEN) or {}
     return {
         "epochs": epochs,

@@ -2,7 +2,7 @@
 
 A short LoRA forward/backward (r=16 on all linear layers, bf16 autocast where the CPU
 has native bf16, else fp32) on random tokens; the result is cached in
-`$TUNESMITH_HOME/speed.json` keyed by model hash, torch version, device and shape, so
+`$TUNESMITH_HOME/speed.json` keyed by model hash, torch version, CPU and shape, so
 only the first `tunesmith validate` for a model on a machine pays for it.
 
     python -c "from tunesmith.models.registry import resolve_model; \
@@ -16,8 +16,9 @@ import os
 import platform
 import tempfile
 import time
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tunesmith.models.registry import ModelRef, identity
 from tunesmith.settings import Settings
@@ -59,12 +60,14 @@ def machine_busy() -> bool:
 
 
 def speed_key(model_ref: ModelRef, seq_len: int, batch_size: int) -> str:
-    import torch
+    """Cache key: what makes a measurement valid elsewhere. Computed without importing
+    torch (a second saved on every validate); the device is a property of the machine,
+    which the CPU name and count stand for."""
+    from importlib.metadata import version
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu:{cpu_name()}"
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     model_hash = identity(model_ref)["sha256"][:16]
-    threads = torch.get_num_threads()
-    return f"{model_hash}|torch {torch.__version__}|{device}|threads {threads}|lora r{LORA_RANK}|{batch_size}x{seq_len}"
+    return f"{model_hash}|torch {version('torch')}|{cpu_name()} x{cpus}|lora r{LORA_RANK}|{batch_size}x{seq_len}"
 
 
 def measure_train_tokens_per_s(
@@ -74,10 +77,11 @@ def measure_train_tokens_per_s(
     steps: int = 2,
     home: Path | None = None,
     use_cache: bool = True,
+    log: Callable[[str], None] | None = None,
 ) -> float:
     """Tokens per second of LoRA training (forward + backward + optimizer step).
 
-    Cached per model hash, torch version, device, threads and shape; `use_cache=False`
+    Cached per model hash, torch version, CPU (name and count) and shape; `use_cache=False`
     measures again and overwrites the entry. A value measured while the machine was busy
     is measured again on the first call that finds the machine idle.
     """
@@ -88,10 +92,15 @@ def measure_train_tokens_per_s(
     if use_cache and entry and not (entry.get("busy") and not machine_busy()):
         return float(entry["tokens_per_s"])
     busy = machine_busy()
-    tokens_per_s, precision = _measure(model_ref, seq_len, batch_size, steps)
+    if log:
+        log(f"measuring LoRA training speed of {model_ref.name} on this machine (once; cached in {cache_file})")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # library deprecation notices, not ours
+        tokens_per_s, precision, device = _measure(model_ref, seq_len, batch_size, steps)
     cache[key] = {
         "tokens_per_s": tokens_per_s,
         "precision": precision,
+        "device": device,
         # Measured while other processes held the CPUs: kept while the machine stays busy
         # (it is what training would get now), measured again once it is idle.
         "busy": busy or machine_busy(),
@@ -111,7 +120,7 @@ def load_speed_entry(model_ref: ModelRef, seq_len: int = 256, batch_size: int = 
     return cache.get(speed_key(model_ref, seq_len, batch_size))
 
 
-def _measure(model_ref: ModelRef, seq_len: int, batch_size: int, steps: int) -> tuple[float, str]:
+def _measure(model_ref: ModelRef, seq_len: int, batch_size: int, steps: int) -> tuple[float, str, str]:
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -138,15 +147,18 @@ def _measure(model_ref: ModelRef, seq_len: int, batch_size: int, steps: int) -> 
         optimizer.zero_grad(set_to_none=True)
 
     step()  # warm-up: allocator, kernels and autocast caches
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    # The fastest step, as timeit does: other processes only ever slow a step down.
+    fastest = float("inf")
     for _ in range(steps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
         step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t0
-    return batch_size * seq_len * steps / elapsed, "bf16" if bf16 else "fp32"
+        if device == "cuda":
+            torch.cuda.synchronize()
+        fastest = min(fastest, time.perf_counter() - t0)
+    name = torch.cuda.get_device_name(0) if device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    return batch_size * seq_len / fastest, "bf16" if bf16 else "fp32", name
 
 
 def _read_cache(path: Path) -> dict[str, Any]:

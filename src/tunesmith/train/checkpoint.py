@@ -60,8 +60,14 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _disk_error(exc: OSError) -> bool:
-    return exc.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", -1))
+DISK_ERRNOS = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", -1))
+
+
+def _disk_error(exc: Exception) -> bool:
+    """No space left, a quota or a file-size limit; safetensors reports these as its own error."""
+    if isinstance(exc, OSError):
+        return exc.errno in DISK_ERRNOS
+    return any(f"os error {n})" in str(exc) for n in DISK_ERRNOS)
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -104,13 +110,13 @@ def save_checkpoint(
         save_file({"torch": torch.get_rng_state()}, str(tmp / RNG_FILE))
         (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "optimizer_steps": steps}, indent=2) + "\n")
         _replace_dir(tmp, final)
-    except OSError as exc:
+    except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if not _disk_error(exc):
             raise
         last = latest_checkpoint(out)
         raise TrainingError(
-            f"the disk is full (or a file-size limit was hit) while writing checkpoint {final}: {exc.strerror}; "
+            f"the disk is full (or a file-size limit was hit) while writing checkpoint {final}; "
             + (f"the last good checkpoint {last} is intact: free space, then `tunesmith train --resume {out}`"
                if last else "no checkpoint was saved yet: free space and start again")
         ) from None
@@ -175,13 +181,6 @@ def load_weights(model: Any, ckpt: Path, method: str) -> None:
         raise TrainingError(f"checkpoint {ckpt} is missing weights {really_missing[:3]}")
 
 
-def load_rng(ckpt: Path) -> None:
-    import torch
-    from safetensors.torch import load_file
-
-    torch.set_rng_state(load_file(str(ckpt / RNG_FILE))["torch"])
-
-
 def read_state(ckpt: Path) -> dict[str, Any]:
     return json.loads((ckpt / STATE_FILE).read_text())
 
@@ -215,7 +214,7 @@ def publish_adapter(out: Path, ckpt: Path) -> Path:
     try:
         shutil.copytree(ckpt, tmp, ignore=shutil.ignore_patterns(*TRAINING_STATE_FILES))
         _replace_dir(tmp, final)
-    except OSError as exc:
+    except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if not _disk_error(exc):
             raise

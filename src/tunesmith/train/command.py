@@ -102,7 +102,8 @@ def _launch(nproc: int) -> int:
         if a.startswith("--nproc="):
             continue
         args.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", sys.argv[0], *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "tunesmith.cli", *args]
     return subprocess.call(cmd)
 
 

@@ -141,7 +141,8 @@ def build_config(values: dict[str, Any], source: str = "options") -> TrainConfig
                 problems.append(f"'{key}' is required (--{key.replace('_', '-')})")
             else:
                 got = values.get(key, err.get("input"))
-                problems.append(f"'{loc or key}' {err['msg'].lower()} (got {got!r})")
+                msg = err["msg"].removeprefix("Value error, ").removeprefix("value error, ")
+                problems.append(f"'{loc or key}' {msg[:1].lower()}{msg[1:]} (got {got!r})")
         raise ConfigError(f"invalid training config in {source}: " + "; ".join(problems)) from None
 
 

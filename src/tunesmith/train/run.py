@@ -15,7 +15,6 @@ import math
 import os
 import platform
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -67,6 +66,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
 
     from tunesmith.data.formats import ColumnMapping
     from tunesmith.data.stats import auto_epochs
+    from tunesmith.models.adapters import check_base
     from tunesmith.models.registry import hash_files, identity, load_tokenizer, resolve_model
     from tunesmith.train import data as td
     from tunesmith.train.model import build_model, precision_dtype
@@ -127,6 +127,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
 
     start_step, best, evals_since_best, elapsed_before = 0, None, 0, 0.0
     if resume_from is not None:
+        check_base(resume_from, base_identity)
         ck.load_weights(model, resume_from, cfg.method)
         ck.load_optimizer(optimizer, names, resume_from)
         state = ck.read_state(resume_from)
@@ -176,7 +177,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
         with stop.installed():
             while step < total_steps:
                 t0 = time.perf_counter()
-                epoch, indices = td.plan_step(len(train_ex), cfg.batch_size, cfg.seed, step)
+                _, indices = td.plan_step(len(train_ex), cfg.batch_size, cfg.seed, step)
                 step_targets = td.trained_tokens([train_ex[i] for i in indices])
                 mine = td.shard(indices, dist.rank, dist.world_size)
                 torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + dist.rank)  # dropout

@@ -1,0 +1,248 @@
+"""End to end on the tiny model: the real CLI, the run directory, resume, stops, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tunesmith.train.config import TrainConfig
+from tunesmith.train.run import train
+
+REPO = Path(__file__).resolve().parents[2]
+TUNESMITH = [sys.executable, "-c", "from tunesmith.cli import main; main()"]
+
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    rows = []
+    for i in range(24):
+        q = ["What is the capital of France?", "How do I reset my password?", "I am still waiting on my card?"][i % 3]
+        a = ["Paris.", "Click on forgot password.", "card_arrival", "exchange_rate"][i % 4]
+        rows.append({"messages": [{"role": "user", "content": f"{q} {i}"}, {"role": "assistant", "content": f"{a} {i % 5}"}]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def cli(*args: str, env_extra: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([*TUNESMITH, "train", *args], capture_output=True, text=True, env=env, **kw)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def common(model: Path, data: Path) -> list[str]:
+    return ["--model", str(model), "--data", str(data), "--precision", "fp32", "--batch-size", "4", "--seed", "3"]
+
+
+def test_cli_run_leaves_a_complete_run_dir(tiny_model_dir, chat_file, tmp_path):
+    out = tmp_path / "run"
+    proc = cli(*common(tiny_model_dir, chat_file), "--out", str(out), "--max-steps", "6", "--val-split", "0.25",
+               "--eval-every-steps", "3", "--save-every-steps", "2", "--lora-rank", "4")
+    assert proc.returncode == 0, proc.stderr
+    assert "trainable" in proc.stderr and "steps/epoch" in proc.stderr and "tokens/step" in proc.stderr
+
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "finished" and info["config"]["lora_rank"] == 4
+    assert info["base_model"]["sha256"] and info["versions"]["torch"]
+    assert list(info["data"]["hashes"].values())[0] and info["data"]["train"]["examples"] == 24
+    assert info["metrics"]["steps"] == 6 and info["metrics"]["valid_loss"] > 0
+
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert set(rows[0]) == {"step", "epoch", "train_loss", "valid_loss", "token_accuracy", "lr", "tokens_per_s", "elapsed"}
+    assert rows[2]["valid_loss"] is not None and rows[3]["valid_loss"] is None
+    assert 0.0 <= rows[5]["token_accuracy"] <= 1.0
+
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert "step-000006" in names and "best.json" in names and not any(n.startswith(".tmp") for n in names)
+    ckpt = out / "checkpoints" / "step-000006"
+    for f in ("adapter_config.json", "adapter_model.safetensors", "tunesmith_adapter.json", "trainer_state.json",
+              "optimizer.safetensors", "rng.safetensors"):
+        assert (ckpt / f).is_file(), f
+    assert not list(ckpt.glob("*.bin")) and not list(ckpt.glob("*.pt"))
+    best = json.loads((out / "checkpoints" / "best.json").read_text())
+    valid = {r["step"]: r["valid_loss"] for r in rows if r["valid_loss"] is not None}
+    assert best["step"] == min(valid, key=valid.get)
+    meta = json.loads((out / "adapter" / "tunesmith_adapter.json").read_text())
+    assert meta["step"] == best["step"] and meta["method"] == "lora" and meta["base_model"] == info["base_model"]
+
+
+def test_adapter_loads_with_peft_and_refuses_other_base(tiny_model_dir, chat_file, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from conftest import save_tiny_model
+    from tunesmith.errors import UsageError
+    from tunesmith.models.adapters import check_base, resolve_adapter
+    from tunesmith.models.registry import identity, resolve_model
+
+    out = tmp_path / "run"
+    result = train(TrainConfig(model=str(tiny_model_dir), data=chat_file, out=out, max_steps=3, batch_size=4,
+                               precision="fp32", learning_rate=1e-2), progress=False)
+    assert result.adapter_dir == out / "adapter" and resolve_adapter(out) == out / "adapter" and result.steps == 3
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    ids = torch.tensor([[1, 5, 9, 12]])
+    before = base(input_ids=ids).logits
+    tuned = PeftModel.from_pretrained(base, str(result.adapter_dir))
+    assert not torch.allclose(tuned(input_ids=ids).logits, before)
+    check_base(result.adapter_dir, identity(resolve_model(str(tiny_model_dir))))
+    other = save_tiny_model(tmp_path / "other", seed=1)
+    with pytest.raises(UsageError, match="was trained on base model"):
+        check_base(result.adapter_dir, identity(resolve_model(str(other))))
+
+
+def test_config_errors_are_one_sentence(tiny_model_dir, chat_file, tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(f"data: {chat_file}\nlerning_rate: 0.1\nbatch_size: 0\n")
+    proc = cli("-c", str(yaml_file))
+    assert proc.returncode == 2
+    assert "unknown key 'lerning_rate'; did you mean 'learning_rate'?" in proc.stderr
+    assert "'batch_size' must be a positive integer (got 0)" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+    proc = cli("--model", str(tiny_model_dir), "--data", str(chat_file), "--method", "qlora", "--out", str(tmp_path / "q"))
+    assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr and "--method lora" in proc.stderr
+
+
+def test_yaml_with_flag_override_and_dry_run(tiny_model_dir, chat_file, tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(f"model: {tiny_model_dir}\ndata: {chat_file}\nbatch_size: 4\nepochs: 2\nlearning_rate: 0.1\n")
+    proc = cli("-c", str(yaml_file), "--batch-size", "8", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["config"]["batch_size"] == 8 and report["config"]["learning_rate"] == 0.1
+    assert report["resolved"]["steps_per_epoch"] == 3 and report["resolved"]["total_steps"] == 6
+    assert report["data"]["train_examples"] == 24 and report["estimate"]["tokens"] > 0
+
+
+def _reference(model, data, out, **kw) -> list[dict]:
+    train(TrainConfig(model=str(model), data=data, out=out, precision="fp32", batch_size=4, seed=3,
+                      lora_dropout=0.1, **kw), progress=False)
+    return metrics(out)
+
+
+def _same_curve(a: list[dict], b: list[dict]) -> None:
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        assert abs(ra["lr"] - rb["lr"]) < 1e-9, ra["step"]
+        assert abs(ra["train_loss"] - rb["train_loss"]) < 1e-6, (ra["step"], ra["train_loss"], rb["train_loss"])
+
+
+def _same_adapter(a: Path, b: Path) -> None:
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys()
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6
+
+
+def _wait_for(predicate, proc, timeout_s=120):
+    t0 = time.monotonic()
+    while not predicate():
+        assert proc.poll() is None, "the run ended before it could be stopped"
+        assert time.monotonic() - t0 < timeout_s
+        time.sleep(0.02)
+
+
+def test_resume_after_sigkill_mid_epoch_is_exact(tiny_model_dir, chat_file, tmp_path):
+    steps = 24  # 6 steps per epoch
+    ref = _reference(tiny_model_dir, chat_file, tmp_path / "ref", max_steps=steps)
+    out = tmp_path / "run"
+    args = [*common(tiny_model_dir, chat_file), "--lora-dropout", "0.1", "--max-steps", str(steps),
+            "--save-every-steps", "2", "--out", str(out)]
+    proc = subprocess.Popen([*TUNESMITH, "train", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(lambda: (out / "checkpoints" / "step-000004").is_dir(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "adapter").exists()  # it really was killed mid-run
+    proc = cli("--resume", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming" in proc.stderr
+    _same_curve(ref, metrics(out))
+    _same_adapter(tmp_path / "ref" / "adapter", out / "adapter")
+
+
+def test_sigterm_in_second_epoch_saves_and_resumes_exactly(tiny_model_dir, chat_file, tmp_path):
+    steps = 18
+    ref = _reference(tiny_model_dir, chat_file, tmp_path / "ref", max_steps=steps)
+    out = tmp_path / "run"
+    args = [*common(tiny_model_dir, chat_file), "--lora-dropout", "0.1", "--max-steps", str(steps), "--out", str(out)]
+    proc = subprocess.Popen([*TUNESMITH, "train", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: (out / "metrics.jsonl").is_file() and len(metrics(out)) >= 8, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    last_line = err.strip().splitlines()[-1]
+    assert "stopped by SIGTERM" in last_line and f"tunesmith train --resume {out}" in last_line
+    stopped_at = metrics(out)[-1]["step"]
+    assert 8 <= stopped_at < steps and (out / "checkpoints" / f"step-{stopped_at:06d}").is_dir()
+    proc = cli("--resume", str(out))
+    assert proc.returncode == 0, proc.stderr
+    _same_curve(ref, metrics(out))
+    _same_adapter(tmp_path / "ref" / "adapter", out / "adapter")
+
+
+def test_nan_loss_stops_with_last_checkpoint_intact(tiny_model_dir, chat_file, tmp_path):
+    out = tmp_path / "run"
+    proc = cli(*common(tiny_model_dir, chat_file), "--out", str(out), "--max-steps", "10", "--learning-rate", "1e30",
+               "--max-grad-norm", "0", "--save-every-steps", "1", "--warmup-ratio", "0")
+    assert proc.returncode == 1
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "training loss became nan" in line.lower() and "lower --learning-rate" in line
+    good = sorted((out / "checkpoints").glob("step-*"))
+    assert good and "is intact" in line and good[-1].name in line
+    assert json.loads((good[-1] / "trainer_state.json").read_text())["step"] == int(good[-1].name.split("-")[1])
+
+
+def test_full_disk_keeps_previous_checkpoint(tiny_model_dir, chat_file, tmp_path):
+    import resource
+
+    out = tmp_path / "run"
+
+    def limit_file_size():  # every file may grow to 64 KB: metrics fit, a checkpoint does not
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    proc = subprocess.run([*TUNESMITH, "train", *common(tiny_model_dir, chat_file), "--out", str(out),
+                           "--max-steps", "4", "--save-every-steps", "2", "--lora-rank", "64"],
+                          capture_output=True, text=True, preexec_fn=limit_file_size)
+    assert proc.returncode == 1, proc.stderr
+    assert "disk is full" in proc.stderr and "Traceback" not in proc.stderr
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_full_fine_tuning_leaves_a_model_dir(tiny_model_dir, chat_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "full"
+    result = train(TrainConfig(model=str(tiny_model_dir), data=chat_file, out=out, method="full", max_steps=2,
+                               batch_size=4, precision="fp32", learning_rate=1e-3), progress=False)
+    assert (result.adapter_dir / "config.json").is_file() and (result.adapter_dir / "tokenizer_config.json").is_file()
+    assert json.loads((result.adapter_dir / "tunesmith_adapter.json").read_text())["method"] == "full"
+    AutoModelForCausalLM.from_pretrained(str(result.adapter_dir))
+
+
+def test_two_processes_match_one(tiny_model_dir, chat_file, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = [*common(tiny_model_dir, chat_file), "--max-steps", "4", "--batch-size", "8", "--val-split", "0.25"]
+    p1 = cli(*args, "--out", str(one))
+    assert p1.returncode == 0, p1.stderr
+    p2 = cli(*args, "--out", str(two), "--nproc", "2", env_extra={"OMP_NUM_THREADS": "1"})
+    assert p2.returncode == 0, p2.stderr
+    assert json.loads((two / "run.json").read_text())["resolved"]["world_size"] == 2
+    a, b = metrics(one), metrics(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        assert abs(ra["train_loss"] - rb["train_loss"]) < 1e-5
+    assert abs(a[-1]["valid_loss"] - b[-1]["valid_loss"]) < 1e-5
