@@ -377,6 +377,29 @@ def chat_cmd(
         engine.close()
 
 
+@app.command("worker")
+def worker_cmd(
+    db: Optional[str] = typer.Option(
+        None, "--db", help="Jobs database: sqlite:///PATH or postgresql://USER@HOST/DB (default: $TUNESMITH_HOME/tunesmith.db)."
+    ),
+    poll_interval_s: float = typer.Option(1.0, "--poll-interval-s", help="Seconds between looks for work and heartbeats."),
+    lease_s: float = typer.Option(30.0, "--lease-s", help="A job whose worker sent no heartbeat for this long is taken over."),
+) -> None:
+    """Run one fine-tuning jobs worker (no API) against a shared jobs database."""
+    import signal
+    import threading
+
+    from tunesmith.jobs.store import open_store
+    from tunesmith.jobs.worker import Worker, WorkerConfig
+
+    store = open_store(db)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        # Stop cleanly: the running trainer checkpoints and the job is queued again.
+        signal.signal(sig, lambda *_: stop.set())
+    Worker(store, WorkerConfig(poll_interval_s=poll_interval_s, lease_s=lease_s)).run(stop)
+
+
 # ----------------------------------------------------------------------------- export
 
 

@@ -1,0 +1,100 @@
+"""A job's evaluation stage: the base model and the tuned adapter on the validation file.
+
+The worker runs it in a child process after training (like training itself), so it can
+be cancelled the same way. Both models get the same prompts (the system prompt the run
+trained with); the result is `OUT/evaluation.json` plus each side's predictions.
+
+    python -m tunesmith.jobs.evaluation_stage --model smollm2-135m-instruct \
+        --adapter runs/first/adapter --data valid.jsonl --out runs/first/job-eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+SUMMARY_FILE = "evaluation.json"
+
+
+def run_stage(model: str, adapter: Path, data: Path, out: Path) -> dict[str, Any]:
+    """Evaluate base and tuned on `data`; write and return the comparison."""
+    from tunesmith.evaluate.evaluation import evaluate, run_system_prompt
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    system = run_system_prompt(adapter)
+    max_new = answer_budget(model, data)
+    log(f"generating up to {max_new} tokens per example (the longest reference answer plus a margin)")
+    base = evaluate(model, data, adapter=None, out=out / "base", system=system, max_new_tokens=max_new, log=log).metrics
+    tuned = evaluate(model, data, adapter=adapter, out=out / "tuned", system=system, max_new_tokens=max_new,
+                     log=log).metrics
+    main = tuned["main_metric"]
+    summary = {
+        "metric": tuned["metric"],
+        "main_metric": main,
+        "n_examples": tuned["n_examples"],
+        "base": {"scores": base["scores"], "loss": base["loss"]},
+        "tuned": {"scores": tuned["scores"], "loss": tuned["loss"]},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (SUMMARY_FILE + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp.replace(out / SUMMARY_FILE)
+    return summary
+
+
+def answer_budget(model: str, data: Path, margin: int = 8, most: int = 256) -> int:
+    """Tokens to generate: the longest reference answer in the file plus a margin.
+
+    Generating past the longest answer can only make a prediction wrong, and on CPU the
+    budget is most of the evaluation's time.
+    """
+    from tunesmith.data.formats import read_data
+    from tunesmith.models.registry import load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(resolve_model(model))
+    answers = [ex.messages[-1].content for ex in read_data(data).examples if ex.messages[-1].role == "assistant"]
+    longest = max((len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers), default=most)
+    return max(margin, min(most, longest + margin))
+
+
+def summary_sentence(summary: dict[str, Any]) -> str:
+    """"tuned 91.2% vs base 3.4% label accuracy on 300 validation examples"."""
+    main = summary["main_metric"]
+    tuned, base = summary["tuned"]["scores"].get(main), summary["base"]["scores"].get(main)
+
+    def fmt(v: float | None) -> str:
+        if v is None:
+            return "-"
+        return f"{v:.3f}" if main in ("loss", "perplexity") else f"{100 * v:.1f}%"
+
+    sentence = (f"Evaluation: tuned {fmt(tuned)} vs base {fmt(base)} {main.replace('_', ' ')} "
+                f"on {summary['n_examples']} validation examples")
+    bl, tl = summary["base"].get("loss"), summary["tuned"].get("loss")
+    if bl is not None and tl is not None:
+        sentence += f" (reference loss {tl:.3f} vs {bl:.3f})"
+    return sentence
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--adapter", required=True, type=Path)
+    parser.add_argument("--data", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args(argv)
+    from tunesmith.errors import TunesmithError
+
+    try:
+        run_stage(args.model, args.adapter, args.data, args.out)
+    except TunesmithError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Check a fine-tuning file the way `tunesmith validate` does, for uploads and jobs.
+
+The API stores every upload, records what the check found, and a job that names a file
+with errors fails in `validating_files` with these line-numbered problems.
+
+    python -c "from tunesmith.jobs.validation import check_file; print(check_file('train.jsonl'))"
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MIN_EXAMPLES = 10
+"""Hosted fine-tuning refuses fewer; so does tunesmith's API."""
+
+
+@dataclass
+class FileCheck:
+    examples: int = 0
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"examples": self.examples, "errors": self.errors, "warnings": self.warnings}
+
+    def summary(self, name: str, limit: int = 5) -> str:
+        """One sentence naming the first problems with their lines and codes."""
+        shown = "; ".join(f"line {p['line']} ({p['code']}): {p['message']}" for p in self.errors[:limit])
+        more = f"; and {len(self.errors) - limit} more" if len(self.errors) > limit else ""
+        return f"{name} has {len(self.errors)} error(s): {shown}{more}"
+
+
+def check_file(path: str | Path, model: str | None = None, min_examples: int = MIN_EXAMPLES,
+               validation: str | Path | None = None) -> FileCheck:
+    """Errors and warnings for one JSONL file.
+
+    With a model: `tunesmith validate`'s checks (`validate_data`: rendering through the
+    model's template, lengths, trained tokens, duplicates, and overlap with `validation`).
+    Without one (at upload, when the model is not known yet): the shared readers' parse
+    checks, which give the same line-numbered codes for broken JSON, unknown roles and
+    missing fields.
+    """
+    if model is not None:
+        from tunesmith.data.validate import validate_data
+
+        report = validate_data(Path(path), model=model, validation=validation, estimate=False)
+        check = FileCheck(
+            examples=report.examples,
+            errors=[p.to_dict() for p in report.errors if p.code != "too_few_examples"],
+            warnings=[p.to_dict() for p in report.warnings],
+        )
+    else:
+        check = _parse_only(Path(path))
+    if check.ok and check.examples < min_examples:
+        check.errors.append({
+            "line": 0, "field": "", "code": "too_few_examples",
+            "message": f"the file holds {check.examples} example(s); this needs at least {min_examples}",
+        })
+    return check
+
+
+def _parse_only(path: Path) -> FileCheck:
+    from tunesmith.data.formats import read_data
+    from tunesmith.errors import TunesmithError
+
+    try:
+        result = read_data(path)
+    except TunesmithError as exc:
+        return FileCheck(errors=[{"line": 0, "field": "", "code": "unreadable_file", "message": str(exc)}])
+    if result.format not in ("chat", "prompt_completion", "alpaca"):
+        return FileCheck(errors=[{
+            "line": 0, "field": "", "code": "unsupported_format",
+            "message": f"the file is in {result.format} format; supervised jobs take chat, prompt/completion or alpaca JSONL",
+        }])
+    return FileCheck(
+        examples=len(result.examples),
+        errors=[p.to_dict() for p in result.errors],
+        warnings=[p.to_dict() for p in result.warnings],
+    )

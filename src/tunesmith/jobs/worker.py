@@ -1,0 +1,499 @@
+"""A jobs worker: claim a job, validate its files, train it in a child process, publish it.
+
+Training runs through the same entry point as `tunesmith train`, in a child process, so
+a crash in training never takes the worker (or the server) down, and cancel/pause are a
+SIGTERM away: the trainer saves a checkpoint and exits. While the child runs, the worker
+tails `metrics.jsonl` into events, records new checkpoints, renews its heartbeat, and
+watches the job's status (cancelled or paused through the API).
+
+If the worker dies (kill -9, lost machine), the kernel sends the child SIGTERM
+(PR_SET_PDEATHSIG), its heartbeat lapses, and the next worker to claim the job resumes it
+from the last checkpoint; a lock file held by the child keeps the new worker from
+starting before the old child has finished writing.
+
+    tunesmith worker --db sqlite:///$HOME/.cache/tunesmith/tunesmith.db
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from tunesmith.errors import TunesmithError
+from tunesmith.jobs.run_reader import MetricsTail, has_checkpoint, last_error, metrics_csv, trained_tokens
+from tunesmith.jobs.store import JobStore, new_id
+from tunesmith.jobs.validation import MIN_EXAMPLES, check_file
+
+ModelReady = Callable[[str, Path], None]
+"""Called with (model name, adapter directory) when a model (or checkpoint) is published."""
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "tunesmith_adapter.json")
+@dataclass(frozen=True)
+class WorkerConfig:
+    poll_interval_s: float = 1.0
+    """How often the worker looks for jobs, tails metrics and renews its heartbeat."""
+    lease_s: float = 30.0
+    """A job whose heartbeat is older than this may be claimed by another worker."""
+    stop_timeout_s: float = 30.0
+    """After SIGTERM, how long the trainer may take to save its checkpoint before SIGKILL."""
+    save_every_steps: int | None = None
+    """Checkpoint interval; default once per epoch (as hosted fine-tuning does)."""
+
+
+def job_dir(store: JobStore, job_id: str) -> Path:
+    return store.storage_root / "jobs" / job_id
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{new_id('w')[2:10]}"
+
+
+def ft_model_name(base: str, suffix: str | None, job_id: str) -> str:
+    """`ft:<base>:<suffix>:<id>`, with a path base shortened to its last component."""
+    base_name = Path(base).name if ("/" in base or os.sep in base) else base
+    return f"ft:{base_name}:{suffix or ''}:{job_id.split('-', 1)[-1]}"
+
+
+class Worker:
+    """One job at a time; `run(stop)` loops until `stop` is set."""
+
+    def __init__(self, store: JobStore, config: WorkerConfig = WorkerConfig(), worker_id: str | None = None,
+                 on_model_ready: ModelReady | None = None, log: Callable[[str], None] | None = None):
+        self.store = store
+        self.config = config
+        self.worker_id = worker_id or default_worker_id()
+        self.on_model_ready = on_model_ready
+        self.log = log or (lambda msg: print(f"[worker {self.worker_id}] {msg}", file=sys.stderr, flush=True))
+
+    def run(self, stop: threading.Event) -> None:
+        self.log(f"polling {self.store.url} every {self.config.poll_interval_s:g}s")
+        while not stop.is_set():
+            try:
+                worked = self.run_once(stop)
+            except Exception as exc:  # the database may be briefly unreachable; keep polling
+                self.log(f"error while looking for jobs: {exc}")
+                worked = False
+            if not worked:
+                stop.wait(self.config.poll_interval_s)
+
+    def run_once(self, stop: threading.Event | None = None) -> bool:
+        """Claim and work on one job; False when none is waiting."""
+        self.store.requeue_lapsed(self.config.lease_s)
+        job = self.store.claim_job(self.worker_id, self.config.lease_s)
+        if job is None:
+            return False
+        self.log(f"claimed {job['id']} ({job['status']})")
+        try:
+            if job["status"] == "validating_files":
+                self._validate(job)
+            else:
+                self._train(job, stop or threading.Event())
+        except Exception as exc:
+            detail = "".join(traceback.format_exception(exc))
+            self.log(f"job {job['id']} failed inside the worker:\n{detail}")
+            self._fail(job["id"], "internal_error",
+                       f"the worker hit an unexpected error ({type(exc).__name__}: {exc}); see the worker's log")
+        finally:
+            self.store.release(job["id"], self.worker_id)
+        return True
+
+    # ------------------------------------------------------------------ validating_files
+
+    def _validate(self, job: dict[str, Any]) -> None:
+        """Check both files; fail with their line-numbered problems, or queue the job."""
+        n_train = 0
+        for param, file_id in (("training_file", job["training_file"]), ("validation_file", job["validation_file"])):
+            if not file_id:
+                continue
+            row = self.store.get_file(file_id)
+            if row is None:
+                self._fail(job["id"], f"invalid_{param}", f"{param} {file_id} was deleted before the job started", param)
+                return
+            against = None
+            if param == "training_file" and job["validation_file"]:
+                vrow = self.store.get_file(job["validation_file"])
+                against = self.store.storage_root / vrow["path"] if vrow else None
+            try:
+                check = check_file(self.store.storage_root / row["path"], model=job["model"],
+                                   min_examples=MIN_EXAMPLES if param == "training_file" else 1, validation=against)
+            except TunesmithError as exc:  # e.g. the model is gone, or the file cannot be read at all
+                self._fail(job["id"], f"invalid_{param}", f"{param} {file_id}: {exc}", param)
+                return
+            for w in check.warnings[:10]:
+                self.store.add_event(job["id"], f"{param} {file_id} line {w['line']} ({w['code']}): {w['message']}",
+                                     level="warn")
+            if not check.ok:
+                for e in check.errors[:20]:
+                    self.store.add_event(job["id"], f"{param} {file_id} line {e['line']} ({e['code']}): {e['message']}",
+                                         level="error", data=e)
+                self._fail(job["id"], f"invalid_{param}", check.summary(f"{param} {file_id} ({row['filename']})"), param)
+                return
+            if param == "training_file":
+                n_train = check.examples
+        method = _resolve_hyperparameters(job["method"], n_train)
+        hp = method["supervised"]["hyperparameters"]
+        self.store.transition(
+            job["id"], ["validating_files"], "queued",
+            f"Files validated: {n_train} training examples; n_epochs={hp['n_epochs']}, "
+            f"batch_size={hp['batch_size']}, learning_rate_multiplier={hp['learning_rate_multiplier']}",
+            method=method, worker_id=None, heartbeat_at=None,
+        )
+
+    # ------------------------------------------------------------------ training
+
+    def _train(self, job: dict[str, Any], stop: threading.Event) -> None:
+        job_id = job["id"]
+        if job["status"] == "queued":
+            message = "Fine-tuning job resumed" if job["started_at"] else "Fine-tuning job started"
+            _, started = self.store.transition(job_id, ["queued"], "running", message,
+                                               started_at=job["started_at"] or int(time.time()))
+            if not started:
+                return
+        root = job_dir(self.store, job_id)
+        root.mkdir(parents=True, exist_ok=True)
+        run_dir = root / "run"
+        lock_fd = self._wait_for_lock(root / "lock", job_id)
+        if lock_fd is None:
+            return
+        seen_ckpts: set[int] = set()
+        evaluation = None
+        try:
+            cmd = self._train_command(job, run_dir)
+            self.store.add_event(job_id, "Resuming from the last checkpoint" if "--resume" in cmd
+                                 else "Training started")
+            # A job taken over from a lost worker already has events up to some step.
+            tail = MetricsTail(run_dir / "metrics.jsonl", last_step=self.store.last_metrics_step(job_id))
+            outcome, rc = self._run_child(job_id, cmd, root / "train.log", lock_fd, stop,
+                                          tick=lambda: self._publish_progress(job, run_dir, tail, seen_ckpts),
+                                          eta=lambda: tail.eta(run_dir))
+            if outcome == "finished" and rc != 0:
+                self._fail(job_id, "training_failed", last_error(root / "train.log", rc))
+                return
+            if outcome == "finished" and job["validation_file"] and _can_evaluate():
+                outcome, evaluation = self._evaluate(job, run_dir, root, lock_fd, stop)
+        finally:
+            os.close(lock_fd)
+        if outcome == "finished":
+            self._finish(job, run_dir, evaluation)
+        else:
+            self._stopped(job_id, outcome, seen_ckpts)
+
+    def _stopped(self, job_id: str, outcome: str, seen_ckpts: set[int]) -> None:
+        """Record why the child stopped before the end (cancel, pause, shutdown, takeover)."""
+        if outcome == "lost":
+            self.log(f"{job_id}: another worker took the job over; child stopped")
+            return
+        last = max(seen_ckpts) if seen_ckpts else None
+        kept = f"; checkpoint step {last} kept" if last else "; no checkpoint had been written yet"
+        if outcome == "cancelled":
+            self.store.add_event(job_id, f"Training stopped{kept}")
+        elif outcome == "paused":
+            self.store.add_event(job_id, f"Training paused{kept}; resume continues from it")
+        elif outcome == "requeued":
+            self.store.transition(job_id, ["running"], "queued", f"Worker stopping; job queued again{kept}")
+
+    def _evaluate(self, job: dict[str, Any], run_dir: Path, root: Path, lock_fd: int,
+                  stop: threading.Event) -> tuple[str, str | None]:
+        """Base vs tuned on the validation file; returns (outcome, result file id or None)."""
+        from tunesmith.jobs.evaluation_stage import SUMMARY_FILE, summary_sentence
+
+        job_id = job["id"]
+        valid = self.store.get_file(job["validation_file"])
+        out = root / "evaluation"
+        shutil.rmtree(out, ignore_errors=True)
+        self.store.add_event(job_id, "Evaluating the base and the tuned model on the validation file")
+        cmd = [sys.executable, "-m", "tunesmith.jobs.evaluation_stage", "--model", job["model"],
+               "--adapter", str(run_dir / "adapter"), "--data", str(self.store.storage_root / valid["path"]),
+               "--out", str(out)]
+        outcome, rc = self._run_child(job_id, cmd, root / "evaluation.log", lock_fd, stop,
+                                      tick=lambda: None, eta=lambda: None)
+        if outcome != "finished":
+            return outcome, None
+        if rc != 0 or not (out / SUMMARY_FILE).is_file():
+            self.store.add_event(job_id, f"Evaluation failed, the model is kept: "
+                                         f"{last_error(root / 'evaluation.log', rc)}", level="warn")
+            return outcome, None
+        summary = json.loads((out / SUMMARY_FILE).read_text())
+        self.store.add_event(job_id, summary_sentence(summary), data=summary)
+        return outcome, self._store_result_file(job_id, "evaluation.json", (out / SUMMARY_FILE).read_bytes())
+
+    def _wait_for_lock(self, path: Path, job_id: str) -> int | None:
+        """Wait (heartbeating) until no earlier trainer of this job still runs."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if self.store.heartbeat(job_id, self.worker_id) is None:
+                    os.close(fd)
+                    return None
+                time.sleep(self.config.poll_interval_s)
+
+    def _train_command(self, job: dict[str, Any], run_dir: Path) -> list[str]:
+        cmd = [sys.executable, "-m", "tunesmith", "train"]
+        if (run_dir / "run.json").is_file() and has_checkpoint(run_dir):
+            return cmd + ["--resume", str(run_dir)]
+        if run_dir.exists():  # started but never checkpointed: start over
+            shutil.rmtree(run_dir)
+        hp = job["method"]["supervised"]["hyperparameters"]
+        train_file = self.store.get_file(job["training_file"])
+        cmd += ["--model", job["model"], "--data", str(self.store.storage_root / train_file["path"]),
+                "--out", str(run_dir), "--seed", str(job["seed"]),
+                "--epochs", str(hp["n_epochs"]), "--batch-size", str(hp["batch_size"])]
+        if job["validation_file"]:
+            valid_file = self.store.get_file(job["validation_file"])
+            cmd += ["--validation", str(self.store.storage_root / valid_file["path"])]
+        if hp["learning_rate_multiplier"] != 1.0:
+            cmd += ["--learning-rate", repr(_default_learning_rate() * float(hp["learning_rate_multiplier"]))]
+        every = self.config.save_every_steps or hp.get("steps_per_epoch")
+        if every:
+            cmd += ["--save-every-steps", str(every)]
+            if job["validation_file"]:  # so every checkpoint carries validation metrics
+                cmd += ["--eval-every-steps", str(every)]
+        return cmd
+
+    def _run_child(self, job_id: str, cmd: list[str], log_path: Path, lock_fd: int, stop: threading.Event,
+                   tick: Callable[[], None], eta: Callable[[], int | None]) -> tuple[str, int | None]:
+        """Run a child until it exits or the job is cancelled, paused, lost or the worker stops.
+
+        Returns (outcome, exit code): outcome "finished" (the child exited by itself),
+        "cancelled", "paused", "lost" (another worker holds the job) or "requeued".
+        `tick` runs every poll (and once after the child ends) to publish its progress.
+        """
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        with open(log_path, "ab") as log_fh:
+            log_fh.write(f"\n$ {' '.join(cmd)}\n".encode())
+            log_fh.flush()
+            # pass_fds: the child holds the job's lock until it has exited, even if we die first.
+            argv, preexec = _with_parent_death_signal(cmd)
+            child = subprocess.Popen(argv, stdout=log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=env, pass_fds=(lock_fd,), preexec_fn=preexec, start_new_session=True)
+        self.log(f"{job_id}: child pid {child.pid}: {' '.join(cmd[2:4])}")
+        reason = "finished"
+        while True:
+            try:
+                child.wait(timeout=self.config.poll_interval_s)
+            except subprocess.TimeoutExpired:
+                pass
+            tick()
+            if child.returncode is not None:
+                return reason, child.returncode
+            status = self.store.heartbeat(job_id, self.worker_id, estimated_finish=eta())
+            if status is None:
+                reason = "lost"
+                child.kill()
+            elif status in ("cancelled", "paused"):
+                reason = status
+                self._stop_child(child)
+            elif stop.is_set():
+                reason = "requeued"
+                self._stop_child(child)
+            if reason != "finished":
+                child.wait()
+                tick()
+                return reason, child.returncode
+
+    def _stop_child(self, child: subprocess.Popen) -> None:
+        """SIGTERM (the trainer checkpoints and exits), then SIGKILL after the timeout."""
+        child.terminate()
+        try:
+            child.wait(timeout=self.config.stop_timeout_s)
+        except subprocess.TimeoutExpired:
+            child.kill()
+
+    def _publish_progress(self, job: dict[str, Any], run_dir: Path, tail: MetricsTail, seen: set[int]) -> None:
+        total = tail.total_steps(run_dir)
+        for row in tail.new_rows():
+            step = row.get("step")
+            parts = [f"Step {step}/{total}" if total else f"Step {step}"]
+            if row.get("train_loss") is not None:
+                parts.append(f"training loss={row['train_loss']:.4f}")
+            if row.get("valid_loss") is not None:
+                parts.append(f"validation loss={row['valid_loss']:.4f}")
+            if row.get("token_accuracy") is not None:
+                parts.append(f"validation token accuracy={row['token_accuracy']:.3f}")
+            # The trainer's token_accuracy is measured on the validation set, with valid_loss.
+            data = {"step": step, "total_steps": total, "train_loss": row.get("train_loss"),
+                    "valid_loss": row.get("valid_loss"), "valid_mean_token_accuracy": row.get("token_accuracy"),
+                    "epoch": row.get("epoch"), "learning_rate": row.get("lr"), "tokens_per_s": row.get("tokens_per_s")}
+            self.store.add_event(job["id"], ", ".join(parts), type="metrics", data=data)
+        ckpt_root = run_dir / "checkpoints"
+        if not ckpt_root.is_dir():
+            return
+        for path in sorted(ckpt_root.glob("step-*")):
+            if not (path / "adapter_config.json").is_file() or not (path / "trainer_state.json").is_file():
+                continue
+            step = int(path.name.split("-")[1])
+            if step in seen:
+                continue
+            seen.add(step)
+            self._record_checkpoint(job, path, step, tail)
+
+    def _record_checkpoint(self, job: dict[str, Any], path: Path, step: int, tail: MetricsTail) -> None:
+        # Keep the adapter weights (not the optimizer state): the trainer prunes old checkpoints,
+        # but a published checkpoint stays addressable as a model.
+        dest = job_dir(self.store, job["id"]) / "checkpoints" / path.name
+        if not dest.exists():
+            tmp = dest.with_name(dest.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                tmp.mkdir(parents=True)
+                for name in ADAPTER_FILES:
+                    if (path / name).is_file():
+                        shutil.copy2(path / name, tmp / name)
+                os.replace(tmp, dest)
+            except FileNotFoundError:  # pruned by the trainer while we copied
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            except OSError as exc:  # e.g. the disk is full: point at the trainer's copy instead
+                shutil.rmtree(tmp, ignore_errors=True)
+                self.store.add_event(job["id"], f"Could not keep a copy of checkpoint step {step} ({exc.strerror}); "
+                                     "it may be pruned by later checkpoints", level="warn")
+                dest = path
+        m = tail.at_step(step)
+        metrics = {
+            "step": float(step),
+            "train_loss": m.get("train_loss"),
+            "train_mean_token_accuracy": None,  # not measured by the trainer
+            # The trainer evaluates on the whole validation file, so "valid" is also "full_valid".
+            "valid_loss": m.get("valid_loss"),
+            "valid_mean_token_accuracy": m.get("token_accuracy"),
+            "full_valid_loss": m.get("valid_loss"),
+            "full_valid_mean_token_accuracy": m.get("token_accuracy"),
+        }
+        name = ft_model_name(job["model"], job["suffix"], job["id"]) + f":ckpt-step-{step}"
+        added = self.store.add_checkpoint({
+            "id": new_id("ftckpt"), "job_id": job["id"], "created_at": int(time.time()), "step": step,
+            "metrics": metrics, "fine_tuned_model_checkpoint": name, "path": str(dest.relative_to(self.store.storage_root)),
+        })
+        if added:
+            self.store.add_event(job["id"], f"Checkpoint created at step {step}", data={"step": step, "model": name})
+
+    # ------------------------------------------------------------------ finishing
+
+    def _finish(self, job: dict[str, Any], run_dir: Path, evaluation: str | None = None) -> None:
+        job_id = job["id"]
+        run = json.loads((run_dir / "run.json").read_text())
+        adapter = run_dir / "adapter"
+        result_files = [self._metrics_file(job_id, run_dir)] + ([evaluation] if evaluation else [])
+        name = ft_model_name(job["model"], job["suffix"], job_id)
+        files_hashes = {}
+        for fid in (job["training_file"], job["validation_file"]):
+            row = self.store.get_file(fid) if fid else None
+            if row:
+                files_hashes[fid] = row["sha256"]
+        lineage = {
+            "base_model": run.get("base_model"),
+            "files": files_hashes,
+            "config": run.get("config"),
+            "resolved": run.get("resolved"),
+            "metrics": run.get("metrics"),
+            "adapter": str(adapter.relative_to(self.store.storage_root)),
+        }
+        eval_file = job_dir(self.store, job_id) / "evaluation" / "evaluation.json"
+        if evaluation and eval_file.is_file():
+            lineage["evaluation"] = json.loads(eval_file.read_text())
+        if self.on_model_ready:  # served before anyone can see "succeeded"
+            self.on_model_ready(name, adapter)
+        _, done = self.store.transition(
+            job_id, ["running"], "succeeded", f"New fine-tuned model created: {name}",
+            fine_tuned_model=name, finished_at=int(time.time()), trained_tokens=trained_tokens(run),
+            result_files=result_files, lineage=lineage, estimated_finish=None,
+        )
+        if done:
+            self.store.add_event(job_id, "The job has successfully completed")
+
+    def _metrics_file(self, job_id: str, run_dir: Path) -> str:
+        return self._store_result_file(job_id, "step_metrics.csv", metrics_csv(run_dir))
+
+    def _store_result_file(self, job_id: str, filename: str, content: bytes) -> str:
+        import hashlib
+
+        file_id = new_id("file")
+        rel = Path("files") / f"{file_id}{Path(filename).suffix}"
+        dest = self.store.storage_root / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".tmp")
+        tmp.write_bytes(content)
+        os.replace(tmp, dest)
+        self.store.add_file({
+            "id": file_id, "created_at": int(time.time()), "bytes": len(content), "filename": filename,
+            "purpose": "fine-tune-results", "status": "processed", "status_details": None,
+            "sha256": hashlib.sha256(content).hexdigest(), "path": str(rel), "validation": None,
+        })
+        return file_id
+
+    def _fail(self, job_id: str, code: str, message: str, param: str | None = None) -> None:
+        self.store.transition(
+            job_id, ["validating_files", "queued", "running"], "failed", f"Job failed: {message}",
+            error={"code": code, "message": message, "param": param}, finished_at=int(time.time()),
+            estimated_finish=None,
+        )
+
+
+def _resolve_hyperparameters(method: dict[str, Any], n_examples: int) -> dict[str, Any]:
+    """Replace every "auto" with the value training will use (known once the data is read)."""
+    from tunesmith.data.stats import auto_epochs
+
+    hp = dict(method["supervised"]["hyperparameters"])
+    if hp.get("n_epochs", "auto") == "auto":
+        hp["n_epochs"] = auto_epochs(n_examples)
+    if hp.get("batch_size", "auto") == "auto":
+        hp["batch_size"] = max(1, min(16, n_examples // 10 or 1))
+    if hp.get("learning_rate_multiplier", "auto") == "auto":
+        hp["learning_rate_multiplier"] = 1.0
+    hp["steps_per_epoch"] = max(1, -(-n_examples // int(hp["batch_size"])))
+    return {**method, "supervised": {**method["supervised"], "hyperparameters": hp}}
+
+
+def _can_evaluate() -> bool:
+    """Whether the evaluation stage (tunesmith eval) is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("tunesmith.evaluate.evaluation") is not None
+
+
+def _default_learning_rate() -> float:
+    """The LoRA learning rate `tunesmith train` uses by default (multiplier 1.0)."""
+    try:
+        from tunesmith.train.config import DEFAULT_LEARNING_RATE
+    except ImportError:  # the training stage is not installed: its documented default
+        return 1e-3
+    return DEFAULT_LEARNING_RATE["lora"]
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _with_parent_death_signal(cmd: list[str]) -> tuple[list[str], Callable[[], None] | None]:
+    """Make the child get SIGTERM when the worker dies (Linux), so it checkpoints and exits.
+
+    util-linux's `setpriv --pdeathsig` does it without running Python between fork and
+    exec (unsafe in a process with threads, like the server); prctl from a preexec
+    function is the fallback where setpriv is missing.
+    """
+    setpriv = shutil.which("setpriv")
+    if setpriv:
+        return [setpriv, "--pdeathsig", "TERM", "--", *cmd], None
+    return cmd, _die_with_parent
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass

@@ -1,0 +1,439 @@
+"""OpenAI's files and fine-tuning jobs endpoints, backed by the jobs store and workers.
+
+`JobsService(store, ...)` owns the router (`service.router`, mounted next to the inference
+routes), the worker threads (`workers=N`) and the publisher that puts every succeeded
+job's adapter (and its checkpoints) into the inference engine, so a finished model answers
+`/v1/chat/completions` at once, also when another machine's worker trained it. The
+router's lifespan starts and stops them with the app.
+
+    curl -F purpose=fine-tune -F file=@train.jsonl localhost:8000/v1/files
+    curl localhost:8000/v1/fine_tuning/jobs -H 'content-type: application/json' \
+        -d '{"model": "smollm2-135m-instruct", "training_file": "file-..."}'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import secrets
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.routing import APIRoute
+
+from tunesmith.errors import TunesmithError
+from tunesmith.jobs.store import ACTIVE, JobStore, new_id
+from tunesmith.jobs.worker import Worker, WorkerConfig
+from tunesmith.serve.jobs_protocol import (
+    Hyperparameters,
+    JobCreate,
+    checkpoint_object,
+    event_object,
+    file_object,
+    job_object,
+    page,
+)
+from tunesmith.serve.uploads import UploadError, UploadTooLarge, receive_upload
+
+DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024 * 1024
+PUBLISHED_CHECKPOINTS = 3
+"""Checkpoints per job that are loaded as models (the last ones, as hosted APIs keep)."""
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+    def response(self) -> JSONResponse:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return JSONResponse(
+            {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}},
+            status_code=self.status,
+        )
+
+
+class _OpenAIErrorRoute(APIRoute):
+    """Answer APIError, body validation and TunesmithError in OpenAI's error shape.
+
+    A route class (not an app-level handler) so the router keeps its error format in any
+    app that mounts it.
+    """
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+
+        async def wrapped(request: Request):
+            try:
+                return await handler(request)
+            except APIError as exc:
+                return exc.response()
+            except RequestValidationError as exc:
+                return _validation_error(exc.errors()).response()
+            except TunesmithError as exc:
+                return APIError(400, str(exc)).response()
+
+        return wrapped
+
+
+def _validation_error(errors: list[dict[str, Any]]) -> APIError:
+    parts, param = [], None
+    for err in errors:
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
+        where = ".".join(loc) or "body"
+        param = param or where
+        got = err.get("input")
+        shown = f" (got {got!r})" if got is not None and not isinstance(got, (dict, list)) else ""
+        if err.get("type") == "extra_forbidden":
+            parts.append(f"unknown field '{where}'")
+        else:
+            parts.append(f"'{where}': {err.get('msg', 'invalid').lower()}{shown}")
+    return APIError(400, "invalid request: " + "; ".join(parts), code="invalid_request", param=param)
+
+
+# ----------------------------------------------------------------------------- the service
+
+
+class ModelPublisher:
+    """Loads succeeded jobs' adapters (and their last checkpoints) into the inference engine."""
+
+    def __init__(self, store: JobStore, engine: Any | None, log: Callable[[str], None]):
+        self.store, self.engine, self.log = store, engine, log
+        self.published: set[str] = set()
+        self.lock = threading.Lock()
+
+    def publish(self, name: str, path: Path) -> None:
+        if self.engine is None:
+            return
+        with self.lock:
+            if name in self.published or not Path(path).is_dir():
+                return
+            try:
+                self.engine.add_adapter(name, path)
+                self.published.add(name)
+                self.log(f"model {name} is served")
+            except Exception as exc:  # a bad adapter must not stop the others
+                self.published.add(name)
+                self.log(f"could not load {name} from {path}: {exc}")
+
+    def sync(self) -> None:
+        for job in self.store.succeeded_jobs():
+            self.publish_job(job)
+
+    def publish_job(self, job: dict[str, Any]) -> None:
+        """Serve a succeeded job's model and its last checkpoints (no-op once done)."""
+        if self.engine is None or job["status"] != "succeeded":
+            return
+        lineage = job["lineage"] or {}
+        if job["fine_tuned_model"] and lineage.get("adapter"):
+            self.publish(job["fine_tuned_model"], self.store.storage_root / lineage["adapter"])
+        ckpts, _ = self.store.list_checkpoints(job["id"], limit=PUBLISHED_CHECKPOINTS)
+        for c in ckpts:
+            self.publish(c["fine_tuned_model_checkpoint"], self.store.storage_root / c["path"])
+
+
+class JobsService:
+    """The jobs API router plus, while the app runs, `workers` worker threads and the publisher."""
+
+    def __init__(self, store: JobStore, workers: int = 1, worker_config: WorkerConfig = WorkerConfig(),
+                 engine: Any | None = None, api_key: str | None = None,
+                 max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, log: Callable[[str], None] | None = None):
+        self.store = store
+        self.n_workers = workers
+        self.worker_config = worker_config
+        self.api_key = api_key
+        self.max_upload_bytes = max_upload_bytes
+        self.log = log or (lambda msg: print(f"[jobs] {msg}", file=sys.stderr, flush=True))
+        self.publisher = ModelPublisher(store, engine, self.log)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.router = self._build_router()
+
+    # -- lifecycle
+
+    def start(self) -> None:
+        self._stop.clear()
+        self.publisher.sync()
+        for i in range(self.n_workers):
+            worker = Worker(self.store, self.worker_config, on_model_ready=self.publisher.publish)
+            t = threading.Thread(target=worker.run, args=(self._stop,), name=f"jobs-worker-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        t = threading.Thread(target=self._publish_loop, name="jobs-publisher", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=self.worker_config.stop_timeout_s + 5)
+        self._threads.clear()
+
+    def _publish_loop(self) -> None:
+        while not self._stop.wait(self.worker_config.poll_interval_s):
+            try:
+                # Also on an API-only node: a job whose worker vanished does not stay "running".
+                for job_id in self.store.requeue_lapsed(self.worker_config.lease_s):
+                    self.log(f"{job_id}: its worker stopped heartbeating; queued again")
+                self.publisher.sync()
+            except Exception as exc:
+                self.log(f"background sync failed: {exc}")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _app: Any) -> AsyncIterator[None]:
+        self.start()
+        try:
+            yield
+        finally:
+            self.stop()
+
+    # -- routes
+
+    def _check_key(self, request: Request) -> None:
+        if not self.api_key:
+            return
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not secrets.compare_digest(given.encode(), self.api_key.encode()):
+            raise APIError(401, "invalid or missing API key; send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    def _build_router(self) -> APIRouter:
+        router = APIRouter(route_class=_OpenAIErrorRoute, lifespan=self.lifespan,
+                           dependencies=[Depends(self._check_key)], tags=["fine-tuning"])
+        router.add_api_route("/v1/files", self.create_file, methods=["POST"])
+        router.add_api_route("/v1/files", self.list_files, methods=["GET"])
+        router.add_api_route("/v1/files/{file_id}", self.retrieve_file, methods=["GET"])
+        router.add_api_route("/v1/files/{file_id}", self.delete_file, methods=["DELETE"])
+        router.add_api_route("/v1/files/{file_id}/content", self.file_content, methods=["GET"])
+        router.add_api_route("/v1/fine_tuning/jobs", self.create_job, methods=["POST"])
+        router.add_api_route("/v1/fine_tuning/jobs", self.list_jobs, methods=["GET"])
+        router.add_api_route("/v1/fine_tuning/jobs/{job_id}", self.retrieve_job, methods=["GET"])
+        router.add_api_route("/v1/fine_tuning/jobs/{job_id}/cancel", self.cancel_job, methods=["POST"])
+        router.add_api_route("/v1/fine_tuning/jobs/{job_id}/pause", self.pause_job, methods=["POST"])
+        router.add_api_route("/v1/fine_tuning/jobs/{job_id}/resume", self.resume_job, methods=["POST"])
+        router.add_api_route("/v1/fine_tuning/jobs/{job_id}/events", self.list_events, methods=["GET"])
+        router.add_api_route("/v1/fine_tuning/jobs/{job_id}/checkpoints", self.list_checkpoints, methods=["GET"])
+        return router
+
+    # -- files
+
+    async def create_file(self, request: Request) -> dict[str, Any]:
+        """Upload a JSONL file (multipart: file, purpose=fine-tune); checked, stored under a new id."""
+        from starlette.concurrency import run_in_threadpool
+
+        files_dir = self.store.storage_root / "files"
+        files_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fields, upload = await receive_upload(request, files_dir, self.max_upload_bytes)
+        except UploadError as exc:
+            raise APIError(400, str(exc), code="invalid_request")
+        except UploadTooLarge:
+            raise APIError(413, f"the file is larger than this server's upload limit of {self.max_upload_bytes:,} "
+                                "bytes; split it or raise --max-upload-mb", code="file_too_large", param="file")
+        try:
+            if not upload:
+                raise APIError(400, "the upload has no 'file' part", code="invalid_request", param="file")
+            purpose = fields.get("purpose", "")
+            if purpose != "fine-tune":
+                raise APIError(400, f"purpose '{purpose}' is not supported; tunesmith stores files with "
+                                    "purpose=fine-tune", code="invalid_request", param="purpose")
+            from tunesmith.jobs.validation import check_file
+
+            # The minimum example count is checked per job: a validation file may be small.
+            check = await run_in_threadpool(check_file, upload["path"], None, 1)
+            file_id = new_id("file")
+            rel = Path("files") / f"{file_id}.jsonl"
+            os.replace(upload["path"], self.store.storage_root / rel)
+            details = None if check.ok else check.summary("the file")
+            row = self.store.add_file({
+                "id": file_id, "created_at": int(time.time()), "bytes": upload["bytes"],
+                "filename": upload["filename"], "purpose": purpose, "status": "processed",
+                "status_details": details, "sha256": upload["sha256"].hexdigest(), "path": str(rel),
+                "validation": check.to_dict(),
+            })
+        finally:
+            if upload.get("path"):
+                upload["path"].unlink(missing_ok=True)
+        return file_object(row)
+
+    def list_files(self, purpose: str | None = None, limit: int = 100, after: str | None = None,
+                   order: str = "desc") -> dict[str, Any]:
+        rows, more = self.store.list_files(purpose, after, _limit(limit, 10_000), _order(order))
+        return page([file_object(r) for r in rows], more)
+
+    def _file(self, file_id: str) -> dict[str, Any]:
+        row = self.store.get_file(file_id)
+        if row is None:
+            raise APIError(404, f"no file with id '{file_id}'", code="not_found", param="file_id")
+        return row
+
+    def retrieve_file(self, file_id: str) -> dict[str, Any]:
+        return file_object(self._file(file_id))
+
+    def file_content(self, file_id: str) -> FileResponse:
+        row = self._file(file_id)
+        return FileResponse(self.store.storage_root / row["path"], media_type="application/octet-stream")
+
+    def delete_file(self, file_id: str) -> dict[str, Any]:
+        self._file(file_id)
+        user = self.store.file_in_use(file_id)
+        if user:
+            raise APIError(409, f"file '{file_id}' is used by unfinished job {user}; cancel the job first",
+                           code="file_in_use", param="file_id")
+        row = self.store.delete_file(file_id)
+        if row:
+            (self.store.storage_root / row["path"]).unlink(missing_ok=True)
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    # -- jobs
+
+    def create_job(self, body: JobCreate) -> dict[str, Any]:
+        """Create a fine-tuning job; a worker validates its files, then trains it."""
+        method = _method(body)
+        if body.integrations:
+            raise APIError(400, "integrations are not supported by tunesmith; leave 'integrations' out",
+                           param="integrations")
+        from tunesmith.models.registry import resolve_model
+
+        try:
+            resolve_model(body.model, home=self.store.storage_root)
+        except TunesmithError as exc:
+            raise APIError(400, str(exc), code="model_not_found", param="model")
+        for param, file_id in (("training_file", body.training_file), ("validation_file", body.validation_file)):
+            if file_id is None:
+                continue
+            row = self.store.get_file(file_id)
+            if row is None:
+                raise APIError(400, f"{param} '{file_id}' names no uploaded file; upload it with "
+                                    "POST /v1/files (purpose=fine-tune) first", code="invalid_file", param=param)
+            if row["purpose"] != "fine-tune":
+                raise APIError(400, f"{param} '{file_id}' has purpose {row['purpose']}, not fine-tune",
+                               code="invalid_file", param=param)
+        job_id = new_id("ftjob")
+        row = self.store.create_job({
+            "id": job_id, "model": body.model, "training_file": body.training_file,
+            "validation_file": body.validation_file, "method": method, "suffix": body.suffix,
+            "seed": body.seed if body.seed is not None else random.randint(0, 2**31 - 1),
+            "metadata": body.metadata,
+        }, first_event=f"Created fine-tuning job: {job_id}")
+        return job_object(row)
+
+    def list_jobs(self, request: Request, after: str | None = None, limit: int = 20) -> dict[str, Any]:
+        meta = {k[len("metadata["):-1]: v for k, v in request.query_params.items()
+                if k.startswith("metadata[") and k.endswith("]")}
+        rows, more = self.store.list_jobs(after, _limit(limit, 100), meta or None)
+        return page([job_object(r) for r in rows], more)
+
+    def _job(self, job_id: str) -> dict[str, Any]:
+        row = self.store.get_job(job_id)
+        if row is None:
+            raise APIError(404, f"no fine-tuning job with id '{job_id}'", code="not_found", param="fine_tuning_job_id")
+        return row
+
+    def retrieve_job(self, job_id: str) -> dict[str, Any]:
+        job = self._job(job_id)
+        # A job another machine's worker finished: load its model before the client, who now
+        # sees "succeeded", asks for it (the background sync would take up to a poll interval).
+        self.publisher.publish_job(job)
+        return job_object(job)
+
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        """Cancel in any unfinished state; a running trainer stops within seconds, checkpoint kept."""
+        self._job(job_id)
+        job, changed = self.store.transition(job_id, ACTIVE, "cancelled", "Job cancelled",
+                                             finished_at=int(time.time()), estimated_finish=None)
+        if not changed and job["status"] != "cancelled":
+            raise APIError(400, f"job {job_id} already {job['status']}; only unfinished jobs can be cancelled",
+                           code="invalid_state")
+        return job_object(self._job(job_id))
+
+    def pause_job(self, job_id: str) -> dict[str, Any]:
+        """Pause a queued or running job; its trainer checkpoints and stops, resume continues it."""
+        self._job(job_id)
+        job, changed = self.store.transition(job_id, ("queued", "running"), "paused", "Job paused",
+                                             estimated_finish=None)
+        if not changed and job["status"] != "paused":
+            raise APIError(400, f"job {job_id} is {job['status']}; only queued or running jobs can be paused",
+                           code="invalid_state")
+        return job_object(self._job(job_id))
+
+    def resume_job(self, job_id: str) -> dict[str, Any]:
+        """Queue a paused job again; the next free worker continues it from its last checkpoint."""
+        self._job(job_id)
+        job, changed = self.store.transition(job_id, ("paused",), "queued", "Job resumed")
+        if not changed:
+            raise APIError(400, f"job {job_id} is {job['status']}; only paused jobs can be resumed",
+                           code="invalid_state")
+        return job_object(self._job(job_id))
+
+    def list_events(self, job_id: str, after: str | None = None, limit: int = 20) -> dict[str, Any]:
+        self._job(job_id)
+        rows, more = self.store.list_events(job_id, after, _limit(limit, 1000))
+        return page([event_object(r) for r in rows], more)
+
+    def list_checkpoints(self, job_id: str, after: str | None = None, limit: int = 10) -> dict[str, Any]:
+        self._job(job_id)
+        rows, more = self.store.list_checkpoints(job_id, after, _limit(limit, 1000))
+        return page([checkpoint_object(r) for r in rows], more)
+
+
+def _limit(limit: int, most: int) -> int:
+    if not 1 <= limit <= most:
+        raise APIError(400, f"limit must be between 1 and {most}, got {limit}", code="invalid_request", param="limit")
+    return limit
+
+
+def _order(order: str) -> str:
+    if order not in ("asc", "desc"):
+        raise APIError(400, f"order must be asc or desc, got '{order}'", param="order")
+    return order
+
+
+def _method(body: JobCreate) -> dict[str, Any]:
+    """The job's method with every hyperparameter present ("auto" until the worker resolves it)."""
+    if body.method is not None and body.method.type == "dpo":
+        raise APIError(400, "method type 'dpo' is not available yet in tunesmith; use type 'supervised'",
+                       code="unsupported_method", param="method.type")
+    hp = body.hyperparameters
+    if body.method is not None and body.method.supervised is not None:
+        if hp is not None:
+            raise APIError(400, "give hyperparameters either at the top level or in method.supervised, not both",
+                           param="hyperparameters")
+        hp = body.method.supervised.hyperparameters
+    hp = hp or Hyperparameters()
+    return {"type": "supervised", "supervised": {"hyperparameters": hp.model_dump()}}
+
+
+def create_jobs_app(service: JobsService) -> FastAPI:
+    """An app with only the jobs API (an API-only node, or when no inference engine is wanted)."""
+    app = FastAPI(title="tunesmith jobs")
+    app.include_router(service.router)
+    return app
+
+
+
+def build_jobs_service(db: str | None, workers: int, engine: Any | None, max_upload_mb: float,
+                       settings: Any = None, log: Callable[[str], None] | None = None) -> JobsService:
+    """What `tunesmith serve --db --workers --max-upload-mb` mounts: checks the options, opens the store.
+
+    The routes are meant to sit behind the server's own API key dependency, so the
+    service checks none itself.
+    """
+    from tunesmith.errors import UsageError
+    from tunesmith.jobs.store import open_store
+
+    if workers < 0:
+        raise UsageError(f"--workers must be 0 (API only) or more, got {workers}")
+    if max_upload_mb <= 0:
+        raise UsageError(f"--max-upload-mb must be positive, got {max_upload_mb}")
+    store = open_store(db, settings)
+    return JobsService(store, workers=workers, engine=engine, max_upload_bytes=int(max_upload_mb * 1e6), log=log)

@@ -1,0 +1,137 @@
+"""Request bodies and response objects of the files and fine-tuning jobs API, in OpenAI's shape.
+
+Requests are pydantic models that reject unknown keys; responses are built from store rows
+by the `*_object` functions, with OpenAI's field names and order, so the official `openai`
+client parses them unchanged.
+
+    python -c "from tunesmith.serve.jobs_protocol import JobCreate; print(JobCreate.model_json_schema())"
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Auto = Literal["auto"]
+
+
+class Hyperparameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n_epochs: Auto | Annotated[int, Field(ge=1, le=50)] = Field("auto", description="Passes over the training file.")
+    batch_size: Auto | Annotated[int, Field(ge=1, le=256)] = Field("auto", description="Examples per optimizer step.")
+    learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=100)] = Field(
+        "auto", description="Scales the default LoRA learning rate (1e-3)."
+    )
+
+
+class SupervisedMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+
+
+class Method(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["supervised", "dpo"] = Field(description="supervised (dpo is not available yet).")
+    supervised: SupervisedMethod | None = None
+    dpo: dict[str, Any] | None = None
+
+
+class JobCreate(BaseModel):
+    """POST /v1/fine_tuning/jobs."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field(description="Base model: registry name (smollm2-135m-instruct) or a model directory on the server.")
+    training_file: str = Field(description="Id of an uploaded file with purpose fine-tune.")
+    hyperparameters: Hyperparameters | None = Field(None, description="Deprecated by OpenAI in favour of method; still accepted.")
+    method: Method | None = None
+    suffix: Annotated[str, Field(max_length=64, pattern=r"^[A-Za-z0-9_.-]*$")] | None = Field(
+        None, description="Up to 64 letters, digits, '-', '_' or '.', put into fine_tuned_model."
+    )
+    validation_file: str | None = None
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
+        None, max_length=16, description="Up to 16 string pairs, kept with the job."
+    )
+    integrations: list[Any] | None = Field(None, description="Not supported; must be empty.")
+
+
+def file_object(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "object": "file",
+        "bytes": row["bytes"],
+        "created_at": row["created_at"],
+        "filename": row["filename"],
+        "purpose": row["purpose"],
+        "status": row["status"],
+        "expires_at": None,
+        "status_details": row["status_details"],
+    }
+
+
+def job_object(row: dict[str, Any]) -> dict[str, Any]:
+    method = row["method"]
+    hp = {k: v for k, v in method.get("supervised", {}).get("hyperparameters", {}).items()
+          if k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
+    return {
+        "id": row["id"],
+        "created_at": row["created_at"],
+        "error": row["error"],
+        "fine_tuned_model": row["fine_tuned_model"],
+        "finished_at": row["finished_at"],
+        "hyperparameters": hp,
+        "model": row["model"],
+        "object": "fine_tuning.job",
+        "organization_id": "org-tunesmith",
+        "result_files": row["result_files"] or [],
+        "seed": row["seed"],
+        "status": row["status"],
+        "trained_tokens": row["trained_tokens"],
+        "training_file": row["training_file"],
+        "validation_file": row["validation_file"],
+        "estimated_finish": row["estimated_finish"],
+        "integrations": [],
+        "metadata": row["metadata"],
+        "method": {"type": method["type"], "supervised": {"hyperparameters": hp}},
+        "user_provided_suffix": row["suffix"],
+        "lineage": row["lineage"],
+    }
+
+
+def event_object(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "created_at": row["created_at"],
+        "level": row["level"],
+        "message": row["message"],
+        "object": "fine_tuning.job.event",
+        "data": row["data"] or {},
+        "type": row["type"],
+    }
+
+
+def checkpoint_object(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "created_at": row["created_at"],
+        "fine_tuned_model_checkpoint": row["fine_tuned_model_checkpoint"],
+        "fine_tuning_job_id": row["job_id"],
+        "metrics": row["metrics"],
+        "object": "fine_tuning.job.checkpoint",
+        "step_number": row["step"],
+    }
+
+
+def page(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": has_more,
+    }
