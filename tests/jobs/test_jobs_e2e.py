@@ -57,7 +57,6 @@ def test_upload_train_poll_and_chat_with_the_fine_tuned_model(jobs_server, tmp_p
 
     job = wait_for(done, 240, "the job to finish")
     assert job.status == "succeeded", job.error
-    assert {"queued", "running"} & seen_statuses or True  # fast jobs may skip a poll; the events below prove it
     assert job.fine_tuned_model == f"ft:{tiny_model_dir.name}:demo:{job.id.split('-', 1)[1]}"
     assert job.trained_tokens and job.trained_tokens > 0 and job.finished_at >= job.created_at
     assert job.hyperparameters.n_epochs == 2 and job.hyperparameters.batch_size == 4
