@@ -297,8 +297,13 @@ def serve_cmd(
         None, "--threads", min=1, help="CPU threads for generation (default: torch's, one per core); "
         "1 is often faster on a CPU shared with other work."
     ),
+    db: Optional[str] = typer.Option(
+        None, "--db", help="Jobs database: sqlite:///PATH or postgresql://USER@HOST/DB (default: $TUNESMITH_HOME/tunesmith.db)."
+    ),
+    workers: int = typer.Option(1, "--workers", help="Fine-tuning job workers in this process (0: API only)."),
+    max_upload_mb: float = typer.Option(512.0, "--max-upload-mb", help="Largest file /v1/files accepts, in MB."),
 ) -> None:
-    """OpenAI-compatible server for a base model and many adapters."""
+    """OpenAI-compatible server for a base model and many adapters, with the fine-tuning jobs API."""
     import dataclasses
 
     pairs = _adapter_pairs(adapter or [])  # before the heavy imports: a typo fails at once
@@ -317,6 +322,9 @@ def serve_cmd(
         settings = dataclasses.replace(settings, api_key=api_key)
     typer.echo(f"loading {model} and {len(pairs)} adapter(s) ...", err=True)
     engine = LocalEngine.load(model, pairs)
+    from tunesmith.serve.jobs_api import build_jobs_service
+
+    jobs = build_jobs_service(db, workers, engine, max_upload_mb, settings)
     try:
         url = f"http://{host}:{port}/v1"
         typer.echo(f"serving at {url} (OpenAI-compatible; key {'required' if settings.api_key else 'not required'})",
@@ -324,7 +332,8 @@ def serve_cmd(
         for card in engine.models():
             kind = f"adapter on {card.parent}, from {card.path}" if card.parent else "base model"
             typer.echo(f"  model {card.id!r}: {kind}", err=True)
-        uvicorn.run(create_app(engine, settings), host=host, port=port, log_level="info")
+        typer.echo(f"  fine-tuning jobs: {url}/fine_tuning/jobs ({workers} worker(s) in this process)", err=True)
+        uvicorn.run(create_app(engine, settings, routers=[jobs.router]), host=host, port=port, log_level="info")
     finally:
         engine.close()
 

@@ -7,7 +7,6 @@ The tiny random model trains a few steps in a child process (`python -m tunesmit
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -25,12 +24,10 @@ HP = {"n_epochs": 2, "batch_size": 4}
 
 
 def _serve_app_factory(model_dir):
-    """serve's create_app with the jobs router, on a LocalEngine of the tiny model (None if serve is absent)."""
-    try:
-        from tunesmith.serve.app import create_app
-        from tunesmith.serve.engine import LocalEngine
-    except ImportError:
-        return None, None
+    """serve's create_app with the jobs router, on a LocalEngine of the tiny model."""
+    from tunesmith.serve.app import create_app
+    from tunesmith.serve.engine import LocalEngine
+
     engine = LocalEngine.load(str(model_dir))
     return engine, lambda service: create_app(engine, routers=[service.router])
 
@@ -86,15 +83,12 @@ def test_upload_train_poll_and_chat_with_the_fine_tuned_model(jobs_server, tmp_p
     lineage = client.fine_tuning.jobs.retrieve(job.id).model_extra["lineage"]
     assert lineage["files"][train.id] and lineage["base_model"]["sha256"]
 
-    if importlib.util.find_spec("tunesmith.evaluate.evaluation") is not None:
-        summary = [m for m in messages if m.startswith("Evaluation: tuned ")]
-        assert summary and "on 3 validation examples" in summary[0], messages
-        evaluation = json.loads(client.files.content(job.result_files[1]).text)
-        assert evaluation["n_examples"] == 3 and set(evaluation) >= {"base", "tuned", "main_metric"}
-        assert lineage["evaluation"]["main_metric"] == evaluation["main_metric"]
+    summary = [m for m in messages if m.startswith("Evaluation: tuned ")]
+    assert summary and "on 3 validation examples" in summary[0], messages
+    evaluation = json.loads(client.files.content(job.result_files[1]).text)
+    assert evaluation["n_examples"] == 3 and set(evaluation) >= {"base", "tuned", "main_metric"}
+    assert lineage["evaluation"]["main_metric"] == evaluation["main_metric"]
 
-    if engine is None:
-        pytest.skip("the serving stage is not installed: the fine-tuned model is trained but not served")
     wait_for(lambda: job.fine_tuned_model in [m.id for m in client.models.list()], 30, "the model to be served")
     reply = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=4,
                                            messages=[{"role": "user", "content": "What is the capital of France?"}])

@@ -338,7 +338,7 @@ def test_gguf_refuses_an_architecture_it_does_not_know(tmp_path, tiny_tokenizer)
 
 
 def test_export_refuses_an_adapter_for_another_base(tiny_run, tmp_path):
-    from conftest import save_tiny_model
+    from tiny_model import save_tiny_model
     from tunesmith.errors import UsageError
     from tunesmith.models.export import export_run
 
@@ -398,7 +398,7 @@ def test_tokenizer_saved_with_the_adapter_wins(tiny_run, tmp_path):
     adapter, the export carries that one, not the base model's."""
     import shutil
 
-    from conftest import build_tiny_tokenizer
+    from tiny_model import build_tiny_tokenizer
     from transformers import AutoTokenizer
 
     from tunesmith.models.export import export_run

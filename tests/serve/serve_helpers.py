@@ -21,6 +21,7 @@ def make_adapter(base_dir: Path, out: Path, seed: int, scale: float = 0.5, base_
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    torch.manual_seed(seed)  # lora_A's init draws from the global RNG: same adapter whatever ran before
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

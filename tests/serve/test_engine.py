@@ -61,9 +61,17 @@ def test_newcomer_joins_a_running_batch(engine):
     """A request arriving mid-generation gets its tokens while a long one is still running."""
     import queue
 
-    long_ids = engine.render_chat([{"role": "user", "content": "tell me a long story"}])
+    long_params = SamplingParams(max_tokens=300, temperature=0.0)
+    # A random model may end its turn early; take a prompt that greedy runs to the full length.
+    candidates = ["tell me a long story", "say more", "keep going", "list every number", "once upon a time"]
+    long_ids = next(
+        (ids for ids in (engine.render_chat([{"role": "user", "content": c}]) for c in candidates)
+         if engine.generate(ids, "alpha", long_params)[1] == "length"),
+        None,
+    )
+    assert long_ids is not None, "no candidate prompt keeps the tiny model generating for 300 tokens"
     events: queue.Queue = queue.Queue()
-    handle = engine.submit(long_ids, "alpha", SamplingParams(max_tokens=300, temperature=0.0), events.put)
+    handle = engine.submit(long_ids, "alpha", long_params, events.put)
     events.get()  # the long request is generating
     short = engine.render_chat([{"role": "user", "content": "What is the capital of France?"}])
     text = engine.generate(short, "beta", GREEDY)

@@ -67,7 +67,7 @@ def test_padded_batch_has_same_targets(tiny_tokenizer):
 def _bos_tokenizer(template_has_bos: bool):
     from tokenizers.processors import TemplateProcessing
 
-    from conftest import CHATML_TEMPLATE, build_tiny_tokenizer
+    from tiny_model import CHATML_TEMPLATE, build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
     tok.bos_token = "<|endoftext|>"

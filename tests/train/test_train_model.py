@@ -31,7 +31,7 @@ def _examples(tok):
 def test_packed_equals_alone(tiny_tokenizer, attn):
     import torch
 
-    from conftest import build_tiny_model
+    from tiny_model import build_tiny_model
 
     examples = _examples(tiny_tokenizer)
     model = build_tiny_model(tiny_tokenizer)

@@ -82,7 +82,7 @@ def test_adapter_loads_with_peft_and_refuses_other_base(tiny_model_dir, chat_fil
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from conftest import save_tiny_model
+    from tiny_model import save_tiny_model
     from tunesmith.errors import UsageError
     from tunesmith.models.adapters import check_base, resolve_adapter
     from tunesmith.models.registry import identity, resolve_model

@@ -155,11 +155,15 @@ async def require_api_key(request: Request) -> None:
 class BodyLimit:
     """ASGI middleware: refuse bodies over max_bytes (by Content-Length, or while streaming)."""
 
+    # File uploads are larger than any inference request; the files API enforces its own
+    # (configurable) limit while streaming them to disk.
+    EXEMPT_PREFIXES = ("/v1/files",)
+
     def __init__(self, app: Any, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope.get("path", "").startswith(self.EXEMPT_PREFIXES):
             return await self.app(scope, receive, send)
         too_large = APIError(413, f"request body larger than {self.max_bytes} bytes", code="request_too_large")
         length = dict(scope.get("headers") or []).get(b"content-length")

@@ -31,7 +31,8 @@ BASE_ROW = "__base__"
 """peft's adapter name for a row that uses the bare base model."""
 MAX_BATCH_ROWS = 32
 """Rows decoded together; more requests wait in the queue (KV memory grows with this)."""
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+# ":" is allowed so fine-tuning jobs can serve their models as ft:<base>:<suffix>:<id>.
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_:-]{0,127}$")
 """No '.': peft keeps adapters in torch ModuleDicts, whose keys cannot contain one."""
 
 
