@@ -6,7 +6,7 @@
 
 Each contender runs in its own child process (so peak RSS is its own) and prints one JSON
 line; the parent prints a markdown table. Tokens/s counts the non-padding input tokens the
-model trained on per second of training. MFU = (4 x parameters x tokens + attention) / time,
+model trained on per second of training. MFU = 4 x parameters x tokens / time (attention left out: small for ~60-token rows),
 divided by the bf16 matmul peak measured at the start of this same invocation.
 """
 
