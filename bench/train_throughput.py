@@ -73,7 +73,7 @@ def run_trl(args) -> dict:
     ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["text"]}],
                              "completion": [{"role": "assistant", "content": r["category"]}]} for r in rows(args.rows)])
     sft = SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-                    learning_rate=1e-3, lr_scheduler_type="cosine", warmup_ratio=0.03, max_length=args.max_seq_len,
+                    learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0.03, max_length=args.max_seq_len,
                     bf16=args.precision == "bf16", logging_steps=1, save_strategy="no", report_to=[],
                     use_cpu=True, seed=42, packing=args.trl_packing)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
