@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-DATA = Path("/work/shared/data/banking77/train.csv")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "banking77" / "train.csv"  # ../shared beside the repo
 MODEL = "smollm2-135m-instruct"
 
 

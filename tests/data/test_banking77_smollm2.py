@@ -9,7 +9,7 @@ import pytest
 from tunesmith.data.formats import ColumnMapping
 from tunesmith.data.validate import validate_data
 
-FULL = Path("/work/shared/data/banking77/train.csv")
+FULL = Path(__file__).resolve().parents[3] / "shared" / "data" / "banking77" / "train.csv"  # ../shared beside the repo
 BUNDLED = Path(__file__).resolve().parents[2] / "data" / "banking77" / "train.csv"
 
 

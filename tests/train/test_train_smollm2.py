@@ -10,7 +10,7 @@ import pytest
 from tunesmith.data.render import IGNORE_INDEX
 from tunesmith.train.config import TrainConfig
 
-BANKING = Path("/work/shared/data/banking77/train.csv")
+BANKING = Path(__file__).resolve().parents[3] / "shared" / "data" / "banking77" / "train.csv"  # ../shared beside the repo
 
 
 @pytest.mark.slow
