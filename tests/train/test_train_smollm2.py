@@ -10,7 +10,8 @@ import pytest
 from tunesmith.data.render import IGNORE_INDEX
 from tunesmith.train.config import TrainConfig
 
-BANKING = Path(__file__).resolve().parents[3] / "shared" / "data" / "banking77" / "train.csv"  # ../shared beside the repo
+# The copy bundled with the repository (a subset of ../shared/data/banking77, CC-BY-4.0).
+BANKING = Path(__file__).resolve().parents[2] / "data" / "banking77" / "train.csv"
 
 
 @pytest.mark.slow
@@ -29,8 +30,6 @@ def test_smollm2_one_step_on_banking77(smollm2, tmp_path):
     targets = batch["targets"][0]
     assert tok.decode(targets[targets != IGNORE_INDEX]) == "card_arrival<|im_end|>"
 
-    if not BANKING.is_file():
-        pytest.skip("banking77 data not available")
     with open(BANKING, newline="") as fh:
         rows = list(csv.DictReader(fh))[:4]
     data = tmp_path / "train.csv"
