@@ -113,6 +113,30 @@ def test_compare_four_strategies_and_verdict(tiny_model_dir, tmp_path):
     assert data["eval"]["strategy"] == "fine-tuned"
 
 
+def test_compare_train_adapter_trains_with_defaults_and_compares_it(tiny_model_dir, tmp_path):
+    train = write_label_csv(tmp_path / "train.csv", 12, "q")
+    test = write_label_csv(tmp_path / "test.csv", 3, "t")
+    out = tmp_path / "cmp"
+    proc = run_cli(
+        "compare", "--model", tiny_model_dir, "--train", train, "--test", test, "--train-adapter",
+        "--shots", "1", "--max-new-tokens", "3", "--out", out,
+    )
+    assert proc.returncode == 0, proc.stderr
+    run = out / "adapter-run"
+    assert (run / "adapter" / "adapter_config.json").is_file()
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    config = json.loads((run / "run.json").read_text())["config"]
+    assert config["data"] == str(train) and config["method"] == "lora"  # the defaults, on --train
+    losses = [r["train_loss"] for r in _rows(run / "metrics.jsonl") if r.get("train_loss") is not None]
+    assert len(losses) >= 2 and losses[-1] < losses[0]  # it trained on the data
+    c = json.loads((out / "compare.json").read_text())
+    assert [s["name"] for s in c["strategies"]][-1] == "fine-tuned"
+    assert c["adapter"].startswith(str(run))
+    both = run_cli("compare", "--model", tiny_model_dir, "--train", train, "--test", test,
+                   "--train-adapter", "--adapter", run, "--out", tmp_path / "x")
+    assert both.returncode == 2 and "not both" in both.stderr
+
+
 def test_bad_input_is_one_sentence_not_a_traceback(tiny_model_dir, tmp_path):
     test = write_label_csv(tmp_path / "test.csv", 2, "t")
     proc = run_cli("eval", "--model", tiny_model_dir, "--data", test, "--input-column", "question", "--out", tmp_path / "x")

@@ -20,7 +20,8 @@ from typing import Any, Callable, Sequence
 from tunesmith.data.example import Example, Message
 from tunesmith.errors import UsageError
 from tunesmith.evaluate.evaluation import (
-    EvalResult, evaluate_loaded, format_score, load_examples, run_system_prompt, with_system, write_eval,
+    EvalResult, _other_column, evaluate_loaded, format_score, load_examples, run_system_prompt, with_system,
+    write_eval,
 )
 from tunesmith.evaluate.generate import load_for_eval, split_example
 from tunesmith.evaluate.metrics import pick_metric
@@ -172,6 +173,8 @@ def compare(
     train_ex = load_examples(train, format, input_column, output_column)
     test_ex = load_examples(test, format, input_column, output_column, limit=limit)
     if train_adapter:
+        if output_column is None and (format or Path(train).suffix.lower().lstrip(".")) in ("csv", "tsv", "tab"):
+            output_column = _other_column(Path(train), input_column)  # the column compare itself uses
         adapter = _train_adapter(model, train, out, format, input_column, output_column, system, log)
     references = [split_example(ex)[1] for ex in test_ex]
     kind = pick_metric(references) if metric == "auto" else metric
@@ -219,30 +222,18 @@ def compare(
 
 
 def _train_adapter(model, train, out, format, input_column, output_column, system, log) -> Path:
-    """Train an adapter on the training file with default settings (via the train stage)."""
-    try:
-        from tunesmith.train.config import TrainConfig
-        from tunesmith.train.run import train as run_training
-    except ImportError as exc:  # the training stage is not installed in this build
-        raise UsageError(f"--train-adapter needs tunesmith's training stage ({exc}); pass --adapter instead") from exc
+    """Train an adapter on the training file with `tunesmith train`'s default settings."""
+    from tunesmith.train.config import TrainConfig
+    from tunesmith.train.run import train as run_training
+
     run_dir = (out or Path(".")) / "adapter-run"
     wanted = {
         "model": str(model) if model else None, "data": str(train), "format": format,
         "input_column": input_column, "output_column": output_column, "system": system, "out": str(run_dir),
     }
-    fields = _config_fields(TrainConfig)
-    kwargs = {k: v for k, v in wanted.items() if v is not None and (not fields or k in fields)}
     log(f"training an adapter on {train} with default settings into {run_dir}")
-    result = run_training(TrainConfig(**kwargs))
-    return Path(getattr(result, "out_dir", run_dir))
-
-
-def _config_fields(cls: Any) -> set[str]:
-    if hasattr(cls, "model_fields"):
-        return set(cls.model_fields)
-    if hasattr(cls, "__dataclass_fields__"):
-        return set(cls.__dataclass_fields__)
-    return set()
+    result = run_training(TrainConfig(**{k: v for k, v in wanted.items() if v is not None}))
+    return result.out_dir
 
 
 def verdict(strategies: Sequence[Strategy]) -> str:
