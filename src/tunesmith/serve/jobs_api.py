@@ -154,6 +154,9 @@ class JobsService:
         self.max_upload_bytes = max_upload_bytes
         self.log = log or (lambda msg: print(f"[jobs] {msg}", file=sys.stderr, flush=True))
         self.publisher = ModelPublisher(store, engine, self.log)
+        # One model-based file check at a time: loading a model (for the speed estimate) is not
+        # thread-safe in transformers, and each check uses every core anyway.
+        self._validation_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.router = self._build_router()
@@ -312,8 +315,14 @@ class JobsService:
         against = None
         if validation_file is not None:
             against = self.store.storage_root / self._file(validation_file)["path"]
-        report = await run_in_threadpool(_validate_with_model, self.store.storage_root / row["path"], model, against)
+        report = await run_in_threadpool(self._validate_with_model, self.store.storage_root / row["path"], model, against)
         return _validation_object(file_id, model, report)
+
+    def _validate_with_model(self, path: Path, model: str, against: Path | None) -> dict[str, Any]:
+        from tunesmith.data.validate import validate_data
+
+        with self._validation_lock:
+            return validate_data(path, model=model, validation=against).to_dict()
 
     def delete_file(self, file_id: str) -> dict[str, Any]:
         self._file(file_id)
@@ -416,12 +425,6 @@ class JobsService:
         self._job(job_id)
         rows, more = self.store.list_checkpoints(job_id, after, _limit(limit, 1000))
         return page([checkpoint_object(r) for r in rows], more)
-
-
-def _validate_with_model(path: Path, model: str, against: Path | None) -> dict[str, Any]:
-    from tunesmith.data.validate import validate_data
-
-    return validate_data(path, model=model, validation=against).to_dict()
 
 
 def _validation_object(file_id: str, model: str | None, report: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ function el(name, attrs = {}, parent = null) {
 }
 
 /** About `count` round tick values covering [lo, hi] (1, 2 or 5 times a power of ten). */
-export function niceTicks(lo, hi, count = 5) {
+export function niceTicks(lo, hi, count = 5, minStep = 0) {
   if (!(hi > lo)) {
     const pad = Math.abs(lo) * 0.1 || 1;
     lo -= pad;
@@ -22,7 +22,7 @@ export function niceTicks(lo, hi, count = 5) {
   }
   const raw = (hi - lo) / count;
   const mag = 10 ** Math.floor(Math.log10(raw));
-  const step = [1, 2, 5, 10].map((m) => m * mag).find((s) => s >= raw);
+  const step = Math.max(minStep, [1, 2, 5, 10].map((m) => m * mag).find((s) => s >= raw));
   const ticks = [];
   for (let v = Math.floor(lo / step) * step; v <= hi + step * 1e-9; v += step) ticks.push(+v.toPrecision(12));
   if (ticks[ticks.length - 1] < hi) ticks.push(+(ticks[ticks.length - 1] + step).toPrecision(12));
@@ -41,8 +41,9 @@ function fmt(v) {
 /**
  * Draw into `container` (replacing what is there).
  * series: [{name, color, points: [[x, y], ...]}]; empty series are left out.
+ * yDomain: [lo, hi] the y axis always covers (accuracy: [0, 1]).
  */
-export function lineChart(container, { series, xLabel = "step", yLabel = "", empty = "No data yet" }) {
+export function lineChart(container, { series, xLabel = "step", yLabel = "", yDomain = null, empty = "No data yet" }) {
   container.replaceChildren();
   const shown = series.filter((s) => s.points.length);
   if (!shown.length) {
@@ -54,8 +55,9 @@ export function lineChart(container, { series, xLabel = "step", yLabel = "", emp
   }
   const xs = shown.flatMap((s) => s.points.map((p) => p[0]));
   const ys = shown.flatMap((s) => s.points.map((p) => p[1]));
-  const xTicks = niceTicks(Math.min(...xs), Math.max(...xs), 6);
-  const yTicks = niceTicks(Math.min(...ys), Math.max(...ys), 5);
+  const xTicks = niceTicks(Math.min(...xs), Math.max(...xs), 6, 1); // steps are whole numbers
+  const yTicks = yDomain ? niceTicks(Math.min(yDomain[0], ...ys), Math.max(yDomain[1], ...ys), 5)
+    : niceTicks(Math.min(...ys), Math.max(...ys), 5);
   const [x0, x1] = [xTicks[0], xTicks[xTicks.length - 1]];
   const [y0, y1] = [yTicks[0], yTicks[yTicks.length - 1]];
   const px = (x) => PAD.left + ((x - x0) / (x1 - x0)) * (W - PAD.left - PAD.right);

@@ -60,7 +60,7 @@ export async function jobPage(main, [jobId], page) {
               + (job.validation_file ? `&file=${job.validation_file}` : ""), "data-link": true, class: "button small" },
             "Try it in the playground"))
           : h("p", { class: "muted" }, active ? "The model gets its name when training succeeds." : "No model was produced.")),
-      active ? h("button", { type: "button", class: "danger", id: "cancel-job", onclick: cancel }, "Cancel job") : null);
+      active ? h("button", { type: "button", class: "danger", id: "cancel-job", onclick: cancel }, "Cancel job") : "");
     errorSlot.replaceChildren(job.error ? h("div", { class: "callout callout-error", id: "job-error" },
       h("strong", {}, `${job.error.code}: `), job.error.message) : "");
     const hp = job.hyperparameters || {};
@@ -113,7 +113,7 @@ export async function jobPage(main, [jobId], page) {
     });
     const acc = pick("valid_mean_token_accuracy");
     if (acc.length) {
-      lineChart(accChart, { yLabel: "token accuracy", series: [{ name: "validation token accuracy", color: COLORS.accuracy, points: acc }] });
+      lineChart(accChart, { yLabel: "token accuracy", yDomain: [0, 1], series: [{ name: "validation token accuracy", color: COLORS.accuracy, points: acc }] });
     } else accChart.replaceChildren();
   }
 

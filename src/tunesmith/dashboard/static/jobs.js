@@ -49,9 +49,9 @@ function drawRows(body, jobs) {
     return;
   }
   body.replaceChildren(...jobs.map((job) => h("tr", { "data-job": job.id },
-    h("td", {}, h("a", { href: `/jobs/${job.id}`, "data-link": true, class: "mono" }, job.id)),
+    h("td", { class: "nowrap" }, h("a", { href: `/jobs/${job.id}`, "data-link": true, class: "mono" }, job.id)),
     h("td", {}, statusBadge(job.status)),
-    h("td", { class: "mono wrap", title: job.model }, shortModel(job.model)),
+    h("td", { class: "mono", title: job.model }, shortModel(job.model)),
     h("td", {}, job.user_provided_suffix || h("span", { class: "muted" }, "–")),
     h("td", { class: "mono wrap" }, job.fine_tuned_model || h("span", { class: "muted" }, ACTIVE.includes(job.status) ? "…" : "–")),
     h("td", { class: "nowrap" }, formatTime(job.created_at)),

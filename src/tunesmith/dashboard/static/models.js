@@ -11,7 +11,7 @@ export async function modelsPage(main, _params, page) {
   const add = h("button", { type: "submit", class: "primary", id: "add-adapter" }, "Add adapter");
   const form = h("form", { class: "card", id: "adapter-form" },
     h("h2", {}, "Add an adapter"),
-    h("p", { class: "muted small" }, "Load a LoRA adapter from a folder on the server (a `tunesmith train` run or a peft adapter) and serve it under a name. "
+    h("p", { class: "muted small" }, "Load a LoRA adapter from a folder on the server (a tunesmith train run or a peft adapter) and serve it under a name. "
       + "Fine-tuned models from jobs are added by themselves when their job succeeds."),
     h("div", { class: "form-grid" }, h("label", {}, "Name", name), h("label", { class: "span-2" }, "Path on the server", path)),
     h("div", { class: "actions" }, add));
@@ -28,9 +28,9 @@ export async function modelsPage(main, _params, page) {
       h("td", { class: "mono wrap" }, m.id),
       h("td", {}, m.parent ? h("span", {}, "adapter on ", h("span", { class: "mono" }, m.parent)) : h("span", { class: "badge status-base" }, "base model")),
       h("td", { class: "nowrap" }, formatTime(m.created)),
-      h("td", { class: "actions-cell" },
+      h("td", {}, h("div", { class: "actions-cell" },
         h("a", { href: `/playground?b=${encodeURIComponent(m.id)}`, "data-link": true, class: "button small" }, "Playground"),
-        m.parent ? h("button", { type: "button", class: "small danger", "data-remove": m.id, onclick: () => remove(m.id) }, "Remove") : null))));
+        m.parent ? h("button", { type: "button", class: "small danger", "data-remove": m.id, onclick: () => remove(m.id) }, "Remove") : null)))));
   }
 
   async function remove(id) {

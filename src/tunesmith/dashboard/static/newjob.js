@@ -70,10 +70,10 @@ export async function newJobPage(main, _params, page) {
     h("div", { class: "form-grid" },
       h("label", { class: "span-2" }, "Base model", modelInput,
         h("small", {}, "A registry name (smollm2-135m-instruct) or a model folder on the server.")),
+      h("label", {}, "Suffix", suffix, h("small", {}, "Goes into the model name ft:base:suffix:id")),
       h("label", {}, "Epochs", hp.n_epochs),
       h("label", {}, "Batch size", hp.batch_size),
       h("label", {}, "Learning-rate multiplier", hp.learning_rate_multiplier, h("small", {}, "× the LoRA default 1e-3")),
-      h("label", {}, "Suffix", suffix, h("small", {}, "Goes into the model name ft:base:suffix:id")),
       h("label", {}, "Seed", seed)),
     h("p", { class: "muted small" }, "Empty fields mean \"auto\": the worker picks them from the data, as hosted fine-tuning does."),
     h("div", { class: "actions" }, submitNote, submit));
