@@ -158,3 +158,18 @@ def test_api_key_is_asked_once_and_kept_for_the_session(dashboard_server, page):
     assert not page.is_visible("#key-dialog")
     page.click("nav a[data-nav='models']")
     page.wait_for_selector(f"#models-table tr[data-model='{server.engine.base_id}']")
+
+
+def test_cancel_a_job_from_its_page(dashboard_server, page, tmp_path, tiny_model_dir):
+    server = dashboard_server(workers=0)  # no worker: the job waits in validating_files
+    train = server.client.files.create(file=open(write_chat_jsonl(tmp_path / "t.jsonl", n=12), "rb"),
+                                       purpose="fine-tune")
+    job = server.client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=train.id)
+    page.goto(f"{server.url}/jobs/{job.id}")
+    page.wait_for_selector(".page-head .badge[data-status='validating_files']")
+    assert "Waiting for the first training step" in page.inner_text("#loss-chart")
+    page.click("#cancel-job")  # the confirm() is accepted by the page fixture
+    page.wait_for_selector(".page-head .badge[data-status='cancelled']")
+    assert server.client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
+    assert page.query_selector("#cancel-job") is None
+    page.wait_for_selector("#events li:has-text('Job cancelled')")

@@ -12,6 +12,8 @@ export class ApiError extends Error {
 }
 
 let pendingKey = null; // one prompt however many requests get a 401 at once
+// Esc cannot close the key prompt: the page can do nothing without the key.
+document.getElementById("key-dialog").addEventListener("cancel", (event) => event.preventDefault());
 
 export function forgetKey() {
   sessionStorage.removeItem(KEY_STORAGE);
@@ -40,7 +42,6 @@ function askForKey(rejected) {
       resolve();
     };
     form.addEventListener("submit", onSubmit);
-    dialog.addEventListener("cancel", (event) => event.preventDefault()); // Esc cannot skip it
   });
   dialog.showModal();
   input.focus();

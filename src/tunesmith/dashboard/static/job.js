@@ -12,7 +12,8 @@ const COLORS = { train: "#4f46e5", valid: "#f59e0b", accuracy: "#10b981" };
 
 export async function jobPage(main, [jobId], page) {
   let job = await api(`/v1/fine_tuning/jobs/${encodeURIComponent(jobId)}`);
-  const events = new Map(); // id -> event, all of them (metrics events draw the curves)
+  let events = []; // all of them, newest first as the API lists them (metrics events draw the curves)
+  const seen = new Set();
   let checkpoints = [];
   let resultFiles = null;
 
@@ -86,7 +87,7 @@ export async function jobPage(main, [jobId], page) {
   }
 
   function metricRows() {
-    return [...events.values()].filter((e) => e.type === "metrics" && e.data && e.data.step !== undefined)
+    return events.filter((e) => e.type === "metrics" && e.data && e.data.step !== undefined)
       .map((e) => e.data).sort((a, b) => a.step - b.step);
   }
 
@@ -118,10 +119,9 @@ export async function jobPage(main, [jobId], page) {
   }
 
   function drawEvents() {
-    const list = [...events.values()].sort((a, b) => b.created_at - a.created_at || (b.id > a.id ? 1 : -1));
-    eventList.replaceChildren(...list.slice(0, 300).map((e) => h("li", { class: `event level-${e.level}` },
+    eventList.replaceChildren(...events.slice(0, 300).map((e) => h("li", { class: `event level-${e.level}` },
       h("time", {}, formatTime(e.created_at)), h("span", { class: "level" }, e.level), h("span", {}, e.message))));
-    if (!list.length) eventList.replaceChildren(h("li", { class: "muted" }, "No events yet."));
+    if (!events.length) eventList.replaceChildren(h("li", { class: "muted" }, "No events yet."));
   }
 
   function drawCheckpoints() {
@@ -161,25 +161,33 @@ export async function jobPage(main, [jobId], page) {
   }
 
   async function refresh() {
-    job = await api(`/v1/fine_tuning/jobs/${encodeURIComponent(jobId)}`);
-    // Events come newest first: read pages until one we already have.
+    // Decide on polling from this fetch, not from `job`: a cancel() meanwhile may have set
+    // `job` to cancelled before this refresh read the events that the cancel added.
+    const fetched = await api(`/v1/fine_tuning/jobs/${encodeURIComponent(jobId)}`);
+    job = fetched;
+    // Events come newest first: read pages until one we already have, put the new ones on top.
+    const fresh = [];
     let after = null;
     for (;;) {
       const q = `limit=200${after ? `&after=${after}` : ""}`;
       const pageData = await api(`/v1/fine_tuning/jobs/${job.id}/events?${q}`);
       let known = false;
       for (const e of pageData.data) {
-        if (events.has(e.id)) known = true;
-        events.set(e.id, e);
+        if (seen.has(e.id)) known = true;
+        else {
+          seen.add(e.id);
+          fresh.push(e);
+        }
       }
       if (known || !pageData.has_more) break;
       after = pageData.last_id;
     }
+    events = fresh.concat(events);
     checkpoints = await listAll(`/v1/fine_tuning/jobs/${job.id}/checkpoints`, 100);
     if (!page.alive) return false;
     draw();
     await drawResults();
-    return ACTIVE.includes(job.status) ? POLL_MS : false;
+    return ACTIVE.includes(fetched.status) ? POLL_MS : false;
   }
 
   draw();
