@@ -90,6 +90,21 @@ def test_submit_a_job_and_watch_it_succeed_with_a_loss_chart(dashboard_server, p
     assert "dash" in row
     screenshot(page, "jobs")
 
+    # From the job to the playground: base vs the fine-tuned model, rows of its validation file.
+    page.click("#jobs-table tbody tr[data-job] a")
+    page.click("text=Try it in the playground")
+    page.wait_for_selector("#row option[value='2']", state="attached")
+    job = server.client.fine_tuning.jobs.list().data[0]
+    assert page.input_value("#row-file") == job.validation_file
+    assert page.input_value("#model-a") == server.engine.base_id
+    assert page.input_value("#model-b") == job.fine_tuned_model
+    page.select_option("#row", "1")
+    page.fill("#max_tokens", "6")
+    page.click("#run")
+    page.wait_for_selector("#answer-a[data-done='true']")
+    page.wait_for_selector("#answer-b[data-done='true']")
+    assert "finish" in page.inner_text("#stats-b")
+
 
 def test_playground_streams_base_and_adapter_side_by_side(dashboard_server, page, tmp_path, tiny_model_dir):
     adapter = make_adapter(tiny_model_dir, tmp_path / "alpha", seed=1)

@@ -68,6 +68,10 @@ export async function playgroundPage(main, _params, page) {
     reference.hidden = r.reference === null;
     reference.replaceChildren(h("strong", {}, `Reference answer (line ${r.line}): `), r.reference ?? "");
   });
+  if (files.some((f) => f.id === query.get("file"))) { // from a job page: its validation file
+    fileSelect.value = query.get("file");
+    fileSelect.dispatchEvent(new Event("change"));
+  }
   prompt.addEventListener("input", () => {
     delete prompt.dataset.history;
     reference.hidden = true;
