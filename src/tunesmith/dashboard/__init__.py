@@ -36,10 +36,11 @@ def build_dashboard_router():
     async def page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8", headers=headers)
 
+    # Only the files shipped in static/ (no subfolders, no dot files): a path from the URL is
+    # never joined onto the file system.
+    shipped = {p.name: p for p in STATIC_DIR.iterdir() if p.is_file() and not p.name.startswith(".")}
+
     async def static(name: str) -> FileResponse:
-        # Only the files shipped in static/ (no subfolders, no dot files): a path from the URL
-        # is never joined onto the file system.
-        shipped = {p.name: p for p in STATIC_DIR.iterdir() if p.is_file() and not p.name.startswith(".")}
         if name not in shipped:
             raise HTTPException(404, f"no dashboard file '{name}'")
         return FileResponse(shipped[name], media_type=_media_type(name), headers=headers)
