@@ -333,7 +333,12 @@ def serve_cmd(
             kind = f"adapter on {card.parent}, from {card.path}" if card.parent else "base model"
             typer.echo(f"  model {card.id!r}: {kind}", err=True)
         typer.echo(f"  fine-tuning jobs: {url}/fine_tuning/jobs ({workers} worker(s) in this process)", err=True)
-        uvicorn.run(create_app(engine, settings, routers=[jobs.router]), host=host, port=port, log_level="info")
+        typer.echo(f"  dashboard: http://{host}:{port}/", err=True)
+        from tunesmith.dashboard import mount_dashboard
+
+        server_app = create_app(engine, settings, routers=[jobs.router])
+        mount_dashboard(server_app)
+        uvicorn.run(server_app, host=host, port=port, log_level="info")
     finally:
         engine.close()
 

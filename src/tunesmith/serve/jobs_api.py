@@ -154,6 +154,9 @@ class JobsService:
         self.max_upload_bytes = max_upload_bytes
         self.log = log or (lambda msg: print(f"[jobs] {msg}", file=sys.stderr, flush=True))
         self.publisher = ModelPublisher(store, engine, self.log)
+        # One model-based file check at a time: loading a model (for the speed estimate) is not
+        # thread-safe in transformers, and each check uses every core anyway.
+        self._validation_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.router = self._build_router()
@@ -214,6 +217,7 @@ class JobsService:
         router.add_api_route("/v1/files/{file_id}", self.retrieve_file, methods=["GET"])
         router.add_api_route("/v1/files/{file_id}", self.delete_file, methods=["DELETE"])
         router.add_api_route("/v1/files/{file_id}/content", self.file_content, methods=["GET"])
+        router.add_api_route("/v1/files/{file_id}/validation", self.file_validation, methods=["GET"])
         router.add_api_route("/v1/fine_tuning/jobs", self.create_job, methods=["POST"])
         router.add_api_route("/v1/fine_tuning/jobs", self.list_jobs, methods=["GET"])
         router.add_api_route("/v1/fine_tuning/jobs/{job_id}", self.retrieve_job, methods=["GET"])
@@ -282,6 +286,43 @@ class JobsService:
     def file_content(self, file_id: str) -> FileResponse:
         row = self._file(file_id)
         return FileResponse(self.store.storage_root / row["path"], media_type="application/octet-stream")
+
+    async def file_validation(self, file_id: str, model: str | None = None,
+                              validation_file: str | None = None) -> dict[str, Any]:
+        """The validator's report on an uploaded file (a tunesmith extension of the files API).
+
+        Without `model`: what the upload check found (examples, line-numbered errors and
+        warnings). With `model`: `tunesmith validate`'s full report through that model's chat
+        template, with token stats and a measured time estimate; `validation_file` adds the
+        overlap check against that uploaded file.
+        """
+        row = self._file(file_id)
+        if model is None:
+            if validation_file is not None:
+                raise APIError(400, "validation_file is compared through a model's template; give 'model' too",
+                               code="invalid_request", param="validation_file")
+            stored = row["validation"] or {"examples": 0, "errors": [], "warnings": []}
+            return _validation_object(file_id, None, {**stored, "ok": not stored["errors"], "format": None,
+                                                      "stats": None, "estimate": None})
+        from starlette.concurrency import run_in_threadpool
+
+        from tunesmith.models.registry import resolve_model
+
+        try:
+            resolve_model(model, home=self.store.storage_root)
+        except TunesmithError as exc:
+            raise APIError(400, str(exc), code="model_not_found", param="model")
+        against = None
+        if validation_file is not None:
+            against = self.store.storage_root / self._file(validation_file)["path"]
+        report = await run_in_threadpool(self._validate_with_model, self.store.storage_root / row["path"], model, against)
+        return _validation_object(file_id, model, report)
+
+    def _validate_with_model(self, path: Path, model: str, against: Path | None) -> dict[str, Any]:
+        from tunesmith.data.validate import validate_data
+
+        with self._validation_lock:
+            return validate_data(path, model=model, validation=against).to_dict()
 
     def delete_file(self, file_id: str) -> dict[str, Any]:
         self._file(file_id)
@@ -384,6 +425,12 @@ class JobsService:
         self._job(job_id)
         rows, more = self.store.list_checkpoints(job_id, after, _limit(limit, 1000))
         return page([checkpoint_object(r) for r in rows], more)
+
+
+def _validation_object(file_id: str, model: str | None, report: dict[str, Any]) -> dict[str, Any]:
+    return {"object": "file.validation", "file_id": file_id, "model": model, "ok": report["ok"],
+            "format": report["format"], "examples": report["examples"], "errors": report["errors"],
+            "warnings": report["warnings"], "stats": report["stats"], "estimate": report["estimate"]}
 
 
 def _limit(limit: int, most: int) -> int:
