@@ -126,3 +126,37 @@ def test_bad_options_get_one_sentence(tmp_path, tiny_model_dir):
     proc = run_cli("distill", "--prompts", tmp_path / "missing.txt", "--teacher-model", "t",
                    "--out", tmp_path / "o.jsonl", "--model", tiny_model_dir)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_compare_cli_measures_the_teacher(tmp_path, tiny_model_dir):
+    """`tunesmith compare --teacher-model --teacher-base-url`: the teacher is one more row,
+    priced at its own rate, and the verdict names it when it wins."""
+    labels = {"card": "card_arrival", "rate": "exchange_rate"}
+
+    def write(path: Path, n: int) -> Path:
+        rows = [{"messages": [{"role": "user", "content": f"my {w} question {i}"},
+                              {"role": "assistant", "content": labels[w]}]}
+                for i in range(n) for w in labels]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
+
+    train, test = write(tmp_path / "train.jsonl", 4), write(tmp_path / "test.jsonl", 3)
+    key = "sk-compare-secret"
+    script = Script(answer=lambda prompt: labels[prompt.split()[1]])  # a teacher that is always right
+    out = tmp_path / "cmp"
+    with fake_teacher(script) as url:
+        proc = run_cli("compare", "--model", tiny_model_dir, "--train", train, "--test", test, "--shots", "1",
+                       "--max-new-tokens", "3", "--out", out, "--teacher-model", "big-teacher",
+                       "--teacher-base-url", url, "--teacher-api-key", key, "--teacher-price-per-million", "5")
+    assert proc.returncode == 0, proc.stderr
+    assert len(script.requests) == 6 and {r["authorization"] for r in script.requests} == {f"Bearer {key}"}
+    assert all(r["body"]["temperature"] == 0 and r["body"]["max_tokens"] == 3 for r in script.requests)
+    c = json.loads((out / "compare.json").read_text())
+    teacher = c["strategies"][-1]
+    assert teacher["name"] == "teacher" and teacher["scores"]["accuracy"] == 1.0
+    total = teacher["prompt_tokens_per_request"] + teacher["completion_tokens_per_request"]
+    assert teacher["prompt_tokens_per_request"] == 4 + 5  # what the server reported: 4 words + 5
+    assert teacher["cost_per_million_requests"] == 5 * total
+    assert c["verdict"].startswith("teacher wins on this data: accuracy 100.0%")
+    assert "teacher" in proc.stdout and c["verdict"] in " ".join(proc.stdout.split())
+    assert key not in proc.stdout + proc.stderr and key not in (out / "compare.json").read_text()

@@ -57,6 +57,7 @@ class DistillResult:
     requests: int = 0
     retries: int = 0
     price_per_million: float | None = None
+    filter: str | None = None
     elapsed_s: float = 0.0
     repaired_bytes: int = 0
     report: Any = None
@@ -208,7 +209,7 @@ def distill(
     loaded = load_prompts(prompts, format, input_column, system)
     if n > 1 and temperature == 0:
         log(f"note: --n {n} at --temperature 0 gives the same answer {n} times on most servers")
-    result = DistillResult(out=out, prompts=len(loaded), price_per_million=price_per_million)
+    result = DistillResult(out=out, prompts=len(loaded), price_per_million=price_per_million, filter=filter)
     out.parent.mkdir(parents=True, exist_ok=True)
     rejected = sidecar(out, "rejected")
     result.repaired_bytes = repair_tail(out) + repair_tail(rejected)
@@ -391,8 +392,9 @@ class _Progress:
 def print_summary(result: DistillResult, console: Any) -> None:
     r = result
     console.print(
-        f"[bold]{r.out}[/bold]: {r.written} answer(s) written now, {r.already} from earlier runs, "
-        f"{r.failed} failed, {r.dropped} dropped by the filter", highlight=False,
+        f"{r.out}: {r.written} answer(s) written now, {r.already} from earlier runs, "
+        f"{r.failed} failed" + (f", {r.dropped} dropped by --filter {r.filter}" if r.filter else ""),
+        highlight=False, markup=False,
     )
     line = f"teacher: {r.requests} request(s) ({r.retries} retried), tokens in {r.tokens_in:,} out {r.tokens_out:,}"
     if r.cost is not None:
