@@ -147,7 +147,8 @@ def test_compare_cli_measures_the_teacher(tmp_path, tiny_model_dir):
     with fake_teacher(script) as url:
         proc = run_cli("compare", "--model", tiny_model_dir, "--train", train, "--test", test, "--shots", "1",
                        "--max-new-tokens", "3", "--out", out, "--teacher-model", "big-teacher",
-                       "--teacher-base-url", url, "--teacher-api-key", key, "--teacher-price-per-million", "5")
+                       "--teacher-base-url", url, "--teacher-api-key", key, "--teacher-price-per-million", "5",
+                       "--report")
     assert proc.returncode == 0, proc.stderr
     assert len(script.requests) == 6 and {r["authorization"] for r in script.requests} == {f"Bearer {key}"}
     assert all(r["body"]["temperature"] == 0 and r["body"]["max_tokens"] == 3 for r in script.requests)
@@ -160,3 +161,4 @@ def test_compare_cli_measures_the_teacher(tmp_path, tiny_model_dir):
     assert c["verdict"].startswith("teacher wins on this data: accuracy 100.0%")
     assert "teacher" in proc.stdout and c["verdict"] in " ".join(proc.stdout.split())
     assert key not in proc.stdout + proc.stderr and key not in (out / "compare.json").read_text()
+    assert ">teacher<" in (out / "report.html").read_text()
