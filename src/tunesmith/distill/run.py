@@ -229,7 +229,12 @@ def distill(
         with open(out, "a", encoding="utf-8") as out_fh, open(rejected, "a", encoding="utf-8") as rej_fh, \
                 _Progress(result, progress, log) as bar:
             writer = _Writer(out_fh, rej_fh, failed_path, result, bar)
-            asyncio.run(_run_all(client, jobs, settings, concurrency, writer))
+            try:
+                asyncio.run(_run_all(client, jobs, settings, concurrency, writer))
+            except KeyboardInterrupt:
+                log(f"interrupted: {result.written} answer(s) of this run are saved in {out}; "
+                    "run the same command again to go on")
+                raise
     result.elapsed_s = time.perf_counter() - t0
     if rejected.is_file() and rejected.stat().st_size == 0:
         rejected.unlink()
