@@ -115,3 +115,7 @@ def test_repair_tail_cuts_only_a_torn_line(tmp_path):
     assert repair_tail(path) > 0 and path.read_text() == '{"a": 1}\n'
     path.write_text('{"a"')
     assert repair_tail(path) == 4 and path.read_text() == ""
+    path.write_text('{"a": 1}\n{"b": 2}')  # whole, only the newline missing: kept
+    assert repair_tail(path) == 0 and path.read_text() == '{"a": 1}\n{"b": 2}\n'
+    path.write_text('{"a": 1}\n\n')
+    assert repair_tail(path) == 0 and path.read_text() == '{"a": 1}\n\n'

@@ -107,26 +107,27 @@ def _wire(prompt: Prompt) -> list[dict[str, Any]]:
 
 
 def repair_tail(path: Path) -> int:
-    """Cut a torn last line (no newline, or not JSON) off the file; returns bytes removed."""
+    """Cut a torn last line off the file; returns the bytes removed.
+
+    Torn: not JSON (a write cut short, with or without a later newline). A last line that
+    is whole JSON but lacks its newline only gets the newline."""
     if not path.is_file():
         return 0
-    size = path.stat().st_size
     with open(path, "rb+") as fh:
         data = fh.read()
-        keep = len(data)
-        if data and not data.endswith(b"\n"):
-            keep = data.rfind(b"\n") + 1
-        else:  # a complete-looking last line that is not JSON (a torn write that ended in \n)
-            start = data.rfind(b"\n", 0, max(len(data) - 1, 0)) + 1
-            last = data[start:keep].strip()
-            if last:
-                try:
-                    json.loads(last)
-                except ValueError:
-                    keep = start
-        if keep < size:
-            fh.truncate(keep)
-    return size - keep
+        body = data[:-1] if data.endswith(b"\n") else data
+        start = body.rfind(b"\n") + 1
+        last = body[start:].strip()
+        if not last:
+            return 0
+        try:
+            json.loads(last)
+        except ValueError:
+            fh.truncate(start)
+            return len(data) - start
+        if not data.endswith(b"\n"):
+            fh.write(b"\n")
+    return 0
 
 
 def done_keys(path: Path) -> set[str]:
