@@ -73,15 +73,6 @@ class DistillResult:
     def ok(self) -> bool:
         return self.failed == 0 and (self.report is None or self.report.ok)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "out": str(self.out), "prompts": self.prompts, "answers_wanted": self.answers_wanted,
-            "already": self.already, "duplicates": self.duplicates, "written": self.written,
-            "dropped": self.dropped, "failed": self.failed, "tokens_in": self.tokens_in,
-            "tokens_out": self.tokens_out, "requests": self.requests, "retries": self.retries,
-            "cost": self.cost, "elapsed_s": self.elapsed_s, "valid": None if self.report is None else self.report.ok,
-        }
-
 
 def sidecar(out: Path, kind: str) -> Path:
     """`train.jsonl` -> `train.failed.jsonl` (kind: failed or rejected)."""
