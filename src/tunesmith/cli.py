@@ -226,8 +226,12 @@ def compare_cmd(
     system: Optional[str] = typer.Option(None, "--system", help="System prompt for the prompting strategies (and a trained adapter)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N test examples."),
     report: bool = typer.Option(False, "--report", help="Also write report.html into the output folder."),
+    teacher_model: Optional[str] = typer.Option(None, "--teacher-model", help="Also measure this teacher model (OpenAI-compatible endpoint), asked each test prompt as distill asks it."),
+    teacher_base_url: Optional[str] = typer.Option(None, "--teacher-base-url", help="The teacher's endpoint, e.g. http://127.0.0.1:8000/v1 (default: OpenAI's)."),
+    teacher_api_key: Optional[str] = typer.Option(None, "--teacher-api-key", help="The teacher's API key (default: $OPENAI_API_KEY); never written."),
+    teacher_price_per_million: Optional[float] = typer.Option(None, "--teacher-price-per-million", help="The teacher's price per million tokens (default: --price-per-million)."),
 ) -> None:
-    """Zero-shot vs few-shot vs retrieval few-shot vs fine-tuned, on the same test set."""
+    """Zero-shot vs few-shot vs retrieval few-shot vs fine-tuned (vs a teacher), on the same test set."""
     from tunesmith.evaluate.comparison import compare, print_comparison
 
     out = out or _default_out(None, "compare")
@@ -235,7 +239,9 @@ def compare_cmd(
         model, train, test, adapter=adapter, train_adapter=train_adapter, shots=shots,
         price_per_million=price_per_million, metric=metric, out=out, max_new_tokens=max_new_tokens,
         batch_size=batch_size, precision=precision, format=format, input_column=input_column,
-        output_column=output_column, system=system, limit=limit, log=_log,
+        output_column=output_column, system=system, limit=limit, teacher_model=teacher_model,
+        teacher_base_url=teacher_base_url, teacher_api_key=teacher_api_key,
+        teacher_price_per_million=teacher_price_per_million, log=_log,
     )
     print_comparison(result)
     _log(f"wrote {out / 'compare.json'}")
@@ -268,6 +274,44 @@ def demo_cmd(
 
 def _log(msg: str) -> None:
     typer.echo(msg, err=True)
+
+
+# ----------------------------------------------------------------------------- distill
+
+
+@app.command("distill")
+def distill_cmd(
+    prompts: Path = typer.Option(..., "--prompts", help="Prompts: chat/prompt JSONL (answers ignored), CSV/TSV column, or text with one prompt a line."),
+    teacher_model: str = typer.Option(..., "--teacher-model", help="Model name the teacher endpoint serves."),
+    out: Path = typer.Option(..., "--out", help="Chat JSONL training file to append answers to (re-run to resume)."),
+    teacher_base_url: Optional[str] = typer.Option(None, "--teacher-base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (default: OpenAI's)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Teacher API key (default: $OPENAI_API_KEY); never written to disk or logs."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt sent with every request (replaces one in the prompts)."),
+    concurrency: int = typer.Option(8, "--concurrency", help="Requests in flight at once."),
+    temperature: float = typer.Option(0.0, "--temperature", help="Teacher sampling temperature; 0 is greedy."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Most tokens per answer (default: the teacher's)."),
+    n: int = typer.Option(1, "--n", help="Answers per prompt (raise --temperature so they differ)."),
+    filter: Optional[str] = typer.Option(None, "--filter", help="Keep only answers that are json, label:FILE (one label a line) or regex:PATTERN (full match)."),
+    price_per_million: Optional[float] = typer.Option(None, "--price-per-million", help="Teacher price per million tokens (in + out), to show the cost so far."),
+    format: Optional[str] = typer.Option(None, "--format", help="Prompts format: jsonl, csv, tsv or text (default: detected)."),
+    input_column: str = typer.Option("text", "--input-column", help="CSV/TSV column holding the prompt."),
+    model: str = typer.Option("smollm2-135m-instruct", "--model", help="Student model whose chat template validates the output."),
+    max_retries: int = typer.Option(5, "--max-retries", help="Retries per request on 429/5xx/timeouts, with exponential backoff."),
+    timeout_s: float = typer.Option(120.0, "--timeout-s", help="Seconds to wait for one answer before retrying."),
+) -> None:
+    """Have a teacher model answer your prompts and write them as a training file (resumable)."""
+    from rich.console import Console
+
+    from tunesmith.distill.run import distill, print_summary
+
+    result = distill(
+        prompts, teacher_model, out, teacher_base_url=teacher_base_url, api_key=api_key, system=system,
+        concurrency=concurrency, temperature=temperature, max_tokens=max_tokens, n=n, filter=filter,
+        price_per_million=price_per_million, format=format, input_column=input_column, model=model,
+        max_retries=max_retries, timeout_s=timeout_s, log=_log,
+    )
+    print_summary(result, Console(highlight=False, soft_wrap=True))
+    raise typer.Exit(0 if result.ok else 1)
 
 
 def _default_out(adapter: Optional[Path], kind: str) -> Path:

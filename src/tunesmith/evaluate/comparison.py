@@ -2,11 +2,15 @@
 
 On the same held-out examples: the base model zero-shot (a system prompt, plus the valid
 labels for label tasks), few-shot (k fixed training examples as earlier chat turns),
-retrieval few-shot (the k training examples nearest to each test input by BM25), and the
-fine-tuned adapter (given, or trained here with default settings). For each: the metric,
-prompt tokens per request, latency per request and the cost of a million requests.
+retrieval few-shot (the k training examples nearest to each test input by BM25), the
+fine-tuned adapter (given, or trained here with default settings), and optionally a
+teacher: any OpenAI-compatible endpoint asked each test example's own prompt, as
+`tunesmith distill` asks it. For each: the metric, prompt tokens per request, latency per
+request and the cost of a million requests.
 
     tunesmith compare --train train.csv --test test.csv --adapter runs/first --shots 5
+    tunesmith compare --train distilled.jsonl --test test.jsonl --adapter runs/student \
+        --teacher-model gpt-4o-mini --teacher-base-url https://api.openai.com/v1
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from tunesmith.evaluate.retrieval import BM25
 COMPARE_FILE = "compare.json"
 DEFAULT_SYSTEM = "You are a precise assistant. Reply with the answer only, without explanation."
 ZERO_SHOT, FEW_SHOT, RETRIEVAL, FINE_TUNED = "zero-shot", "few-shot", "retrieval few-shot", "fine-tuned"
+TEACHER = "teacher"
 
 
 @dataclass
@@ -162,9 +167,17 @@ def compare(
     output_column: str | None = None,
     system: str | None = None,
     limit: int | None = None,
+    teacher_model: str | None = None,
+    teacher_base_url: str | None = None,
+    teacher_api_key: str | None = None,
+    teacher_price_per_million: float | None = None,
     log: Callable[[str], None] = print,
 ) -> Comparison:
-    """Measure the four strategies on `test`; write compare.json and one folder each to `out`."""
+    """Measure the strategies on `test`; write compare.json and one folder each to `out`.
+
+    teacher_model: also ask this model at teacher_base_url (OpenAI-compatible) each test
+    example's own prompt (with `system` when given), priced at teacher_price_per_million
+    (default: price_per_million)."""
     if shots < 1:
         raise UsageError(f"--shots must be at least 1, got {shots}")
     if adapter is not None and train_adapter:
@@ -203,6 +216,13 @@ def compare(
         )
         result.metrics["data"] = str(test)
         strategies.append(Strategy(FINE_TUNED, result, price_per_million))
+    if teacher_model is not None:
+        log(f"{TEACHER}: {teacher_model} at {teacher_base_url or 'the OpenAI API'}")
+        result = teacher_result(test_ex, teacher_model, teacher_base_url, teacher_api_key, kind, labels,
+                                system, max_new_tokens)
+        result.metrics["data"] = str(test)
+        price = teacher_price_per_million if teacher_price_per_million is not None else price_per_million
+        strategies.append(Strategy(TEACHER, result, price))
     main_name = strategies[0].main[0]
     info = {
         "model": loaded.name,
@@ -214,11 +234,71 @@ def compare(
         "metric": kind,
         "main_metric": main_name,
         "price_per_million": price_per_million,
+        "teacher_model": teacher_model,
     }
     comparison = Comparison(strategies, info, verdict(strategies))
     if out is not None:
         write_comparison(out, comparison)
     return comparison
+
+
+def teacher_result(
+    test_ex: Sequence[Example], teacher_model: str, base_url: str | None, api_key: str | None, kind: str,
+    labels: Sequence[str] | None, system: str | None, max_new_tokens: int, concurrency: int = 8,
+) -> EvalResult:
+    """Score a remote teacher like a local strategy: the same prompts as distillation sends,
+    its reported token usage, and wall time per request with `concurrency` in flight
+    (amortised, as the local strategies' batched latency is)."""
+    import asyncio
+    import time
+
+    from tunesmith.distill.teacher import TeacherFailure, ask, build_client
+    from tunesmith.evaluate.metrics import score
+
+    split = [split_example(with_system(ex, system) if system else ex) for ex in test_ex]
+    wires = [[m.to_template() for m in prompt] for prompt, _ in split]
+
+    async def run_all() -> list[Any]:
+        client = build_client(base_url, api_key, timeout_s=120.0)
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(wire: list[dict[str, Any]]) -> Any:
+            async with gate:
+                return await ask(client, teacher_model, wire, temperature=0.0, max_tokens=max_new_tokens,
+                                 secret=api_key)
+
+        try:
+            return await asyncio.gather(*(one(w) for w in wires))
+        finally:
+            await client.close()
+
+    t0 = time.perf_counter()
+    try:
+        replies = asyncio.run(run_all())
+    except TeacherFailure as exc:
+        raise UsageError(f"the teacher {teacher_model!r} failed on the test set: {exc}; "
+                         "check --teacher-model, --teacher-base-url and --teacher-api-key") from None
+    wall_s = time.perf_counter() - t0
+    references = [ref for _, ref in split]
+    predictions = [r.texts[0] for r in replies]
+    scores = score(references, predictions, kind, labels)
+    n = len(test_ex)
+    rows = [{
+        "line": ex.line, "input": _query(prompt), "reference": ref, "prediction": r.texts[0],
+        "correct": bool(scores.correct[i]), "score": round(scores.per_example[i], 4), "loss": None,
+        "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+    } for i, (ex, (prompt, ref), r) in enumerate(zip(test_ex, split, replies))]
+    metrics: dict[str, Any] = {
+        "model": teacher_model, "adapter": None, "base_url": base_url, "metric": scores.metric,
+        "main_metric": scores.main[0], "n_examples": n, "scores": scores.summary, "loss": None, "perplexity": None,
+        "latency_s_per_example": wall_s / n if n else 0.0,
+        "latency_s_per_request_alone": sum(r.latency_s for r in replies) / n if n else 0.0,
+        "prompt_tokens_per_example": sum(r.prompt_tokens for r in replies) / n if n else 0.0,
+        "completion_tokens_per_example": sum(r.completion_tokens for r in replies) / n if n else 0.0,
+        "generation_s": wall_s, "max_new_tokens": max_new_tokens, "concurrency": concurrency,
+    }
+    metrics.update(scores.extra)
+    return EvalResult(metrics, rows)
 
 
 def _train_adapter(model, train, out, format, input_column, output_column, system, log) -> Path:

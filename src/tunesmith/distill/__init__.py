@@ -1,0 +1,1 @@
+"""Distillation: a teacher model answers prompts; the answers become training data."""
