@@ -246,3 +246,32 @@ def test_two_processes_match_one(tiny_model_dir, chat_file, tmp_path):
     for ra, rb in zip(a, b):
         assert abs(ra["train_loss"] - rb["train_loss"]) < 1e-5
     assert abs(a[-1]["valid_loss"] - b[-1]["valid_loss"]) < 1e-5
+
+
+def test_early_stopping_triggers_and_keeps_the_best(tiny_model_dir, chat_file, tmp_path):
+    """A validation set that contradicts the training set: the more the model learns the
+    training answers, the worse the validation loss gets, so patience must run out."""
+    rows = [json.loads(line) for line in chat_file.read_text().splitlines()]
+    for r in rows:
+        r["messages"][1]["content"] = "Completely different answer " + r["messages"][1]["content"][::-1]
+    contrary = tmp_path / "contrary.jsonl"
+    contrary.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    steps = 20
+    proc = cli(*common(tiny_model_dir, chat_file), "--out", str(out), "--max-steps", str(steps), "--validation",
+               str(contrary), "--eval-every-steps", "1", "--early-stopping-patience", "2", "--learning-rate", "3e-2",
+               "--warmup-ratio", "0")
+    assert proc.returncode == 0, proc.stderr
+    rows = metrics(out)
+    valid = {r["step"]: r["valid_loss"] for r in rows}
+    best_step = min(valid, key=valid.get)
+    stopped_at = rows[-1]["step"]
+    assert stopped_at < steps, f"patience never ran out: {valid}"
+    assert stopped_at == best_step + 2  # two evaluations in a row without improvement
+    assert f"early stopping at step {stopped_at}" in proc.stderr
+    info = json.loads((out / "run.json").read_text())
+    assert info["metrics"]["stopped"] == "early_stopping" and info["metrics"]["steps"] == stopped_at
+    best = json.loads((out / "checkpoints" / "best.json").read_text())
+    assert best["step"] == best_step and abs(best["valid_loss"] - valid[best_step]) < 1e-9
+    assert (out / "checkpoints" / f"step-{best_step:06d}").is_dir()
+    assert json.loads((out / "adapter" / "tunesmith_adapter.json").read_text())["step"] == best_step
