@@ -275,3 +275,72 @@ def test_early_stopping_triggers_and_keeps_the_best(tiny_model_dir, chat_file, t
     assert best["step"] == best_step and abs(best["valid_loss"] - valid[best_step]) < 1e-9
     assert (out / "checkpoints" / f"step-{best_step:06d}").is_dir()
     assert json.loads((out / "adapter" / "tunesmith_adapter.json").read_text())["step"] == best_step
+
+
+# Runs `tunesmith train` with a real SIGTERM sent to itself at a chosen point: from inside
+# the n-th training (or validation) forward pass. The forward pass itself is the real one;
+# the wrapper only counts passes, so the test knows where the signal landed and whether
+# any forward pass began after it (a prompt stop begins none).
+SIGNAL_AT = """
+import atexit, os, signal, sys
+import torch
+import tunesmith.train.model as m
+
+kind_wanted, n_wanted = sys.argv[1], int(sys.argv[2])
+real, calls, after = m.forward_loss, {"train": 0, "eval": 0}, []
+
+def counting(model, batch, dtype):
+    kind = "train" if torch.is_grad_enabled() else "eval"
+    if after:
+        after.append(kind)
+    calls[kind] += 1
+    if (kind, calls[kind]) == (kind_wanted, n_wanted):
+        after.append("signal")
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real(model, batch, dtype)
+
+m.forward_loss = counting
+atexit.register(lambda: print("PASSES_AFTER_SIGNAL", len(after) - 1, flush=True))
+from tunesmith.cli import main
+sys.argv = ["tunesmith", "train", *sys.argv[3:]]
+main()
+"""
+
+
+def _train_with_signal_at(kind: str, n: int, args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", SIGNAL_AT, kind, str(n), *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.parametrize("where", ["step", "validation"])
+def test_sigterm_stops_within_the_step_or_validation_and_resumes_exactly(where, tiny_model_dir, chat_file, tmp_path):
+    """SIGTERM arriving in the middle of a step (or of a validation pass) abandons it at the
+    next decoder layer: no further forward pass starts, the last finished step is saved,
+    and the resumed run (redoing the abandoned work) matches an uninterrupted one."""
+    steps = 9
+    extra = ["--micro-batch-size", "2", "--val-split", "0.25", "--eval-every-steps", "3", "--lora-dropout", "0.1"]
+    ref_out = tmp_path / "ref"
+    ref = cli(*common(tiny_model_dir, chat_file), *extra, "--max-steps", str(steps), "--out", str(ref_out))
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "run"
+    args = [*common(tiny_model_dir, chat_file), *extra, "--max-steps", str(steps), "--out", str(out)]
+    # step: the 1st of step 5's two micro-batches (call 9); validation (6 examples, 3 batches
+    # per pass): the 2nd batch of the pass after step 6 (call 5)
+    kind, n, saved = ("train", 9, 4) if where == "step" else ("eval", 3 + 2, 6)
+    proc = _train_with_signal_at(kind, n, args)
+    assert proc.returncode == 130, proc.stderr
+    assert "PASSES_AFTER_SIGNAL 0" in proc.stdout
+    last_line = proc.stderr.strip().splitlines()[-1]
+    assert f"checkpoint step {saved} saved" in last_line and f"tunesmith train --resume {out}" in last_line
+    assert ("during step 5/9" if where == "step" else "during the validation after step 6/9") in last_line
+    assert latest_step(out) == saved and metrics(out)[-1]["step"] == saved - (where == "validation")
+    resumed = cli("--resume", str(out))
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = metrics(ref_out), metrics(out)
+    _same_curve(a, b)
+    assert [r["valid_loss"] for r in a] == pytest.approx([r["valid_loss"] for r in b], abs=1e-6)
+    _same_adapter(ref_out / "adapter", out / "adapter")
+
+
+def latest_step(out: Path) -> int:
+    return max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))

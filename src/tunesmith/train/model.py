@@ -167,3 +167,30 @@ def forward_loss(model: Any, batch: dict[str, Any], compute_dtype: Any) -> tuple
 
 def trainable_parameters(model: Any) -> list[tuple[str, Any]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def add_stop_checks(model: Any, check: Any) -> list[Any]:
+    """Call `check()` before every decoder layer's forward and after its backward, so a stop
+    request (Ctrl-C, SIGTERM) is noticed within one layer instead of one whole step.
+
+    Backward runs in C++ without returning to Python, so a signal handler alone would wait
+    for the end of it; a gradient hook on each layer's output gives Python (and `check`)
+    a turn per layer. `check` raises to abandon the step. Returns the hook handles.
+    """
+    layers = getattr(getattr(causal_lm(model), causal_lm(model).base_model_prefix), "layers", None)
+    if layers is None:
+        return []
+
+    def before(_module, _args):
+        check()
+
+    def after(_module, _args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        if hidden.requires_grad:
+            hidden.register_hook(lambda grad: (check(), grad)[1])
+
+    handles = []
+    for layer in layers:
+        handles.append(layer.register_forward_pre_hook(before))
+        handles.append(layer.register_forward_hook(after))
+    return handles
