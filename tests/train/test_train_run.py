@@ -344,3 +344,45 @@ def test_sigterm_stops_within_the_step_or_validation_and_resumes_exactly(where, 
 
 def latest_step(out: Path) -> int:
     return max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
+
+
+def _can_mount_tmpfs(where: Path) -> bool:
+    """Whether a private tmpfs can be mounted here (user + mount namespace, no real root needed)."""
+    import shutil
+
+    if not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs '{where}'"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+def test_full_disk_on_a_real_small_filesystem(tiny_model_dir, chat_file, tmp_path):
+    """A real full disk (ENOSPC), no injection: the run directory lies on a 2.5 MB tmpfs
+    mounted in a private user+mount namespace. One checkpoint (1.6 MB: LoRA r64 on the tiny
+    model, with its AdamW moments) fits, the second does not."""
+    disk, after = tmp_path / "disk", tmp_path / "after"
+    disk.mkdir()
+    if not _can_mount_tmpfs(disk):
+        pytest.skip("cannot mount a tmpfs in a user namespace here (unshare -rm refused); "
+                    "test_full_disk_keeps_previous_checkpoint covers the file-size-limit case")
+    train_cmd = " ".join(f"'{a}'" for a in [*TUNESMITH, "train", *common(tiny_model_dir, chat_file),
+                                            "--out", str(disk / "run"), "--max-steps", "6",
+                                            "--save-every-steps", "2", "--lora-rank", "64"])
+    script = (f"mount -t tmpfs -o size=2500k tmpfs '{disk}' && {{ {train_cmd}; rc=$?; "
+              f"df -k '{disk}' | tail -1; cp -a '{disk}/run' '{after}'; exit $rc; }}")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr
+    last_line = proc.stderr.strip().splitlines()[-1]
+    assert "the disk is full" in last_line and "step-000004" in last_line and "Traceback" not in proc.stderr
+    good = disk / "run" / "checkpoints" / "step-000002"
+    assert f"the last good checkpoint {good} is intact" in last_line
+    assert f"tunesmith train --resume {disk / 'run'}" in last_line
+    names = sorted(p.name for p in (after / "checkpoints").iterdir())
+    assert names == ["step-000002"]  # the half-written step 4 was removed, step 2 untouched
+    kept = after / "checkpoints" / "step-000002"
+    assert json.loads((kept / "trainer_state.json").read_text())["step"] == 2
+    from safetensors.torch import load_file
+
+    assert load_file(str(kept / "optimizer.safetensors")) and load_file(str(kept / "adapter_model.safetensors"))
+    assert [r["step"] for r in metrics(after)] == [1, 2, 3, 4]

@@ -63,7 +63,7 @@ def latest_checkpoint(out: Path) -> Path | None:
 DISK_ERRNOS = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", -1))
 
 
-def _disk_error(exc: Exception) -> bool:
+def disk_error(exc: Exception) -> bool:
     """No space left, a quota or a file-size limit; safetensors reports these as its own error."""
     if isinstance(exc, OSError):
         return exc.errno in DISK_ERRNOS
@@ -112,15 +112,20 @@ def save_checkpoint(
         _replace_dir(tmp, final)
     except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not _disk_error(exc):
+        if not disk_error(exc):
             raise
-        last = latest_checkpoint(out)
-        raise TrainingError(
-            f"the disk is full (or a file-size limit was hit) while writing checkpoint {final}; "
-            + (f"the last good checkpoint {last} is intact: free space, then `tunesmith train --resume {out}`"
-               if last else "no checkpoint was saved yet: free space and start again")
-        ) from None
+        raise disk_full_error(out, f"checkpoint {final}") from None
     return final
+
+
+def disk_full_error(out: Path, what: Any) -> TrainingError:
+    """One sentence: what could not be written, the last good checkpoint, how to go on."""
+    last = latest_checkpoint(out)
+    return TrainingError(
+        f"the disk is full (or a file-size limit was hit) while writing {what}; "
+        + (f"the last good checkpoint {last} is intact: free space, then `tunesmith train --resume {out}`"
+           if last else "no checkpoint was saved yet: free space and start again")
+    )
 
 
 def optimizer_tensors(optimizer: Any, names: list[str]) -> tuple[dict[str, Any], dict[str, float]]:
@@ -216,7 +221,7 @@ def publish_adapter(out: Path, ckpt: Path) -> Path:
         _replace_dir(tmp, final)
     except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not _disk_error(exc):
+        if not disk_error(exc):
             raise
         raise TrainingError(f"the disk is full while writing {final}; the checkpoint {ckpt} is intact and usable as the adapter") from None
     return final

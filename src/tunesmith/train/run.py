@@ -271,9 +271,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
                     raise interrupted(f"at step {step}/{total_steps}")
                 if stopped != "finished":
                     break
-
+    except OSError as exc:  # checkpoints handle their own; this is metrics.jsonl and friends
+        if not ck.disk_error(exc):
+            raise
+        raise ck.disk_full_error(out, exc.filename or out / "metrics.jsonl") from None
     finally:
-        reporter.close()
+        try:
+            reporter.close()
+        except OSError:  # flushing a full disk: the error above says it already
+            pass
 
     # --- 8. the last step was evaluated and saved in the loop; publish OUT/adapter (the
     # best checkpoint by validation loss, else the last) and the final metrics.
