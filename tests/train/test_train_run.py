@@ -386,3 +386,48 @@ def test_full_disk_on_a_real_small_filesystem(tiny_model_dir, chat_file, tmp_pat
 
     assert load_file(str(kept / "optimizer.safetensors")) and load_file(str(kept / "adapter_model.safetensors"))
     assert [r["step"] for r in metrics(after)] == [1, 2, 3, 4]
+
+
+def test_fsdp_two_processes_match_one_and_resume(tiny_model_dir, chat_file, tmp_path):
+    """--distributed-strategy fsdp with 2 CPU processes (gloo, torch's FSDP2 fully_shard):
+    the same losses and adapter as one process; and a run that lost its last checkpoint
+    resumes from the sharded-then-gathered one before it and still ends the same."""
+    import shutil
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = [*common(tiny_model_dir, chat_file), "--max-steps", "4", "--batch-size", "8", "--val-split", "0.25"]
+    p1 = cli(*args, "--out", str(one))
+    assert p1.returncode == 0, p1.stderr
+    fsdp = [*args, "--out", str(two), "--nproc", "2", "--distributed-strategy", "fsdp", "--save-every-steps", "2"]
+    p2 = cli(*fsdp, env_extra={"OMP_NUM_THREADS": "1"})
+    assert p2.returncode == 0, p2.stderr
+    info = json.loads((two / "run.json").read_text())
+    assert info["resolved"]["world_size"] == 2 and info["config"]["distributed_strategy"] == "fsdp"
+    a = metrics(one)
+    _same_curve_within(a, metrics(two), 1e-5)
+    _same_adapter_within(one / "adapter", two / "adapter", 1e-5)
+
+    shutil.rmtree(two / "checkpoints" / "step-000004")  # as if killed after step 2's checkpoint
+    shutil.rmtree(two / "adapter")
+    p3 = cli("--resume", str(two), "--nproc", "2", env_extra={"OMP_NUM_THREADS": "1"})
+    assert p3.returncode == 0, p3.stderr
+    assert "resuming" in p3.stderr
+    _same_curve_within(a, metrics(two), 1e-5)
+    _same_adapter_within(one / "adapter", two / "adapter", 1e-5)
+
+
+def _same_curve_within(a: list[dict], b: list[dict], tol: float) -> None:
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        assert abs(ra["train_loss"] - rb["train_loss"]) < tol, (ra["step"], ra["train_loss"], rb["train_loss"])
+        assert (ra["valid_loss"] is None) == (rb["valid_loss"] is None)
+        if ra["valid_loss"] is not None:
+            assert abs(ra["valid_loss"] - rb["valid_loss"]) < tol
+
+
+def _same_adapter_within(a: Path, b: Path, tol: float) -> None:
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys() and all(wa[k].shape == wb[k].shape for k in wa)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < tol

@@ -194,3 +194,39 @@ def add_stop_checks(model: Any, check: Any) -> list[Any]:
         handles.append(layer.register_forward_pre_hook(before))
         handles.append(layer.register_forward_hook(after))
     return handles
+
+
+def shard_model(model: Any) -> None:
+    """FSDP2: shard each decoder layer over the default process group.
+
+    Each layer is its own all-gather unit, so only one layer's full weights exist at a
+    time. The embeddings, final norm and LM head stay whole on every process: the LM head
+    is often tied to the embeddings (one weight in two places), and forward_loss calls the
+    backbone and the head separately; their gradients (full fine-tuning) are summed by hand
+    in run._sum_over_processes. Gradients are summed, not averaged: the loss is already
+    divided by the whole step's trained-token count over all processes.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    lm = causal_lm(model)
+    for layer in getattr(lm, lm.base_model_prefix).layers:
+        fully_shard(layer)
+        layer.set_gradient_divide_factor(1.0)
+        layer.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
+
+
+def full_tensor(t: Any) -> Any:
+    """The whole tensor behind a sharded one (a collective: every process must call it)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def like(full: Any, target: Any) -> Any:
+    """`full` laid out as `target` is: this process's shard when target is sharded."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    full = full.to(dtype=target.dtype)
+    if isinstance(target, DTensor):
+        return distribute_tensor(full, target.device_mesh, target.placements)
+    return full.to(target.device)

@@ -41,6 +41,7 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     device: str = "cpu"
+    fsdp: bool = False
 
     @property
     def main(self) -> bool:
@@ -69,7 +70,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     from tunesmith.models.adapters import check_base
     from tunesmith.models.registry import hash_files, identity, load_tokenizer, resolve_model
     from tunesmith.train import data as td
-    from tunesmith.train.model import add_stop_checks, build_model, precision_dtype
+    from tunesmith.train.model import add_stop_checks, build_model, precision_dtype, shard_model, trainable_parameters
 
     # --- 1. resolve the config. Everything that can be wrong with the inputs is found
     # before the model loads, so a bad flag costs a second, not a minute.
@@ -112,13 +113,16 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     # --- 5. model and adapter (base cast to the compute dtype once, trained weights fp32).
     model = build_model(ref, cfg, compute_dtype)
     model.to(dist.device)
+    n_total = sum(p.numel() for p in model.parameters())
+    if dist.world_size > 1:
+        for _, p in trainable_parameters(model):  # every process starts from rank 0's weights
+            torch.distributed.broadcast(p.data, src=0)
+    dist.fsdp = dist.world_size > 1 and cfg.distributed_strategy == "fsdp"
+    if dist.fsdp:  # after the broadcast: sharding replaces the parameters with shards
+        shard_model(model)
     groups, names = _param_groups(model, cfg.weight_decay)
     params = [p for g in groups for p in g["params"]]
     n_trainable = sum(p.numel() for p in params)
-    n_total = sum(p.numel() for p in model.parameters())
-    if dist.world_size > 1:
-        for p in params:  # every process starts from rank 0's weights
-            torch.distributed.broadcast(p.data, src=0)
 
     # --- 6. optimizer and schedule (the lr is a pure function of the step: see lr_at).
     optimizer = torch.optim.AdamW(groups, lr=lr_peak, betas=(0.9, 0.999), eps=1e-8)
@@ -217,13 +221,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
                     try:
                         stop.check()
                         loss_sum, step_tokens = accumulate_gradients(
-                            model, [train_ex[i] for i in mine], step_targets, cfg, pad_id, compute_dtype, dist.device
+                            model, [train_ex[i] for i in mine], step_targets, cfg, pad_id, compute_dtype, dist.device,
+                            _lockstep(indices, cfg.micro_batch_size, dist), train_ex[indices[0]],
                         )
                     except _StepAbandoned:
                         if saved_step != step:
                             save()
                         raise interrupted(f"during step {step + 1}/{total_steps} (not finished; it will be redone)") from None
-                    loss_sum, step_tokens, stop_now = _sum_over_processes(params, loss_sum, step_tokens, stop.requested, dist)
+                    loss_sum, step_tokens, stop_now = _sum_over_processes(params, loss_sum, step_tokens, stop.requested,
+                                                                          dist)
                     train_loss = loss_sum / step_targets
                     if not math.isfinite(train_loss):
                         last = ck.latest_checkpoint(out)
@@ -302,21 +308,38 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
 
 
 def accumulate_gradients(model: Any, examples: list, step_targets: int, cfg: TrainConfig, pad_id: int,
-                         compute_dtype: Any, device: str) -> tuple[float, int]:
+                         compute_dtype: Any, device: str, min_passes: int = 0, filler: Any = None) -> tuple[float, int]:
     """Backward over micro-batches of `examples`, each loss divided by the whole step's
     trained-token count, so the summed gradient is that of the mean over the step's tokens
-    whatever the micro-batching. Returns (sum of token losses, tokens processed)."""
+    whatever the micro-batching. Returns (sum of token losses, tokens processed).
+
+    FSDP gathers weights in every forward and backward, a collective all processes must
+    join: a process with fewer micro-batches than `min_passes` runs `filler` with its loss
+    times 0 until it has done as many."""
     from tunesmith.train import data as td
     from tunesmith.train.model import forward_loss
 
     loss_sum, tokens = 0.0, 0
-    for mb in td.micro_batches(list(range(len(examples))), cfg.micro_batch_size):
+    passes = td.micro_batches(list(range(len(examples))), cfg.micro_batch_size)
+    for mb in passes:
         batch = _to_device(td.collate([examples[i] for i in mb], cfg.packing, pad_id), device)
         mb_loss, _, _ = forward_loss(model, batch, compute_dtype)
         (mb_loss / step_targets).backward()
         loss_sum += mb_loss.item()
         tokens += batch["tokens"]
+    for _ in range(min_passes - len(passes)):
+        batch = _to_device(td.collate([filler], cfg.packing, pad_id), device)
+        (forward_loss(model, batch, compute_dtype)[0] * 0.0).backward()
     return loss_sum, tokens
+
+
+def _lockstep(indices: list[int], micro_batch_size: int | None, dist: Dist) -> int:
+    """With FSDP, the most micro-batches any process has in this step (all must do as many)."""
+    if not dist.fsdp:
+        return 0
+    from tunesmith.train import data as td
+
+    return max(len(td.micro_batches(td.shard(indices, r, dist.world_size), micro_batch_size)) for r in range(dist.world_size))
 
 
 def evaluate(model: Any, examples: list, cfg: TrainConfig, pad_id: int, compute_dtype: Any, dist: Dist,
@@ -329,16 +352,20 @@ def evaluate(model: Any, examples: list, cfg: TrainConfig, pad_id: int, compute_
     from tunesmith.train.model import forward_loss
 
     model.eval()
-    mine = td.shard(list(range(len(examples))), dist.rank, dist.world_size)
+    everyone = list(range(len(examples)))
+    size = cfg.micro_batch_size or cfg.batch_size
+    mine = td.micro_batches(td.shard(everyone, dist.rank, dist.world_size), size)
     sums = torch.zeros(3, dtype=torch.float64)
     try:
         with torch.no_grad():
-            for mb in td.micro_batches(mine, cfg.micro_batch_size or cfg.batch_size):
+            for mb in mine:
                 if check_stop is not None:
                     check_stop()
                 batch = _to_device(td.collate([examples[i] for i in mb], cfg.packing, pad_id), dist.device)
                 loss, n, correct = forward_loss(model, batch, compute_dtype)
                 sums += torch.tensor([loss.item(), n, correct.item()], dtype=torch.float64)
+            for _ in range(_lockstep(everyone, size, dist) - len(mine)):  # FSDP: join the others' gathers
+                forward_loss(model, _to_device(td.collate([examples[0]], cfg.packing, pad_id), dist.device), compute_dtype)
     finally:
         model.train()
     if dist.world_size > 1:
@@ -350,6 +377,13 @@ def _save(out, step, model, optimizer, names, cfg, meta, tokenizer, best, evals_
           pending_row=None) -> None:
     import torch
 
+    gathered = None
+    if dist.fsdp:  # every process takes part in gathering the shards; rank 0 writes
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        gathered = (full, ck.optimizer_tensors(optimizer, names))
+
     if dist.main:
         state = {"epoch": step / spe, "data_position": {"epoch": step // spe, "step_in_epoch": step % spe},
                  "best": best, "evals_since_best": evals_since_best, "elapsed": elapsed, "seed": cfg.seed,
@@ -357,7 +391,8 @@ def _save(out, step, model, optimizer, names, cfg, meta, tokenizer, best, evals_
                  "rng": "dropout and data order derive from (seed, step, rank); rng.safetensors is the torch state at save"}
         if pending_row is not None:  # stopped during this step's validation: resume evaluates it first
             state["pending_row"] = pending_row
-        ck.save_checkpoint(out, step, model, optimizer, names, state, meta, tokenizer if cfg.method == "full" else None)
+        ck.save_checkpoint(out, step, model, optimizer, names, state, meta, tokenizer if cfg.method == "full" else None,
+                           gathered)
         if best:
             ck.mark_best(out, best["step"], best["valid_loss"])
         ck.prune_checkpoints(out)
@@ -378,12 +413,19 @@ def _param_groups(model: Any, weight_decay: float) -> tuple[list[dict], list[str
 
 
 def _sum_over_processes(params, loss_sum: float, tokens: int, stop: bool, dist: Dist) -> tuple[float, int, bool]:
-    """Sum gradients, loss and token counts over processes (one all-reduce), and agree on stopping."""
+    """Sum gradients, loss and token counts over processes (one all-reduce), and agree on stopping.
+    FSDP has already summed (reduce-scattered) the gradients in backward."""
     if dist.world_size == 1:
         return loss_sum, tokens, stop
     import torch
 
-    flat = torch.cat([p.grad.reshape(-1) for p in params] + [torch.tensor([loss_sum, tokens, float(stop)], dtype=params[0].grad.dtype, device=params[0].grad.device)])
+    if dist.fsdp:  # only the weights FSDP did not shard (embeddings, LM head) are left to sum
+        from torch.distributed.tensor import DTensor
+
+        params = [p for p in params if not isinstance(p, DTensor)]
+    dtype = params[0].grad.dtype if params else torch.float64
+    flat = torch.cat([p.grad.reshape(-1) for p in params]
+                     + [torch.tensor([loss_sum, tokens, float(stop)], dtype=dtype, device=dist.device)])
     torch.distributed.all_reduce(flat)
     offset = 0
     for p in params:
