@@ -9,6 +9,8 @@ banking77 rows, the run's own precision) and prints the operators by self CPU ti
 every variant alike) and prints trained-sequence tokens/s per variant:
   rowsN      N banking77 rows packed into one forward/backward (the default step is 16)
   threads1   the same 16 rows with one torch thread instead of the default
+  peftcast   the same 16 rows with peft's cast of each LoRA input to fp32 switched back on
+             (what tunesmith did before; train.model.set_input_casting)
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ def profile(model, examples, dtype, pad_id) -> None:
 def ab(model, examples, dtype, pad_id, variants: list[str], rounds: int) -> None:
     import torch
 
+    from tunesmith.train.model import set_input_casting
+
     default_threads = torch.get_num_threads()
     rates: dict[str, list[float]] = {v: [] for v in variants}
     offset = 0
@@ -83,6 +87,7 @@ def ab(model, examples, dtype, pad_id, variants: list[str], rounds: int) -> None
         for v in variants:
             n = int(v[4:]) if v.startswith("rows") else 16
             torch.set_num_threads(1 if v == "threads1" else default_threads)
+            set_input_casting(model, v == "peftcast")
             chunk = [examples[(offset + i) % len(examples)] for i in range(n)]
             offset += n
             t = time.perf_counter()
@@ -90,6 +95,7 @@ def ab(model, examples, dtype, pad_id, variants: list[str], rounds: int) -> None
             rates[v].append(tokens / (time.perf_counter() - t))
         print(f"round {r + 1}: " + ", ".join(f"{v} {rates[v][-1]:.0f}" for v in variants), flush=True)
     torch.set_num_threads(default_threads)
+    set_input_casting(model, False)
     print("| variant | median tokens/s | rounds |\n|---|---|---|")
     for v in variants:
         print(f"| {v} | {statistics.median(rates[v]):.0f} | {len(rates[v])} |")
