@@ -431,3 +431,21 @@ def _same_adapter_within(a: Path, b: Path, tol: float) -> None:
     wa, wb = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
     assert wa.keys() == wb.keys() and all(wa[k].shape == wb[k].shape for k in wa)
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < tol
+
+
+def test_sigterm_to_nproc_launcher_stops_every_rank_with_a_checkpoint(tiny_model_dir, chat_file, tmp_path):
+    """`tunesmith train --nproc 2` gets SIGTERM (as from the jobs worker or `kill`): it passes
+    it on, the ranks agree to stop after the step, save, and the resume line comes last."""
+    out = tmp_path / "run"
+    args = [*common(tiny_model_dir, chat_file), "--max-steps", "400", "--batch-size", "8", "--nproc", "2",
+            "--out", str(out)]
+    proc = subprocess.Popen([*TUNESMITH, "train", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    _wait_for(lambda: (out / "metrics.jsonl").is_file() and len(metrics(out)) >= 3, proc, timeout_s=300)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    last_line = err.strip().splitlines()[-1]
+    assert "stopped by SIGTERM at step" in last_line and f"tunesmith train --resume {out}" in last_line
+    stopped_at = metrics(out)[-1]["step"]
+    assert stopped_at < 400 and (out / "checkpoints" / f"step-{stopped_at:06d}" / "trainer_state.json").is_file()
