@@ -118,7 +118,8 @@ def run_trl(args, data: Path) -> dict:
     model = get_peft_model(model, lora)
     trainer = SFTTrainer(model=model, args=sft, train_dataset=ds, processing_class=tok)
     out = trainer.train()
-    tokens = sum(len(t.input_ids) for t in ordered)
+    # The rows TRL trained on, as it batched them (with packing, a row holds several examples).
+    tokens = sum(len(x) for x in trainer.train_dataset["input_ids"][: args.steps * args.batch_size])
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"tokens_per_s": tokens / out.metrics["train_runtime"], "losses": losses,
             "train_time_s": out.metrics["train_runtime"]}
