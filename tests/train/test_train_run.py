@@ -449,3 +449,22 @@ def test_sigterm_to_nproc_launcher_stops_every_rank_with_a_checkpoint(tiny_model
     assert "stopped by SIGTERM at step" in last_line and f"tunesmith train --resume {out}" in last_line
     stopped_at = metrics(out)[-1]["step"]
     assert stopped_at < 400 and (out / "checkpoints" / f"step-{stopped_at:06d}" / "trainer_state.json").is_file()
+
+
+def test_fsdp_full_fine_tuning_matches_one_process(tiny_model_dir, chat_file, tmp_path):
+    """Full fine-tuning under FSDP mixes sharded layer weights with whole embeddings (the
+    gradient clipping and AdamW must take both): same losses and saved model as 1 process."""
+    from safetensors.torch import load_file
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = [*common(tiny_model_dir, chat_file), "--method", "full", "--max-steps", "3", "--batch-size", "8",
+            "--learning-rate", "1e-3"]
+    p1 = cli(*args, "--out", str(one))
+    assert p1.returncode == 0, p1.stderr
+    p2 = cli(*args, "--out", str(two), "--nproc", "2", "--distributed-strategy", "fsdp",
+             env_extra={"OMP_NUM_THREADS": "1"})
+    assert p2.returncode == 0, p2.stderr
+    _same_curve_within(metrics(one), metrics(two), 1e-5)
+    wa, wb = load_file(str(one / "adapter" / "model.safetensors")), load_file(str(two / "adapter" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(wa[k].shape == wb[k].shape for k in wa)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5

@@ -125,7 +125,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     n_trainable = sum(p.numel() for p in params)
 
     # --- 6. optimizer and schedule (the lr is a pure function of the step: see lr_at).
-    optimizer = torch.optim.AdamW(groups, lr=lr_peak, betas=(0.9, 0.999), eps=1e-8)
+    # foreach kernels refuse a mix of sharded and whole tensors (FSDP full fine-tuning)
+    optimizer = torch.optim.AdamW(groups, lr=lr_peak, betas=(0.9, 0.999), eps=1e-8, foreach=False if dist.fsdp else None)
     for p in params:  # zero grads rather than None: a process with no examples in a step still sums
         p.grad = torch.zeros_like(p)
 
@@ -239,7 +240,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
                             + f"; lower --learning-rate (now {lr_peak:g}) and start again"
                         )
                     if cfg.max_grad_norm > 0:
-                        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                        _clip_grad_norm(params, cfg.max_grad_norm, dist)
                     optimizer.step()
                     step += 1
                     train_time += time.perf_counter() - t0
@@ -331,6 +332,22 @@ def accumulate_gradients(model: Any, examples: list, step_targets: int, cfg: Tra
         batch = _to_device(td.collate([filler], cfg.packing, pad_id), device)
         (forward_loss(model, batch, compute_dtype)[0] * 0.0).backward()
     return loss_sum, tokens
+
+
+def _clip_grad_norm(params: list, max_norm: float, dist: Dist) -> None:
+    """torch's clip_grad_norm_, also for FSDP full fine-tuning, where sharded layer weights
+    and whole embeddings are mixed (torch's version refuses the mix)."""
+    import torch
+
+    if not dist.fsdp:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return
+    from tunesmith.train.model import full_tensor
+
+    total = torch.stack([full_tensor(p.grad.norm()).float() for p in params]).norm()
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for p in params:
+        p.grad.mul_(coef.to(p.grad.dtype))
 
 
 def _lockstep(indices: list[int], micro_batch_size: int | None, dist: Dist) -> int:
