@@ -246,3 +246,225 @@ def test_two_processes_match_one(tiny_model_dir, chat_file, tmp_path):
     for ra, rb in zip(a, b):
         assert abs(ra["train_loss"] - rb["train_loss"]) < 1e-5
     assert abs(a[-1]["valid_loss"] - b[-1]["valid_loss"]) < 1e-5
+
+
+def test_early_stopping_triggers_and_keeps_the_best(tiny_model_dir, chat_file, tmp_path):
+    """A validation set that contradicts the training set: the more the model learns the
+    training answers, the worse the validation loss gets, so patience must run out."""
+    rows = [json.loads(line) for line in chat_file.read_text().splitlines()]
+    for r in rows:
+        r["messages"][1]["content"] = "Completely different answer " + r["messages"][1]["content"][::-1]
+    contrary = tmp_path / "contrary.jsonl"
+    contrary.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    steps = 20
+    proc = cli(*common(tiny_model_dir, chat_file), "--out", str(out), "--max-steps", str(steps), "--validation",
+               str(contrary), "--eval-every-steps", "1", "--early-stopping-patience", "2", "--learning-rate", "3e-2",
+               "--warmup-ratio", "0")
+    assert proc.returncode == 0, proc.stderr
+    rows = metrics(out)
+    valid = {r["step"]: r["valid_loss"] for r in rows}
+    best_step = min(valid, key=valid.get)
+    stopped_at = rows[-1]["step"]
+    assert stopped_at < steps, f"patience never ran out: {valid}"
+    assert stopped_at == best_step + 2  # two evaluations in a row without improvement
+    assert f"early stopping at step {stopped_at}" in proc.stderr
+    info = json.loads((out / "run.json").read_text())
+    assert info["metrics"]["stopped"] == "early_stopping" and info["metrics"]["steps"] == stopped_at
+    best = json.loads((out / "checkpoints" / "best.json").read_text())
+    assert best["step"] == best_step and abs(best["valid_loss"] - valid[best_step]) < 1e-9
+    assert (out / "checkpoints" / f"step-{best_step:06d}").is_dir()
+    assert json.loads((out / "adapter" / "tunesmith_adapter.json").read_text())["step"] == best_step
+
+
+# Runs `tunesmith train` with a real SIGTERM sent to itself at a chosen point: from inside
+# the n-th training (or validation) forward pass. The forward pass itself is the real one;
+# the wrapper only counts passes, so the test knows where the signal landed and whether
+# any forward pass began after it (a prompt stop begins none).
+SIGNAL_AT = """
+import atexit, os, signal, sys
+import torch
+import tunesmith.train.model as m
+
+kind_wanted, n_wanted = sys.argv[1], int(sys.argv[2])
+real, calls, after = m.forward_loss, {"train": 0, "eval": 0}, []
+
+def counting(model, batch, dtype):
+    kind = "train" if torch.is_grad_enabled() else "eval"
+    if after:
+        after.append(kind)
+    calls[kind] += 1
+    if (kind, calls[kind]) == (kind_wanted, n_wanted):
+        after.append("signal")
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real(model, batch, dtype)
+
+m.forward_loss = counting
+atexit.register(lambda: print("PASSES_AFTER_SIGNAL", len(after) - 1, flush=True))
+from tunesmith.cli import main
+sys.argv = ["tunesmith", "train", *sys.argv[3:]]
+main()
+"""
+
+
+def _train_with_signal_at(kind: str, n: int, args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", SIGNAL_AT, kind, str(n), *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.parametrize("where", ["step", "validation"])
+def test_sigterm_stops_within_the_step_or_validation_and_resumes_exactly(where, tiny_model_dir, chat_file, tmp_path):
+    """SIGTERM arriving in the middle of a step (or of a validation pass) abandons it at the
+    next decoder layer: no further forward pass starts, the last finished step is saved,
+    and the resumed run (redoing the abandoned work) matches an uninterrupted one."""
+    steps = 9
+    extra = ["--micro-batch-size", "2", "--val-split", "0.25", "--eval-every-steps", "3", "--lora-dropout", "0.1"]
+    ref_out = tmp_path / "ref"
+    ref = cli(*common(tiny_model_dir, chat_file), *extra, "--max-steps", str(steps), "--out", str(ref_out))
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "run"
+    args = [*common(tiny_model_dir, chat_file), *extra, "--max-steps", str(steps), "--out", str(out)]
+    # step: the 1st of step 5's two micro-batches (call 9); validation (6 examples, 3 batches
+    # per pass): the 2nd batch of the pass after step 6 (call 5)
+    kind, n, saved = ("train", 9, 4) if where == "step" else ("eval", 3 + 2, 6)
+    proc = _train_with_signal_at(kind, n, args)
+    assert proc.returncode == 130, proc.stderr
+    assert "PASSES_AFTER_SIGNAL 0" in proc.stdout
+    last_line = proc.stderr.strip().splitlines()[-1]
+    assert f"checkpoint step {saved} saved" in last_line and f"tunesmith train --resume {out}" in last_line
+    assert ("during step 5/9" if where == "step" else "during the validation after step 6/9") in last_line
+    assert latest_step(out) == saved and metrics(out)[-1]["step"] == saved - (where == "validation")
+    resumed = cli("--resume", str(out))
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = metrics(ref_out), metrics(out)
+    _same_curve(a, b)
+    assert [r["valid_loss"] for r in a] == pytest.approx([r["valid_loss"] for r in b], abs=1e-6)
+    _same_adapter(ref_out / "adapter", out / "adapter")
+
+
+def latest_step(out: Path) -> int:
+    return max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
+
+
+def _can_mount_tmpfs(where: Path) -> bool:
+    """Whether a private tmpfs can be mounted here (user + mount namespace, no real root needed)."""
+    import shutil
+
+    if not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs '{where}'"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+def test_full_disk_on_a_real_small_filesystem(tiny_model_dir, chat_file, tmp_path):
+    """A real full disk (ENOSPC), no injection: the run directory lies on a 2.5 MB tmpfs
+    mounted in a private user+mount namespace. One checkpoint (1.6 MB: LoRA r64 on the tiny
+    model, with its AdamW moments) fits, the second does not."""
+    disk, after = tmp_path / "disk", tmp_path / "after"
+    disk.mkdir()
+    if not _can_mount_tmpfs(disk):
+        pytest.skip("cannot mount a tmpfs in a user namespace here (unshare -rm refused); "
+                    "test_full_disk_keeps_previous_checkpoint covers the file-size-limit case")
+    train_cmd = " ".join(f"'{a}'" for a in [*TUNESMITH, "train", *common(tiny_model_dir, chat_file),
+                                            "--out", str(disk / "run"), "--max-steps", "6",
+                                            "--save-every-steps", "2", "--lora-rank", "64"])
+    script = (f"mount -t tmpfs -o size=2500k tmpfs '{disk}' && {{ {train_cmd}; rc=$?; "
+              f"df -k '{disk}' | tail -1; cp -a '{disk}/run' '{after}'; exit $rc; }}")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr
+    last_line = proc.stderr.strip().splitlines()[-1]
+    assert "the disk is full" in last_line and "step-000004" in last_line and "Traceback" not in proc.stderr
+    good = disk / "run" / "checkpoints" / "step-000002"
+    assert f"the last good checkpoint {good} is intact" in last_line
+    assert f"tunesmith train --resume {disk / 'run'}" in last_line
+    names = sorted(p.name for p in (after / "checkpoints").iterdir())
+    assert names == ["step-000002"]  # the half-written step 4 was removed, step 2 untouched
+    kept = after / "checkpoints" / "step-000002"
+    assert json.loads((kept / "trainer_state.json").read_text())["step"] == 2
+    from safetensors.torch import load_file
+
+    assert load_file(str(kept / "optimizer.safetensors")) and load_file(str(kept / "adapter_model.safetensors"))
+    assert [r["step"] for r in metrics(after)] == [1, 2, 3, 4]
+
+
+def test_fsdp_two_processes_match_one_and_resume(tiny_model_dir, chat_file, tmp_path):
+    """--distributed-strategy fsdp with 2 CPU processes (gloo, torch's FSDP2 fully_shard):
+    the same losses and adapter as one process; and a run that lost its last checkpoint
+    resumes from the sharded-then-gathered one before it and still ends the same."""
+    import shutil
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = [*common(tiny_model_dir, chat_file), "--max-steps", "4", "--batch-size", "8", "--val-split", "0.25"]
+    p1 = cli(*args, "--out", str(one))
+    assert p1.returncode == 0, p1.stderr
+    fsdp = [*args, "--out", str(two), "--nproc", "2", "--distributed-strategy", "fsdp", "--save-every-steps", "2"]
+    p2 = cli(*fsdp, env_extra={"OMP_NUM_THREADS": "1"})
+    assert p2.returncode == 0, p2.stderr
+    info = json.loads((two / "run.json").read_text())
+    assert info["resolved"]["world_size"] == 2 and info["config"]["distributed_strategy"] == "fsdp"
+    a = metrics(one)
+    _same_curve_within(a, metrics(two), 1e-5)
+    _same_adapter_within(one / "adapter", two / "adapter", 1e-5)
+
+    shutil.rmtree(two / "checkpoints" / "step-000004")  # as if killed after step 2's checkpoint
+    shutil.rmtree(two / "adapter")
+    p3 = cli("--resume", str(two), "--nproc", "2", env_extra={"OMP_NUM_THREADS": "1"})
+    assert p3.returncode == 0, p3.stderr
+    assert "resuming" in p3.stderr
+    _same_curve_within(a, metrics(two), 1e-5)
+    _same_adapter_within(one / "adapter", two / "adapter", 1e-5)
+
+
+def _same_curve_within(a: list[dict], b: list[dict], tol: float) -> None:
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        assert abs(ra["train_loss"] - rb["train_loss"]) < tol, (ra["step"], ra["train_loss"], rb["train_loss"])
+        assert (ra["valid_loss"] is None) == (rb["valid_loss"] is None)
+        if ra["valid_loss"] is not None:
+            assert abs(ra["valid_loss"] - rb["valid_loss"]) < tol
+
+
+def _same_adapter_within(a: Path, b: Path, tol: float) -> None:
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys() and all(wa[k].shape == wb[k].shape for k in wa)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < tol
+
+
+def test_sigterm_to_nproc_launcher_stops_every_rank_with_a_checkpoint(tiny_model_dir, chat_file, tmp_path):
+    """`tunesmith train --nproc 2` gets SIGTERM (as from the jobs worker or `kill`): it passes
+    it on, the ranks agree to stop after the step, save, and the resume line comes last."""
+    out = tmp_path / "run"
+    args = [*common(tiny_model_dir, chat_file), "--max-steps", "400", "--batch-size", "8", "--nproc", "2",
+            "--out", str(out)]
+    proc = subprocess.Popen([*TUNESMITH, "train", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    _wait_for(lambda: (out / "metrics.jsonl").is_file() and len(metrics(out)) >= 3, proc, timeout_s=300)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    last_line = err.strip().splitlines()[-1]
+    assert "stopped by SIGTERM at step" in last_line and f"tunesmith train --resume {out}" in last_line
+    stopped_at = metrics(out)[-1]["step"]
+    assert stopped_at < 400 and (out / "checkpoints" / f"step-{stopped_at:06d}" / "trainer_state.json").is_file()
+
+
+def test_fsdp_full_fine_tuning_matches_one_process(tiny_model_dir, chat_file, tmp_path):
+    """Full fine-tuning under FSDP mixes sharded layer weights with whole embeddings (the
+    gradient clipping and AdamW must take both): same losses and saved model as 1 process."""
+    from safetensors.torch import load_file
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = [*common(tiny_model_dir, chat_file), "--method", "full", "--max-steps", "3", "--batch-size", "8",
+            "--learning-rate", "1e-3"]
+    p1 = cli(*args, "--out", str(one))
+    assert p1.returncode == 0, p1.stderr
+    p2 = cli(*args, "--out", str(two), "--nproc", "2", "--distributed-strategy", "fsdp",
+             env_extra={"OMP_NUM_THREADS": "1"})
+    assert p2.returncode == 0, p2.stderr
+    _same_curve_within(metrics(one), metrics(two), 1e-5)
+    wa, wb = load_file(str(one / "adapter" / "model.safetensors")), load_file(str(two / "adapter" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(wa[k].shape == wb[k].shape for k in wa)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5

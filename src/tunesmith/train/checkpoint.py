@@ -63,7 +63,7 @@ def latest_checkpoint(out: Path) -> Path | None:
 DISK_ERRNOS = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", -1))
 
 
-def _disk_error(exc: Exception) -> bool:
+def disk_error(exc: Exception) -> bool:
     """No space left, a quota or a file-size limit; safetensors reports these as its own error."""
     if isinstance(exc, OSError):
         return exc.errno in DISK_ERRNOS
@@ -90,8 +90,12 @@ def save_checkpoint(
     state: dict[str, Any],
     meta: dict[str, Any],
     tokenizer: Any = None,
+    gathered: tuple[dict[str, Any], tuple[dict, dict]] | None = None,
 ) -> Path:
-    """Write checkpoints/step-N atomically; on a full disk raise TrainingError naming the last good one."""
+    """Write checkpoints/step-N atomically; on a full disk raise TrainingError naming the last good one.
+
+    gathered: (model state dict, optimizer_tensors) already collected from a sharded (FSDP)
+    model by every process; without it both are read from the model and optimizer here."""
     import torch
     from safetensors.torch import save_file
 
@@ -101,30 +105,41 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        model.save_pretrained(tmp, safe_serialization=True)
+        if gathered is not None:
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=gathered[0])
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:  # full fine-tuning: the directory is a complete HF model
             tokenizer.save_pretrained(tmp)
         (tmp / ADAPTER_META).write_text(json.dumps({**meta, "step": step}, indent=2) + "\n")
-        opt_tensors, steps = optimizer_tensors(optimizer, names)
+        opt_tensors, steps = gathered[1] if gathered is not None else optimizer_tensors(optimizer, names)
         save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
         save_file({"torch": torch.get_rng_state()}, str(tmp / RNG_FILE))
         (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "optimizer_steps": steps}, indent=2) + "\n")
         _replace_dir(tmp, final)
     except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not _disk_error(exc):
+        if not disk_error(exc):
             raise
-        last = latest_checkpoint(out)
-        raise TrainingError(
-            f"the disk is full (or a file-size limit was hit) while writing checkpoint {final}; "
-            + (f"the last good checkpoint {last} is intact: free space, then `tunesmith train --resume {out}`"
-               if last else "no checkpoint was saved yet: free space and start again")
-        ) from None
+        raise disk_full_error(out, f"checkpoint {final}") from None
     return final
 
 
+def disk_full_error(out: Path, what: Any) -> TrainingError:
+    """One sentence: what could not be written, the last good checkpoint, how to go on."""
+    last = latest_checkpoint(out)
+    return TrainingError(
+        f"the disk is full (or a file-size limit was hit) while writing {what}; "
+        + (f"the last good checkpoint {last} is intact: free space, then `tunesmith train --resume {out}`"
+           if last else "no checkpoint was saved yet: free space and start again")
+    )
+
+
 def optimizer_tensors(optimizer: Any, names: list[str]) -> tuple[dict[str, Any], dict[str, float]]:
-    """AdamW state as named tensors (safetensors) plus each parameter's step count (JSON)."""
+    """AdamW state as named tensors (safetensors) plus each parameter's step count (JSON).
+    With a sharded model every process must call it (the shards are gathered)."""
+    from tunesmith.train.model import full_tensor
+
     sd = optimizer.state_dict()
     tensors: dict[str, Any] = {}
     steps: dict[str, float] = {}
@@ -136,7 +151,7 @@ def optimizer_tensors(optimizer: Any, names: list[str]) -> tuple[dict[str, Any],
             if key == "step":
                 steps[name] = float(value)
             else:
-                tensors[f"{key}/{name}"] = value.detach().contiguous().clone()
+                tensors[f"{key}/{name}"] = full_tensor(value.detach()).contiguous().clone()
     return tensors, steps
 
 
@@ -144,16 +159,19 @@ def load_optimizer(optimizer: Any, names: list[str], ckpt: Path) -> None:
     import torch
     from safetensors.torch import load_file
 
+    from tunesmith.train.model import like
+
     tensors = load_file(str(ckpt / OPTIMIZER_FILE))
     steps = json.loads((ckpt / STATE_FILE).read_text())["optimizer_steps"]
     sd = optimizer.state_dict()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     state = {}
     for idx, name in enumerate(names):
         if name not in steps:
             continue
         entry: dict[str, Any] = {"step": torch.tensor(steps[name], dtype=torch.float32)}
         for key in ("exp_avg", "exp_avg_sq"):
-            entry[key] = tensors[f"{key}/{name}"]
+            entry[key] = like(tensors[f"{key}/{name}"], params[idx])
         state[idx] = entry
     optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
 
@@ -161,6 +179,10 @@ def load_optimizer(optimizer: Any, names: list[str], ckpt: Path) -> None:
 def load_weights(model: Any, ckpt: Path, method: str) -> None:
     """Put a checkpoint's trained weights back into the model (safetensors only)."""
     from safetensors.torch import load_file
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        return _load_sharded_weights(model, ckpt, method)
 
     if method == "lora":
         from peft import set_peft_model_state_dict
@@ -179,6 +201,30 @@ def load_weights(model: Any, ckpt: Path, method: str) -> None:
     really_missing = [k for k in missing if k not in tied and "lm_head" not in k]
     if really_missing:
         raise TrainingError(f"checkpoint {ckpt} is missing weights {really_missing[:3]}")
+
+
+def _load_sharded_weights(model: Any, ckpt: Path, method: str) -> None:
+    """FSDP: every process reads the whole file and keeps its shard of each trained weight."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tunesmith.train.model import like, trainable_parameters
+
+    files = [ckpt / "adapter_model.safetensors"] if method == "lora" else [
+        f for f in sorted(ckpt.glob("*.safetensors")) if f.name not in (OPTIMIZER_FILE, RNG_FILE)]
+    saved: dict[str, Any] = {}
+    for f in files:
+        saved.update(load_file(str(f)))
+    missing = []
+    with torch.no_grad():
+        for name, p in trainable_parameters(model):
+            key = name.replace(".default.", ".") if method == "lora" else name  # peft drops the adapter name
+            if key in saved:
+                p.copy_(like(saved[key], p))
+            elif "lm_head" not in key:
+                missing.append(key)
+    if missing:
+        raise TrainingError(f"checkpoint {ckpt} is missing weights {missing[:3]}; check --model")
 
 
 def read_state(ckpt: Path) -> dict[str, Any]:
@@ -216,7 +262,7 @@ def publish_adapter(out: Path, ckpt: Path) -> Path:
         _replace_dir(tmp, final)
     except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not _disk_error(exc):
+        if not disk_error(exc):
             raise
         raise TrainingError(f"the disk is full while writing {final}; the checkpoint {ckpt} is intact and usable as the adapter") from None
     return final

@@ -104,7 +104,27 @@ def _launch(nproc: int) -> int:
         args.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "tunesmith.cli", *args]
-    return subprocess.call(cmd)
+    import signal
+
+    # SIGTERM (the jobs worker, `kill`) reaches only this process: pass it on to torchrun,
+    # which passes it to every rank, so they checkpoint together. Ctrl-C reaches the whole
+    # process group already; dying on it here (subprocess.call's reaction) would SIGKILL
+    # torchrun and lose the checkpoint, so this process just waits for the ranks.
+    # torchrun answers a stop with its own traceback after the ranks' one-line message, so
+    # the ranks' stderr passes through here and that line is repeated last.
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, bufsize=1)
+    signal.signal(signal.SIGTERM, lambda signum, _frame: proc.send_signal(signum))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stopped = ""
+    for line in proc.stderr:
+        sys.stderr.write(line)
+        if line.startswith("error: stopped by"):
+            stopped = line
+    code = proc.wait()
+    if stopped:
+        sys.stderr.write(stopped)
+        return 130
+    return code
 
 
 def dry_run_report(cfg: TrainConfig) -> None:

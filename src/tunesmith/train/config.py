@@ -60,6 +60,9 @@ class TrainConfig(BaseModel):
     weight_decay: float = _field(0.0, "optimisation", "AdamW weight decay.")
     max_grad_norm: float = _field(1.0, "optimisation", "Clip the gradient norm to this (0 = no clipping).")
     seed: int = _field(42, "optimisation", "Seed for initialisation, data order and dropout.")
+    distributed_strategy: Literal["ddp", "fsdp"] = _field(
+        "ddp", "optimisation", "With several processes: ddp (every process holds the whole model) or fsdp (weights, "
+        "gradients and optimizer state sharded over processes, for models that don't fit one GPU).")
     precision: Literal["auto", "bf16", "fp32"] = _field("auto", "optimisation", "auto: bf16 compute where the hardware has it, else fp32; trained weights stay fp32.")
     # evaluation
     eval_every_steps: int | None = _field(None, "evaluation", "Validation loss and token accuracy every N steps (and always at the end).")

@@ -131,8 +131,26 @@ def build_model(ref: Any, cfg: Any, compute_dtype: Any) -> Any:
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
+    if compute_dtype != torch.float32:
+        set_input_casting(model, False)
     model.train()
     return model
+
+
+def set_input_casting(model: Any, enabled: bool) -> None:
+    """Whether peft's LoRA layers cast their (bf16) input to the fp32 LoRA weights' dtype.
+
+    Under bf16 autocast that cast is wasted work: the LoRA matmuls cast the input straight
+    back to bf16, and the fp32 copy was an exact widening, so the result is the same bit
+    for bit. Off, it saves two activation-sized copies per LoRA layer in forward and two in
+    backward (210 layers for SmolLM2 with all-linear LoRA). This is the attribute peft's own
+    `peft.helpers.disable_input_dtype_casting` sets, held for the whole run.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = enabled
 
 
 def causal_lm(model: Any) -> Any:
@@ -167,3 +185,66 @@ def forward_loss(model: Any, batch: dict[str, Any], compute_dtype: Any) -> tuple
 
 def trainable_parameters(model: Any) -> list[tuple[str, Any]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def add_stop_checks(model: Any, check: Any) -> list[Any]:
+    """Call `check()` before every decoder layer's forward and after its backward, so a stop
+    request (Ctrl-C, SIGTERM) is noticed within one layer instead of one whole step.
+
+    Backward runs in C++ without returning to Python, so a signal handler alone would wait
+    for the end of it; a gradient hook on each layer's output gives Python (and `check`)
+    a turn per layer. `check` raises to abandon the step. Returns the hook handles.
+    """
+    layers = getattr(getattr(causal_lm(model), causal_lm(model).base_model_prefix), "layers", None)
+    if layers is None:
+        return []
+
+    def before(_module, _args):
+        check()
+
+    def after(_module, _args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        if hidden.requires_grad:
+            hidden.register_hook(lambda grad: (check(), grad)[1])
+
+    handles = []
+    for layer in layers:
+        handles.append(layer.register_forward_pre_hook(before))
+        handles.append(layer.register_forward_hook(after))
+    return handles
+
+
+def shard_model(model: Any) -> None:
+    """FSDP2: shard each decoder layer over the default process group.
+
+    Each layer is its own all-gather unit, so only one layer's full weights exist at a
+    time. The embeddings, final norm and LM head stay whole on every process: the LM head
+    is often tied to the embeddings (one weight in two places), and forward_loss calls the
+    backbone and the head separately; their gradients (full fine-tuning) are summed by hand
+    in run._sum_over_processes. Gradients are summed, not averaged: the loss is already
+    divided by the whole step's trained-token count over all processes.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    lm = causal_lm(model)
+    for layer in getattr(lm, lm.base_model_prefix).layers:
+        fully_shard(layer)
+        layer.set_gradient_divide_factor(1.0)
+        layer.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
+
+
+def full_tensor(t: Any) -> Any:
+    """The whole tensor behind a sharded one (a collective: every process must call it)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def like(full: Any, target: Any) -> Any:
+    """`full` laid out as `target` is: this process's shard when target is sharded."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    full = full.to(dtype=target.dtype)
+    if isinstance(target, DTensor):
+        return distribute_tensor(full, target.device_mesh, target.placements)
+    return full.to(target.device)

@@ -41,6 +41,7 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     device: str = "cpu"
+    fsdp: bool = False
 
     @property
     def main(self) -> bool:
@@ -69,7 +70,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     from tunesmith.models.adapters import check_base
     from tunesmith.models.registry import hash_files, identity, load_tokenizer, resolve_model
     from tunesmith.train import data as td
-    from tunesmith.train.model import build_model, precision_dtype
+    from tunesmith.train.model import add_stop_checks, build_model, precision_dtype, shard_model, trainable_parameters
 
     # --- 1. resolve the config. Everything that can be wrong with the inputs is found
     # before the model loads, so a bad flag costs a second, not a minute.
@@ -112,20 +113,24 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     # --- 5. model and adapter (base cast to the compute dtype once, trained weights fp32).
     model = build_model(ref, cfg, compute_dtype)
     model.to(dist.device)
+    n_total = sum(p.numel() for p in model.parameters())
+    if dist.world_size > 1:
+        for _, p in trainable_parameters(model):  # every process starts from rank 0's weights
+            torch.distributed.broadcast(p.data, src=0)
+    dist.fsdp = dist.world_size > 1 and cfg.distributed_strategy == "fsdp"
+    if dist.fsdp:  # after the broadcast: sharding replaces the parameters with shards
+        shard_model(model)
     groups, names = _param_groups(model, cfg.weight_decay)
     params = [p for g in groups for p in g["params"]]
     n_trainable = sum(p.numel() for p in params)
-    n_total = sum(p.numel() for p in model.parameters())
-    if dist.world_size > 1:
-        for p in params:  # every process starts from rank 0's weights
-            torch.distributed.broadcast(p.data, src=0)
 
     # --- 6. optimizer and schedule (the lr is a pure function of the step: see lr_at).
-    optimizer = torch.optim.AdamW(groups, lr=lr_peak, betas=(0.9, 0.999), eps=1e-8)
+    # foreach kernels refuse a mix of sharded and whole tensors (FSDP full fine-tuning)
+    optimizer = torch.optim.AdamW(groups, lr=lr_peak, betas=(0.9, 0.999), eps=1e-8, foreach=False if dist.fsdp else None)
     for p in params:  # zero grads rather than None: a process with no examples in a step still sums
         p.grad = torch.zeros_like(p)
 
-    start_step, best, evals_since_best, elapsed_before = 0, None, 0, 0.0
+    start_step, best, evals_since_best, elapsed_before, pending = 0, None, 0, 0.0, None
     if resume_from is not None:
         check_base(resume_from, base_identity)
         ck.load_weights(model, resume_from, cfg.method)
@@ -134,7 +139,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
         start_step = state["step"]
         best, evals_since_best = state.get("best"), state.get("evals_since_best", 0)
         elapsed_before = state.get("elapsed", 0.0)
-        log(f"resuming {out} from {resume_from.name} (epoch {state['epoch']:.2f})")
+        # A stop during validation saved the step's metrics without its evaluation: the
+        # resumed run evaluates that step first, exactly as the uninterrupted run did.
+        pending = state.get("pending_row")
+        log(f"resuming {out} from {resume_from.name} (epoch {state['epoch']:.2f})"
+            + (" and first redoing its interrupted validation" if pending else ""))
 
     meta = {"base_model": base_identity, "method": cfg.method}
     data_hashes = {str(p): hash_files([Path(p)]) for p in (cfg.data, cfg.validation) if p}
@@ -152,7 +161,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / "run.json", run_info)
-        truncate_metrics(out / "metrics.jsonl", start_step)
+        truncate_metrics(out / "metrics.jsonl", start_step - 1 if pending else start_step)
     tokens_per_step = train_stats.tokens / max(1, len(train_ex)) * min(cfg.batch_size, len(train_ex))
     log(f"run {out}: {cfg.method} on {cfg.model} ({n_trainable:,} trainable of {n_total:,} parameters, "
         f"{run_info['resolved']['precision']}, {dist.world_size} process(es))")
@@ -166,55 +175,91 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
 
     # --- 7. the loop. One optimizer step = cfg.batch_size examples over all processes,
     # loss = sum of token losses / the step's trained tokens, whatever the micro-batching.
-    stop = _StopFlag()
+    # A stop request is seen between steps, and also inside one (before each decoder layer's
+    # forward and after its backward) and between validation batches: a step on a busy CPU
+    # can take a minute, a validation pass longer. An interrupted step is abandoned (its
+    # gradients are thrown away, the weights are still those of the last finished step), so
+    # the checkpoint of the last finished step resumes exactly. With several processes a
+    # step is only abandoned by all of them together, at its end (see _sum_over_processes).
+    stop = _StopFlag(abandon=dist.world_size == 1)
+    add_stop_checks(model, stop.check)
     reporter = Reporter(out / "metrics.jsonl", total_steps, start_step, dist.main, progress)
     stopped = "finished"
     row: dict[str, Any] = {"step": start_step, "train_loss": None, "valid_loss": None, "token_accuracy": None}
     train_time, tokens_seen = 0.0, 0
     t_run = time.perf_counter()
-    step = start_step
+    step, saved_step = start_step, start_step if resume_from is not None else None
+
+    def save(pending_row=None):
+        nonlocal saved_step
+        _save(out, step, model, optimizer, names, cfg, meta, tokenizer, best, evals_since_best,
+              row.get("elapsed", elapsed_before), spe, dist, pending_row)
+        saved_step = step
+
+    def interrupted(where: str) -> ck.TrainingInterrupted:
+        return ck.TrainingInterrupted(
+            f"stopped by {stop.signal_name} {where}; checkpoint step {step} saved; "
+            f"continue with: tunesmith train --resume {out}"
+        )
+
     try:
         with stop.installed():
-            while step < total_steps:
-                t0 = time.perf_counter()
-                _, indices = td.plan_step(len(train_ex), cfg.batch_size, cfg.seed, step)
-                step_targets = td.trained_tokens([train_ex[i] for i in indices])
-                mine = td.shard(indices, dist.rank, dist.world_size)
-                torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + dist.rank)  # dropout
-                lr = lr_at(step, total_steps, lr_peak, cfg.warmup_ratio)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                for p in params:
-                    p.grad.zero_()
-                model.train()
-                loss_sum, step_tokens = accumulate_gradients(
-                    model, [train_ex[i] for i in mine], step_targets, cfg, pad_id, compute_dtype, dist.device
-                )
-                loss_sum, step_tokens, stop_now = _sum_over_processes(params, loss_sum, step_tokens, stop.requested, dist)
-                train_loss = loss_sum / step_targets
-                if not math.isfinite(train_loss):
-                    last = ck.latest_checkpoint(out)
-                    raise ck.TrainingError(
-                        f"the training loss became {train_loss} at step {step + 1}; stopped without saving. "
-                        + (f"The last good checkpoint {last} is intact" if last else "No checkpoint was saved")
-                        + f"; lower --learning-rate (now {lr_peak:g}) and start again"
+            while step < total_steps or pending is not None:
+                if pending is not None:  # resumed after a stop during this step's validation
+                    row, pending, stop_now, evaluate_now = pending, None, False, True
+                else:
+                    t0 = time.perf_counter()
+                    _, indices = td.plan_step(len(train_ex), cfg.batch_size, cfg.seed, step)
+                    step_targets = td.trained_tokens([train_ex[i] for i in indices])
+                    mine = td.shard(indices, dist.rank, dist.world_size)
+                    torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + dist.rank)  # dropout
+                    lr = lr_at(step, total_steps, lr_peak, cfg.warmup_ratio)
+                    for g in optimizer.param_groups:
+                        g["lr"] = lr
+                    for p in params:
+                        p.grad.zero_()
+                    model.train()
+                    try:
+                        stop.check()
+                        loss_sum, step_tokens = accumulate_gradients(
+                            model, [train_ex[i] for i in mine], step_targets, cfg, pad_id, compute_dtype, dist.device,
+                            _lockstep(indices, cfg.micro_batch_size, dist), train_ex[indices[0]],
+                        )
+                    except _StepAbandoned:
+                        if saved_step != step:
+                            save()
+                        raise interrupted(f"during step {step + 1}/{total_steps} (not finished; it will be redone)") from None
+                    loss_sum, step_tokens, stop_now = _sum_over_processes(params, loss_sum, step_tokens, stop.requested,
+                                                                          dist)
+                    train_loss = loss_sum / step_targets
+                    if not math.isfinite(train_loss):
+                        last = ck.latest_checkpoint(out)
+                        raise ck.TrainingError(
+                            f"the training loss became {train_loss} at step {step + 1}; stopped without saving. "
+                            + (f"The last good checkpoint {last} is intact" if last else "No checkpoint was saved")
+                            + f"; lower --learning-rate (now {lr_peak:g}) and start again"
+                        )
+                    if cfg.max_grad_norm > 0:
+                        _clip_grad_norm(params, cfg.max_grad_norm, dist)
+                    optimizer.step()
+                    step += 1
+                    train_time += time.perf_counter() - t0
+                    tokens_seen += step_tokens
+                    row = {"step": step, "epoch": step / spe, "train_loss": train_loss, "lr": lr,
+                           "tokens_per_s": tokens_seen / max(train_time, 1e-9),
+                           "elapsed": elapsed_before + time.perf_counter() - t_run,
+                           "eta_s": train_time / (step - start_step) * (total_steps - step)}
+                    evaluate_now = bool(valid_ex) and (
+                        step == total_steps or bool(cfg.eval_every_steps and step % cfg.eval_every_steps == 0)
                     )
-                if cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                step += 1
-                train_time += time.perf_counter() - t0
-                tokens_seen += step_tokens
-                row = {"step": step, "epoch": step / spe, "train_loss": train_loss, "lr": lr,
-                       "tokens_per_s": tokens_seen / max(train_time, 1e-9),
-                       "elapsed": elapsed_before + time.perf_counter() - t_run,
-                       "eta_s": train_time / (step - start_step) * (total_steps - step)}
 
-                evaluate_now = bool(valid_ex) and (
-                    step == total_steps or bool(cfg.eval_every_steps and step % cfg.eval_every_steps == 0)
-                )
                 if evaluate_now:
-                    row.update(evaluate(model, valid_ex, cfg, pad_id, compute_dtype, dist))
+                    try:
+                        row.update(evaluate(model, valid_ex, cfg, pad_id, compute_dtype, dist, stop.check))
+                    except _StepAbandoned:
+                        save(pending_row=row)
+                        raise interrupted(f"during the validation after step {step}/{total_steps} "
+                                          "(it will be redone)") from None
                 reporter.log(row)
                 save_now = step == total_steps or stop_now or bool(cfg.save_every_steps and step % cfg.save_every_steps == 0)
                 if evaluate_now:
@@ -228,18 +273,20 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
                                          f"{evals_since_best} evaluations (best {best['valid_loss']:.4f} at step {best['step']})")
                         stopped, save_now = "early_stopping", True
                 if save_now:
-                    _save(out, step, model, optimizer, names, cfg, meta, tokenizer, best, evals_since_best,
-                          row["elapsed"], spe, dist)
+                    save()
                 if stop_now:
-                    raise ck.TrainingInterrupted(
-                        f"stopped by {stop.signal_name} at step {step}/{total_steps}; checkpoint saved; "
-                        f"continue with: tunesmith train --resume {out}"
-                    )
+                    raise interrupted(f"at step {step}/{total_steps}")
                 if stopped != "finished":
                     break
-
+    except OSError as exc:  # checkpoints handle their own; this is metrics.jsonl and friends
+        if not ck.disk_error(exc):
+            raise
+        raise ck.disk_full_error(out, exc.filename or out / "metrics.jsonl") from None
     finally:
-        reporter.close()
+        try:
+            reporter.close()
+        except OSError:  # flushing a full disk: the error above says it already
+            pass
 
     # --- 8. the last step was evaluated and saved in the loop; publish OUT/adapter (the
     # best checkpoint by validation loss, else the last) and the final metrics.
@@ -262,53 +309,107 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
 
 
 def accumulate_gradients(model: Any, examples: list, step_targets: int, cfg: TrainConfig, pad_id: int,
-                         compute_dtype: Any, device: str) -> tuple[float, int]:
+                         compute_dtype: Any, device: str, min_passes: int = 0, filler: Any = None) -> tuple[float, int]:
     """Backward over micro-batches of `examples`, each loss divided by the whole step's
     trained-token count, so the summed gradient is that of the mean over the step's tokens
-    whatever the micro-batching. Returns (sum of token losses, tokens processed)."""
+    whatever the micro-batching. Returns (sum of token losses, tokens processed).
+
+    FSDP gathers weights in every forward and backward, a collective all processes must
+    join: a process with fewer micro-batches than `min_passes` runs `filler` with its loss
+    times 0 until it has done as many."""
     from tunesmith.train import data as td
     from tunesmith.train.model import forward_loss
 
     loss_sum, tokens = 0.0, 0
-    for mb in td.micro_batches(list(range(len(examples))), cfg.micro_batch_size):
+    passes = td.micro_batches(list(range(len(examples))), cfg.micro_batch_size)
+    for mb in passes:
         batch = _to_device(td.collate([examples[i] for i in mb], cfg.packing, pad_id), device)
         mb_loss, _, _ = forward_loss(model, batch, compute_dtype)
         (mb_loss / step_targets).backward()
         loss_sum += mb_loss.item()
         tokens += batch["tokens"]
+    for _ in range(min_passes - len(passes)):
+        batch = _to_device(td.collate([filler], cfg.packing, pad_id), device)
+        (forward_loss(model, batch, compute_dtype)[0] * 0.0).backward()
     return loss_sum, tokens
 
 
-def evaluate(model: Any, examples: list, cfg: TrainConfig, pad_id: int, compute_dtype: Any, dist: Dist) -> dict[str, float]:
-    """Mean validation loss and token accuracy over every trained token (all processes)."""
+def _clip_grad_norm(params: list, max_norm: float, dist: Dist) -> None:
+    """torch's clip_grad_norm_, also for FSDP full fine-tuning, where sharded layer weights
+    and whole embeddings are mixed (torch's version refuses the mix)."""
+    import torch
+
+    if not dist.fsdp:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return
+    from tunesmith.train.model import full_tensor
+
+    total = torch.stack([full_tensor(p.grad.norm()).float() for p in params]).norm()
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for p in params:
+        p.grad.mul_(coef.to(p.grad.dtype))
+
+
+def _lockstep(indices: list[int], micro_batch_size: int | None, dist: Dist) -> int:
+    """With FSDP, the most micro-batches any process has in this step (all must do as many)."""
+    if not dist.fsdp:
+        return 0
+    from tunesmith.train import data as td
+
+    return max(len(td.micro_batches(td.shard(indices, r, dist.world_size), micro_batch_size)) for r in range(dist.world_size))
+
+
+def evaluate(model: Any, examples: list, cfg: TrainConfig, pad_id: int, compute_dtype: Any, dist: Dist,
+             check_stop: Any = None) -> dict[str, float]:
+    """Mean validation loss and token accuracy over every trained token (all processes).
+    `check_stop()` runs between batches and may raise to abandon the pass."""
     import torch
 
     from tunesmith.train import data as td
     from tunesmith.train.model import forward_loss
 
     model.eval()
-    mine = td.shard(list(range(len(examples))), dist.rank, dist.world_size)
+    everyone = list(range(len(examples)))
+    size = cfg.micro_batch_size or cfg.batch_size
+    mine = td.micro_batches(td.shard(everyone, dist.rank, dist.world_size), size)
     sums = torch.zeros(3, dtype=torch.float64)
-    with torch.no_grad():
-        for mb in td.micro_batches(mine, cfg.micro_batch_size or cfg.batch_size):
-            batch = _to_device(td.collate([examples[i] for i in mb], cfg.packing, pad_id), dist.device)
-            loss, n, correct = forward_loss(model, batch, compute_dtype)
-            sums += torch.tensor([loss.item(), n, correct.item()], dtype=torch.float64)
-    model.train()
+    try:
+        with torch.no_grad():
+            for mb in mine:
+                if check_stop is not None:
+                    check_stop()
+                batch = _to_device(td.collate([examples[i] for i in mb], cfg.packing, pad_id), dist.device)
+                loss, n, correct = forward_loss(model, batch, compute_dtype)
+                sums += torch.tensor([loss.item(), n, correct.item()], dtype=torch.float64)
+            for _ in range(_lockstep(everyone, size, dist) - len(mine)):  # FSDP: join the others' gathers
+                forward_loss(model, _to_device(td.collate([examples[0]], cfg.packing, pad_id), dist.device), compute_dtype)
+    finally:
+        model.train()
     if dist.world_size > 1:
         torch.distributed.all_reduce(sums)
     return {"valid_loss": float(sums[0] / sums[1]), "token_accuracy": float(sums[2] / sums[1])}
 
 
-def _save(out, step, model, optimizer, names, cfg, meta, tokenizer, best, evals_since_best, elapsed, spe, dist) -> None:
+def _save(out, step, model, optimizer, names, cfg, meta, tokenizer, best, evals_since_best, elapsed, spe, dist,
+          pending_row=None) -> None:
     import torch
+
+    gathered = None
+    if dist.fsdp:  # every process takes part in gathering the shards; rank 0 writes
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        gathered = (full, ck.optimizer_tensors(optimizer, names))
 
     if dist.main:
         state = {"epoch": step / spe, "data_position": {"epoch": step // spe, "step_in_epoch": step % spe},
                  "best": best, "evals_since_best": evals_since_best, "elapsed": elapsed, "seed": cfg.seed,
                  "world_size": dist.world_size,
                  "rng": "dropout and data order derive from (seed, step, rank); rng.safetensors is the torch state at save"}
-        ck.save_checkpoint(out, step, model, optimizer, names, state, meta, tokenizer if cfg.method == "full" else None)
+        if pending_row is not None:  # stopped during this step's validation: resume evaluates it first
+            state["pending_row"] = pending_row
+        ck.save_checkpoint(out, step, model, optimizer, names, state, meta, tokenizer if cfg.method == "full" else None,
+                           gathered)
         if best:
             ck.mark_best(out, best["step"], best["valid_loss"])
         ck.prune_checkpoints(out)
@@ -329,12 +430,19 @@ def _param_groups(model: Any, weight_decay: float) -> tuple[list[dict], list[str
 
 
 def _sum_over_processes(params, loss_sum: float, tokens: int, stop: bool, dist: Dist) -> tuple[float, int, bool]:
-    """Sum gradients, loss and token counts over processes (one all-reduce), and agree on stopping."""
+    """Sum gradients, loss and token counts over processes (one all-reduce), and agree on stopping.
+    FSDP has already summed (reduce-scattered) the gradients in backward."""
     if dist.world_size == 1:
         return loss_sum, tokens, stop
     import torch
 
-    flat = torch.cat([p.grad.reshape(-1) for p in params] + [torch.tensor([loss_sum, tokens, float(stop)], dtype=params[0].grad.dtype, device=params[0].grad.device)])
+    if dist.fsdp:  # only the weights FSDP did not shard (embeddings, LM head) are left to sum
+        from torch.distributed.tensor import DTensor
+
+        params = [p for p in params if not isinstance(p, DTensor)]
+    dtype = params[0].grad.dtype if params else torch.float64
+    flat = torch.cat([p.grad.reshape(-1) for p in params]
+                     + [torch.tensor([loss_sum, tokens, float(stop)], dtype=dtype, device=dist.device)])
     torch.distributed.all_reduce(flat)
     offset = 0
     for p in params:
@@ -387,16 +495,26 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-class _StopFlag:
-    """Ctrl-C / SIGTERM set a flag; the loop saves a checkpoint at the end of the step and stops."""
+class _StepAbandoned(Exception):
+    """Raised by _StopFlag.check inside a step or a validation pass to abandon it."""
 
-    def __init__(self) -> None:
+
+class _StopFlag:
+    """Ctrl-C / SIGTERM set a flag; `check()` (called between and inside steps) raises
+    _StepAbandoned once it is set, where abandoning is allowed (a single process)."""
+
+    def __init__(self, abandon: bool = True) -> None:
         self.requested = False
         self.signal_name = ""
+        self.abandon = abandon
 
     def _handle(self, signum, _frame) -> None:
         self.requested = True
         self.signal_name = signal.Signals(signum).name
+
+    def check(self) -> None:
+        if self.requested and self.abandon:
+            raise _StepAbandoned()
 
     def installed(self):
         import contextlib

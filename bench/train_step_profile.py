@@ -1,0 +1,118 @@
+"""Where one tunesmith training step spends its time, and A/B speed levers measured interleaved.
+
+    HF_HUB_OFFLINE=1 nice .venv/bin/python bench/train_step_profile.py --profile
+    HF_HUB_OFFLINE=1 nice .venv/bin/python bench/train_step_profile.py --ab rows16,rows64 --rounds 4
+
+--profile runs torch.profiler over one LoRA step (SmolLM2-135M, r=16 all linear, packed
+banking77 rows, the run's own precision) and prints the operators by self CPU time.
+--ab alternates the variants step by step in ONE process (so a busy, shared machine slows
+every variant alike) and prints trained-sequence tokens/s per variant:
+  rowsN      N banking77 rows packed into one forward/backward (the default step is 16)
+  threads1   the same 16 rows with one torch thread instead of the default
+  peftcast   the same 16 rows with peft's cast of each LoRA input to fp32 switched back on
+             (what tunesmith did before; train.model.set_input_casting)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "banking77" / "train.csv"
+
+
+def setup(n_rows: int):
+    import torch
+
+    from tunesmith.data.formats import ColumnMapping
+    from tunesmith.models.registry import load_tokenizer, resolve_model
+    from tunesmith.train import data as td
+    from tunesmith.train.config import TrainConfig
+    from tunesmith.train.model import build_model, precision_dtype
+
+    with open(DATA, newline="") as fh:
+        rows = list(csv.DictReader(fh))[:n_rows]
+    path = Path(tempfile.mkdtemp()) / "train.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["text", "category"])
+        w.writeheader()
+        w.writerows({"text": r["text"], "category": r["category"]} for r in rows)
+    cfg = TrainConfig(data=path, output_column="category", max_seq_len=128)
+    ref = resolve_model(cfg.model)
+    tok = load_tokenizer(ref)
+    examples, _ = td.render_and_filter(tok, td.load_examples(path, None, ColumnMapping("text", "category", None)), 128, str(path))
+    dtype = precision_dtype(cfg.precision)
+    torch.manual_seed(0)
+    model = build_model(ref, cfg, dtype)
+    return model, examples, dtype, tok.pad_token_id
+
+
+def step(model, examples, dtype, pad_id) -> int:
+    from tunesmith.train import data as td
+    from tunesmith.train.model import forward_loss
+
+    batch = td.collate(examples, True, pad_id)
+    loss, n, _ = forward_loss(model, batch, dtype)
+    (loss / n).backward()
+    model.zero_grad(set_to_none=True)
+    return batch["tokens"]
+
+
+def profile(model, examples, dtype, pad_id) -> None:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    step(model, examples[:16], dtype, pad_id)  # warm-up
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        tokens = step(model, examples[16:32], dtype, pad_id)
+        wall = time.perf_counter() - t
+    print(f"one step: {tokens} tokens in {wall:.2f} s = {tokens / wall:.0f} tokens/s (under the profiler)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+
+
+def ab(model, examples, dtype, pad_id, variants: list[str], rounds: int) -> None:
+    import torch
+
+    from tunesmith.train.model import set_input_casting
+
+    default_threads = torch.get_num_threads()
+    rates: dict[str, list[float]] = {v: [] for v in variants}
+    offset = 0
+    step(model, examples[:16], dtype, pad_id)  # warm-up
+    for r in range(rounds):
+        for v in variants:
+            n = int(v[4:]) if v.startswith("rows") else 16
+            torch.set_num_threads(1 if v == "threads1" else default_threads)
+            set_input_casting(model, v == "peftcast")
+            chunk = [examples[(offset + i) % len(examples)] for i in range(n)]
+            offset += n
+            t = time.perf_counter()
+            tokens = step(model, chunk, dtype, pad_id)
+            rates[v].append(tokens / (time.perf_counter() - t))
+        print(f"round {r + 1}: " + ", ".join(f"{v} {rates[v][-1]:.0f}" for v in variants), flush=True)
+    torch.set_num_threads(default_threads)
+    set_input_casting(model, False)
+    print("| variant | median tokens/s | rounds |\n|---|---|---|")
+    for v in variants:
+        print(f"| {v} | {statistics.median(rates[v]):.0f} | {len(rates[v])} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--ab", default="", help="Comma-separated variants: rowsN, threads1.")
+    p.add_argument("--rounds", type=int, default=4)
+    args = p.parse_args()
+    model, examples, dtype, pad_id = setup(1000)
+    if args.profile:
+        profile(model, examples, dtype, pad_id)
+    if args.ab:
+        ab(model, examples, dtype, pad_id, args.ab.split(","), args.rounds)
+
+
+if __name__ == "__main__":
+    main()
