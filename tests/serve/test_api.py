@@ -63,7 +63,7 @@ def test_streaming(client, engine):
 
 
 def test_stream_ends_with_done(server, engine):
-    body = {"model": engine.base_id, "messages": QUESTION, "max_tokens": 3, "stream": True}
+    body = {"model": engine.base_id, "messages": QUESTION, "max_tokens": 3, "stream": True, "temperature": 0}
     with httpx.stream("POST", server + "/v1/chat/completions", json=body, timeout=60) as r:
         lines = [line for line in r.iter_lines() if line]
     assert r.headers["content-type"].startswith("text/event-stream")

@@ -93,7 +93,8 @@ def test_serve_command_serves_base_and_adapters(tiny_model_dir, adapter_dirs, tm
             time.sleep(0.3)
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
         assert [m.id for m in client.models.list().data] == [tiny_model_dir.name, "alpha"]
-        resp = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+        resp = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                              temperature=0)
         assert resp.usage.completion_tokens == 3
     finally:
         proc.terminate()
