@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, TextIO
 
 from tunesmith.distill.filters import AnswerFilter, build_filter
 from tunesmith.distill.prompts import Prompt, load_prompts
-from tunesmith.distill.teacher import TeacherFailure, ask, build_client
+from tunesmith.distill.teacher import TeacherFailure, ask, build_client, run_coroutine
 from tunesmith.errors import UsageError
 
 
@@ -222,7 +222,7 @@ def distill(
                 _Progress(result, progress, log) as bar:
             writer = _Writer(out_fh, rej_fh, failed_path, result, bar)
             try:
-                asyncio.run(_run_all(client, jobs, settings, concurrency, writer))
+                run_coroutine(_run_all(client, jobs, settings, concurrency, writer))
             except KeyboardInterrupt:
                 log(f"interrupted: {result.written} answer(s) of this run are saved in {out}; "
                     "run the same command again to go on")

@@ -150,3 +150,17 @@ def _retry_after(exc: Any) -> float | None:
 
 def _scrub(text: str, secret: str | None) -> str:
     return text.replace(secret, "***") if secret else text
+
+
+def run_coroutine(coro):
+    """asyncio.run, also where this thread already runs an event loop (Jupyter, or a test
+    session that drives a browser with Playwright's sync API): then in a thread of its own."""
+    import asyncio
+    import concurrent.futures
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()

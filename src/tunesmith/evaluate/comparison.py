@@ -274,7 +274,9 @@ def teacher_result(
 
     t0 = time.perf_counter()
     try:
-        replies = asyncio.run(run_all())
+        from tunesmith.distill.teacher import run_coroutine
+
+        replies = run_coroutine(run_all())
     except TeacherFailure as exc:
         raise UsageError(f"the teacher {teacher_model!r} failed on the test set: {exc}; "
                          "check --teacher-model, --teacher-base-url and --teacher-api-key") from None
