@@ -11,6 +11,8 @@ every variant alike) and prints trained-sequence tokens/s per variant:
   threads1   the same 16 rows with one torch thread instead of the default
   peftcast   the same 16 rows with peft's cast of each LoRA input to fp32 switched back on
              (what tunesmith did before; train.model.set_input_casting)
+  sdpa       the same 16 rows with torch's SDPA kernel for the packed attention instead of
+             the explicit grouped one (train.model.GROUPED_ATTENTION_MAX_LEN = 0)
 """
 
 from __future__ import annotations
@@ -77,9 +79,11 @@ def profile(model, examples, dtype, pad_id) -> None:
 def ab(model, examples, dtype, pad_id, variants: list[str], rounds: int) -> None:
     import torch
 
+    from tunesmith.train import model as tm
     from tunesmith.train.model import set_input_casting
 
     default_threads = torch.get_num_threads()
+    grouped_max = tm.GROUPED_ATTENTION_MAX_LEN
     rates: dict[str, list[float]] = {v: [] for v in variants}
     offset = 0
     step(model, examples[:16], dtype, pad_id)  # warm-up
@@ -88,6 +92,7 @@ def ab(model, examples, dtype, pad_id, variants: list[str], rounds: int) -> None
             n = int(v[4:]) if v.startswith("rows") else 16
             torch.set_num_threads(1 if v == "threads1" else default_threads)
             set_input_casting(model, v == "peftcast")
+            tm.GROUPED_ATTENTION_MAX_LEN = 0 if v == "sdpa" else grouped_max
             chunk = [examples[(offset + i) % len(examples)] for i in range(n)]
             offset += n
             t = time.perf_counter()
@@ -96,6 +101,7 @@ def ab(model, examples, dtype, pad_id, variants: list[str], rounds: int) -> None
         print(f"round {r + 1}: " + ", ".join(f"{v} {rates[v][-1]:.0f}" for v in variants), flush=True)
     torch.set_num_threads(default_threads)
     set_input_casting(model, False)
+    tm.GROUPED_ATTENTION_MAX_LEN = grouped_max
     print("| variant | median tokens/s | rounds |\n|---|---|---|")
     for v in variants:
         print(f"| {v} | {statistics.median(rates[v]):.0f} | {len(rates[v])} |")
@@ -104,7 +110,7 @@ def ab(model, examples, dtype, pad_id, variants: list[str], rounds: int) -> None
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--profile", action="store_true")
-    p.add_argument("--ab", default="", help="Comma-separated variants: rowsN, threads1.")
+    p.add_argument("--ab", default="", help="Comma-separated variants: rowsN, threads1, peftcast, sdpa.")
     p.add_argument("--rounds", type=int, default=4)
     args = p.parse_args()
     model, examples, dtype, pad_id = setup(1000)

@@ -27,28 +27,68 @@ def _examples(tok):
     return kept
 
 
+@pytest.mark.parametrize("kernel", ["grouped", "sdpa"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_packed_equals_alone(tiny_tokenizer, attn):
+def test_packed_equals_alone(tiny_tokenizer, attn, kernel, monkeypatch):
+    """Logits, loss and gradients of examples packed into one row equal those of each
+    example alone (fp32, 1e-4), with either kernel packed attention may pick on the CPU."""
     import torch
 
     from tiny_model import build_tiny_model
+    from tunesmith.train import model as tm
 
+    monkeypatch.setattr(tm, "GROUPED_ATTENTION_MAX_LEN", 512 if kernel == "grouped" else 0)
     examples = _examples(tiny_tokenizer)
     model = build_tiny_model(tiny_tokenizer)
     model.set_attn_implementation(attn)
+
+    def grads():
+        out = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        return out
+
     with torch.no_grad():
         alone = [model(input_ids=torch.tensor([e.input_ids])).logits[0] for e in examples]
-        alone_loss = sum(forward_loss(model, td.collate([e], False, 0), torch.float32)[0] for e in examples)
         padded_loss = forward_loss(model, td.collate(examples, False, 0), torch.float32)[0]
-        use_packed_attention(model, 512)
-        batch = td.collate(examples, True, 0)
+    alone_loss = sum(forward_loss(model, td.collate([e], False, 0), torch.float32)[0] for e in examples)
+    alone_loss.backward()
+    alone_grads = grads()
+    use_packed_attention(model, 512)
+    batch = td.collate(examples, True, 0)
+    with torch.no_grad():
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                        pack_index=batch["pack_index"], unpack_index=batch["unpack_index"]).logits[0]
-        packed_loss = forward_loss(model, batch, torch.float32)[0]
+    packed_loss = forward_loss(model, batch, torch.float32)[0]
+    packed_loss.backward()
+    packed_grads = grads()
     assert packed.shape[0] == sum(len(e) for e in examples)
     assert torch.allclose(packed, torch.cat(alone), atol=1e-4, rtol=0)
     assert abs(packed_loss.item() - alone_loss.item()) < 1e-4 * max(1.0, abs(alone_loss.item()))
     assert abs(padded_loss.item() - alone_loss.item()) < 1e-4 * max(1.0, abs(alone_loss.item()))
+    for name, g in alone_grads.items():
+        assert torch.allclose(packed_grads[name], g, atol=1e-4, rtol=1e-4), name
+
+
+def test_grouped_attention_matches_sdpa_with_grouped_heads():
+    """The explicit kernel equals torch's SDPA (GQA, causal) in fp32, forward and backward."""
+    import torch
+    import torch.nn.functional as F
+
+    from tunesmith.train.model import grouped_causal_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, h, 7, 8, generator=gen, requires_grad=True) for h in (6, 2, 2))
+    ours = grouped_causal_attention(q, k, v, scaling=0.3)
+    ours.sum().backward()
+    ours_grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3, enable_gqa=True).transpose(1, 2)
+    ref.sum().backward()
+    assert ours.shape == (3, 7, 6, 8)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    for mine, t in zip(ours_grads, (q, k, v)):
+        assert torch.allclose(mine, t.grad, atol=1e-5)
 
 
 def test_packing_refused_where_not_exact():
