@@ -21,7 +21,9 @@ The loss column is the mean training loss over the last k steps (--last-k), and 
 tunesmith" its relative difference. TRL with packing trains differently composed batches,
 so its loss is shown but not a parity check.
 
-Tokens/s counts the non-padding input tokens trained per second of training. MFU = model
+Tokens/s counts the non-padding input tokens trained per second over every step but the
+first (steady speed); the first step's seconds are shown apart, since tunesmith compiles
+its layers there (torch.compile, once per run) and both libraries allocate buffers. MFU = model
 FLOPs (4 x parameters per token for frozen-base LoRA, plus attention: 12 x layers x width x
 the mean causal context) x tokens/s, divided by the bf16 matmul peak measured at the start
 of this same invocation. tunesmith runs the LM head only where there are labels, so it does
@@ -87,18 +89,19 @@ def run_tunesmith(args, data: Path) -> dict:
     out = data.parent / "run"
     cfg = TrainConfig(model=MODEL, data=data, output_column="category", out=out, max_steps=args.steps,
                       batch_size=args.batch_size, max_seq_len=args.max_seq_len, precision=args.precision,
-                      learning_rate=LR, warmup_ratio=0.0, seed=SEED)
+                      learning_rate=LR, warmup_ratio=0.0, seed=SEED, compile=args.compile)
     result = train(cfg, progress=False)
-    losses = [json.loads(ln)["train_loss"] for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    return {"tokens_per_s": result.metrics["tokens_per_s"], "losses": losses,
-            "train_time_s": result.metrics["train_time_s"]}
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    # elapsed at each step's end; checkpoints are only written after the last step
+    return {"losses": [r["train_loss"] for r in rows], "step_ends": [r["elapsed"] for r in rows],
+            "train_time_s": result.metrics["train_time_s"], "compiled": bool(result.metrics.get("compile_s"))}
 
 
 def run_trl(args, data: Path) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from tunesmith.models.registry import resolve_model
@@ -116,13 +119,23 @@ def run_trl(args, data: Path) -> dict:
     model = AutoModelForCausalLM.from_pretrained(path)
     torch.manual_seed(SEED)  # as tunesmith does before peft draws the LoRA A matrices
     model = get_peft_model(model, lora)
-    trainer = SFTTrainer(model=model, args=sft, train_dataset=ds, processing_class=tok)
+    step_ends: list[float] = []
+
+    class StepClock(TrainerCallback):  # the wall time at each optimizer step's end
+        def on_train_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            step_ends.append(time.perf_counter() - self.t0)
+
+    trainer = SFTTrainer(model=model, args=sft, train_dataset=ds, processing_class=tok, callbacks=[StepClock()])
     out = trainer.train()
     # The rows TRL trained on, as it batched them (with packing, a row holds several examples).
-    tokens = sum(len(x) for x in trainer.train_dataset["input_ids"][: args.steps * args.batch_size])
+    rows = trainer.train_dataset["input_ids"][: args.steps * args.batch_size]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"tokens_per_s": tokens / out.metrics["train_runtime"], "losses": losses,
-            "train_time_s": out.metrics["train_runtime"]}
+    return {"losses": losses, "step_ends": step_ends, "train_time_s": out.metrics["train_runtime"],
+            "step_tokens": [sum(len(x) for x in rows[i * args.batch_size:(i + 1) * args.batch_size])
+                            for i in range(args.steps)] if args.trl_packing else None}
 
 
 def model_flops_per_token(mean_len: float) -> float:
@@ -140,6 +153,14 @@ def child(args) -> None:
     result = run_tunesmith(args, data) if args.worker == "tunesmith" else run_trl(args, data)
     ordered = tunesmith_order(args, data)
     result["mean_len"] = sum(len(t.input_ids) for t in ordered) / len(ordered)
+    if not result.get("step_tokens"):  # without TRL's packing both train exactly these rows per step
+        b = args.batch_size
+        result["step_tokens"] = [sum(len(t.input_ids) for t in ordered[i * b:(i + 1) * b]) for i in range(args.steps)]
+    ends = result["step_ends"]
+    # Steady speed: every step but the first (tunesmith's first step may include compiling,
+    # and both libraries allocate their buffers then); the first step is reported apart.
+    result["tokens_per_s"] = sum(result["step_tokens"][1:]) / (ends[-1] - ends[0])
+    result["first_step_s"] = ends[0]
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -158,23 +179,26 @@ def main() -> None:
     p.add_argument("--only", choices=["tunesmith", "trl"])
     p.add_argument("--worker", choices=["tunesmith", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--precision", default="auto", help=argparse.SUPPRESS)
+    p.add_argument("--compile", default="on", choices=["on", "off"], help=argparse.SUPPRESS)
     p.add_argument("--trl-packing", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         child(args)
         return
     peak = bf16_peak_gflops()
-    contenders = [("tunesmith", "auto", False), ("trl", "fp32", False), ("trl", "bf16", False), ("trl", "bf16", True)]
+    contenders = [("tunesmith", "auto", False, "on"), ("tunesmith", "auto", False, "off"), ("trl", "fp32", False, "off"),
+                  ("trl", "bf16", False, "off"), ("trl", "bf16", True, "off")]
     k = min(args.last_k, args.steps)
     print(f"bf16 matmul peak: {peak:.0f} GFLOP/s; steps {args.steps}, batch {args.batch_size}, "
           f"max length {args.max_seq_len}, loss = mean of the last {k} steps")
-    print("| contender | precision | tokens/s | peak RSS (GB) | first-step loss | loss | vs tunesmith | MFU |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print("| contender | precision | tokens/s | first step (s) | peak RSS (GB) | first-step loss | loss | vs tunesmith "
+          "| MFU |\n|---|---|---|---|---|---|---|---|---|")
     reference = None
-    for name, precision, packing in contenders:
+    for name, precision, packing, compile_ in contenders:
         if args.only and name != args.only:
             continue
-        cmd = [sys.executable, __file__, "--worker", name, "--precision", precision, "--steps", str(args.steps),
+        cmd = [sys.executable, __file__, "--worker", name, "--precision", precision, "--compile", compile_,
+               "--steps", str(args.steps),
                "--rows", str(args.rows), "--batch-size", str(args.batch_size), "--max-seq-len", str(args.max_seq_len)]
         if packing:
             cmd.append("--trl-packing")
@@ -184,19 +208,22 @@ def main() -> None:
         found = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
         label = name + (" (packing)" if packing else "")
         if status != 0 or not found:
-            print(f"| {label} | {precision} | failed (exit {status >> 8}) | | | | | |")
+            print(f"| {label} | {precision} | failed (exit {status >> 8}) | | | | | | |")
             continue
         r = json.loads(found[0][len("RESULT "):])
         loss = last_k_mean(r["losses"], k)
-        if name == "tunesmith":
+        if name == "tunesmith" and reference is None:
             reference = loss
-        diff = "-" if reference is None or loss is None or name == "tunesmith" else f"{(loss - reference) / reference:+.1%}"
+        diff = "-" if reference is None or loss is None or loss is reference else f"{(loss - reference) / reference:+.1%}"
         if packing and diff != "-":
             diff += " (other batches)"
         mfu = model_flops_per_token(r["mean_len"]) * r["tokens_per_s"] / (peak * 1e9)
         first = f"{r['losses'][0]:.4f}" if r["losses"] else "-"
         shown = f"{loss:.4f}" if loss is not None else "-"
-        print(f"| {label} | {precision} | {r['tokens_per_s']:.0f} | {usage.ru_maxrss / 1e6:.2f} | {first} | {shown} "
+        if r.get("compiled"):
+            label += " (compiled)"
+        print(f"| {label} | {precision} | {r['tokens_per_s']:.0f} | {r['first_step_s']:.1f} | {usage.ru_maxrss / 1e6:.2f} "
+              f"| {first} | {shown} "
               f"| {diff} | {mfu:.1%} |", flush=True)
 
 

@@ -468,3 +468,51 @@ def test_fsdp_full_fine_tuning_matches_one_process(tiny_model_dir, chat_file, tm
     wa, wb = load_file(str(one / "adapter" / "model.safetensors")), load_file(str(two / "adapter" / "model.safetensors"))
     assert wa.keys() == wb.keys() and all(wa[k].shape == wb[k].shape for k in wa)
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+
+
+def test_compiled_layers_train_the_same_losses(tiny_model_dir, chat_file, tmp_path):
+    """--compile on (torch.compile of each layer's attention, MLP and norms) gives the eager
+    run's losses and validation (which runs eagerly) in fp32, and says it compiled."""
+    runs = {}
+    for setting in ("on", "off"):
+        out = tmp_path / setting
+        proc = cli(*common(tiny_model_dir, chat_file), "--out", str(out), "--max-steps", "3", "--val-split", "0.25",
+                   "--compile", setting)
+        assert proc.returncode == 0, proc.stderr
+        runs[setting] = (metrics(out), json.loads((out / "run.json").read_text()))
+    (on_rows, on_info), (off_rows, off_info) = runs["on"], runs["off"]
+    assert on_info["resolved"]["compile"] is True and off_info["resolved"]["compile"] is False
+    assert on_info["metrics"]["compile_s"] > 0 and off_info["metrics"]["compile_s"] is None
+    for a, b in zip(on_rows, off_rows, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+    assert on_rows[-1]["valid_loss"] == pytest.approx(off_rows[-1]["valid_loss"], rel=1e-5)
+
+
+def test_compile_setting_resolution(monkeypatch):
+    from tunesmith.errors import UsageError
+    from tunesmith.train import model as tm
+
+    monkeypatch.setattr(tm, "compile_toolchain_missing", lambda device: None)
+    assert tm.should_compile("auto", tm.COMPILE_MIN_TOKENS, "cpu", fsdp=False)
+    assert not tm.should_compile("auto", tm.COMPILE_MIN_TOKENS - 1, "cpu", fsdp=False)
+    assert not tm.should_compile("auto", 10 * tm.COMPILE_MIN_TOKENS, "cpu", fsdp=True)
+    assert not tm.should_compile("off", 10 * tm.COMPILE_MIN_TOKENS, "cpu", fsdp=False)
+    assert tm.should_compile("on", 1, "cpu", fsdp=False)
+    with pytest.raises(UsageError, match="--compile on does not combine with --distributed-strategy fsdp"):
+        tm.should_compile("on", 1, "cpu", fsdp=True)
+    monkeypatch.setattr(tm, "compile_toolchain_missing", lambda device: "no C++ compiler (g++ or clang++) on PATH")
+    assert not tm.should_compile("auto", 10 * tm.COMPILE_MIN_TOKENS, "cpu", fsdp=False)
+    with pytest.raises(UsageError, match="no C\\+\\+ compiler.*use --compile off"):
+        tm.should_compile("on", 1, "cpu", fsdp=False)
+
+
+def test_compile_toolchain_check_reads_path(monkeypatch, tmp_path):
+    from tunesmith.train.model import compile_toolchain_missing
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CXX", raising=False)
+    assert "no C++ compiler" in compile_toolchain_missing("cpu")
+    fake = tmp_path / "g++"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    assert compile_toolchain_missing("cpu") is None

@@ -64,6 +64,10 @@ class TrainConfig(BaseModel):
         "ddp", "optimisation", "With several processes: ddp (every process holds the whole model) or fsdp (weights, "
         "gradients and optimizer state sharded over processes, for models that don't fit one GPU).")
     precision: Literal["auto", "bf16", "fp32"] = _field("auto", "optimisation", "auto: bf16 compute where the hardware has it, else fp32; trained weights stay fp32.")
+    compile: Literal["auto", "on", "off"] = _field(
+        "auto", "optimisation", "torch.compile each decoder layer's attention, MLP and norms: the first step then "
+        "takes about a minute longer and later ones run ~1.5x faster on a CPU. auto: on when the run trains at "
+        "least 100,000 tokens, a C++ compiler (CPU) or triton (GPU) is there, and weights are not FSDP-sharded.")
     # evaluation
     eval_every_steps: int | None = _field(None, "evaluation", "Validation loss and token accuracy every N steps (and always at the end).")
     early_stopping_patience: int | None = _field(None, "evaluation", "Stop after this many evaluations without a better validation loss.")

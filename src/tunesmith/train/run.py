@@ -70,7 +70,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     from tunesmith.models.adapters import check_base
     from tunesmith.models.registry import hash_files, identity, load_tokenizer, resolve_model
     from tunesmith.train import data as td
-    from tunesmith.train.model import add_stop_checks, build_model, precision_dtype, shard_model, trainable_parameters
+    from tunesmith.train.model import (add_stop_checks, build_model, compile_layers, precision_dtype, shard_model,
+                                       should_compile, trainable_parameters)
 
     # --- 1. resolve the config. Everything that can be wrong with the inputs is found
     # before the model loads, so a bad flag costs a second, not a minute.
@@ -109,6 +110,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     spe = td.steps_per_epoch(len(train_ex), cfg.batch_size)
     total_steps = cfg.max_steps or epochs * spe
     lr_peak = cfg.lr
+    tokens_per_step = train_stats.tokens / max(1, len(train_ex)) * min(cfg.batch_size, len(train_ex))
+    compiled = should_compile(cfg.compile, tokens_per_step * total_steps, dist.device,
+                              dist.world_size > 1 and cfg.distributed_strategy == "fsdp")
 
     # --- 5. model and adapter (base cast to the compute dtype once, trained weights fp32).
     model = build_model(ref, cfg, compute_dtype)
@@ -120,6 +124,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     dist.fsdp = dist.world_size > 1 and cfg.distributed_strategy == "fsdp"
     if dist.fsdp:  # after the broadcast: sharding replaces the parameters with shards
         shard_model(model)
+    if compiled:
+        compile_layers(model)
     groups, names = _param_groups(model, cfg.weight_decay)
     params = [p for g in groups for p in g["params"]]
     n_trainable = sum(p.numel() for p in params)
@@ -150,7 +156,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     run_info = {
         "config": {**cfg.to_json(), "out": str(out)},
         "resolved": {"epochs": epochs, "total_steps": total_steps, "steps_per_epoch": spe, "learning_rate": lr_peak,
-                     "precision": str(compute_dtype).replace("torch.", ""), "world_size": dist.world_size},
+                     "precision": str(compute_dtype).replace("torch.", ""), "world_size": dist.world_size,
+                     "compile": compiled},
         "base_model": base_identity,
         "data": {"hashes": data_hashes, "train": train_stats.to_dict(),
                  "valid": valid_stats.to_dict() if valid_stats else {"examples": len(valid_ex), "split_from_train": cfg.val_split}},
@@ -162,9 +169,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / "run.json", run_info)
         truncate_metrics(out / "metrics.jsonl", start_step - 1 if pending else start_step)
-    tokens_per_step = train_stats.tokens / max(1, len(train_ex)) * min(cfg.batch_size, len(train_ex))
     log(f"run {out}: {cfg.method} on {cfg.model} ({n_trainable:,} trainable of {n_total:,} parameters, "
-        f"{run_info['resolved']['precision']}, {dist.world_size} process(es))")
+        f"{run_info['resolved']['precision']}, {dist.world_size} process(es)"
+        + (", decoder layers compiled: the first step includes compiling them)" if compiled else ")"))
     log(f"data: {len(train_ex)} train / {len(valid_ex)} validation examples; {train_stats.truncated} truncated, "
         f"{train_stats.dropped_no_trained_tokens} dropped (no trained token within --max-seq-len {cfg.max_seq_len})")
     log(f"plan: {epochs} epoch(s){' (auto)' if cfg.epochs == 'auto' else ''}, {spe} steps/epoch, {total_steps} steps, "
@@ -186,7 +193,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     reporter = Reporter(out / "metrics.jsonl", total_steps, start_step, dist.main, progress)
     stopped = "finished"
     row: dict[str, Any] = {"step": start_step, "train_loss": None, "valid_loss": None, "token_accuracy": None}
-    train_time, tokens_seen = 0.0, 0
+    # Rates leave out this process's first step when it compiled the layers (a one-off
+    # minute that would distort tokens/s and the ETA for the whole run).
+    train_time, tokens_seen, compile_s = 0.0, 0, None
+    rate_time, rate_tokens, rate_steps = 0.0, 0, 0
     t_run = time.perf_counter()
     step, saved_step = start_step, start_step if resume_from is not None else None
 
@@ -243,12 +253,18 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
                         _clip_grad_norm(params, cfg.max_grad_norm, dist)
                     optimizer.step()
                     step += 1
-                    train_time += time.perf_counter() - t0
+                    step_s = time.perf_counter() - t0
+                    train_time += step_s
                     tokens_seen += step_tokens
+                    if compiled and compile_s is None:
+                        compile_s = step_s
+                        reporter.message(f"step {step} took {step_s:.0f} s including compiling the layers")
+                    else:
+                        rate_time, rate_tokens, rate_steps = rate_time + step_s, rate_tokens + step_tokens, rate_steps + 1
                     row = {"step": step, "epoch": step / spe, "train_loss": train_loss, "lr": lr,
-                           "tokens_per_s": tokens_seen / max(train_time, 1e-9),
+                           "tokens_per_s": rate_tokens / rate_time if rate_steps else step_tokens / step_s,
                            "elapsed": elapsed_before + time.perf_counter() - t_run,
-                           "eta_s": train_time / (step - start_step) * (total_steps - step)}
+                           "eta_s": (rate_time / rate_steps if rate_steps else step_s) * (total_steps - step)}
                     evaluate_now = bool(valid_ex) and (
                         step == total_steps or bool(cfg.eval_every_steps and step % cfg.eval_every_steps == 0)
                     )
@@ -296,7 +312,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
         adapter_dir = ck.publish_adapter(out, chosen)
         final = {k: row.get(k) for k in ("train_loss", "valid_loss", "token_accuracy")}
         final.update({"steps": step, "best_step": best["step"] if best else None, "stopped": stopped,
-                      "tokens_per_s": tokens_seen / max(train_time, 1e-9), "train_time_s": train_time,
+                      "tokens_per_s": rate_tokens / rate_time if rate_steps else tokens_seen / max(train_time, 1e-9),
+                      "train_time_s": train_time, "compile_s": compile_s,
                       "adapter": str(adapter_dir), "adapter_step": int(chosen.name.split("-")[1])})
         run_info.update({"status": "finished", "metrics": final})
         _write_json(out / "run.json", run_info)
@@ -374,7 +391,9 @@ def evaluate(model: Any, examples: list, cfg: TrainConfig, pad_id: int, compute_
     mine = td.micro_batches(td.shard(everyone, dist.rank, dist.world_size), size)
     sums = torch.zeros(3, dtype=torch.float64)
     try:
-        with torch.no_grad():
+        # Compiled layers run eagerly here: compiling a second, inference graph would cost
+        # another minute for a pass that has no backward to speed up.
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             for mb in mine:
                 if check_stop is not None:
                     check_stop()
