@@ -177,9 +177,10 @@ def build_model(ref: Any, cfg: Any, compute_dtype: Any) -> Any:
 
 
 COMPILE_MIN_TOKENS = 100_000
-"""`--compile auto` compiles runs that train at least this many tokens: compiling took ~45 s
-on the 2-core CPU and made steps ~1.5x faster (bench/train_step_profile.py --ab rows16,compiled),
-so it pays for itself after about two minutes of training."""
+"""`--compile auto` compiles runs that train at least this many tokens: compiling SmolLM2's
+layers took 70-80 s on the 2-core CPU with an empty inductor cache (a few seconds with a warm
+one) and made steps 1.3-1.5x faster (bench/train_throughput.py), so it pays for itself after
+three to four minutes of eager training (~100,000 tokens at ~500 tokens/s)."""
 
 COMPILED_PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
 
@@ -220,15 +221,6 @@ def compile_layers(model: Any) -> int:
     keep running in Python. Shapes are dynamic from the start: every packed step has another
     length. Returns how many modules were compiled.
     """
-    import torch
-
-    if not torch.cuda.is_available():
-        import torch._inductor.config as inductor_config
-
-        # Inductor compiles kernels in a pool of worker processes by default; on a small CPU
-        # machine they compete with the training threads (measured: steps 5x slower while the
-        # pool ran on 2 cores), so compile in this process.
-        inductor_config.compile_threads = 1
     lm = causal_lm(model)
     # With frozen embeddings the first layer's input needs no gradient and every later one
     # does; compiled code specialises on that, so the first layer would compile a second
