@@ -120,6 +120,19 @@ def train_steps(model, cfg, tokenizer, data: Path, compute_dtype, steps: int, de
     return losses
 
 
+def save_qlora_run(model, run: Path, model_dir: Path, compute_dtype) -> Path:
+    """A run directory laid out as `tunesmith train --method qlora` leaves it."""
+    from tunesmith.models.quantization import nf4_record
+    from tunesmith.models.registry import identity, resolve_model
+
+    ident = identity(resolve_model(str(model_dir)))
+    model.save_pretrained(str(run / "adapter"), safe_serialization=True)
+    meta = {"base_model": ident, "method": "qlora", "step": 3, "base_quantization": nf4_record(compute_dtype)}
+    (run / "adapter" / "tunesmith_adapter.json").write_text(json.dumps(meta))
+    (run / "run.json").write_text(json.dumps({"config": {"model": str(model_dir)}, "base_model": ident}))
+    return run
+
+
 @nf4_cpu
 def test_nf4_cpu_model_is_4bit_and_a_training_step_lowers_the_loss(tiny_model_dir, tiny_tokenizer, chat_file):
     import bitsandbytes as bnb
@@ -147,6 +160,99 @@ def test_nf4_cpu_model_is_4bit_and_a_training_step_lowers_the_loss(tiny_model_di
     losses = train_steps(model, cfg, tiny_tokenizer, chat_file, torch.bfloat16, steps=4)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0] - 0.1, losses
+
+
+@pytest.fixture(scope="module")
+def qlora_run_fp32(tmp_path_factory, tiny_model_dir, tiny_tokenizer, chat_file) -> Path:
+    """A QLoRA run trained in fp32 (3 steps), so merged and unmerged models differ only by rounding."""
+    import torch
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("bitsandbytes is not installed")
+    cfg, model = build_qlora(tiny_model_dir, chat_file, torch.float32)
+    train_steps(model, cfg, tiny_tokenizer, chat_file, torch.float32, steps=3)
+    return save_qlora_run(model, tmp_path_factory.mktemp("runs") / "qlora", tiny_model_dir, torch.float32)
+
+
+def logits(model, tokenizer, prompts=("What is the capital of France?", "The quick brown fox 0123456789")):
+    import torch
+
+    with torch.no_grad():
+        return [model(input_ids=tokenizer(p, return_tensors="pt")["input_ids"]).logits[0].float() for p in prompts]
+
+
+def max_diff(a_rows, b_rows) -> float:
+    return max(float((a - b).abs().max()) for a, b in zip(a_rows, b_rows))
+
+
+@nf4_cpu
+def test_nf4_cpu_export_merges_into_the_base_as_trained(qlora_run_fp32, tiny_model_dir, tiny_tokenizer, tmp_path):
+    """The export (default --merge-base nf4) computes what the QLoRA run trained: the NF4 base + adapter.
+
+    fp32 throughout, so the merged and unmerged models hold the same numbers, only added
+    in another order ((W + sBA)x against Wx + sB(Ax)): fp32 rounding, ~1e-6 on these
+    logits of about 1, hence 1e-4. Merging into the original weights instead is off by the
+    NF4 error (about a tenth of each weight), far above that: the test tells them apart.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.models.export import export_run
+    from tunesmith.models.quantization import load_nf4_model
+    from tunesmith.models.registry import resolve_model
+
+    ref = resolve_model(str(tiny_model_dir))
+    trained = PeftModel.from_pretrained(load_nf4_model(ref, torch.float32, "cpu"), str(qlora_run_fp32 / "adapter"))
+    # Training mode (no dropout anywhere here, so deterministic): in eval mode on a CPU with
+    # AVX512-BF16, bitsandbytes repacks 4-bit weights for a bf16 inference kernel (~2e-3 off
+    # on these logits); in training mode it dequantizes and multiplies in fp32, as on CUDA.
+    trained.train()
+    want = logits(trained, tiny_tokenizer)
+
+    result = export_run(qlora_run_fp32, format="hf", out=tmp_path / "nf4", log=lambda _: None)
+    meta = json.loads((result.out / "tunesmith_export.json").read_text())
+    assert meta["merge_base"] == "nf4" and meta["adapter_meta"]["base_quantization"]["quant_type"] == "nf4"
+    merged = AutoModelForCausalLM.from_pretrained(str(result.out), dtype=torch.float32, use_safetensors=True).eval()
+    assert not hasattr(merged.config, "quantization_config")
+    assert max_diff(logits(merged, tiny_tokenizer), want) < 1e-4
+
+    original = export_run(qlora_run_fp32, format="hf", out=tmp_path / "original", merge_base="original", log=lambda _: None)
+    on_original = AutoModelForCausalLM.from_pretrained(str(original.out), dtype=torch.float32, use_safetensors=True).eval()
+    assert max_diff(logits(on_original, tiny_tokenizer), want) > 1e-2
+    # and the adapter matters: the merged model is not the NF4 base alone
+    with trained.disable_adapter():
+        assert max_diff(logits(merged, tiny_tokenizer), logits(trained, tiny_tokenizer)) > 1e-2
+
+
+@nf4_cpu
+def test_nf4_cpu_adapter_is_served_on_the_unquantized_base(qlora_run_fp32, tiny_model_dir, tiny_tokenizer, caplog):
+    """A QLoRA adapter is an ordinary peft LoRA adapter: the engine serves it on the full-precision base."""
+    import logging
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.serve.engine import LocalEngine, SamplingParams
+
+    adapter_config = json.loads((qlora_run_fp32 / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["peft_type"] == "LORA" and {t.split(".")[-1] for t in adapter_config["target_modules"]} == ALL_LINEAR
+    caplog.set_level(logging.INFO, logger="tunesmith.serve")
+    engine = LocalEngine.load(str(tiny_model_dir), [("qlora-run", qlora_run_fp32)])
+    assert "trained on an NF4-quantized base (QLoRA); it is served on the full-precision base" in caplog.text
+    try:
+        assert [c.id for c in engine.models()][1:] == ["qlora-run"]
+        prompt = engine.render_chat([{"role": "user", "content": "What is the capital of France?"}])
+        got, _, n_tokens = engine.generate(prompt, "qlora-run", SamplingParams(6, 0.0))
+    finally:
+        engine.close()
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    want_model = PeftModel.from_pretrained(base, str(qlora_run_fp32 / "adapter")).eval()
+    with torch.no_grad():
+        want = want_model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=False)
+    want_text = tiny_tokenizer.decode(want[0, len(prompt):], skip_special_tokens=True)
+    assert n_tokens > 0 and got and want_text.startswith(got), (got, want_text)
 
 
 # ----------------------------------------------------------------------------- on a CUDA GPU
@@ -188,3 +294,39 @@ def test_gpu_qlora_command_trains_an_nf4_base(tiny_model_dir, chat_file, tmp_pat
     assert len(linear4) == 2 * len(ALL_LINEAR)
     assert all(m.weight.device.type == "cuda" and m.weight.quant_type == "nf4" for m in linear4)
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.gpu
+def test_gpu_qlora_export_matches_the_unmerged_model(tiny_model_dir, chat_file, tiny_tokenizer, tmp_path):
+    """Same check as the CPU one, on CUDA's kernels, after a real `tunesmith train --method qlora`
+    run in fp32 (so merged and unmerged differ by fp32 rounding only: 1e-4, as there)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.models.quantization import load_nf4_model
+    from tunesmith.models.registry import resolve_model
+
+    run = tmp_path / "run"
+    cli_run(tiny_model_dir, chat_file, run, "fp32")
+    base = load_nf4_model(resolve_model(str(tiny_model_dir)), torch.float32, "cuda")
+    trained = PeftModel.from_pretrained(base, str(run / "adapter")).eval()
+    want = [row.cpu() for row in logits(trained, GPUTokenizer(tiny_tokenizer))]
+    exported = {}
+    for merge_base in ("nf4", "original"):
+        proc = run_cli("export", str(run), "--format", "hf", "--out", str(tmp_path / merge_base),
+                       "--merge-base", merge_base)
+        assert proc.returncode == 0, proc.stderr
+        merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / merge_base), dtype=torch.float32).eval()
+        exported[merge_base] = max_diff(logits(merged, tiny_tokenizer), want)
+    assert exported["nf4"] < 1e-4 and exported["original"] > 1e-2, exported
+
+
+class GPUTokenizer:
+    """The tokenizer, giving its ids on the GPU (for `logits` on a model there)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, text, **kw):
+        return {k: v.cuda() for k, v in self.tokenizer(text, **kw).items()}
