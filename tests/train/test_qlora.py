@@ -1,10 +1,11 @@
 """QLoRA: the refusal without CUDA, and the NF4 model, its training step, adapter and serving.
 
 The command refuses --method qlora on a machine without CUDA (tested on every machine
-without one). bitsandbytes 0.50 also runs NF4 layers on CPU, so where it is installed
-(`pip install 'tunesmith[gpu]'`) the tests marked `nf4_cpu` build the QLoRA model through
-the trainer's own `build_model` with its test-only flag, take real training steps and
-serve the adapter; the GPU tests run the real command.
+without one). bitsandbytes 0.50 also runs NF4 layers on CPU, so wherever it is installed
+(`pip install 'tunesmith[gpu]'`) the `nf4` tests build the QLoRA model through the
+trainer's own `build_model` with its test-only flag (on CUDA when there is one, else on
+CPU), take real training steps, export and serve the adapter; the `gpu` tests run the
+real command.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ def cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def device() -> str:
+    """Where build_model puts a QLoRA base: the GPU when there is one."""
+    return "cuda" if cuda() else "cpu"
 
 
 @pytest.fixture(scope="module")
@@ -79,16 +85,16 @@ def test_qlora_refusals_name_the_fix(tiny_model_dir, monkeypatch):
         check_qlora(cfg, resolve_model(str(tiny_model_dir)), world_size=1)
 
 
-# ----------------------------------------------------------------------------- NF4 on CPU
+# ----------------------------------------------------------------------------- NF4, also on CPU
 
-nf4_cpu = pytest.mark.skipif(
+nf4 = pytest.mark.skipif(
     importlib.util.find_spec("bitsandbytes") is None,
     reason="bitsandbytes is not installed (pip install 'tunesmith[gpu]'); it runs NF4 layers on CPU too",
 )
 
 
 def build_qlora(model_dir: Path, data: Path, compute_dtype, **kw):
-    """The trainer's QLoRA model, built on CPU through the test-only flag."""
+    """The trainer's QLoRA model, built through the test-only flag (on CPU where there is no GPU)."""
     from tunesmith.models.registry import resolve_model
     from tunesmith.train.model import build_model
 
@@ -96,7 +102,7 @@ def build_qlora(model_dir: Path, data: Path, compute_dtype, **kw):
     return cfg, build_model(resolve_model(str(model_dir)), cfg, compute_dtype, qlora_needs_cuda=False)
 
 
-def train_steps(model, cfg, tokenizer, data: Path, compute_dtype, steps: int, device: str = "cpu") -> list[float]:
+def train_steps(model, cfg, tokenizer, data: Path, compute_dtype, steps: int) -> list[float]:
     """`steps` optimizer steps on the same 8 examples, through the trainer's own step code."""
     import torch
 
@@ -114,7 +120,7 @@ def train_steps(model, cfg, tokenizer, data: Path, compute_dtype, steps: int, de
     losses = []
     for _ in range(steps):
         optimizer.zero_grad()
-        loss_sum, _ = accumulate_gradients(model, batch, targets, cfg, tokenizer.pad_token_id, compute_dtype, device)
+        loss_sum, _ = accumulate_gradients(model, batch, targets, cfg, tokenizer.pad_token_id, compute_dtype, device())
         optimizer.step()
         losses.append(loss_sum / targets)
     return losses
@@ -133,8 +139,8 @@ def save_qlora_run(model, run: Path, model_dir: Path, compute_dtype) -> Path:
     return run
 
 
-@nf4_cpu
-def test_nf4_cpu_model_is_4bit_and_a_training_step_lowers_the_loss(tiny_model_dir, tiny_tokenizer, chat_file):
+@nf4
+def test_nf4_model_is_4bit_and_training_steps_lower_the_loss(tiny_model_dir, tiny_tokenizer, chat_file):
     import bitsandbytes as bnb
     import torch
 
@@ -178,15 +184,16 @@ def logits(model, tokenizer, prompts=("What is the capital of France?", "The qui
     import torch
 
     with torch.no_grad():
-        return [model(input_ids=tokenizer(p, return_tensors="pt")["input_ids"]).logits[0].float() for p in prompts]
+        return [model(input_ids=tokenizer(p, return_tensors="pt")["input_ids"].to(model.device)).logits[0].float().cpu()
+                for p in prompts]
 
 
 def max_diff(a_rows, b_rows) -> float:
     return max(float((a - b).abs().max()) for a, b in zip(a_rows, b_rows))
 
 
-@nf4_cpu
-def test_nf4_cpu_export_merges_into_the_base_as_trained(qlora_run_fp32, tiny_model_dir, tiny_tokenizer, tmp_path):
+@nf4
+def test_nf4_export_merges_into_the_base_as_trained(qlora_run_fp32, tiny_model_dir, tiny_tokenizer, tmp_path):
     """The export (default --merge-base nf4) computes what the QLoRA run trained: the NF4 base + adapter.
 
     fp32 throughout, so the merged and unmerged models hold the same numbers, only added
@@ -203,7 +210,7 @@ def test_nf4_cpu_export_merges_into_the_base_as_trained(qlora_run_fp32, tiny_mod
     from tunesmith.models.registry import resolve_model
 
     ref = resolve_model(str(tiny_model_dir))
-    trained = PeftModel.from_pretrained(load_nf4_model(ref, torch.float32, "cpu"), str(qlora_run_fp32 / "adapter"))
+    trained = PeftModel.from_pretrained(load_nf4_model(ref, torch.float32, device()), str(qlora_run_fp32 / "adapter"))
     # Training mode (no dropout anywhere here, so deterministic): in eval mode on a CPU with
     # AVX512-BF16, bitsandbytes repacks 4-bit weights for a bf16 inference kernel (~2e-3 off
     # on these logits); in training mode it dequantizes and multiplies in fp32, as on CUDA.
@@ -225,8 +232,8 @@ def test_nf4_cpu_export_merges_into_the_base_as_trained(qlora_run_fp32, tiny_mod
         assert max_diff(logits(merged, tiny_tokenizer), logits(trained, tiny_tokenizer)) > 1e-2
 
 
-@nf4_cpu
-def test_nf4_cpu_adapter_is_served_on_the_unquantized_base(qlora_run_fp32, tiny_model_dir, tiny_tokenizer, caplog):
+@nf4
+def test_nf4_adapter_is_served_on_the_unquantized_base(qlora_run_fp32, tiny_model_dir, tiny_tokenizer, caplog):
     """A QLoRA adapter is an ordinary peft LoRA adapter: the engine serves it on the full-precision base."""
     import logging
 
@@ -309,9 +316,9 @@ def test_gpu_qlora_export_matches_the_unmerged_model(tiny_model_dir, chat_file, 
 
     run = tmp_path / "run"
     cli_run(tiny_model_dir, chat_file, run, "fp32")
-    base = load_nf4_model(resolve_model(str(tiny_model_dir)), torch.float32, "cuda")
+    base = load_nf4_model(resolve_model(str(tiny_model_dir)), torch.float32, torch.cuda.current_device())
     trained = PeftModel.from_pretrained(base, str(run / "adapter")).eval()
-    want = [row.cpu() for row in logits(trained, GPUTokenizer(tiny_tokenizer))]
+    want = logits(trained, tiny_tokenizer)
     exported = {}
     for merge_base in ("nf4", "original"):
         proc = run_cli("export", str(run), "--format", "hf", "--out", str(tmp_path / merge_base),
@@ -322,11 +329,19 @@ def test_gpu_qlora_export_matches_the_unmerged_model(tiny_model_dir, chat_file, 
     assert exported["nf4"] < 1e-4 and exported["original"] > 1e-2, exported
 
 
-class GPUTokenizer:
-    """The tokenizer, giving its ids on the GPU (for `logits` on a model there)."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+@pytest.mark.gpu
+def test_gpu_cpu_and_cuda_quantize_nf4_alike(tiny_model_dir):
+    """Export on a CPU machine rebuilds the NF4 base with bitsandbytes' CPU kernels: the same
+    weights as CUDA's? (The block scales are quantized after subtracting their mean, a sum
+    whose order may differ.) If this fails, say so in docs/export.md and export on a GPU."""
+    import torch
 
-    def __call__(self, text, **kw):
-        return {k: v.cuda() for k, v in self.tokenizer(text, **kw).items()}
+    from tunesmith.models.quantization import load_nf4_model
+    from tunesmith.models.registry import resolve_model
+
+    ref = resolve_model(str(tiny_model_dir))
+    on_cpu = load_nf4_model(ref, torch.bfloat16, "cpu").dequantize().state_dict()
+    on_gpu = load_nf4_model(ref, torch.bfloat16, torch.cuda.current_device()).dequantize().state_dict()
+    differ = [k for k in on_cpu if not torch.equal(on_cpu[k], on_gpu[k].cpu())]
+    assert not differ, differ

@@ -96,8 +96,7 @@ def load_nf4_dequantized(ref: Any, record: dict[str, Any]) -> Any:
         raise UsageError(f"the run's base quantization {record} is not the one tunesmith rebuilds ({NF4_RECORD}); "
                          "merge into the original weights with --merge-base original")
     dtype = getattr(torch, record.get("dtype", "bfloat16"))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_nf4_model(ref, dtype, device)
+    model = load_nf4_model(ref, dtype, torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
     # transformers swaps each Linear4bit for a Linear holding dequantize_4bit(weight) and
     # drops the quantization config, leaving a plain model.
     model = model.dequantize()
