@@ -22,6 +22,18 @@ REPO = Path(__file__).resolve().parent.parent
 from tiny_model import CHATML_TEMPLATE, build_tiny_model, build_tiny_tokenizer, save_tiny_model  # noqa: F401,E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: on a machine without it they are skipped, saying so."""
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_tests:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        for item in gpu_tests:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Llama saved as a Hugging Face directory (pass it as --model)."""

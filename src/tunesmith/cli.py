@@ -478,12 +478,17 @@ def export_cmd(
         None, "--model", help="Base model (name or path) to merge into, instead of the one run.json names; "
         "it must have the same content hash."
     ),
+    merge_base: Optional[str] = typer.Option(
+        None, "--merge-base", help="QLoRA runs only: nf4 (default) merges into the base as training saw it, "
+        "quantized to NF4 and dequantized, so the export computes what was trained; original merges into the "
+        "full-precision weights, as `tunesmith serve` runs the adapter."
+    ),
 ) -> None:
     """Export a run as merged Hugging Face weights or GGUF."""
     from tunesmith.models.export import describe, export_run
 
     result = export_run(
-        run, format=fmt, out=out, dtype=dtype, checkpoint=checkpoint, model=model,
+        run, format=fmt, out=out, dtype=dtype, checkpoint=checkpoint, model=model, merge_base=merge_base,
         log=lambda msg: typer.echo(msg, err=True),
     )
     typer.echo(describe(result))

@@ -438,3 +438,14 @@ def test_gguf_untied_embeddings_write_output_weight(tmp_path, tiny_tokenizer):
     assert "output.weight" in {t.name for t in GGUFReader(str(path)).tensors}
     want = logits(base_plus_adapter(base_dir, run / "adapter"), tiny_tokenizer)
     assert max_diff(logits(model, tokenizer), want) < 1e-5
+
+
+def test_merge_base_is_only_for_qlora_runs(tiny_run, tmp_path):
+    from tunesmith.errors import UsageError
+    from tunesmith.models.export import export_run
+
+    with pytest.raises(UsageError, match="--merge-base applies to QLoRA runs"):
+        export_run(tiny_run, format="hf", out=tmp_path / "out", merge_base="nf4", log=lambda _: None)
+    with pytest.raises(UsageError, match="--merge-base 'nf5' is not one of nf4, original"):
+        export_run(tiny_run, format="hf", out=tmp_path / "out", merge_base="nf5", log=lambda _: None)
+    assert not (tmp_path / "out").exists()

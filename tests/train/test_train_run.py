@@ -111,9 +111,6 @@ def test_config_errors_are_one_sentence(tiny_model_dir, chat_file, tmp_path):
     assert "'batch_size' must be a positive integer (got 0)" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
-    proc = cli("--model", str(tiny_model_dir), "--data", str(chat_file), "--method", "qlora", "--out", str(tmp_path / "q"))
-    assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr and "--method lora" in proc.stderr
-
 
 def test_yaml_with_flag_override_and_dry_run(tiny_model_dir, chat_file, tmp_path):
     yaml_file = tmp_path / "run.yaml"
@@ -500,6 +497,9 @@ def test_compile_setting_resolution(monkeypatch):
     assert tm.should_compile("on", 1, "cpu", fsdp=False)
     with pytest.raises(UsageError, match="--compile on does not combine with --distributed-strategy fsdp"):
         tm.should_compile("on", 1, "cpu", fsdp=True)
+    assert not tm.should_compile("auto", 10 * tm.COMPILE_MIN_TOKENS, "cpu", fsdp=False, quantized=True)
+    with pytest.raises(UsageError, match="--compile on does not combine with --method qlora"):
+        tm.should_compile("on", 1, "cpu", fsdp=False, quantized=True)
     monkeypatch.setattr(tm, "compile_toolchain_missing", lambda device: "no C++ compiler (g++ or clang++) on PATH")
     assert not tm.should_compile("auto", 10 * tm.COMPILE_MIN_TOKENS, "cpu", fsdp=False)
     with pytest.raises(UsageError, match="no C\\+\\+ compiler.*use --compile off"):

@@ -8,6 +8,12 @@ its base model (refusing a different base by content hash), load the base in fp3
 the LoRA with peft's `merge_and_unload` in fp32, then write into a staging folder beside
 `--out` and move it into place, so a failed export leaves nothing half-written. The run
 directory is only read.
+
+A QLoRA run's adapter was trained on the NF4-quantized base, so by default (`--merge-base
+nf4`) the base is quantized as training did and dequantized again before the merge: the
+export computes what was trained and evaluated. `--merge-base original` merges into the
+full-precision weights instead (what `tunesmith serve` computes with the adapter on the
+unquantized base). Never into the 4-bit weights themselves: see docs/export.md.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ FORMATS = ("hf", "gguf")
 HF_DTYPES = ("f32", "f16", "bf16")
 EXPORT_META = "tunesmith_export.json"
 MERGEABLE_PEFT_TYPES = ("LORA",)
+MERGE_BASES = ("nf4", "original")
+"""For a QLoRA run: merge into dequantize(nf4(W)), the base as trained (default), or into W."""
 
 
 @dataclass
@@ -51,16 +59,21 @@ def export_run(
     dtype: str | None = None,
     checkpoint: str = "best",
     model: str | None = None,
+    merge_base: str | None = None,
     log: Callable[[str], None] = print,
 ) -> ExportResult:
-    """Merge the run's adapter into its base and write it to `out` as `format` ("hf" or "gguf")."""
-    from tunesmith.models.adapters import check_base, resolve_adapter
+    """Merge the run's adapter into its base and write it to `out` as `format` ("hf" or "gguf").
+
+    merge_base: for a QLoRA run, "nf4" (default) or "original" (see MERGE_BASES)."""
+    from tunesmith.models.adapters import adapter_meta, check_base, resolve_adapter
     from tunesmith.models.registry import identity, resolve_model
 
     run, out = Path(run).expanduser(), Path(out).expanduser()
-    dtype = _check_options(run, format, out, dtype)
+    dtype = _check_options(run, format, out, dtype, merge_base)
     adapter_dir = resolve_adapter(run, checkpoint)
     adapter_config = _load_adapter_config(adapter_dir)
+    quantization = adapter_meta(adapter_dir).get("base_quantization")
+    merge_base = _check_merge_base(merge_base, quantization, adapter_dir)
     ref = resolve_model(model or _base_model_name(run, adapter_dir, adapter_config))
     base_identity = identity(ref)
     check_base(adapter_dir, base_identity)
@@ -68,8 +81,11 @@ def export_run(
     tokenizer = load_training_tokenizer(adapter_dir, ref)
     if format == "gguf":
         _check_gguf(ref, tokenizer)
-    log(f"merging {adapter_dir} into {ref.name} (fp32)")
-    merged = merge_adapter(ref, adapter_dir)
+    if merge_base == "nf4":
+        log(f"merging {adapter_dir} into {ref.name} as trained: quantized to NF4, dequantized to fp32")
+    else:
+        log(f"merging {adapter_dir} into {ref.name} (fp32)")
+    merged = merge_adapter(ref, adapter_dir, quantization if merge_base == "nf4" else None)
 
     name = run.name if run.name not in ("adapter", "") else adapter_dir.parent.name
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -89,6 +105,8 @@ def export_run(
             "adapter_meta": _read_json(adapter_dir / "tunesmith_adapter.json"),
             "base_model": base_identity,
         }
+        if merge_base:
+            meta["merge_base"] = merge_base
         (stage / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n")
         if out.exists():
             out.rmdir()  # _check_options allowed only an empty folder
@@ -102,7 +120,7 @@ def export_run(
     return result
 
 
-def _check_options(run: Path, format: str, out: Path, dtype: str | None) -> str:
+def _check_options(run: Path, format: str, out: Path, dtype: str | None, merge_base: str | None = None) -> str:
     """The dtype to use; raises UsageError listing every problem with the options."""
     from tunesmith.models.gguf_writer import GGUF_DTYPES
 
@@ -115,6 +133,8 @@ def _check_options(run: Path, format: str, out: Path, dtype: str | None) -> str:
     if format in FORMATS and dtype not in allowed:
         hint = " (q8_0 is a GGUF quantization: use --format gguf for it)" if dtype == "q8_0" else ""
         problems.append(f"--dtype '{dtype}' is not available for --format {format}; use one of {', '.join(allowed)}{hint}")
+    if merge_base is not None and merge_base not in MERGE_BASES:
+        problems.append(f"--merge-base '{merge_base}' is not one of {', '.join(MERGE_BASES)}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         problems.append(f"--out '{out}' already exists and is not an empty folder; pick a new path or remove it")
     if run.exists() and _is_within(out, run):
@@ -122,6 +142,16 @@ def _check_options(run: Path, format: str, out: Path, dtype: str | None) -> str:
     if problems:
         raise UsageError("cannot export: " + "; ".join(problems))
     return dtype
+
+
+def _check_merge_base(merge_base: str | None, quantization: dict[str, Any] | None, adapter_dir: Path) -> str | None:
+    """"nf4" or "original" for an adapter trained on a quantized base; None for any other."""
+    if quantization is None:
+        if merge_base is not None:
+            raise UsageError(f"cannot export: --merge-base applies to QLoRA runs, and '{adapter_dir}' was not trained "
+                             "on a quantized base; leave --merge-base out")
+        return None
+    return merge_base or "nf4"
 
 
 def _is_within(path: Path, parent: Path) -> bool:
@@ -174,13 +204,17 @@ def load_training_tokenizer(adapter_dir: Path, ref: Any) -> Any:
     return load_tokenizer(ref)
 
 
-def merge_adapter(ref: Any, adapter_dir: Path) -> Any:
-    """The base model (fp32) with the adapter's weights folded in: a plain transformers model."""
+def merge_adapter(ref: Any, adapter_dir: Path, base_quantization: dict[str, Any] | None = None) -> Any:
+    """The base model (fp32) with the adapter's weights folded in: a plain transformers model.
+
+    With `base_quantization` (a QLoRA run's record), the base is first rebuilt as training
+    saw it, dequantize(nf4(W)), so the merged model computes what the run trained."""
     from peft import PeftModel
 
+    from tunesmith.models.quantization import load_nf4_dequantized
     from tunesmith.models.registry import load_model
 
-    base = load_model(ref)
+    base = load_nf4_dequantized(ref, base_quantization) if base_quantization else load_model(ref)
     with warnings.catch_warnings():
         # peft asks transformers a deprecated question on load; the user can do nothing about it.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

@@ -211,7 +211,7 @@ class LocalEngine:
 
     def add_adapter(self, name: str, path: str | Path) -> ModelCard:
         """Load a LoRA adapter (run dir or adapter dir) onto the shared base, servable at once."""
-        from tunesmith.models.adapters import check_base, resolve_adapter
+        from tunesmith.models.adapters import adapter_meta, check_base, resolve_adapter
 
         if not ADAPTER_NAME.match(name or ""):
             raise UsageError(
@@ -249,6 +249,11 @@ class LocalEngine:
             card = ModelCard(name, int(time.time()), parent=self.base_id, path=str(adapter_dir))
             self._adapters[name] = card
         log.info("adapter %s loaded from %s", name, adapter_dir)
+        if adapter_meta(adapter_dir).get("base_quantization"):
+            # Common practice, and what `tunesmith export --merge-base original` writes; the run's
+            # own metrics were measured on the NF4 base (export's default merge reproduces those).
+            log.info("adapter %s was trained on an NF4-quantized base (QLoRA); it is served on the "
+                     "full-precision base", name)
         return card
 
     def remove_adapter(self, name: str) -> None:

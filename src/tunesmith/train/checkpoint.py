@@ -33,6 +33,8 @@ RNG_FILE = "rng.safetensors"
 KEEP_LAST = 2
 """Checkpoints kept besides the best one (older ones are deleted)."""
 TRAINING_STATE_FILES = (STATE_FILE, OPTIMIZER_FILE, RNG_FILE)
+ADAPTER_METHODS = ("lora", "qlora")
+"""Methods whose checkpoints hold a peft adapter (the others: a whole model)."""
 
 
 class TrainingError(TunesmithError):
@@ -184,7 +186,7 @@ def load_weights(model: Any, ckpt: Path, method: str) -> None:
     if any(isinstance(p, DTensor) for p in model.parameters()):
         return _load_sharded_weights(model, ckpt, method)
 
-    if method == "lora":
+    if method in ADAPTER_METHODS:
         from peft import set_peft_model_state_dict
 
         result = set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
@@ -210,7 +212,7 @@ def _load_sharded_weights(model: Any, ckpt: Path, method: str) -> None:
 
     from tunesmith.train.model import like, trainable_parameters
 
-    files = [ckpt / "adapter_model.safetensors"] if method == "lora" else [
+    files = [ckpt / "adapter_model.safetensors"] if method in ADAPTER_METHODS else [
         f for f in sorted(ckpt.glob("*.safetensors")) if f.name not in (OPTIMIZER_FILE, RNG_FILE)]
     saved: dict[str, Any] = {}
     for f in files:
@@ -218,7 +220,7 @@ def _load_sharded_weights(model: Any, ckpt: Path, method: str) -> None:
     missing = []
     with torch.no_grad():
         for name, p in trainable_parameters(model):
-            key = name.replace(".default.", ".") if method == "lora" else name  # peft drops the adapter name
+            key = name.replace(".default.", ".") if method in ADAPTER_METHODS else name  # peft drops the adapter name
             if key in saved:
                 p.copy_(like(saved[key], p))
             elif "lm_head" not in key:

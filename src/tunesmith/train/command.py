@@ -70,6 +70,11 @@ def run_train_command(options: dict[str, Any]) -> None:
     if isinstance(overrides.get("epochs"), str) and overrides["epochs"].isdigit():
         overrides["epochs"] = int(overrides["epochs"])
     cfg = resolve_config(config_file, overrides)
+    if cfg.method == "qlora" and nproc > 1 and not dry_run:  # once here, not once per launched process
+        from tunesmith.models.registry import resolve_model
+        from tunesmith.train.model import check_qlora
+
+        check_qlora(cfg, resolve_model(cfg.model), nproc)
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         sys.exit(_launch(nproc))
     if dry_run:
@@ -151,7 +156,7 @@ def dry_run_report(cfg: TrainConfig) -> None:
     tokens = sum(len(t) for t in train_ex)
     tokens_total = tokens / max(1, len(train_ex)) * min(cfg.batch_size, len(train_ex)) * total
     n_params = _parameter_count(ref)
-    flops = (4 if cfg.method == "lora" else 6) * n_params * tokens_total
+    flops = (4 if cfg.method in ("lora", "qlora") else 6) * n_params * tokens_total
     report = {
         "config": json.loads(cfg.model_dump_json()),
         "resolved": {"epochs": epochs, "steps_per_epoch": spe, "total_steps": total, "learning_rate": cfg.lr,

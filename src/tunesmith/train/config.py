@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tunesmith.errors import ConfigError
 
 GROUPS = ("data", "model", "method", "optimisation", "evaluation", "output")
-DEFAULT_LEARNING_RATE = {"lora": 1e-3, "full": 2e-5}
+# qlora trains the same adapter as lora (only the frozen base is stored differently), so the same rate.
+DEFAULT_LEARNING_RATE = {"lora": 1e-3, "qlora": 1e-3, "full": 2e-5}
 
 
 def _field(default: Any, group: str, help: str) -> Any:
@@ -43,7 +44,9 @@ class TrainConfig(BaseModel):
     # model
     model: str = _field("smollm2-135m-instruct", "model", "Base model: registry name, Hugging Face directory or .gguf file.")
     # method
-    method: Literal["lora", "full", "qlora", "dpo"] = _field("lora", "method", "lora (adapter), full (all weights); qlora and dpo are not available yet.")
+    method: Literal["lora", "full", "qlora", "dpo"] = _field(
+        "lora", "method", "lora (adapter), qlora (adapter on a 4-bit NF4 base: needs a CUDA GPU and "
+        "pip install 'tunesmith[gpu]'), full (all weights); dpo is not available yet.")
     lora_rank: int = _field(16, "method", "LoRA rank r.")
     lora_alpha: float = _field(32.0, "method", "LoRA alpha (the update is scaled by alpha / rank).")
     lora_dropout: float = _field(0.0, "method", "Dropout on the LoRA input (costs a random mask per layer per step).")
@@ -55,7 +58,7 @@ class TrainConfig(BaseModel):
     max_steps: int | None = _field(None, "optimisation", "Stop after this many optimizer steps (overrides --epochs).")
     batch_size: int = _field(16, "optimisation", "Examples per optimizer step (over all processes).")
     micro_batch_size: int | None = _field(None, "optimisation", "Examples per forward pass on each process; smaller accumulates gradients (same result, less memory).")
-    learning_rate: float | None = _field(None, "optimisation", "Peak learning rate; default 1e-3 for lora, 2e-5 for full.")
+    learning_rate: float | None = _field(None, "optimisation", "Peak learning rate; default 1e-3 for lora and qlora, 2e-5 for full.")
     warmup_ratio: float = _field(0.03, "optimisation", "Share of steps with linear warm-up before the cosine decay.")
     weight_decay: float = _field(0.0, "optimisation", "AdamW weight decay.")
     max_grad_norm: float = _field(1.0, "optimisation", "Clip the gradient norm to this (0 = no clipping).")

@@ -130,21 +130,25 @@ def use_packed_attention(model: Any, max_seq_len: int) -> None:
     model.set_attn_implementation(PACKED_ATTENTION)
 
 
-def build_model(ref: Any, cfg: Any, compute_dtype: Any) -> Any:
+def build_model(ref: Any, cfg: Any, compute_dtype: Any, *, qlora_needs_cuda: bool = True) -> Any:
     """The base model with the method applied, its trainable parameters in fp32.
 
     LoRA: base weights in the compute dtype (cast once, here), adapters via peft.
+    QLoRA: the same, with the base's linear layers stored in 4-bit NF4 (see load_qlora_base).
     Full: all weights fp32 (bf16 runs under autocast).
+    qlora_needs_cuda=False lets tests build a QLoRA model with bitsandbytes' CPU kernels;
+    the command never passes it.
     """
     import torch
 
     from tunesmith.models.registry import load_model
 
-    if cfg.method == "qlora":
-        raise UsageError("--method qlora needs a CUDA GPU with bitsandbytes, which this version does not support; use --method lora")
     if cfg.method == "dpo":
         raise UsageError("--method dpo is not available yet; train with --method lora on chat data")
-    model = load_model(ref, dtype=compute_dtype if cfg.method == "lora" else torch.float32)
+    if cfg.method == "qlora":
+        model = load_qlora_base(ref, cfg, compute_dtype, require_cuda=qlora_needs_cuda)
+    else:
+        model = load_model(ref, dtype=compute_dtype if cfg.method == "lora" else torch.float32)
     if cfg.packing:
         use_packed_attention(model, cfg.max_seq_len)
     else:
@@ -199,18 +203,21 @@ def compile_toolchain_missing(device: str) -> str | None:
     return "no C++ compiler (g++ or clang++) on PATH"
 
 
-def should_compile(setting: str, tokens_to_train: float, device: str, fsdp: bool) -> bool:
-    """Resolve --compile: on and off are obeyed (on refuses what can't work), auto decides."""
+def should_compile(setting: str, tokens_to_train: float, device: str, fsdp: bool, quantized: bool = False) -> bool:
+    """Resolve --compile: on and off are obeyed (on refuses what can't work), auto decides.
+    Not with FSDP-sharded weights nor bitsandbytes 4-bit layers (qlora): untested there."""
     if setting == "off":
         return False
     missing = compile_toolchain_missing(device)
     if setting == "on":
         if fsdp:
             raise UsageError("--compile on does not combine with --distributed-strategy fsdp; use --compile off")
+        if quantized:
+            raise UsageError("--compile on does not combine with --method qlora; use --compile off")
         if missing:
             raise UsageError(f"--compile on needs torch.compile's toolchain, and here {missing}; use --compile off")
         return True
-    return not fsdp and missing is None and tokens_to_train >= COMPILE_MIN_TOKENS
+    return not fsdp and not quantized and missing is None and tokens_to_train >= COMPILE_MIN_TOKENS
 
 
 def compile_layers(model: Any) -> int:
@@ -235,6 +242,45 @@ def compile_layers(model: Any) -> int:
                 part.compile(dynamic=True)
                 count += 1
     return count
+
+
+def check_qlora(cfg: Any, ref: Any, world_size: int = 1, require_cuda: bool = True) -> None:
+    """Refuse, before anything is loaded or written, a QLoRA run that cannot work here."""
+    from tunesmith.models.quantization import gguf_refusal, nf4_problems
+
+    problems = nf4_problems(require_cuda)
+    if ref.is_gguf:
+        problems.append(gguf_refusal(ref))
+    if world_size > 1 and cfg.distributed_strategy == "fsdp":
+        problems.append("--method qlora does not support --distributed-strategy fsdp (its 4-bit weights are not "
+                        "sharded here); use --distributed-strategy ddp")
+    if problems:
+        raise UsageError("; ".join(problems))
+
+
+def load_qlora_base(ref: Any, cfg: Any, compute_dtype: Any, require_cuda: bool = True) -> Any:
+    """The base for QLoRA: linear layers in NF4 on this process's device, the rest in the compute dtype.
+
+    peft's `prepare_model_for_kbit_training` is deliberately not called. It does three
+    things: freezes the base (get_peft_model does that too); casts every weight that is not
+    4-bit (embeddings, norms, LM head) to fp32, a guard for fp16 training; and turns on
+    gradient checkpointing. The cast is not wanted here: compute is bf16 under autocast
+    (fp32's exponent range, and the norms upcast internally), so fp32 copies only cost
+    memory, which is what QLoRA is for (SmolLM2's embeddings: 113 MB in fp32 against 57 MB
+    in bf16, beside about 55 MB for all its NF4 linear layers), plus a cast back to bf16
+    in every matmul. --method lora keeps its frozen base in bf16 for the same reasons.
+    Gradient checkpointing trades about a third more compute for activation memory; that
+    is independent of how the base is stored, --micro-batch-size already bounds activation
+    memory without recomputing, and leaving it off keeps qlora and lora different in one
+    thing only.
+    """
+    import torch
+
+    from tunesmith.models.quantization import load_nf4_model
+
+    check_qlora(cfg, ref, require_cuda=require_cuda)
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    return load_nf4_model(ref, compute_dtype, device)
 
 
 def set_input_casting(model: Any, enabled: bool) -> None:
@@ -281,6 +327,11 @@ def forward_loss(model: Any, batch: dict[str, Any], compute_dtype: Any) -> tuple
     loss_sum = F.cross_entropy(logits, wanted, reduction="sum")
     correct = (logits.detach().argmax(-1) == wanted).sum()
     return loss_sum, int(wanted.numel()), correct
+
+
+def parameter_count(model: Any) -> int:
+    """All parameters; a 4-bit weight stores two per byte, so it counts 2 x its bytes."""
+    return sum(p.numel() * (2 * p.element_size() if type(p).__name__ == "Params4bit" else 1) for p in model.parameters())
 
 
 def trainable_parameters(model: Any) -> list[tuple[str, Any]]:

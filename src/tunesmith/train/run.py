@@ -70,8 +70,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     from tunesmith.models.adapters import check_base
     from tunesmith.models.registry import hash_files, identity, load_tokenizer, resolve_model
     from tunesmith.train import data as td
-    from tunesmith.train.model import (add_stop_checks, build_model, compile_layers, precision_dtype, shard_model,
-                                       should_compile, trainable_parameters)
+    from tunesmith.train.model import (add_stop_checks, build_model, check_qlora, compile_layers, parameter_count,
+                                       precision_dtype, shard_model, should_compile, trainable_parameters)
 
     # --- 1. resolve the config. Everything that can be wrong with the inputs is found
     # before the model loads, so a bad flag costs a second, not a minute.
@@ -83,6 +83,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     if not cfg.resume and ck.latest_checkpoint(out) is not None:
         raise ck.TrainingError(f"run directory {out} already holds checkpoints; continue it with --resume {out} or pick another --out")
     ref = resolve_model(cfg.model)
+    if cfg.method == "qlora":  # needs a CUDA GPU and bitsandbytes: say so before loading anything
+        check_qlora(cfg, ref, dist.world_size)
     base_identity = identity(ref)
     compute_dtype = precision_dtype(cfg.precision)
     log = say if dist.main else (lambda _msg: None)
@@ -112,12 +114,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     lr_peak = cfg.lr
     tokens_per_step = train_stats.tokens / max(1, len(train_ex)) * min(cfg.batch_size, len(train_ex))
     compiled = should_compile(cfg.compile, tokens_per_step * total_steps, dist.device,
-                              dist.world_size > 1 and cfg.distributed_strategy == "fsdp")
+                              dist.world_size > 1 and cfg.distributed_strategy == "fsdp", cfg.method == "qlora")
 
     # --- 5. model and adapter (base cast to the compute dtype once, trained weights fp32).
     model = build_model(ref, cfg, compute_dtype)
     model.to(dist.device)
-    n_total = sum(p.numel() for p in model.parameters())
+    n_total = parameter_count(model)
     if dist.world_size > 1:
         for _, p in trainable_parameters(model):  # every process starts from rank 0's weights
             torch.distributed.broadcast(p.data, src=0)
@@ -152,6 +154,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
             + (" and first redoing its interrupted validation" if pending else ""))
 
     meta = {"base_model": base_identity, "method": cfg.method}
+    if cfg.method == "qlora":  # export rebuilds the NF4 base from this to merge into what was trained
+        from tunesmith.models.quantization import nf4_record
+
+        meta["base_quantization"] = nf4_record(compute_dtype)
     data_hashes = {str(p): hash_files([Path(p)]) for p in (cfg.data, cfg.validation) if p}
     run_info = {
         "config": {**cfg.to_json(), "out": str(out)},
@@ -159,6 +165,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
                      "precision": str(compute_dtype).replace("torch.", ""), "world_size": dist.world_size,
                      "compile": compiled},
         "base_model": base_identity,
+        **({"base_quantization": meta["base_quantization"]} if "base_quantization" in meta else {}),
         "data": {"hashes": data_hashes, "train": train_stats.to_dict(),
                  "valid": valid_stats.to_dict() if valid_stats else {"examples": len(valid_ex), "split_from_train": cfg.val_split}},
         "parameters": {"trainable": n_trainable, "total": n_total},
