@@ -196,9 +196,7 @@ class _Scan:
             self.errors += rec.errors
             self.warnings += rec.warnings
             if isinstance(rec.example, PreferenceExample):
-                pref = rec.example
-                sequences.append(Example(messages=pref.prompt + pref.chosen, line=rec.line))
-                sequences.append(Example(messages=pref.prompt + pref.rejected, line=rec.line))
+                sequences += rec.example.sequences()
                 owners += [(rec, "chosen"), (rec, "rejected")]
             elif rec.example is not None:
                 sequences.append(rec.example)
