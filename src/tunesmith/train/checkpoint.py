@@ -184,7 +184,7 @@ def load_weights(model: Any, ckpt: Path, method: str) -> None:
     if any(isinstance(p, DTensor) for p in model.parameters()):
         return _load_sharded_weights(model, ckpt, method)
 
-    if method == "lora":
+    if method != "full":  # an adapter (lora, dpo)
         from peft import set_peft_model_state_dict
 
         result = set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
@@ -210,7 +210,7 @@ def _load_sharded_weights(model: Any, ckpt: Path, method: str) -> None:
 
     from tunesmith.train.model import like, trainable_parameters
 
-    files = [ckpt / "adapter_model.safetensors"] if method == "lora" else [
+    files = [ckpt / "adapter_model.safetensors"] if method != "full" else [
         f for f in sorted(ckpt.glob("*.safetensors")) if f.name not in (OPTIMIZER_FILE, RNG_FILE)]
     saved: dict[str, Any] = {}
     for f in files:
@@ -218,7 +218,7 @@ def _load_sharded_weights(model: Any, ckpt: Path, method: str) -> None:
     missing = []
     with torch.no_grad():
         for name, p in trainable_parameters(model):
-            key = name.replace(".default.", ".") if method == "lora" else name  # peft drops the adapter name
+            key = name.replace(".default.", ".") if method != "full" else name  # peft drops the adapter name
             if key in saved:
                 p.copy_(like(saved[key], p))
             elif "lm_head" not in key:

@@ -94,8 +94,8 @@ def use_packed_attention(model: Any, max_seq_len: int) -> None:
 def build_model(ref: Any, cfg: Any, compute_dtype: Any) -> Any:
     """The base model with the method applied, its trainable parameters in fp32.
 
-    LoRA: base weights in the compute dtype (cast once, here), adapters via peft.
-    Full: all weights fp32 (bf16 runs under autocast).
+    LoRA (and DPO, which trains a LoRA adapter): base weights in the compute dtype (cast
+    once, here), adapters via peft. Full: all weights fp32 (bf16 runs under autocast).
     """
     import torch
 
@@ -103,9 +103,7 @@ def build_model(ref: Any, cfg: Any, compute_dtype: Any) -> Any:
 
     if cfg.method == "qlora":
         raise UsageError("--method qlora needs a CUDA GPU with bitsandbytes, which this version does not support; use --method lora")
-    if cfg.method == "dpo":
-        raise UsageError("--method dpo is not available yet; train with --method lora on chat data")
-    model = load_model(ref, dtype=compute_dtype if cfg.method == "lora" else torch.float32)
+    model = load_model(ref, dtype=torch.float32 if cfg.method == "full" else compute_dtype)
     if cfg.packing:
         use_packed_attention(model, cfg.max_seq_len)
     else:
