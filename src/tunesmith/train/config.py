@@ -34,7 +34,8 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
     # data
-    data: Path = _field(..., "data", "Training data file (.jsonl in chat, prompt/completion or alpaca format, or .csv/.tsv).")
+    data: Path = _field(..., "data", "Training data file (.jsonl in chat, prompt/completion or alpaca format, or .csv/.tsv; "
+                         "for --method dpo, .jsonl preference pairs).")
     validation: Path | None = _field(None, "data", "Validation data file; without it --val-split holds out a share of --data.")
     val_split: float = _field(0.0, "data", "Share of --data held out for validation when --validation is not given (0 = none).")
     format: str | None = _field(None, "data", "Data format; detected from the file when not given.")
