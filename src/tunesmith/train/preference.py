@@ -230,7 +230,8 @@ def evaluate(model: Any, pairs: list[TokenizedPair], cfg: Any, pad_id: int, comp
     if dist.world_size > 1:
         torch.distributed.all_reduce(sums)
     loss, chosen, rejected, correct, n = sums.tolist()
-    return {"valid_loss": loss / n, "valid_reward_accuracy": correct / n, "valid_reward_margin": (chosen - rejected) / n}
+    return {"valid_loss": loss / n, "valid_reward_accuracy": correct / n,
+            "valid_reward_margin": (chosen - rejected) / n}
 
 
 # ----------------------------------------------------------------------------- the reference
@@ -319,7 +320,8 @@ def resolve_init_adapter(path: Path, base_identity: dict[str, Any]) -> Path:
         raise UsageError(f"--init-adapter: {exc}") from None
     peft_type = json.loads((adapter / "adapter_config.json").read_text()).get("peft_type")
     if peft_type != "LORA":
-        raise UsageError(f"--init-adapter {path}: {adapter} is a {peft_type} adapter; --method dpo continues LoRA adapters")
+        raise UsageError(f"--init-adapter {path}: {adapter} is a {peft_type} adapter; "
+                         "--method dpo continues LoRA adapters")
     return adapter
 
 
