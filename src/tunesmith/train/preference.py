@@ -238,19 +238,22 @@ def evaluate(model: Any, pairs: list[TokenizedPair], cfg: Any, pad_id: int, comp
 
 
 def reference_logps(model: Any, pairs: list[TokenizedPair], cfg: Any, pad_id: int, compute_dtype: Any, dist: Any,
-                    adapter_is_reference: bool) -> list[TokenizedPair]:
+                    adapter_is_reference: bool, layout: list[list[int]] | None = None) -> list[TokenizedPair]:
     """The pairs with the reference's summed log-probs filled in.
 
     Run before the first optimizer step and before FSDP sharding (every process holds the
     whole model, and each computes its share of the pairs; one all-reduce shares them).
     The reference is the model as it is now: with the adapter disabled (the base model),
     or, when `adapter_is_reference` (the adapter was loaded from --init-adapter), with it.
+    `layout`: the micro-batches (pair indices) this process computes, by default its shard
+    in batches of --micro-batch-size (or --batch-size); `reference_layout` gives the one
+    that makes the first epoch's steps compute exactly what the reference computed.
     """
     import torch
 
     values = torch.zeros(len(pairs), 2, dtype=torch.float64, device=dist.device)
-    mine = td.micro_batches(td.shard(list(range(len(pairs))), dist.rank, dist.world_size),
-                            cfg.micro_batch_size or cfg.batch_size)
+    mine = layout if layout is not None else td.micro_batches(
+        td.shard(list(range(len(pairs))), dist.rank, dist.world_size), cfg.micro_batch_size or cfg.batch_size)
     adapter_off = contextlib.nullcontext() if adapter_is_reference else model.disable_adapter()
     model.eval()
     try:
@@ -263,6 +266,21 @@ def reference_logps(model: Any, pairs: list[TokenizedPair], cfg: Any, pad_id: in
     if dist.world_size > 1:
         torch.distributed.all_reduce(values)
     return [replace(p, ref_chosen=c, ref_rejected=r) for p, (c, r) in zip(pairs, values.tolist())]
+
+
+def reference_layout(n_train: int, n_valid: int, cfg: Any, dist: Any) -> list[list[int]]:
+    """This process's micro-batches for the reference pass over train + valid pairs, laid out
+    as the first epoch's steps (then validation) will lay them out: the same pairs in the
+    same micro-batches, in the same order. A forward pass then matches the policy's forward
+    in those steps operation for operation, so before the adapter moves the two agree
+    exactly (in bf16 too: the first loss is log(2) to the last bit), instead of up to the
+    rounding of differently shaped matmuls."""
+    layout = []
+    for step in range(td.steps_per_epoch(n_train, cfg.batch_size)):
+        indices = td.plan_step(n_train, cfg.batch_size, cfg.seed, step)[1]
+        layout += td.micro_batches(td.shard(indices, dist.rank, dist.world_size), cfg.micro_batch_size)
+    valid = td.shard(list(range(n_train, n_train + n_valid)), dist.rank, dist.world_size)
+    return layout + td.micro_batches(valid, cfg.micro_batch_size or cfg.batch_size)
 
 
 def prepare_reference(model: Any, train: list[TokenizedPair], valid: list[TokenizedPair], cfg: Any, pad_id: int,
@@ -286,7 +304,8 @@ def prepare_reference(model: Any, train: list[TokenizedPair], valid: list[Tokeni
             return ([replace(p, ref_chosen=c, ref_rejected=r) for p, (c, r) in zip(train, saved["train"].tolist())],
                     [replace(p, ref_chosen=c, ref_rejected=r) for p, (c, r) in zip(valid, saved["valid"].tolist())])
     t0 = time.perf_counter()
-    both = reference_logps(model, train + valid, cfg, pad_id, compute_dtype, dist, adapter_is_reference)
+    both = reference_logps(model, train + valid, cfg, pad_id, compute_dtype, dist, adapter_is_reference,
+                           reference_layout(len(train), len(valid), cfg, dist))
     train, valid = both[: len(train)], both[len(train):]
     which = "the --init-adapter" if adapter_is_reference else "the base model, adapter disabled"
     log(f"reference log-probs of {len(both)} pairs ({which}) in {time.perf_counter() - t0:.1f}s")
