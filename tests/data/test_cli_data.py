@@ -154,6 +154,17 @@ def test_inspect_preference_shows_both_answers(tiny_model_dir, home):
     assert "[[Call us.<|im_end|>]]" in proc.stdout
 
 
+def test_inspect_preference_prompt_turns_are_not_trained(tiny_model_dir, home, tmp_path):
+    """An assistant turn inside a pair's prompt is shared context: shown untrained, as DPO treats it."""
+    path = tmp_path / "history.jsonl"
+    path.write_text(json.dumps({"prompt": [{"role": "user", "content": "first"}, {"role": "assistant", "content": "earlier"},
+                                           {"role": "user", "content": "second"}], "chosen": "yes", "rejected": "no"}) + "\n")
+    proc = cli("inspect", str(path), "--model", str(tiny_model_dir), home=home)
+    assert proc.returncode == 0, proc.stderr
+    assert "[[yes<|im_end|>]]" in proc.stdout and "[[no<|im_end|>]]" in proc.stdout
+    assert "earlier" in proc.stdout and "[[earlier" not in proc.stdout
+
+
 def test_inspect_styles_on_a_terminal(tiny_model_dir):
     """On a terminal, trained text is styled bold green and masked text dim, without markers."""
     from rich.console import Console

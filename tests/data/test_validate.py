@@ -192,6 +192,36 @@ def test_preference_pairs_count_both_answers(tmp_path, tiny_model_dir):
     assert report.stats["trained_tokens_per_example"]["min"] >= 4
 
 
+def test_preference_pairs_need_two_different_answers(tmp_path, tiny_model_dir):
+    """validate on preference files: a pair without one of its answers, or with the same answer
+    twice, is an error at its line (in both dialects); an assistant turn inside the prompt is
+    context shared by both answers, never counted as trained."""
+    good = [{"prompt": f"question {i}", "chosen": f"a good answer {i}", "rejected": f"bad {i}"} for i in range(10)]
+    msgs = [{"role": "user", "content": "q"}]
+    bad = [
+        {"prompt": "q", "chosen": "same answer", "rejected": " same answer"},
+        {"prompt": "q", "rejected": "bad"},
+        {"prompt": "q", "chosen": "good", "rejected": "  "},
+        {"input": {"messages": msgs}, "preferred_output": [{"role": "assistant", "content": "x"}],
+         "non_preferred_output": [{"role": "assistant", "content": "x"}]},
+        {"input": {"messages": msgs}, "non_preferred_output": [{"role": "assistant", "content": "x"}]},
+    ]
+    report = run(write(tmp_path / "p.jsonl", good + bad), tiny_model_dir)
+    assert report.format == "preference" and report.examples == 10 and not report.ok
+    assert [(p.line, p.field, p.code) for p in report.errors] == [
+        (11, "rejected", "identical_answers"), (12, "chosen", "missing_content"), (13, "rejected", "empty_content"),
+        (14, "non_preferred_output", "identical_answers"), (15, "preferred_output", "missing_content")]
+
+    with_history = [{"prompt": [{"role": "user", "content": "first"}, {"role": "assistant", "content": "earlier " * 20},
+                                {"role": "user", "content": f"second {i}"}],
+                     "chosen": "yes", "rejected": "no"} for i in range(10)]
+    plain = [{**r, "prompt": r["prompt"][2:]} for r in with_history]
+    a = run(write(tmp_path / "history.jsonl", with_history), tiny_model_dir).stats
+    b = run(write(tmp_path / "plain.jsonl", plain), tiny_model_dir).stats
+    assert a["tokens_per_epoch"] > b["tokens_per_epoch"]
+    assert a["trained_tokens_per_epoch"] == b["trained_tokens_per_epoch"]
+
+
 def test_csv_needs_the_column_mapping(tmp_path, tiny_model_dir):
     path = tmp_path / "d.csv"
     path.write_text("text,category\nhello,greet\n")

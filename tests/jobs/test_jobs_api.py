@@ -56,8 +56,12 @@ def test_create_rejects_bad_requests_with_openai_errors(jobs_server, tmp_path, t
         jobs.create(model=str(tiny_model_dir), training_file=fid, hyperparameters={"n_epochs": 0})
     assert "n_epochs" in exc.value.message
     with pytest.raises(openai.BadRequestError) as exc:
-        jobs.create(model=str(tiny_model_dir), training_file=fid, method={"type": "dpo"})
-    assert "not available" in exc.value.message
+        jobs.create(model=str(tiny_model_dir), training_file=fid,
+                    method={"type": "dpo", "supervised": {"hyperparameters": {"n_epochs": 1}}})
+    assert exc.value.body["param"] == "method.supervised" and "put the hyperparameters under method.dpo" in exc.value.message
+    with pytest.raises(openai.BadRequestError) as exc:
+        jobs.create(model=str(tiny_model_dir), training_file=fid, method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}})
+    assert "method.dpo.hyperparameters.beta" in exc.value.message
     r = httpx.post(f"{live.url}/v1/fine_tuning/jobs", timeout=30,
                    json={"model": str(tiny_model_dir), "training_file": fid, "n_epohcs": 3})
     assert r.status_code == 400 and "unknown field 'n_epohcs'" in r.json()["error"]["message"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -53,6 +53,13 @@ class PreferenceExample:
     chosen: tuple[Message, ...]
     rejected: tuple[Message, ...]
     line: int = 0
+
+    def sequences(self) -> tuple[Example, Example]:
+        """The two conversations DPO compares: the prompt followed by the chosen answer, and
+        by the rejected one. Only the answers' assistant messages are trained; an assistant
+        turn inside the prompt is context (both sequences share it), never trained."""
+        prompt = tuple(replace(m, train=False) for m in self.prompt)
+        return Example(prompt + self.chosen, line=self.line), Example(prompt + self.rejected, line=self.line)
 
     def key(self) -> tuple:
         return (

@@ -59,8 +59,7 @@ def inspect_data(
         if isinstance(rec.example, PreferenceExample):
             # A preference pair is trained as two sequences: show both.
             pref = rec.example
-            examples += [Example(messages=pref.prompt + pref.chosen, line=rec.line),
-                         Example(messages=pref.prompt + pref.rejected, line=rec.line)]
+            examples += pref.sequences()
             parts += ["chosen", "rejected"]
         elif rec.example is not None:
             examples.append(rec.example)

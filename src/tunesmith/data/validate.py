@@ -196,9 +196,7 @@ class _Scan:
             self.errors += rec.errors
             self.warnings += rec.warnings
             if isinstance(rec.example, PreferenceExample):
-                pref = rec.example
-                sequences.append(Example(messages=pref.prompt + pref.chosen, line=rec.line))
-                sequences.append(Example(messages=pref.prompt + pref.rejected, line=rec.line))
+                sequences += rec.example.sequences()
                 owners += [(rec, "chosen"), (rec, "rejected")]
             elif rec.example is not None:
                 sequences.append(rec.example)
@@ -426,7 +424,9 @@ def print_report(report: ValidationReport, console: Any) -> None:
     from rich.table import Table
 
     verdict = "[green]valid[/green]" if report.ok else f"[red]invalid: {len(report.errors)} error(s)[/red]"
-    console.print(f"[bold]{report.path}[/bold]: {report.format}, {report.examples:,} usable examples, {verdict}"
+    pairs = report.format == "preference"
+    console.print(f"[bold]{report.path}[/bold]: {report.format}, {report.examples:,} usable "
+                  f"{'preference pairs (for tunesmith train --method dpo)' if pairs else 'examples'}, {verdict}"
                   + (f", {len(report.warnings)} warning(s)" if report.warnings else ""))
     for kind, problems, style in (("error", report.errors, "red"), ("warning", report.warnings, "yellow")):
         by_code: dict[str, list[Problem]] = {}
@@ -448,6 +448,9 @@ def print_report(report: ValidationReport, console: Any) -> None:
             table.add_row(label, *(f"{d[k]:,}" for k in ("min", "p50", "p95", "max")), f"{s[total]:,}")
         console.print()
         console.print(table)
+        if pairs:
+            console.print("a pair is two sequences, the prompt with the chosen and with the rejected answer: "
+                          "its tokens count both, its trained tokens both answers")
         if s["truncated_examples"]:
             console.print(f"{s['truncated_examples']:,} example(s) longer than --max-seq-len {s['max_seq_len']}")
     if s.get("labels"):
@@ -464,6 +467,9 @@ def print_report(report: ValidationReport, console: Any) -> None:
             f"{e['trained_tokens_total']:,} trained; at {e['train_tokens_per_s']:,} tokens/s measured here "
             f"(LoRA r=16) about {_duration(e['time_s'])}"
         )
+        if pairs:
+            console.print("  DPO adds one forward pass over the data for the reference model, about a third of an "
+                          "epoch's time")
         if e.get("speed_measured_busy"):
             console.print("  (the speed was measured while other processes kept the CPUs busy; "
                           "it is measured again once the machine is idle)")

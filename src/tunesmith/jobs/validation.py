@@ -16,11 +16,17 @@ MIN_EXAMPLES = 10
 """Hosted fine-tuning refuses fewer; so does tunesmith's API."""
 
 
+PAIR_FORMAT = "preference"
+"""The format dpo jobs train on; supervised jobs take the others."""
+
+
 @dataclass
 class FileCheck:
     examples: int = 0
     errors: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[dict[str, Any]] = field(default_factory=list)
+    format: str | None = None
+    """chat, prompt_completion, alpaca or preference (None when the file could not be read)."""
 
     @property
     def ok(self) -> bool:
@@ -54,6 +60,7 @@ def check_file(path: str | Path, model: str | None = None, min_examples: int = M
             examples=report.examples,
             errors=[p.to_dict() for p in report.errors if p.code != "too_few_examples"],
             warnings=[p.to_dict() for p in report.warnings],
+            format=report.format,
         )
     else:
         check = _parse_only(Path(path))
@@ -73,13 +80,27 @@ def _parse_only(path: Path) -> FileCheck:
         result = read_data(path)
     except TunesmithError as exc:
         return FileCheck(errors=[{"line": 0, "field": "", "code": "unreadable_file", "message": str(exc)}])
-    if result.format not in ("chat", "prompt_completion", "alpaca"):
+    if result.format not in ("chat", "prompt_completion", "alpaca", PAIR_FORMAT):
         return FileCheck(errors=[{
             "line": 0, "field": "", "code": "unsupported_format",
-            "message": f"the file is in {result.format} format; supervised jobs take chat, prompt/completion or alpaca JSONL",
+            "message": f"the file is in {result.format} format; jobs take chat, prompt/completion or alpaca JSONL "
+                       "(supervised) or preference pairs (dpo)",
         }])
     return FileCheck(
-        examples=len(result.examples),
+        examples=len(result.examples) + len(result.preferences),
         errors=[p.to_dict() for p in result.errors],
         warnings=[p.to_dict() for p in result.warnings],
+        format=result.format,
     )
+
+
+def method_mismatch(check: FileCheck, method: str) -> str | None:
+    """Why a file of this format cannot train a job of this method type, or None."""
+    if check.format is None or (check.format == PAIR_FORMAT) == (method == "dpo"):
+        return None
+    if method == "dpo":
+        return (f"it holds supervised examples ({check.format} format), but a dpo job trains on preference pairs "
+                "(prompt/chosen/rejected or input/preferred_output/non_preferred_output lines); "
+                "use method type supervised for this file")
+    return ("it holds preference pairs (a prompt with a chosen and a rejected answer), which supervised training "
+            "cannot use; create the job with method {\"type\": \"dpo\"}")

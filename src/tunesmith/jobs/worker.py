@@ -35,12 +35,19 @@ from typing import Any, Callable
 from tunesmith.errors import TunesmithError
 from tunesmith.jobs.run_reader import MetricsTail, has_checkpoint, last_error, metrics_csv, trained_tokens
 from tunesmith.jobs.store import JobStore, new_id
-from tunesmith.jobs.validation import MIN_EXAMPLES, check_file
+from tunesmith.jobs.validation import MIN_EXAMPLES, check_file, method_mismatch
 
 ModelReady = Callable[[str, Path], None]
 """Called with (model name, adapter directory) when a model (or checkpoint) is published."""
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "tunesmith_adapter.json")
+DPO_EVENT_KEYS = ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy", "valid_reward_accuracy",
+                  "valid_reward_margin")
+"""A dpo job's metrics.jsonl keys, passed on in its metrics events."""
+DEFAULT_BETA = 0.1
+"""What a dpo job's beta "auto" means (tunesmith train's --beta default)."""
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     poll_interval_s: float = 1.0
@@ -132,6 +139,10 @@ class Worker:
             except TunesmithError as exc:  # e.g. the model is gone, or the file cannot be read at all
                 self._fail(job["id"], f"invalid_{param}", f"{param} {file_id}: {exc}", param)
                 return
+            wrong_kind = method_mismatch(check, job["method"]["type"])
+            if wrong_kind:
+                self._fail(job["id"], f"invalid_{param}", f"{param} {file_id} ({row['filename']}): {wrong_kind}", param)
+                return
             for w in check.warnings[:10]:
                 self.store.add_event(job["id"], f"{param} {file_id} line {w['line']} ({w['code']}): {w['message']}",
                                      level="warn")
@@ -144,11 +155,13 @@ class Worker:
             if param == "training_file":
                 n_train = check.examples
         method = _resolve_hyperparameters(job["method"], n_train)
-        hp = method["supervised"]["hyperparameters"]
+        hp = method[method["type"]]["hyperparameters"]
+        what = "preference pairs" if method["type"] == "dpo" else "examples"
         self.store.transition(
             job["id"], ["validating_files"], "queued",
-            f"Files validated: {n_train} training examples; n_epochs={hp['n_epochs']}, "
-            f"batch_size={hp['batch_size']}, learning_rate_multiplier={hp['learning_rate_multiplier']}",
+            f"Files validated: {n_train} training {what}; n_epochs={hp['n_epochs']}, "
+            f"batch_size={hp['batch_size']}, learning_rate_multiplier={hp['learning_rate_multiplier']}"
+            + (f", beta={hp['beta']}" if "beta" in hp else ""),
             method=method, worker_id=None, heartbeat_at=None,
         )
 
@@ -249,7 +262,8 @@ class Worker:
             return cmd + ["--resume", str(run_dir)]
         if run_dir.exists():  # started but never checkpointed: start over
             shutil.rmtree(run_dir)
-        hp = job["method"]["supervised"]["hyperparameters"]
+        kind = job["method"]["type"]
+        hp = job["method"][kind]["hyperparameters"]
         train_file = self.store.get_file(job["training_file"])
         cmd += ["--model", job["model"], "--data", str(self.store.storage_root / train_file["path"]),
                 "--out", str(run_dir), "--seed", str(job["seed"]),
@@ -257,8 +271,10 @@ class Worker:
         if job["validation_file"]:
             valid_file = self.store.get_file(job["validation_file"])
             cmd += ["--validation", str(self.store.storage_root / valid_file["path"])]
+        if kind == "dpo":
+            cmd += ["--method", "dpo", "--beta", repr(float(hp["beta"]))]
         if hp["learning_rate_multiplier"] != 1.0:
-            cmd += ["--learning-rate", repr(_default_learning_rate() * float(hp["learning_rate_multiplier"]))]
+            cmd += ["--learning-rate", repr(_default_learning_rate(kind) * float(hp["learning_rate_multiplier"]))]
         every = self.config.save_every_steps or hp.get("steps_per_epoch")
         if every:
             cmd += ["--save-every-steps", str(every)]
@@ -326,10 +342,15 @@ class Worker:
                 parts.append(f"validation loss={row['valid_loss']:.4f}")
             if row.get("token_accuracy") is not None:
                 parts.append(f"validation token accuracy={row['token_accuracy']:.3f}")
+            if row.get("reward_accuracy") is not None:  # a dpo job
+                parts.append(f"reward accuracy={row['reward_accuracy']:.3f}, reward margin={row['reward_margin']:.4f}")
+            if row.get("valid_reward_accuracy") is not None:
+                parts.append(f"validation reward accuracy={row['valid_reward_accuracy']:.3f}")
             # The trainer's token_accuracy is measured on the validation set, with valid_loss.
             data = {"step": step, "total_steps": total, "train_loss": row.get("train_loss"),
                     "valid_loss": row.get("valid_loss"), "valid_mean_token_accuracy": row.get("token_accuracy"),
                     "epoch": row.get("epoch"), "learning_rate": row.get("lr"), "tokens_per_s": row.get("tokens_per_s")}
+            data.update({k: row[k] for k in DPO_EVENT_KEYS if row.get(k) is not None})
             self.store.add_event(job["id"], ", ".join(parts), type="metrics", data=data)
         ckpt_root = run_dir / "checkpoints"
         if not ckpt_root.is_dir():
@@ -449,15 +470,18 @@ def _resolve_hyperparameters(method: dict[str, Any], n_examples: int) -> dict[st
     """Replace every "auto" with the value training will use (known once the data is read)."""
     from tunesmith.data.stats import auto_epochs
 
-    hp = dict(method["supervised"]["hyperparameters"])
+    kind = method["type"]
+    hp = dict(method[kind]["hyperparameters"])
     if hp.get("n_epochs", "auto") == "auto":
         hp["n_epochs"] = auto_epochs(n_examples)
     if hp.get("batch_size", "auto") == "auto":
         hp["batch_size"] = max(1, min(16, n_examples // 10 or 1))
     if hp.get("learning_rate_multiplier", "auto") == "auto":
         hp["learning_rate_multiplier"] = 1.0
+    if kind == "dpo" and hp.get("beta", "auto") == "auto":
+        hp["beta"] = DEFAULT_BETA
     hp["steps_per_epoch"] = max(1, -(-n_examples // int(hp["batch_size"])))
-    return {**method, "supervised": {**method["supervised"], "hyperparameters": hp}}
+    return {**method, kind: {**method[kind], "hyperparameters": hp}}
 
 
 def _can_evaluate() -> bool:
@@ -467,13 +491,15 @@ def _can_evaluate() -> bool:
     return importlib.util.find_spec("tunesmith.evaluate.evaluation") is not None
 
 
-def _default_learning_rate() -> float:
-    """The LoRA learning rate `tunesmith train` uses by default (multiplier 1.0)."""
+def _default_learning_rate(kind: str = "supervised") -> float:
+    """The learning rate `tunesmith train` uses by default for the job's method (multiplier 1.0):
+    LoRA for supervised jobs, LoRA DPO for dpo jobs."""
+    method = "dpo" if kind == "dpo" else "lora"
     try:
         from tunesmith.train.config import DEFAULT_LEARNING_RATE
-    except ImportError:  # the training stage is not installed: its documented default
-        return 1e-3
-    return DEFAULT_LEARNING_RATE["lora"]
+    except ImportError:  # the training stage is not installed: its documented defaults
+        return {"lora": 1e-3, "dpo": 1e-4}[method]
+    return DEFAULT_LEARNING_RATE[method]
 
 
 _PR_SET_PDEATHSIG = 1

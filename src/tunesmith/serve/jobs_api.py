@@ -32,6 +32,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.jobs.store import ACTIVE, JobStore, new_id
 from tunesmith.jobs.worker import Worker, WorkerConfig
 from tunesmith.serve.jobs_protocol import (
+    DpoHyperparameters,
     Hyperparameters,
     JobCreate,
     checkpoint_object,
@@ -447,9 +448,17 @@ def _order(order: str) -> str:
 
 def _method(body: JobCreate) -> dict[str, Any]:
     """The job's method with every hyperparameter present ("auto" until the worker resolves it)."""
-    if body.method is not None and body.method.type == "dpo":
-        raise APIError(400, "method type 'dpo' is not available yet in tunesmith; use type 'supervised'",
-                       code="unsupported_method", param="method.type")
+    kind = body.method.type if body.method is not None else "supervised"
+    other = "supervised" if kind == "dpo" else "dpo"
+    if body.method is not None and getattr(body.method, other) is not None:
+        raise APIError(400, f"method.{other} was given with method.type '{kind}'; put the hyperparameters under "
+                            f"method.{kind}", param=f"method.{other}")
+    if kind == "dpo":
+        if body.hyperparameters is not None:
+            raise APIError(400, "a dpo job takes its hyperparameters in method.dpo.hyperparameters, not at the top "
+                                "level", param="hyperparameters")
+        hp = body.method.dpo.hyperparameters if body.method.dpo is not None else DpoHyperparameters()
+        return {"type": "dpo", "dpo": {"hyperparameters": hp.model_dump()}}
     hp = body.hyperparameters
     if body.method is not None and body.method.supervised is not None:
         if hp is not None:

@@ -22,7 +22,15 @@ class Hyperparameters(BaseModel):
     n_epochs: Auto | Annotated[int, Field(ge=1, le=50)] = Field("auto", description="Passes over the training file.")
     batch_size: Auto | Annotated[int, Field(ge=1, le=256)] = Field("auto", description="Examples per optimizer step.")
     learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=100)] = Field(
-        "auto", description="Scales the default LoRA learning rate (1e-3)."
+        "auto", description="Scales tunesmith's default learning rate for the method (LoRA 1e-3, DPO 1e-4)."
+    )
+
+
+class DpoHyperparameters(Hyperparameters):
+    """The supervised hyperparameters plus DPO's beta (OpenAI's DPO hyperparameters)."""
+
+    beta: Auto | Annotated[float, Field(gt=0, le=100)] = Field(
+        "auto", description="DPO beta: how strongly the tuned model is held to the base (auto: 0.1)."
     )
 
 
@@ -32,12 +40,20 @@ class SupervisedMethod(BaseModel):
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
 
 
+class DpoMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hyperparameters: DpoHyperparameters = Field(default_factory=DpoHyperparameters)
+
+
 class Method(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["supervised", "dpo"] = Field(description="supervised (dpo is not available yet).")
+    type: Literal["supervised", "dpo"] = Field(
+        description="supervised (chat, prompt/completion or alpaca files) or dpo (preference pairs: "
+                    "prompt/chosen/rejected or input/preferred_output/non_preferred_output).")
     supervised: SupervisedMethod | None = None
-    dpo: dict[str, Any] | None = None
+    dpo: DpoMethod | None = None
 
 
 class JobCreate(BaseModel):
@@ -76,8 +92,10 @@ def file_object(row: dict[str, Any]) -> dict[str, Any]:
 
 def job_object(row: dict[str, Any]) -> dict[str, Any]:
     method = row["method"]
-    hp = {k: v for k, v in method.get("supervised", {}).get("hyperparameters", {}).items()
-          if k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
+    kind = method["type"]
+    given = method.get(kind, {}).get("hyperparameters", {})  # also holds the worker's steps_per_epoch
+    hp = {k: v for k, v in given.items() if k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
+    method_hp = {**hp, **({"beta": given.get("beta", "auto")} if kind == "dpo" else {})}
     return {
         "id": row["id"],
         "created_at": row["created_at"],
@@ -97,7 +115,7 @@ def job_object(row: dict[str, Any]) -> dict[str, Any]:
         "estimated_finish": row["estimated_finish"],
         "integrations": [],
         "metadata": row["metadata"],
-        "method": {"type": method["type"], "supervised": {"hyperparameters": hp}},
+        "method": {"type": kind, kind: {"hyperparameters": method_hp}},
         "user_provided_suffix": row["suffix"],
         "lineage": row["lineage"],
     }

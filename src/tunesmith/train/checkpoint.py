@@ -33,7 +33,7 @@ RNG_FILE = "rng.safetensors"
 KEEP_LAST = 2
 """Checkpoints kept besides the best one (older ones are deleted)."""
 TRAINING_STATE_FILES = (STATE_FILE, OPTIMIZER_FILE, RNG_FILE)
-ADAPTER_METHODS = ("lora", "qlora")
+ADAPTER_METHODS = ("lora", "qlora", "dpo")
 """Methods whose checkpoints hold a peft adapter (the others: a whole model)."""
 
 

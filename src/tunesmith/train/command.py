@@ -134,36 +134,44 @@ def _launch(nproc: int) -> int:
 
 def dry_run_report(cfg: TrainConfig) -> None:
     """Resolved config, data statistics and a compute estimate; loads no model weights."""
-    from tunesmith.data.formats import ColumnMapping
     from tunesmith.data.stats import auto_epochs
-    from tunesmith.models.registry import load_tokenizer, resolve_model
+    from tunesmith.models.registry import identity, load_tokenizer, resolve_model
     from tunesmith.train import data as td
     from tunesmith.train.model import precision_dtype
 
     ref = resolve_model(cfg.model)
+    dpo = cfg.method == "dpo"
+    if cfg.init_adapter:
+        from tunesmith.train.preference import resolve_init_adapter, with_adapter_shape
+
+        cfg = with_adapter_shape(cfg, resolve_init_adapter(cfg.init_adapter, identity(ref)))
     tokenizer = load_tokenizer(ref)
-    columns = ColumnMapping(cfg.input_column, cfg.output_column, cfg.system)
-    train_ex, stats = td.render_and_filter(tokenizer, td.load_examples(cfg.data, cfg.format, columns), cfg.max_seq_len, str(cfg.data))
-    valid_n = 0
+    train_ex, stats = td.load_data(tokenizer, cfg.data, cfg)
     if cfg.validation:
-        valid_n = len(td.render_and_filter(tokenizer, td.load_examples(cfg.validation, cfg.format, columns), cfg.max_seq_len, str(cfg.validation))[0])
+        valid = td.load_data(tokenizer, cfg.validation, cfg)[0]
     else:
         train_ex, valid = td.split_validation(train_ex, cfg.val_split, cfg.seed)
-        valid_n = len(valid)
     epochs = auto_epochs(len(train_ex)) if cfg.epochs == "auto" else cfg.epochs
     spe = td.steps_per_epoch(len(train_ex), cfg.batch_size)
     total = cfg.max_steps or epochs * spe
     tokens = sum(len(t) for t in train_ex)
     tokens_total = tokens / max(1, len(train_ex)) * min(cfg.batch_size, len(train_ex)) * total
     n_params = _parameter_count(ref)
-    flops = (4 if cfg.method in ("lora", "qlora") else 6) * n_params * tokens_total
+    flops = (6 if cfg.method == "full" else 4) * n_params * tokens_total
+    estimate = {"tokens": int(tokens_total), "base_parameters": n_params}
+    if dpo:  # one forward pass (2 x parameters FLOPs per token) over every pair before the first step
+        estimate["reference_pass_tokens"] = tokens + sum(len(t) for t in valid)
+        flops += 2 * n_params * estimate["reference_pass_tokens"]
+    unit = "pairs" if dpo else "examples"
     report = {
         "config": json.loads(cfg.model_dump_json()),
         "resolved": {"epochs": epochs, "steps_per_epoch": spe, "total_steps": total, "learning_rate": cfg.lr,
                      "precision": str(precision_dtype(cfg.precision)).replace("torch.", "")},
-        "data": {"train_examples": len(train_ex), "validation_examples": valid_n, **{k: v for k, v in stats.to_dict().items() if k != "examples"}},
-        "estimate": {"tokens": int(tokens_total), "base_parameters": n_params, "training_flops": float(f"{flops:.3g}"),
-                     "note": "about 4 x parameters FLOPs per token for LoRA (6 x for full); divide by your measured FLOP/s"},
+        "data": {f"train_{unit}": len(train_ex), f"validation_{unit}": len(valid),
+                 **{k: v for k, v in stats.to_dict().items() if k != "examples"}},
+        "estimate": {**estimate, "training_flops": float(f"{flops:.3g}"),
+                     "note": "about 4 x parameters FLOPs per token for LoRA and DPO (6 x for full; DPO adds one "
+                             "forward pass over the data for the reference); divide by your measured FLOP/s"},
     }
     typer.echo(json.dumps(report, indent=2, default=str))
 

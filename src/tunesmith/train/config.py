@@ -13,13 +13,16 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from tunesmith.errors import ConfigError
 
 GROUPS = ("data", "model", "method", "optimisation", "evaluation", "output")
 # qlora trains the same adapter as lora (only the frozen base is stored differently), so the same rate.
-DEFAULT_LEARNING_RATE = {"lora": 1e-3, "qlora": 1e-3, "full": 2e-5}
+DEFAULT_LEARNING_RATE = {"lora": 1e-3, "qlora": 1e-3, "full": 2e-5, "dpo": 1e-4}
+"""dpo: LoRA DPO moves the policy away from the reference only by a little, so it gets a tenth
+of LoRA SFT's rate (docs/training.md says why this value)."""
+DEFAULT_BETA = 0.1
 
 
 def _field(default: Any, group: str, help: str) -> Any:
@@ -32,7 +35,8 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
     # data
-    data: Path = _field(..., "data", "Training data file (.jsonl in chat, prompt/completion or alpaca format, or .csv/.tsv).")
+    data: Path = _field(..., "data", "Training data file (.jsonl in chat, prompt/completion or alpaca format, or .csv/.tsv; "
+                         "for --method dpo, .jsonl preference pairs).")
     validation: Path | None = _field(None, "data", "Validation data file; without it --val-split holds out a share of --data.")
     val_split: float = _field(0.0, "data", "Share of --data held out for validation when --validation is not given (0 = none).")
     format: str | None = _field(None, "data", "Data format; detected from the file when not given.")
@@ -46,19 +50,24 @@ class TrainConfig(BaseModel):
     # method
     method: Literal["lora", "full", "qlora", "dpo"] = _field(
         "lora", "method", "lora (adapter), qlora (adapter on a 4-bit NF4 base: needs a CUDA GPU and "
-        "pip install 'tunesmith[gpu]'), full (all weights); dpo is not available yet.")
+        "pip install 'tunesmith[gpu]'), full (all weights), dpo (a LoRA adapter trained on preference pairs "
+        "with DPO).")
     lora_rank: int = _field(16, "method", "LoRA rank r.")
     lora_alpha: float = _field(32.0, "method", "LoRA alpha (the update is scaled by alpha / rank).")
     lora_dropout: float = _field(0.0, "method", "Dropout on the LoRA input (costs a random mask per layer per step).")
     lora_target_modules: list[str] | Literal["all-linear"] = _field(
         "all-linear", "method", "Modules that get LoRA adapters: all-linear, or comma-separated names (q_proj,v_proj)."
     )
+    beta: float = _field(DEFAULT_BETA, "method", "DPO: how strongly the policy is held to the reference (the reward "
+                         "is beta times the log-probability gained over the reference); higher stays closer.")
+    init_adapter: Path | None = _field(None, "method", "DPO: start from this LoRA adapter (a run directory or an adapter "
+                                       "directory, e.g. an SFT run); it is then also the reference.")
     # optimisation
     epochs: int | Literal["auto"] = _field("auto", "optimisation", "Passes over the data; auto picks from the data size as hosted APIs do.")
     max_steps: int | None = _field(None, "optimisation", "Stop after this many optimizer steps (overrides --epochs).")
     batch_size: int = _field(16, "optimisation", "Examples per optimizer step (over all processes).")
     micro_batch_size: int | None = _field(None, "optimisation", "Examples per forward pass on each process; smaller accumulates gradients (same result, less memory).")
-    learning_rate: float | None = _field(None, "optimisation", "Peak learning rate; default 1e-3 for lora and qlora, 2e-5 for full.")
+    learning_rate: float | None = _field(None, "optimisation", "Peak learning rate; default 1e-3 for lora and qlora, 1e-4 for dpo, 2e-5 for full.")
     warmup_ratio: float = _field(0.03, "optimisation", "Share of steps with linear warm-up before the cosine decay.")
     weight_decay: float = _field(0.0, "optimisation", "AdamW weight decay.")
     max_grad_norm: float = _field(1.0, "optimisation", "Clip the gradient norm to this (0 = no clipping).")
@@ -98,6 +107,22 @@ class TrainConfig(BaseModel):
     def _positive_or_none(cls, v: Any) -> Any:
         if isinstance(v, int) and v < 1:
             raise ValueError("must be a positive integer")
+        return v
+
+    @field_validator("beta")
+    @classmethod
+    def _beta(cls, v: float, info: ValidationInfo) -> float:
+        if v <= 0:
+            raise ValueError("must be positive, e.g. 0.1")
+        if v != DEFAULT_BETA and info.data.get("method") != "dpo":
+            raise ValueError("applies to --method dpo only")
+        return v
+
+    @field_validator("init_adapter")
+    @classmethod
+    def _dpo_only(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is not None and info.data.get("method") != "dpo":
+            raise ValueError("applies to --method dpo only (to continue an SFT adapter with DPO pass --method dpo)")
         return v
 
     @field_validator("lora_target_modules", mode="before")

@@ -44,20 +44,37 @@ class TrainData:
     stats: dict[str, DataStats] = field(default_factory=dict)
 
 
+def load_data(tokenizer: Any, path: Path, cfg: Any) -> tuple[list, DataStats]:
+    """The rendered training items of a file for the run's method: TokenizedExamples, or
+    for --method dpo TokenizedPairs (see train.preference)."""
+    if cfg.method == "dpo":
+        from tunesmith.train import preference
+
+        return preference.render_pairs(tokenizer, preference.load_pairs(path, cfg.format), cfg.max_seq_len, str(path))
+    columns = ColumnMapping(cfg.input_column, cfg.output_column, cfg.system)
+    return render_and_filter(tokenizer, load_examples(path, cfg.format, columns), cfg.max_seq_len, str(path))
+
+
 def load_examples(path: Path, fmt: str | None, columns: ColumnMapping) -> list[Example]:
     """Supervised examples from a file; every problem in it is one DataError."""
     result = read_data(path, fmt, columns)
     if result.preferences and not result.examples:
-        raise UsageError(f"'{path}' holds preference pairs (DPO data); --method dpo is not available yet")
-    if result.errors:
-        shown = "; ".join(f"line {p.line} {p.field}: {p.message}".replace(" :", ":") for p in result.errors[:3])
-        more = f" (and {len(result.errors) - 3} more)" if len(result.errors) > 3 else ""
-        raise DataError(
-            f"{path}: {len(result.errors)} problem(s): {shown}{more}; run `tunesmith validate {path}` to see them all"
-        )
+        raise UsageError(f"'{path}' holds preference pairs (prompt with a chosen and a rejected answer), which "
+                         "supervised training cannot use; train on them with --method dpo")
+    raise_for_errors(path, result.errors)
     if not any(ex.trained_messages for ex in result.examples):
         raise DataError(f"{path}: no example has an assistant answer to learn; for CSV give --output-column")
     return result.examples
+
+
+def raise_for_errors(path: Path, errors: Sequence[Any]) -> None:
+    """One DataError naming the first problems of a file, if it has any."""
+    if errors:
+        shown = "; ".join(f"line {p.line} {p.field}: {p.message}".replace(" :", ":") for p in errors[:3])
+        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+        raise DataError(
+            f"{path}: {len(errors)} problem(s): {shown}{more}; run `tunesmith validate {path}` to see them all"
+        )
 
 
 def render_and_filter(tokenizer: Any, examples: Sequence[Example], max_seq_len: int, where: str) -> tuple[list[TokenizedExample], DataStats]:
@@ -76,15 +93,20 @@ def render_and_filter(tokenizer: Any, examples: Sequence[Example], max_seq_len: 
         trained_tokens=sum(t.n_trained for t in kept),
         longest=max((t.full_length for t in rendered), default=0),
     )
-    if rendered and stats.dropped_no_trained_tokens > MAX_DROPPED_SHARE * len(rendered):
+    check_kept(stats, len(rendered), max_seq_len, where)
+    return kept, stats
+
+
+def check_kept(stats: DataStats, n_rendered: int, max_seq_len: int, where: str, unit: str = "examples") -> None:
+    """Refuse data that lost too many items to truncation, or all of them."""
+    if n_rendered and stats.dropped_no_trained_tokens > MAX_DROPPED_SHARE * n_rendered:
         raise DataError(
-            f"{where}: {stats.dropped_no_trained_tokens} of {len(rendered)} examples would have no token to "
+            f"{where}: {stats.dropped_no_trained_tokens} of {n_rendered} {unit} would have no token to "
             f"train on (answers beyond --max-seq-len {max_seq_len}, the longest example has {stats.longest} "
             f"tokens); raise --max-seq-len or shorten the prompts (at most {MAX_DROPPED_SHARE:.0%} may be dropped)"
         )
-    if not kept:
-        raise DataError(f"{where}: no example left to train on")
-    return kept, stats
+    if not stats.examples:
+        raise DataError(f"{where}: none of the {unit} is left to train on")
 
 
 def split_validation(examples: list[TokenizedExample], share: float, seed: int) -> tuple[list, list]:

@@ -133,7 +133,8 @@ def use_packed_attention(model: Any, max_seq_len: int) -> None:
 def build_model(ref: Any, cfg: Any, compute_dtype: Any, *, qlora_needs_cuda: bool = True) -> Any:
     """The base model with the method applied, its trainable parameters in fp32.
 
-    LoRA: base weights in the compute dtype (cast once, here), adapters via peft.
+    LoRA (and DPO, which trains a LoRA adapter): base weights in the compute dtype (cast
+    once, here), adapters via peft.
     QLoRA: the same, with the base's linear layers stored in 4-bit NF4 (see load_qlora_base).
     Full: all weights fp32 (bf16 runs under autocast).
     qlora_needs_cuda=False lets tests build a QLoRA model with bitsandbytes' CPU kernels;
@@ -143,12 +144,10 @@ def build_model(ref: Any, cfg: Any, compute_dtype: Any, *, qlora_needs_cuda: boo
 
     from tunesmith.models.registry import load_model
 
-    if cfg.method == "dpo":
-        raise UsageError("--method dpo is not available yet; train with --method lora on chat data")
     if cfg.method == "qlora":
         model = load_qlora_base(ref, cfg, compute_dtype, require_cuda=qlora_needs_cuda)
     else:
-        model = load_model(ref, dtype=compute_dtype if cfg.method == "lora" else torch.float32)
+        model = load_model(ref, dtype=torch.float32 if cfg.method == "full" else compute_dtype)
     if cfg.packing:
         use_packed_attention(model, cfg.max_seq_len)
     else:

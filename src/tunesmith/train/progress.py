@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 METRIC_KEYS = ("step", "epoch", "train_loss", "valid_loss", "token_accuracy", "lr", "tokens_per_s", "elapsed")
+DPO_METRIC_KEYS = ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy",
+                   "valid_reward_accuracy", "valid_reward_margin")
+"""Added for --method dpo (see train.preference and docs/training.md)."""
 
 
 def say(message: str) -> None:
@@ -29,13 +32,16 @@ def truncate_metrics(path: Path, last_step: int) -> None:
 class Reporter:
     """metrics.jsonl plus a progress display; `enabled=False` for ranks other than 0."""
 
-    def __init__(self, metrics_path: Path, total_steps: int, start_step: int, enabled: bool, progress: bool):
+    def __init__(self, metrics_path: Path, total_steps: int, start_step: int, enabled: bool, progress: bool,
+                 keys: tuple[str, ...] = METRIC_KEYS):
         self.enabled = enabled
+        self.keys = keys
         self.total = total_steps
         self.fh = open(metrics_path, "a") if enabled else None
         self.bar = None
         self.every = max(1, total_steps // 20)
         self.last_valid: float | None = None
+        self.last_valid_acc: float | None = None
         if enabled and progress and sys.stderr.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -49,14 +55,17 @@ class Reporter:
     def log(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        line = {k: row.get(k) for k in METRIC_KEYS}
+        line = {k: row.get(k) for k in self.keys}
         self.fh.write(json.dumps(line) + "\n")
         self.fh.flush()
         if row.get("valid_loss") is not None:
             self.last_valid = row["valid_loss"]
+            self.last_valid_acc = row.get("valid_reward_accuracy")
         info = (
             f"epoch {row['epoch']:.2f}  loss {row['train_loss']:.4f}"
+            + (f"  reward acc {row['reward_accuracy']:.2f}" if row.get("reward_accuracy") is not None else "")
             + (f"  val {self.last_valid:.4f}" if self.last_valid is not None else "")
+            + (f" (acc {self.last_valid_acc:.2f})" if self.last_valid_acc is not None else "")
             + f"  {row['tokens_per_s']:.0f} tok/s"
         )
         if self.bar is not None:

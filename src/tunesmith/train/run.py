@@ -23,7 +23,7 @@ from typing import Any
 
 from tunesmith.train import checkpoint as ck
 from tunesmith.train.config import TrainConfig
-from tunesmith.train.progress import Reporter, say, truncate_metrics
+from tunesmith.train.progress import DPO_METRIC_KEYS, METRIC_KEYS, Reporter, say, truncate_metrics
 
 
 @dataclass
@@ -65,11 +65,11 @@ def lr_at(step: int, total_steps: int, peak: float, warmup_ratio: float) -> floa
 def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     import torch
 
-    from tunesmith.data.formats import ColumnMapping
     from tunesmith.data.stats import auto_epochs
     from tunesmith.models.adapters import check_base
     from tunesmith.models.registry import hash_files, identity, load_tokenizer, resolve_model
     from tunesmith.train import data as td
+    from tunesmith.train import preference as pref
     from tunesmith.train.model import (add_stop_checks, build_model, check_qlora, compile_layers, parameter_count,
                                        precision_dtype, shard_model, should_compile, trainable_parameters)
 
@@ -88,6 +88,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     base_identity = identity(ref)
     compute_dtype = precision_dtype(cfg.precision)
     log = say if dist.main else (lambda _msg: None)
+    dpo = cfg.method == "dpo"  # preference pairs, DPO loss: see train/preference.py
+    init_adapter = pref.resolve_init_adapter(cfg.init_adapter, base_identity) if cfg.init_adapter else None
+    model_cfg = pref.with_adapter_shape(cfg, init_adapter) if init_adapter else cfg
 
     # --- 2. seed: initialisation here; data order and dropout derive from (seed, step).
     torch.manual_seed(cfg.seed)
@@ -96,15 +99,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     tokenizer = load_tokenizer(ref)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    # --- 4. data: render with the template, drop examples left with no trained token.
-    columns = ColumnMapping(cfg.input_column, cfg.output_column, cfg.system)
-    train_ex, train_stats = td.render_and_filter(
-        tokenizer, td.load_examples(cfg.data, cfg.format, columns), cfg.max_seq_len, str(cfg.data)
-    )
+    # --- 4. data: render with the template, drop examples left with no trained token
+    # (with dpo: preference pairs, both answers rendered the same way).
+    train_ex, train_stats = td.load_data(tokenizer, cfg.data, cfg)
     if cfg.validation:
-        valid_ex, valid_stats = td.render_and_filter(
-            tokenizer, td.load_examples(cfg.validation, cfg.format, columns), cfg.max_seq_len, str(cfg.validation)
-        )
+        valid_ex, valid_stats = td.load_data(tokenizer, cfg.validation, cfg)
     else:
         train_ex, valid_ex = td.split_validation(train_ex, cfg.val_split, cfg.seed)
         valid_stats = None
@@ -117,12 +116,18 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
                               dist.world_size > 1 and cfg.distributed_strategy == "fsdp", cfg.method == "qlora")
 
     # --- 5. model and adapter (base cast to the compute dtype once, trained weights fp32).
-    model = build_model(ref, cfg, compute_dtype)
+    model = build_model(ref, model_cfg, compute_dtype)
+    if init_adapter:
+        pref.load_adapter_weights(model, init_adapter)
     model.to(dist.device)
     n_total = parameter_count(model)
     if dist.world_size > 1:
         for _, p in trainable_parameters(model):  # every process starts from rank 0's weights
             torch.distributed.broadcast(p.data, src=0)
+    data_hashes = {str(p): hash_files([Path(p)]) for p in (cfg.data, cfg.validation) if p}
+    if dpo:  # before sharding: each process computes its share of the pairs with the whole model
+        train_ex, valid_ex = pref.prepare_reference(model, train_ex, valid_ex, cfg, pad_id, compute_dtype, dist, out,
+                                                    resume_from is not None, data_hashes, init_adapter is not None, log)
     dist.fsdp = dist.world_size > 1 and cfg.distributed_strategy == "fsdp"
     if dist.fsdp:  # after the broadcast: sharding replaces the parameters with shards
         shard_model(model)
@@ -158,12 +163,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
         from tunesmith.models.quantization import nf4_record
 
         meta["base_quantization"] = nf4_record(compute_dtype)
-    data_hashes = {str(p): hash_files([Path(p)]) for p in (cfg.data, cfg.validation) if p}
     run_info = {
         "config": {**cfg.to_json(), "out": str(out)},
         "resolved": {"epochs": epochs, "total_steps": total_steps, "steps_per_epoch": spe, "learning_rate": lr_peak,
                      "precision": str(compute_dtype).replace("torch.", ""), "world_size": dist.world_size,
-                     "compile": compiled},
+                     "compile": compiled,
+                     **({"reference": str(init_adapter) if init_adapter else "base model (adapter disabled)",
+                         "lora_rank": model_cfg.lora_rank, "lora_alpha": model_cfg.lora_alpha} if dpo else {})},
         "base_model": base_identity,
         **({"base_quantization": meta["base_quantization"]} if "base_quantization" in meta else {}),
         "data": {"hashes": data_hashes, "train": train_stats.to_dict(),
@@ -179,16 +185,22 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     log(f"run {out}: {cfg.method} on {cfg.model} ({n_trainable:,} trainable of {n_total:,} parameters, "
         f"{run_info['resolved']['precision']}, {dist.world_size} process(es)"
         + (", decoder layers compiled: the first step includes compiling them)" if compiled else ")"))
-    log(f"data: {len(train_ex)} train / {len(valid_ex)} validation examples; {train_stats.truncated} truncated, "
+    unit = "preference pairs" if dpo else "examples"
+    log(f"data: {len(train_ex)} train / {len(valid_ex)} validation {unit}; {train_stats.truncated} truncated, "
         f"{train_stats.dropped_no_trained_tokens} dropped (no trained token within --max-seq-len {cfg.max_seq_len})")
     log(f"plan: {epochs} epoch(s){' (auto)' if cfg.epochs == 'auto' else ''}, {spe} steps/epoch, {total_steps} steps, "
         f"~{tokens_per_step:.0f} tokens/step, lr {lr_peak:g}")
+    if dpo:
+        log(f"dpo: beta {cfg.beta:g}; reference model: " + (f"the --init-adapter {init_adapter} (the policy starts "
+            f"from it: LoRA r={model_cfg.lora_rank}, alpha={model_cfg.lora_alpha:g})" if init_adapter
+            else "the base model (the adapter starts at zero)"))
     non_default = {k: v for k, v in cfg.non_defaults().items() if k not in ("data", "out")}
     if non_default:
         log("settings: " + ", ".join(f"{k}={v}" for k, v in non_default.items()))
 
     # --- 7. the loop. One optimizer step = cfg.batch_size examples over all processes,
-    # loss = sum of token losses / the step's trained tokens, whatever the micro-batching.
+    # loss = sum of token losses / the step's trained tokens, whatever the micro-batching
+    # (dpo: cfg.batch_size pairs, loss = sum of pair losses / the step's pairs).
     # A stop request is seen between steps, and also inside one (before each decoder layer's
     # forward and after its backward) and between validation batches: a step on a busy CPU
     # can take a minute, a validation pass longer. An interrupted step is abandoned (its
@@ -197,7 +209,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     # step is only abandoned by all of them together, at its end (see _sum_over_processes).
     stop = _StopFlag(abandon=dist.world_size == 1)
     add_stop_checks(model, stop.check)
-    reporter = Reporter(out / "metrics.jsonl", total_steps, start_step, dist.main, progress)
+    reporter = Reporter(out / "metrics.jsonl", total_steps, start_step, dist.main, progress,
+                        METRIC_KEYS + DPO_METRIC_KEYS if dpo else METRIC_KEYS)
     stopped = "finished"
     row: dict[str, Any] = {"step": start_step, "train_loss": None, "valid_loss": None, "token_accuracy": None}
     # Rates leave out this process's first step when it compiled the layers (a one-off
@@ -227,7 +240,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
                 else:
                     t0 = time.perf_counter()
                     _, indices = td.plan_step(len(train_ex), cfg.batch_size, cfg.seed, step)
-                    step_targets = td.trained_tokens([train_ex[i] for i in indices])
+                    step_targets = len(indices) if dpo else td.trained_tokens([train_ex[i] for i in indices])
                     mine = td.shard(indices, dist.rank, dist.world_size)
                     torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + dist.rank)  # dropout
                     lr = lr_at(step, total_steps, lr_peak, cfg.warmup_ratio)
@@ -238,16 +251,19 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
                     model.train()
                     try:
                         stop.check()
-                        loss_sum, step_tokens = accumulate_gradients(
-                            model, [train_ex[i] for i in mine], step_targets, cfg, pad_id, compute_dtype, dist.device,
-                            _lockstep(indices, cfg.micro_batch_size, dist), train_ex[indices[0]],
-                        )
+                        args = (model, [train_ex[i] for i in mine], step_targets, cfg, pad_id, compute_dtype,
+                                dist.device, _lockstep(indices, cfg.micro_batch_size, dist), train_ex[indices[0]])
+                        if dpo:
+                            loss_sum, step_tokens, reward_sums = pref.accumulate_gradients(*args)
+                        else:
+                            loss_sum, step_tokens = accumulate_gradients(*args)
+                            reward_sums = []
                     except _StepAbandoned:
                         if saved_step != step:
                             save()
                         raise interrupted(f"during step {step + 1}/{total_steps} (not finished; it will be redone)") from None
-                    loss_sum, step_tokens, stop_now = _sum_over_processes(params, loss_sum, step_tokens, stop.requested,
-                                                                          dist)
+                    loss_sum, step_tokens, stop_now, reward_sums = _sum_over_processes(
+                        params, loss_sum, step_tokens, stop.requested, dist, reward_sums)
                     train_loss = loss_sum / step_targets
                     if not math.isfinite(train_loss):
                         last = ck.latest_checkpoint(out)
@@ -272,13 +288,16 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
                            "tokens_per_s": rate_tokens / rate_time if rate_steps else step_tokens / step_s,
                            "elapsed": elapsed_before + time.perf_counter() - t_run,
                            "eta_s": (rate_time / rate_steps if rate_steps else step_s) * (total_steps - step)}
+                    if dpo:
+                        row.update(pref.reward_metrics(reward_sums, len(indices)))
                     evaluate_now = bool(valid_ex) and (
                         step == total_steps or bool(cfg.eval_every_steps and step % cfg.eval_every_steps == 0)
                     )
 
                 if evaluate_now:
                     try:
-                        row.update(evaluate(model, valid_ex, cfg, pad_id, compute_dtype, dist, stop.check))
+                        row.update((pref.evaluate if dpo else evaluate)(model, valid_ex, cfg, pad_id, compute_dtype,
+                                                                       dist, stop.check))
                     except _StepAbandoned:
                         save(pending_row=row)
                         raise interrupted(f"during the validation after step {step}/{total_steps} "
@@ -317,7 +336,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     if dist.main:
         chosen = ck.step_dir(out, best["step"]) if best else ck.step_dir(out, step)
         adapter_dir = ck.publish_adapter(out, chosen)
-        final = {k: row.get(k) for k in ("train_loss", "valid_loss", "token_accuracy")}
+        final = {k: row.get(k) for k in ("train_loss", "valid_loss", "token_accuracy")
+                 + (pref.REWARD_KEYS + pref.VALID_KEYS if dpo else ())}
         final.update({"steps": step, "best_step": best["step"] if best else None, "stopped": stopped,
                       "tokens_per_s": rate_tokens / rate_time if rate_steps else tokens_seen / max(train_time, 1e-9),
                       "train_time_s": train_time, "compile_s": compile_s,
@@ -455,11 +475,14 @@ def _param_groups(model: Any, weight_decay: float) -> tuple[list[dict], list[str
     return [g for g in groups if g["params"]], [n for n, _ in decay] + [n for n, _ in no_decay]
 
 
-def _sum_over_processes(params, loss_sum: float, tokens: int, stop: bool, dist: Dist) -> tuple[float, int, bool]:
-    """Sum gradients, loss and token counts over processes (one all-reduce), and agree on stopping.
-    FSDP has already summed (reduce-scattered) the gradients in backward."""
+def _sum_over_processes(params, loss_sum: float, tokens: int, stop: bool, dist: Dist,
+                        extra: list[float] | None = None) -> tuple[float, int, bool, list[float]]:
+    """Sum gradients, loss, token counts and `extra` sums (DPO's rewards) over processes (one
+    all-reduce), and agree on stopping. FSDP has already summed (reduce-scattered) the
+    gradients in backward."""
+    extra = list(extra or [])
     if dist.world_size == 1:
-        return loss_sum, tokens, stop
+        return loss_sum, tokens, stop, extra
     import torch
 
     if dist.fsdp:  # only the weights FSDP did not shard (embeddings, LM head) are left to sum
@@ -468,15 +491,15 @@ def _sum_over_processes(params, loss_sum: float, tokens: int, stop: bool, dist: 
         params = [p for p in params if not isinstance(p, DTensor)]
     dtype = params[0].grad.dtype if params else torch.float64
     flat = torch.cat([p.grad.reshape(-1) for p in params]
-                     + [torch.tensor([loss_sum, tokens, float(stop)], dtype=dtype, device=dist.device)])
+                     + [torch.tensor([loss_sum, tokens, float(stop), *extra], dtype=dtype, device=dist.device)])
     torch.distributed.all_reduce(flat)
     offset = 0
     for p in params:
         n = p.numel()
         p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
         offset += n
-    loss_sum, tokens, stops = flat[offset:].tolist()
-    return loss_sum, int(tokens), stops > 0
+    loss_sum, tokens, stops, *extra = flat[offset:].tolist()
+    return loss_sum, int(tokens), stops > 0, extra
 
 
 def _init_distributed() -> Dist:

@@ -65,6 +65,8 @@ export async function jobPage(main, [jobId], page) {
     errorSlot.replaceChildren(job.error ? h("div", { class: "callout callout-error", id: "job-error" },
       h("strong", {}, `${job.error.code}: `), job.error.message) : "");
     const hp = job.hyperparameters || {};
+    const method = job.method || { type: "supervised" };
+    const beta = method.type === "dpo" ? ((method.dpo || {}).hyperparameters || {}).beta : undefined;
     const rows = [
       ["Base model", h("span", { class: "mono wrap" }, job.model)],
       ["Suffix", job.user_provided_suffix || "–"],
@@ -73,6 +75,7 @@ export async function jobPage(main, [jobId], page) {
       ["Duration", formatDuration(jobDuration(job))],
       ["Estimated finish", job.estimated_finish ? formatTime(job.estimated_finish) : "–"],
       ["Trained tokens", formatNumber(job.trained_tokens)],
+      ["Method", method.type === "dpo" ? `dpo (beta ${beta ?? "auto"})` : method.type],
       ["Epochs", String(hp.n_epochs ?? "auto")],
       ["Batch size", String(hp.batch_size ?? "auto")],
       ["LR multiplier", String(hp.learning_rate_multiplier ?? "auto")],
@@ -113,8 +116,14 @@ export async function jobPage(main, [jobId], page) {
       ],
     });
     const acc = pick("valid_mean_token_accuracy");
+    const rewardAcc = pick("reward_accuracy"); // dpo jobs: share of pairs whose chosen answer wins
     if (acc.length) {
       lineChart(accChart, { yLabel: "token accuracy", yDomain: [0, 1], series: [{ name: "validation token accuracy", color: COLORS.accuracy, points: acc }] });
+    } else if (rewardAcc.length) {
+      lineChart(accChart, { yLabel: "reward accuracy", yDomain: [0, 1], series: [
+        { name: "training reward accuracy", color: COLORS.accuracy, points: rewardAcc },
+        { name: "validation reward accuracy", color: COLORS.valid, points: pick("valid_reward_accuracy") },
+      ] });
     } else accChart.replaceChildren();
   }
 
