@@ -24,7 +24,6 @@ docs/benchmarks.md has the whole recipe for a lent GPU machine (the wheels to ca
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import shutil
 import subprocess
@@ -32,21 +31,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "banking77" / "train.csv"
+from train_throughput import write_rows  # the same banking77 rows (bench/ is on sys.path when run)
+
 MODEL = "smollm2-135m-instruct"
 SHAPE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 METHODS = ("lora", "qlora")
 SEED = 42
-
-
-def write_rows(n: int, path: Path) -> Path:
-    with open(DATA, newline="") as fh:
-        rows = list(csv.DictReader(fh))[:n]
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["text", "category"])
-        w.writeheader()
-        w.writerows({"text": r["text"], "category": r["category"]} for r in rows)
-    return path
 
 
 def save_shape(dest: Path) -> None:
