@@ -246,9 +246,13 @@ def reference_loss(
     import torch
     import torch.nn.functional as F
 
+    from tunesmith.train.model import causal_lm
+
     rendered = render_examples(tokenizer, examples, max_seq_len)
     device = next(model.parameters()).device
     pad = _pad_id(tokenizer)
+    lm = causal_lm(model)
+    backbone = getattr(lm, lm.base_model_prefix)
     sums = [0.0] * len(rendered)
     counts = [0] * len(rendered)
     order = sorted(range(len(rendered)), key=lambda i: len(rendered[i]))
@@ -261,15 +265,19 @@ def reference_loss(
                 [rendered[i].labels + [IGNORE_INDEX] * (width - len(rendered[i])) for i in rows], device=device
             )
             mask = (torch.arange(width, device=device)[None, :] < torch.tensor([len(rendered[i]) for i in rows], device=device)[:, None]).long()
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-            tok_loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                ignore_index=IGNORE_INDEX, reduction="none",
-            ).view(len(rows), -1)
-            trained = (labels[:, 1:] != IGNORE_INDEX)
+            # As training does (train.model.forward_loss): the LM head only where a label is,
+            # not over the whole vocabulary at every prompt and padding position.
+            hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+            targets = labels[:, 1:]
+            trained = targets != IGNORE_INDEX
+            tok_loss = F.cross_entropy(lm.get_output_embeddings()(hidden[trained]).float(), targets[trained],
+                                       reduction="none")
+            row_of = torch.arange(len(rows), device=device)[:, None].expand_as(targets)[trained]
+            row_sums = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add_(0, row_of, tok_loss.double())
+            row_counts = trained.sum(dim=1)
             for r, i in enumerate(rows):
-                sums[i] = float(tok_loss[r][trained[r]].sum())
-                counts[i] = int(trained[r].sum())
+                sums[i] = float(row_sums[r])
+                counts[i] = int(row_counts[r])
     total = sum(counts)
     loss = sum(sums) / total if total else float("nan")
     return LossResult(
