@@ -2,8 +2,10 @@
 
     HF_HUB_OFFLINE=1 nice .venv/bin/python bench/train_step_profile.py --profile
     HF_HUB_OFFLINE=1 nice .venv/bin/python bench/train_step_profile.py --ab rows16,rows64 --rounds 4
+    HF_HUB_OFFLINE=1 nice .venv/bin/python bench/train_step_profile.py --compile --ab rows16 --rounds 200  # drift?
 
---profile runs torch.profiler over one LoRA step (SmolLM2-135M, r=16 all linear, packed
+--compile compiles the layers first (as `tunesmith train --compile on`; the warm-up step
+compiles). --profile runs torch.profiler over one LoRA step (SmolLM2-135M, r=16 all linear, packed
 banking77 rows, the run's own precision) and prints the operators by self CPU time.
 --ab alternates the variants step by step in ONE process (so a busy, shared machine slows
 every variant alike) and prints trained-sequence tokens/s per variant:
@@ -112,8 +114,13 @@ def main() -> None:
     p.add_argument("--profile", action="store_true")
     p.add_argument("--ab", default="", help="Comma-separated variants: rowsN, threads1, peftcast, sdpa.")
     p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--compile", action="store_true", help="Compile the layers first, as --compile on does.")
     args = p.parse_args()
     model, examples, dtype, pad_id = setup(1000)
+    if args.compile:
+        from tunesmith.train.model import compile_layers
+
+        compile_layers(model)
     if args.profile:
         profile(model, examples, dtype, pad_id)
     if args.ab:
