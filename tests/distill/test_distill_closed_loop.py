@@ -10,8 +10,6 @@ prompts are new draws, so the answer has to generalise, not be remembered.
 
 from __future__ import annotations
 
-import pytest
-
 import json
 import random
 import socket
@@ -23,7 +21,19 @@ from typing import Iterator
 
 MARGIN = 0.10
 GROUPS = {"wait": ["card", "password", "capital", "France"], "pass": ["dog", "quick", "brown", "lazy"]}
-TRAIN_STEPS = 30  # LoRA r=16, lr 1e-2, 16 examples a step: the teacher reaches 100% held-out
+# The teacher and the student train alike: LoRA r=16, every step over the whole file (48
+# rows), lr 5e-3 after 10% warm-up, 100 steps.
+# - Whole file: distill writes answers in arrival order, which concurrent requests make
+#   timing-dependent. With 16-row batches that order chose what each step saw, and the
+#   student's result depended on it (one distilled file, all 47 answers right, trained in 17
+#   orders: 5 stayed <90% held-out, stuck answering "pass" or "wait" for everything).
+# - lr 5e-3, 100 steps: at 1e-2 the loss spikes and can fall back to that one-label plateau
+#   (loss ~0.35) even with the whole file per step; with these settings 50 of 50 labelled
+#   draws of the task reached >= 29/30 held-out, most of them by step 50.
+TRAIN_STEPS = 100
+TRAIN_BATCH = 48
+LEARNING_RATE = 5e-3
+WARMUP_RATIO = 0.1
 
 
 def _draw(n: int, seed: int) -> list[tuple[str, str]]:
@@ -62,8 +72,8 @@ def _train(base: Path, data: Path, out: Path) -> Path:
     from tunesmith.train.config import TrainConfig
     from tunesmith.train.run import train
 
-    cfg = TrainConfig(model=str(base), data=data, out=out, max_steps=TRAIN_STEPS, batch_size=16, precision="fp32",
-                      learning_rate=1e-2, warmup_ratio=0.0)
+    cfg = TrainConfig(model=str(base), data=data, out=out, max_steps=TRAIN_STEPS, batch_size=TRAIN_BATCH,
+                      precision="fp32", learning_rate=LEARNING_RATE, warmup_ratio=WARMUP_RATIO)
     return train(cfg, progress=False).out_dir
 
 
@@ -96,10 +106,6 @@ def _serve(base: Path, adapters: list[tuple[str, Path]], home: Path) -> Iterator
         engine.close()
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known order-dependent bug (2026-11-23): passes alone and after the browser tests "
-    "(teacher 100%, student 100%), but in the full suite the student scored 43%; "
-    "to be fixed next session"))
 def test_student_distilled_from_served_teacher_matches_it(tmp_path):
     from tunesmith.distill.run import distill
     from tunesmith.evaluate.comparison import FINE_TUNED, TEACHER, compare
