@@ -81,3 +81,18 @@ def save_tiny_model(path: Path, seed: int = 0) -> Path:
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+def save_learnable_tiny_model(path: Path) -> Path:
+    """The tiny Llama with embeddings at std 0.5 instead of 0.02, for tests that must learn a
+    task with LoRA: LoRA does not train the (tied) embeddings, and at 0.02 the logits can
+    never leave near-uniform (loss ~4.9)."""
+    import torch
+
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path

@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from tiny_model import save_learnable_tiny_model
+
 MARGIN = 0.10
 GROUPS = {"wait": ["card", "password", "capital", "France"], "pass": ["dog", "quick", "brown", "lazy"]}
 # The teacher and the student train alike: LoRA r=16, every step over the whole file (48
@@ -52,20 +54,6 @@ def _write_chat(path: Path, rows: list[tuple[str, str]]) -> Path:
                                               {"role": "assistant", "content": answer}]}) + "\n")
     return path
 
-
-def _learnable_base(path: Path) -> Path:
-    """The tiny Llama with embeddings at std 0.5 instead of 0.02: LoRA does not train the
-    (tied) embeddings, and with 0.02 the logits can never leave near-uniform (loss ~4.9)."""
-    import torch
-    from tiny_model import build_tiny_model, build_tiny_tokenizer
-
-    tokenizer = build_tiny_tokenizer()
-    model = build_tiny_model(tokenizer)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
-    model.save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
-    return path
 
 
 def _train(base: Path, data: Path, out: Path) -> Path:
@@ -110,7 +98,7 @@ def test_student_distilled_from_served_teacher_matches_it(tmp_path):
     from tunesmith.distill.run import distill
     from tunesmith.evaluate.comparison import FINE_TUNED, TEACHER, compare
 
-    base = _learnable_base(tmp_path / "base")
+    base = save_learnable_tiny_model(tmp_path / "base")
     teacher_run = _train(base, _write_chat(tmp_path / "teacher-train.jsonl", _draw(48, seed=1)), tmp_path / "teacher")
     unlabelled = tmp_path / "prompts.txt"
     unlabelled.write_text("".join(prompt + "\n" for prompt, _ in _draw(48, seed=2)))

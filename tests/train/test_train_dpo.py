@@ -21,6 +21,8 @@ from tunesmith.train import preference as pref
 from tunesmith.train.config import TrainConfig
 from tunesmith.train.run import train
 
+from tiny_model import save_learnable_tiny_model
+
 TUNESMITH = [sys.executable, "-c", "from tunesmith.cli import main; main()"]
 TOPICS = ["label", "answer", "question", "json", "positive", "negative", "neutral", "true"]
 WORDS = ["card", "password", "France", "capital", "dog", "quick", "brown", "lazy"]
@@ -209,21 +211,6 @@ def test_first_step_is_exactly_log2_in_bf16(tiny_model_dir, pairs_file, tmp_path
     assert second["train_loss"] < math.log(2) - 1e-3  # the adapter did move after step 1
 
 
-def _learnable_base(path: Path) -> Path:
-    """The tiny Llama with embeddings at std 0.5 instead of 0.02 (as in the distill closed-loop
-    test): LoRA does not train the tied embeddings, and at 0.02 the logits barely move."""
-    import torch
-
-    from tiny_model import build_tiny_model, build_tiny_tokenizer
-
-    tokenizer = build_tiny_tokenizer()
-    model = build_tiny_model(tokenizer)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
-    model.save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
-    return path
-
 
 def test_dpo_learns_the_preferred_style(tmp_path):
     """Chosen answers start with "wait", rejected ones with "pass", the words after are the
@@ -236,7 +223,7 @@ def test_dpo_learns_the_preferred_style(tmp_path):
 
     from tunesmith.data.render import render_prompt
 
-    base = _learnable_base(tmp_path / "base")
+    base = save_learnable_tiny_model(tmp_path / "base")
     heldout = style_pairs(16, seed=2)
     result = train(TrainConfig(model=str(base), data=write_jsonl(tmp_path / "train.jsonl", style_pairs(48, seed=1)),
                                validation=write_jsonl(tmp_path / "heldout.jsonl", heldout), out=tmp_path / "run",

@@ -83,13 +83,6 @@ class Engine(Protocol):
     def models(self) -> list[ModelCard]: ...
     def stats(self) -> dict[str, int]: ...
     def render_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]: ...
-    def stats(self) -> dict[str, int]:
-        """Rows generating now, requests queued, the most rows ever decoded together, decode
-        steps run, and requests cancelled before their end (clients that went away)."""
-        with self._queue_cv:
-            return {"running": len(self._rows), "waiting": len(self._waiting),
-                    "peak_rows": self._peak_rows, "steps": self._steps, "cancelled": self._cancelled}
-
     def encode(self, text: str) -> list[int]: ...
     def submit(
         self, prompt_ids: list[int], model: str, params: SamplingParams, on_event: Callable[[Event], None]
