@@ -39,7 +39,7 @@ def main() -> None:
     def prefill(ids: torch.Tensor, mask: torch.Tensor) -> DynamicCache:
         cache = DynamicCache(config=model.config)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+        model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
               logits_to_keep=1)
         return cache
 

@@ -140,7 +140,7 @@ def generate_ids(
         prefix = shared_prefix(prompt_ids)
         prefix_cache = None
         if len(prefix) >= MIN_SHARED_PREFIX:
-            prefix_cache = model(input_ids=torch.tensor([prefix], device=device), use_cache=True).past_key_values
+            prefix_cache = model(input_ids=torch.tensor([prefix], device=device), use_cache=True).cache
         else:
             prefix = []
         prefix_share = (time.perf_counter() - t0) / len(prompt_ids)
@@ -198,8 +198,8 @@ def _greedy_batch(
         cache = copy.deepcopy(prefix_cache)
         cache.batch_repeat_interleave(len(batch))
         mask = torch.cat([torch.ones(len(batch), prefix_len, dtype=mask.dtype, device=device), mask], dim=1)
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
-    cache = out.past_key_values
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+    cache = out.cache
     new: list[list[int]] = [[] for _ in batch]
     done = [False] * len(batch)
     next_pos = positions[:, -1:] + 1
@@ -217,9 +217,9 @@ def _greedy_batch(
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         out = model(
             input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
-            past_key_values=cache, use_cache=True,
+            cache=cache, use_cache=True,
         )
-        cache = out.past_key_values
+        cache = out.cache
         next_pos = next_pos + 1
     return new
 

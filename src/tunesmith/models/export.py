@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -215,10 +214,7 @@ def merge_adapter(ref: Any, adapter_dir: Path, base_quantization: dict[str, Any]
     from tunesmith.models.registry import load_model
 
     base = load_nf4_dequantized(ref, base_quantization) if base_quantization else load_model(ref)
-    with warnings.catch_warnings():
-        # peft asks transformers a deprecated question on load; the user can do nothing about it.
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        peft_model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    peft_model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
     # safe_merge checks the merged weights for NaNs before replacing the originals.
     return peft_model.merge_and_unload(safe_merge=True).eval()
 

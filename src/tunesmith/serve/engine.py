@@ -377,7 +377,7 @@ class LocalEngine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self._config)
         out = self._forward(
-            new, input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, logits_to_keep=1
+            new, input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=1
         )
         next_ids = self._sample(new, out.logits[:, -1, :])
         self._merge(new, cache, mask, next_ids)
@@ -395,7 +395,7 @@ class LocalEngine:
             input_ids=self._next_ids[:, None],
             attention_mask=self._mask,
             position_ids=positions,
-            past_key_values=self._cache,
+            cache=self._cache,
         )
         for s in rows:
             s.n_cached += 1
