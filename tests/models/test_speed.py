@@ -23,3 +23,17 @@ def test_measure_and_cache(tiny_model_dir, _isolated_home):
     # Another shape is another entry.
     measure_train_tokens_per_s(ref, seq_len=16, steps=1)
     assert len(json.loads((_isolated_home / SPEED_FILE).read_text())) == 2
+
+
+def test_probe_shape_follows_the_data():
+    from tunesmith.data.validate import PROBE_TOKENS, probe_shape
+
+    # banking77: ~50-token examples, so 64-token probes, a full default batch of 16.
+    assert probe_shape({"tokens_per_example": {"p50": 50}, "max_seq_len": 2048}) == (64, 16)
+    assert probe_shape({"tokens_per_example": {"p50": 64}, "max_seq_len": 2048}) == (64, 16)
+    # Longer examples: fewer of them per probe step, never fewer than one.
+    assert probe_shape({"tokens_per_example": {"p50": 300}, "max_seq_len": 2048}) == (512, PROBE_TOKENS // 512)
+    assert probe_shape({"tokens_per_example": {"p50": 5000}, "max_seq_len": 2048}) == (2048, 1)
+    # Never longer than training would cut examples to, never shorter than 32.
+    assert probe_shape({"tokens_per_example": {"p50": 900}, "max_seq_len": 256}) == (256, PROBE_TOKENS // 256)
+    assert probe_shape({"tokens_per_example": {"p50": 3}, "max_seq_len": 2048})[0] == 32

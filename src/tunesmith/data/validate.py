@@ -36,7 +36,8 @@ MAX_LABELS = 100
 """Answers drawn from at most this many distinct strings count as class labels."""
 CHUNK_SIZE = 1024
 CHUNK_MAX_CHARS = 200_000
-SPEED_SEQ_LEN = 256
+PROBE_TOKENS = 1024
+"""Tokens per step of the speed probe: a second or two per step here, enough to batch like training."""
 
 
 @dataclass
@@ -388,6 +389,17 @@ def _check_overlap(scan: _Scan, validation: Path, format: str | None, columns: C
             )
 
 
+def probe_shape(stats: dict[str, Any]) -> tuple[int, int]:
+    """(tokens per example, examples per step) for the speed probe: the median example
+    length rounded up to a power of two (32 to max_seq_len; few shapes, so few
+    measurements to cache), and as many of them as fit PROBE_TOKENS, at most the default
+    batch of 16. Attention and packing cost depend on the example length, so a probe of
+    the data's own length times what training will run."""
+    p50 = (stats.get("tokens_per_example") or {}).get("p50") or 256
+    seq_len = min(max(32, 1 << (int(p50) - 1).bit_length()), max(32, stats.get("max_seq_len") or 2048))
+    return seq_len, max(1, min(16, PROBE_TOKENS // seq_len))
+
+
 def build_estimate(
     ref: ModelRef, stats: dict[str, Any], price_per_million: float | None, log: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
@@ -396,8 +408,9 @@ def build_estimate(
 
     epochs = auto_epochs(stats["examples"])
     tokens_total = stats["tokens_per_epoch"] * epochs
-    tokens_per_s = measure_train_tokens_per_s(ref, seq_len=SPEED_SEQ_LEN, log=log)
-    entry = load_speed_entry(ref, seq_len=SPEED_SEQ_LEN) or {}
+    seq_len, batch_size = probe_shape(stats)
+    tokens_per_s = measure_train_tokens_per_s(ref, seq_len=seq_len, batch_size=batch_size, log=log)
+    entry = load_speed_entry(ref, seq_len=seq_len, batch_size=batch_size) or {}
     return {
         "epochs": epochs,
         "tokens_total": tokens_total,
