@@ -178,11 +178,9 @@ def _validate(train_csv: Path, test_csv: Path, model: str, intents: int | None, 
 
 
 def _train(model: str, train_csv: Path, run_dir: Path, settings: dict[str, Any], log: Callable[[str], None]) -> Path:
-    try:
-        from tunesmith.train.config import TrainConfig
-        from tunesmith.train.run import train
-    except ImportError as exc:
-        raise UsageError(f"the demo needs tunesmith's training stage, which this build lacks ({exc})") from exc
+    from tunesmith.train.config import TrainConfig
+    from tunesmith.train.run import train
+
     cfg = TrainConfig(
         model=model, data=str(train_csv), input_column="text", output_column="category",
         system=SYSTEM, out=str(run_dir), **settings,

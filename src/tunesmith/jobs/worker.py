@@ -494,12 +494,9 @@ def _can_evaluate() -> bool:
 def _default_learning_rate(kind: str = "supervised") -> float:
     """The learning rate `tunesmith train` uses by default for the job's method (multiplier 1.0):
     LoRA for supervised jobs, LoRA DPO for dpo jobs."""
-    method = "dpo" if kind == "dpo" else "lora"
-    try:
-        from tunesmith.train.config import DEFAULT_LEARNING_RATE
-    except ImportError:  # the training stage is not installed: its documented defaults
-        return {"lora": 1e-3, "dpo": 1e-4}[method]
-    return DEFAULT_LEARNING_RATE[method]
+    from tunesmith.train.config import DEFAULT_LEARNING_RATE
+
+    return DEFAULT_LEARNING_RATE["dpo" if kind == "dpo" else "lora"]
 
 
 _PR_SET_PDEATHSIG = 1
