@@ -188,8 +188,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     unit = "preference pairs" if dpo else "examples"
     log(f"data: {len(train_ex)} train / {len(valid_ex)} validation {unit}; {train_stats.truncated} truncated, "
         f"{train_stats.dropped_no_trained_tokens} dropped (no trained token within --max-seq-len {cfg.max_seq_len})")
-    log(f"plan: {epochs} epoch(s){' (auto)' if cfg.epochs == 'auto' else ''}, {spe} steps/epoch, {total_steps} steps, "
-        f"~{tokens_per_step:.0f} tokens/step, lr {lr_peak:g}")
+    length = (f"{total_steps} steps (--max-steps: {total_steps / spe:.2f} epochs)" if cfg.max_steps else
+              f"{epochs} epoch(s){' (auto)' if cfg.epochs == 'auto' else ''}, {total_steps} steps")
+    log(f"plan: {length}, {spe} steps/epoch, ~{tokens_per_step:.0f} tokens/step, lr {lr_peak:g}")
     if dpo:
         log(f"dpo: beta {cfg.beta:g}; reference model: " + (f"the --init-adapter {init_adapter} (the policy starts "
             f"from it: LoRA r={model_cfg.lora_rank}, alpha={model_cfg.lora_alpha:g})" if init_adapter
