@@ -139,7 +139,7 @@ def _measure(model_ref: ModelRef, seq_len: int, batch_size: int, steps: int) -> 
     ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=generator).tolist()
     trained_from = seq_len - max(1, seq_len // TRAINED_SHARE)
     examples = [TokenizedExample(row, [IGNORE_INDEX] * trained_from + row[trained_from:]) for row in ids]
-    batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in td.collate(examples, cfg.packing, 0).items()}
+    batch = td.to_device(td.collate(examples, cfg.packing, 0), device)
 
     def step() -> None:
         loss, n, _ = forward_loss(model, batch, compute_dtype)

@@ -194,6 +194,11 @@ def collate(examples: Sequence[TokenizedExample], packing: bool, pad_id: int) ->
     return {"input_ids": ids, "attention_mask": mask, "targets": targets, "tokens": int(mask.sum())}
 
 
+def to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
+    """A collated batch with its tensors on `device` (counts and other plain values as they are)."""
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+
+
 def trained_tokens(examples: Sequence[TokenizedExample]) -> int:
     """Positions that carry a loss (after the shift; the first token is never a target)."""
     return sum(sum(1 for x in t.labels[1:] if x != IGNORE_INDEX) for t in examples)

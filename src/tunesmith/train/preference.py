@@ -111,7 +111,7 @@ def collate_pairs(pairs: Sequence[TokenizedPair], packing: bool, pad_id: int, de
     batch["n_sequences"] = len(seqs)
     if all(p.ref_chosen is not None for p in pairs):
         batch["ref_logps"] = torch.tensor([[p.ref_chosen, p.ref_rejected] for p in pairs], dtype=torch.float64)
-    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+    return td.to_device(batch, device)
 
 
 # ----------------------------------------------------------------------------- the maths

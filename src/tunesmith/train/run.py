@@ -112,8 +112,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     total_steps = cfg.max_steps or epochs * spe
     lr_peak = cfg.lr
     tokens_per_step = train_stats.tokens / max(1, len(train_ex)) * min(cfg.batch_size, len(train_ex))
-    compiled = should_compile(cfg.compile, tokens_per_step * total_steps, dist.device,
-                              dist.world_size > 1 and cfg.distributed_strategy == "fsdp", cfg.method == "qlora")
+    dist.fsdp = dist.world_size > 1 and cfg.distributed_strategy == "fsdp"
+    compiled = should_compile(cfg.compile, tokens_per_step * total_steps, dist.device, dist.fsdp, cfg.method == "qlora")
 
     # --- 5. model and adapter (base cast to the compute dtype once, trained weights fp32).
     model = build_model(ref, model_cfg, compute_dtype)
@@ -128,7 +128,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     if dpo:  # before sharding: each process computes its share of the pairs with the whole model
         train_ex, valid_ex = pref.prepare_reference(model, train_ex, valid_ex, cfg, pad_id, compute_dtype, dist, out,
                                                     resume_from is not None, data_hashes, init_adapter is not None, log)
-    dist.fsdp = dist.world_size > 1 and cfg.distributed_strategy == "fsdp"
     if dist.fsdp:  # after the broadcast: sharding replaces the parameters with shards
         shard_model(model)
     if compiled:
@@ -368,13 +367,13 @@ def accumulate_gradients(model: Any, examples: list, step_targets: int, cfg: Tra
     loss_sum, tokens = 0.0, 0
     passes = td.micro_batches(list(range(len(examples))), cfg.micro_batch_size)
     for mb in passes:
-        batch = _to_device(td.collate([examples[i] for i in mb], cfg.packing, pad_id), device)
+        batch = td.to_device(td.collate([examples[i] for i in mb], cfg.packing, pad_id), device)
         mb_loss, _, _ = forward_loss(model, batch, compute_dtype)
         (mb_loss / step_targets).backward()
         loss_sum += mb_loss.item()
         tokens += batch["tokens"]
     for _ in range(min_passes - len(passes)):
-        batch = _to_device(td.collate([filler], cfg.packing, pad_id), device)
+        batch = td.to_device(td.collate([filler], cfg.packing, pad_id), device)
         (forward_loss(model, batch, compute_dtype)[0] * 0.0).backward()
     return loss_sum, tokens
 
@@ -425,11 +424,11 @@ def evaluate(model: Any, examples: list, cfg: TrainConfig, pad_id: int, compute_
             for mb in mine:
                 if check_stop is not None:
                     check_stop()
-                batch = _to_device(td.collate([examples[i] for i in mb], cfg.packing, pad_id), dist.device)
+                batch = td.to_device(td.collate([examples[i] for i in mb], cfg.packing, pad_id), dist.device)
                 loss, n, correct = forward_loss(model, batch, compute_dtype)
                 sums += torch.tensor([loss.item(), n, correct.item()], dtype=torch.float64)
             for _ in range(_lockstep(everyone, size, dist) - len(mine)):  # FSDP: join the others' gathers
-                forward_loss(model, _to_device(td.collate([examples[0]], cfg.packing, pad_id), dist.device), compute_dtype)
+                forward_loss(model, td.to_device(td.collate([examples[0]], cfg.packing, pad_id), dist.device), compute_dtype)
     finally:
         model.train()
     if dist.world_size > 1:
@@ -520,10 +519,6 @@ def _init_distributed() -> Dist:
     if not tdist.is_initialized():
         tdist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return Dist(rank=rank, world_size=world, device=device)
-
-
-def _to_device(batch: dict[str, Any], device: str) -> dict[str, Any]:
-    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
 def _versions() -> dict[str, str]:
