@@ -25,10 +25,12 @@ MARGIN = 0.10
 GROUPS = {"wait": ["card", "password", "capital", "France"], "pass": ["dog", "quick", "brown", "lazy"]}
 # The teacher and the student train alike: LoRA r=16, every step over the whole file (48
 # rows), lr 5e-3 after 10% warm-up, 100 steps.
-# - Whole file: distill writes answers in arrival order, which concurrent requests make
+# - Whole file: distill used to leave answers in arrival order, which concurrent requests make
 #   timing-dependent. With 16-row batches that order chose what each step saw, and the
 #   student's result depended on it (one distilled file, all 47 answers right, trained in 17
 #   orders: 5 stayed <90% held-out, stuck answering "pass" or "wait" for everything).
+#   distill now writes prompt order, which is reproducible but just one of those orders, not
+#   a known good one; whole-file steps see every row whatever the order.
 # - lr 5e-3, 100 steps: at 1e-2 the loss spikes and can fall back to that one-label plateau
 #   (loss ~0.35) even with the whole file per step; with these settings 50 of 50 labelled
 #   draws of the task reached >= 29/30 held-out, most of them by step 50.

@@ -1,15 +1,20 @@
 """`tunesmith distill`: a teacher answers your prompts; the answers become a training file.
 
-The output is chat JSONL in tunesmith's training format, one line per answer, appended and
-flushed as each answer arrives. Every line carries `metadata.distill_key`, a hash of what
-was asked (the request's messages, system prompt included; the teacher model;
-temperature; max_tokens; the answer's index under --n), so re-running the same command
-skips what is already answered: a crash or Ctrl-C loses at most the requests in flight.
-A torn last line (a crash mid-write) is cut off before resuming, never duplicated.
+The output is chat JSONL in tunesmith's training format, one line per answer. During the
+run each answer is appended and flushed as it arrives; when the run ends (finished, with
+failures, or stopped by Ctrl-C) the file is rewritten in prompt-file order (by
+`metadata.prompt_line`, then `n_index`; answers from earlier runs included), atomically,
+so that the same prompts give the same file however the concurrent answers arrived.
+Every line carries `metadata.distill_key`, a hash of what was asked (the request's
+messages, system prompt included; the teacher model; temperature; max_tokens; the
+answer's index under --n), so re-running the same command skips what is already
+answered: a crash or Ctrl-C loses at most the requests in flight. A torn last line (a
+crash mid-write) is cut off before resuming, never duplicated.
 
 Beside the output: `<stem>.rejected.jsonl` holds answers the --filter dropped (kept so a
-resume does not pay for them again) and `<stem>.failed.jsonl` the prompts that failed in
-the last run, with their error (re-run to retry them). The API key is never written.
+resume does not pay for them again; ordered like the output) and `<stem>.failed.jsonl`
+the prompts that failed in the last run, with their error (re-run to retry them). The
+API key is never written.
 
     tunesmith distill --prompts prompts.txt --teacher-model gpt-4o-mini --out train.jsonl
 """
@@ -25,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, TextIO
 
 from tunesmith.distill.filters import AnswerFilter, build_filter
+from tunesmith.distill.order import sort_by_prompt
 from tunesmith.distill.prompts import Prompt, load_prompts
 from tunesmith.distill.teacher import TeacherFailure, ask, build_client, run_coroutine
 from tunesmith.errors import UsageError
@@ -186,7 +192,8 @@ def distill(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> DistillResult:
-    """Ask the teacher every prompt not answered yet; append the answers to `out`.
+    """Ask the teacher every prompt not answered yet; append the answers to `out`, then put
+    it in prompt order.
 
     model: the student model whose chat template validates the output at the end."""
     _check_options(concurrency, temperature, max_tokens, n, max_retries, timeout_s, price_per_million)
@@ -215,18 +222,24 @@ def distill(
     failed_path = sidecar(out, "failed")
     failed_path.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    if jobs:
-        client = build_client(teacher_base_url, api_key, timeout_s)
-        settings = _Settings(teacher_model, temperature, max_tokens, max_retries, api_key, keep, filter)
-        with open(out, "a", encoding="utf-8") as out_fh, open(rejected, "a", encoding="utf-8") as rej_fh, \
-                _Progress(result, progress, log) as bar:
-            writer = _Writer(out_fh, rej_fh, failed_path, result, bar)
-            try:
+    try:
+        if jobs:
+            client = build_client(teacher_base_url, api_key, timeout_s)
+            settings = _Settings(teacher_model, temperature, max_tokens, max_retries, api_key, keep, filter)
+            with open(out, "a", encoding="utf-8") as out_fh, open(rejected, "a", encoding="utf-8") as rej_fh, \
+                    _Progress(result, progress, log) as bar:
+                writer = _Writer(out_fh, rej_fh, failed_path, result, bar)
                 run_coroutine(_run_all(client, jobs, settings, concurrency, writer))
-            except KeyboardInterrupt:
-                log(f"interrupted: {result.written} answer(s) of this run are saved in {out}; "
-                    "run the same command again to go on")
-                raise
+    except KeyboardInterrupt:
+        log(f"interrupted: {result.written} answer(s) of this run are saved in {out}; "
+            "run the same command again to go on")
+        raise
+    finally:
+        # Answers were appended as they arrived, an order concurrency makes timing-dependent;
+        # prompt order makes the file (and a seeded training run on it) reproducible. Also
+        # after Ctrl-C, and only once the files are closed: a rename under an open append
+        # handle would lose what it writes later.
+        _sort_outputs(out, rejected, log)
     result.elapsed_s = time.perf_counter() - t0
     if rejected.is_file() and rejected.stat().st_size == 0:
         rejected.unlink()
@@ -235,6 +248,17 @@ def distill(
 
         result.report = validate_data(out, model=model, format="chat", estimate=False)
     return result
+
+
+def _sort_outputs(out: Path, rejected: Path, log: Callable[[str], None]) -> None:
+    """sort_by_prompt on both files, where a failure (a full disk) is a sentence, not a
+    traceback that would hide why the run stopped: the files are whole either way."""
+    for path in (out, rejected):
+        try:
+            sort_by_prompt(path)
+        except OSError as exc:
+            log(f"could not put {path} in prompt order ({exc}); it is whole, in arrival order, "
+                "and the next run sorts it")
 
 
 def _check_options(concurrency, temperature, max_tokens, n, max_retries, timeout_s, price_per_million) -> None:
