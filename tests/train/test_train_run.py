@@ -102,6 +102,40 @@ def test_adapter_loads_with_peft_and_refuses_other_base(tiny_model_dir, chat_fil
         check_base(result.adapter_dir, identity(resolve_model(str(other))))
 
 
+def test_init_adapter_continues_an_adapter_with_more_sft(tiny_model_dir, chat_file, tmp_path):
+    """--method lora --init-adapter RUN: the run starts from that adapter's weights and shape
+    (its first loss is the trained adapter's, not a fresh one's) and saves one adapter."""
+    from safetensors.torch import load_file
+
+    from tunesmith.errors import ConfigError
+    from tunesmith.train.config import build_config
+
+    common_cfg = dict(model=str(tiny_model_dir), data=chat_file, batch_size=4, precision="fp32", seed=3)
+    first = train(TrainConfig(**common_cfg, out=tmp_path / "first", max_steps=8, learning_rate=3e-2, lora_rank=4,
+                              lora_target_modules="q_proj,v_proj"), progress=False)
+    # Same seed, so step 1 sees the same batch: from the trained adapter its loss is far lower.
+    more = train(TrainConfig(**common_cfg, out=tmp_path / "more", max_steps=2, learning_rate=1e-2,
+                             init_adapter=first.out_dir), progress=False)
+    fresh_loss, continued_loss = metrics(first.out_dir)[0]["train_loss"], metrics(more.out_dir)[0]["train_loss"]
+    assert continued_loss < fresh_loss - 0.2, (fresh_loss, continued_loss)
+    config = json.loads((more.adapter_dir / "adapter_config.json").read_text())
+    assert config["r"] == 4 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    info = json.loads((more.out_dir / "run.json").read_text())
+    assert info["resolved"]["init_adapter"] == str(first.adapter_dir) and info["config"]["method"] == "lora"
+    meta = json.loads((more.adapter_dir / "tunesmith_adapter.json").read_text())
+    assert meta["init_adapter"] == str(first.adapter_dir)
+
+    # With a vanishing learning rate one step leaves the weights where the init adapter had them.
+    still = train(TrainConfig(**common_cfg, out=tmp_path / "still", max_steps=1, learning_rate=1e-30,
+                              init_adapter=first.out_dir), progress=False)
+    want, got = load_file(str(first.adapter_dir / "adapter_model.safetensors")), \
+        load_file(str(still.adapter_dir / "adapter_model.safetensors"))
+    assert set(got) == set(want) and max((got[k] - want[k]).abs().max().item() for k in want) < 1e-6
+
+    with pytest.raises(ConfigError, match="'init_adapter' applies to --method lora and dpo only"):
+        build_config({"data": "x.jsonl", "method": "full", "init_adapter": "runs/sft"})
+
+
 def test_config_errors_are_one_sentence(tiny_model_dir, chat_file, tmp_path):
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text(f"data: {chat_file}\nlerning_rate: 0.1\nbatch_size: 0\n")

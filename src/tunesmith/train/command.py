@@ -142,7 +142,7 @@ def dry_run_report(cfg: TrainConfig) -> None:
     ref = resolve_model(cfg.model)
     dpo = cfg.method == "dpo"
     if cfg.init_adapter:
-        from tunesmith.train.preference import resolve_init_adapter, with_adapter_shape
+        from tunesmith.train.model import resolve_init_adapter, with_adapter_shape
 
         cfg = with_adapter_shape(cfg, resolve_init_adapter(cfg.init_adapter, identity(ref)))
     tokenizer = load_tokenizer(ref)

@@ -60,8 +60,9 @@ class TrainConfig(BaseModel):
     )
     beta: float = _field(DEFAULT_BETA, "method", "DPO: how strongly the policy is held to the reference (the reward "
                          "is beta times the log-probability gained over the reference); higher stays closer.")
-    init_adapter: Path | None = _field(None, "method", "DPO: start from this LoRA adapter (a run directory or an adapter "
-                                       "directory, e.g. an SFT run); it is then also the reference.")
+    init_adapter: Path | None = _field(None, "method", "lora and dpo: start from this LoRA adapter (a run directory or an "
+                                       "adapter directory, e.g. an earlier SFT run) and continue training it; with dpo it "
+                                       "is also the reference.")
     # optimisation
     epochs: int | Literal["auto"] = _field("auto", "optimisation", "Passes over the data; auto picks from the data size as hosted APIs do.")
     max_steps: int | None = _field(None, "optimisation", "Stop after this many optimizer steps (overrides --epochs).")
@@ -120,9 +121,10 @@ class TrainConfig(BaseModel):
 
     @field_validator("init_adapter")
     @classmethod
-    def _dpo_only(cls, v: Any, info: ValidationInfo) -> Any:
-        if v is not None and info.data.get("method") != "dpo":
-            raise ValueError("applies to --method dpo only (to continue an SFT adapter with DPO pass --method dpo)")
+    def _lora_adapters_only(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is not None and info.data.get("method") not in ("lora", "dpo"):
+            raise ValueError("applies to --method lora and dpo only (it continues a LoRA adapter; to train further "
+                             "on a full fine-tuning run give that run's model as --model)")
         return v
 
     @field_validator("lora_target_modules", mode="before")

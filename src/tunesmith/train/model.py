@@ -10,6 +10,7 @@ at positions that carry a label.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -398,3 +399,59 @@ def like(full: Any, target: Any) -> Any:
     if isinstance(target, DTensor):
         return distribute_tensor(full, target.device_mesh, target.placements)
     return full.to(target.device)
+
+
+# ----------------------------------------------------------------------------- --init-adapter
+
+
+def resolve_init_adapter(path: Path, base_identity: dict[str, Any]) -> Path:
+    """The LoRA adapter directory --init-adapter names, checked against the base model."""
+    from tunesmith.models.adapters import check_base, resolve_adapter
+
+    path = Path(path)
+    if (path / "adapter" / "config.json").is_file() or (path / "config.json").is_file():
+        raise UsageError(f"--init-adapter {path} is a full fine-tuning run (a whole model, not an adapter); "
+                         "--init-adapter continues a LoRA adapter: give the model itself as --model instead")
+    try:
+        adapter = resolve_adapter(path)
+        check_base(adapter, base_identity)
+    except UsageError as exc:
+        raise UsageError(f"--init-adapter: {exc}") from None
+    peft_type = json.loads((adapter / "adapter_config.json").read_text()).get("peft_type")
+    if peft_type != "LORA":
+        raise UsageError(f"--init-adapter {path}: {adapter} is a {peft_type} adapter; "
+                         "--init-adapter continues LoRA adapters")
+    return adapter
+
+
+def with_adapter_shape(cfg: Any, adapter: Path) -> Any:
+    """The config with the init adapter's LoRA rank, alpha and target modules (the adapter
+    trained from it must have its shape); a different value given explicitly is refused."""
+    saved = json.loads((adapter / "adapter_config.json").read_text())
+    targets = saved["target_modules"]
+    shape = {"lora_rank": int(saved["r"]), "lora_alpha": float(saved["lora_alpha"]),
+             "lora_target_modules": sorted(targets) if isinstance(targets, list) else targets}
+    fields = type(cfg).model_fields
+    clashes = []
+    for key, value in shape.items():
+        given = getattr(cfg, key)
+        same = sorted(given) == value if isinstance(given, list) and isinstance(value, list) else given == value
+        if given != fields[key].default and not same:
+            clashes.append(f"--{key.replace('_', '-')} {given if not isinstance(given, list) else ','.join(given)} "
+                           f"(the adapter has {value if not isinstance(value, list) else ','.join(value)})")
+    if clashes:
+        raise UsageError(f"--init-adapter {adapter} fixes the adapter's shape, which training continues: "
+                         + "; ".join(clashes) + "; leave these options out")
+    return cfg.model_copy(update=shape)
+
+
+def load_adapter_weights(model: Any, adapter: Path) -> None:
+    """Copy the init adapter's LoRA weights (safetensors) into the freshly built adapter."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    result = set_peft_model_state_dict(model, load_file(str(adapter / "adapter_model.safetensors")))
+    lora = [n for n, _ in model.named_parameters() if "lora_" in n]
+    bad = [k for k in result.unexpected_keys if "lora_" in k] + [k for k in result.missing_keys if k in lora]
+    if bad:
+        raise UsageError(f"--init-adapter {adapter} does not fit this model (weights {bad[:3]}); check --model")

@@ -70,8 +70,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     from tunesmith.models.registry import hash_files, identity, load_tokenizer, resolve_model
     from tunesmith.train import data as td
     from tunesmith.train import preference as pref
-    from tunesmith.train.model import (add_stop_checks, build_model, check_qlora, compile_layers, parameter_count,
-                                       precision_dtype, shard_model, should_compile, trainable_parameters)
+    from tunesmith.train.model import (add_stop_checks, build_model, check_qlora, compile_layers,
+                                       load_adapter_weights, parameter_count, precision_dtype, resolve_init_adapter,
+                                       shard_model, should_compile, trainable_parameters, with_adapter_shape)
 
     # --- 1. resolve the config. Everything that can be wrong with the inputs is found
     # before the model loads, so a bad flag costs a second, not a minute.
@@ -89,8 +90,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     compute_dtype = precision_dtype(cfg.precision)
     log = say if dist.main else (lambda _msg: None)
     dpo = cfg.method == "dpo"  # preference pairs, DPO loss: see train/preference.py
-    init_adapter = pref.resolve_init_adapter(cfg.init_adapter, base_identity) if cfg.init_adapter else None
-    model_cfg = pref.with_adapter_shape(cfg, init_adapter) if init_adapter else cfg
+    init_adapter = resolve_init_adapter(cfg.init_adapter, base_identity) if cfg.init_adapter else None
+    model_cfg = with_adapter_shape(cfg, init_adapter) if init_adapter else cfg
 
     # --- 2. seed: initialisation here; data order and dropout derive from (seed, step).
     torch.manual_seed(cfg.seed)
@@ -118,7 +119,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     # --- 5. model and adapter (base cast to the compute dtype once, trained weights fp32).
     model = build_model(ref, model_cfg, compute_dtype)
     if init_adapter:
-        pref.load_adapter_weights(model, init_adapter)
+        load_adapter_weights(model, init_adapter)
     model.to(dist.device)
     n_total = parameter_count(model)
     if dist.world_size > 1:
@@ -158,6 +159,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
             + (" and first redoing its interrupted validation" if pending else ""))
 
     meta = {"base_model": base_identity, "method": cfg.method}
+    if init_adapter:  # provenance: the adapter this one continues
+        meta["init_adapter"] = str(init_adapter)
     if cfg.method == "qlora":  # export rebuilds the NF4 base from this to merge into what was trained
         from tunesmith.models.quantization import nf4_record
 
@@ -167,6 +170,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
         "resolved": {"epochs": epochs, "total_steps": total_steps, "steps_per_epoch": spe, "learning_rate": lr_peak,
                      "precision": str(compute_dtype).replace("torch.", ""), "world_size": dist.world_size,
                      "compile": compiled,
+                     **({"init_adapter": str(init_adapter), "lora_rank": model_cfg.lora_rank,
+                         "lora_alpha": model_cfg.lora_alpha} if init_adapter else {}),
                      **({"reference": str(init_adapter) if init_adapter else "base model (adapter disabled)",
                          "lora_rank": model_cfg.lora_rank, "lora_alpha": model_cfg.lora_alpha} if dpo else {})},
         "base_model": base_identity,
@@ -190,6 +195,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     length = (f"{total_steps} steps (--max-steps: {total_steps / spe:.2f} epochs)" if cfg.max_steps else
               f"{epochs} epoch(s){' (auto)' if cfg.epochs == 'auto' else ''}, {total_steps} steps")
     log(f"plan: {length}, {spe} steps/epoch, ~{tokens_per_step:.0f} tokens/step, lr {lr_peak:g}")
+    if init_adapter and not dpo:
+        log(f"starting from the --init-adapter {init_adapter} (LoRA r={model_cfg.lora_rank}, "
+            f"alpha={model_cfg.lora_alpha:g}); the adapter saved is that one trained further")
     if dpo:
         log(f"dpo: beta {cfg.beta:g}; reference model: " + (f"the --init-adapter {init_adapter} (the policy starts "
             f"from it: LoRA r={model_cfg.lora_rank}, alpha={model_cfg.lora_alpha:g})" if init_adapter
