@@ -1,7 +1,8 @@
 """DPO through the jobs API: the official openai client creates a job with
 `method={"type": "dpo", "dpo": {"hyperparameters": {"beta": ...}}}` on a live server on
 loopback; the worker trains it with `tunesmith train --method dpo`; a file of the wrong
-kind for the method fails validation with a sentence."""
+kind for the method fails validation with a sentence; a job whose `model` is an earlier job's
+fine-tuned model continues that adapter (SFT, then DPO on its result)."""
 
 from __future__ import annotations
 
@@ -78,3 +79,54 @@ def test_a_file_of_the_wrong_kind_fails_validation_with_a_sentence(jobs_server, 
     assert dpo.status == "failed" and dpo.error.code == "invalid_training_file"
     assert "holds supervised examples (chat format)" in dpo.error.message
     assert dpo.method.dpo.hyperparameters.beta == "auto"
+
+
+def test_a_job_continues_an_earlier_jobs_fine_tuned_model(jobs_server, tmp_path, tiny_model_dir):
+    """SFT, then DPO on its result, as hosted APIs do it: the second job's `model` is the first
+    job's fine_tuned_model. It trains on the same base from that adapter, which is also the DPO
+    reference (first loss log(2)); a checkpoint's name works the same way; an unknown ft: name
+    is refused at creation."""
+    import math
+
+    import openai
+
+    from tunesmith.jobs.worker import job_dir
+
+    live = jobs_server(workers=1)
+    jobs = live.client.fine_tuning.jobs
+    chat = _upload(live, write_chat_jsonl(tmp_path / "chat.jsonl")).id
+    sft = jobs.create(model=str(tiny_model_dir), training_file=chat, suffix="sft", seed=1,
+                      method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 4}}})
+    sft = wait_for(lambda: _finished(live, sft.id), 240, "the supervised job to finish")
+    assert sft.status == "succeeded", sft.error
+    sft_adapter = live.store.storage_root / sft.lineage["adapter"]
+
+    pairs = _upload(live, write_pairs(tmp_path / "pairs.jsonl")).id
+    dpo = jobs.create(model=sft.fine_tuned_model, training_file=pairs, suffix="prefs", seed=5,
+                      method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 1, "batch_size": 4}}})
+    assert dpo.model == sft.fine_tuned_model
+    dpo = wait_for(lambda: _finished(live, dpo.id), 240, "the dpo job to finish")
+    assert dpo.status == "succeeded", dpo.error
+    assert dpo.fine_tuned_model.startswith(f"ft:{tiny_model_dir.name}:prefs:")  # named after the base
+    assert dpo.lineage["continued_from"] == {"model": sft.fine_tuned_model, "adapter": sft.lineage["adapter"]}
+    run = json.loads((job_dir(live.store, dpo.id) / "run" / "run.json").read_text())
+    assert run["config"]["model"] == str(tiny_model_dir) and run["config"]["init_adapter"] == str(sft_adapter)
+    assert run["resolved"]["reference"] == str(sft_adapter)
+    steps = sorted((e for e in jobs.list_events(dpo.id, limit=100) if e.type == "metrics"), key=lambda e: e.data["step"])
+    assert abs(steps[0].data["train_loss"] - math.log(2)) < 1e-4  # the policy starts at its reference
+
+    ckpt = list(jobs.checkpoints.list(sft.id))[-1]  # the first epoch's checkpoint
+    assert ckpt.step_number < sft.lineage["resolved"]["total_steps"]
+    more = jobs.create(model=ckpt.fine_tuned_model_checkpoint, training_file=chat, seed=2,
+                       method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 4}}})
+    more = wait_for(lambda: _finished(live, more.id), 240, "the job from a checkpoint to finish")
+    assert more.status == "succeeded", more.error
+    run = json.loads((job_dir(live.store, more.id) / "run" / "run.json").read_text())
+    assert run["config"]["method"] == "lora"
+    _, ckpt_path = live.store.fine_tuned_model(ckpt.fine_tuned_model_checkpoint)
+    assert ckpt_path != sft.lineage["adapter"]  # the checkpoint's adapter, not the final one
+    assert run["config"]["init_adapter"] == str(live.store.storage_root / ckpt_path)
+
+    with pytest.raises(openai.BadRequestError) as err:
+        jobs.create(model="ft:nothing:here:abc123", training_file=chat)
+    assert err.value.code == "model_not_found" and "is not a fine-tuned model here" in err.value.message

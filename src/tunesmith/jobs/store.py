@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from tunesmith.errors import UsageError
+from tunesmith.errors import ModelNotFoundError, UsageError
 from tunesmith.settings import Settings
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -254,6 +254,42 @@ class JobStore:
     def get_job(self, job_id: str) -> dict[str, Any] | None:
         with self.engine.begin() as conn:
             return _row(conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first())
+
+    def fine_tuned_model(self, name: str) -> tuple[dict[str, Any], str] | None:
+        """The job behind a fine-tuned model name and its adapter (a path under storage_root):
+        a succeeded job's `fine_tuned_model`, or a `fine_tuned_model_checkpoint` of any job."""
+        with self.engine.begin() as conn:
+            job = _row(conn.execute(
+                sa.select(jobs).where(jobs.c.fine_tuned_model == name, jobs.c.status == "succeeded")).first())
+            if job is not None and (job["lineage"] or {}).get("adapter"):
+                return job, job["lineage"]["adapter"]
+            ckpt = _row(conn.execute(
+                sa.select(checkpoints).where(checkpoints.c.fine_tuned_model_checkpoint == name)).first())
+            if ckpt is None:
+                return None
+            job = _row(conn.execute(sa.select(jobs).where(jobs.c.id == ckpt["job_id"])).first())
+            return (job, ckpt["path"]) if job is not None else None
+
+    def base_and_adapter(self, model: str) -> tuple[str, Path | None]:
+        """What a job's `model` names: a base model as it is (registry name or folder), or an
+        earlier job's fine-tuned model (or checkpoint), which a new job continues: then its
+        base (followed down a chain of such jobs) and the adapter to start from.
+
+        Raises ModelNotFoundError when `model` looks like a fine-tuned model name (`ft:...`) that
+        no job made, or whose adapter is gone from storage."""
+        found = self.fine_tuned_model(model)
+        if found is None:
+            if model.startswith("ft:"):
+                raise ModelNotFoundError(
+                    f"model '{model}' is not a fine-tuned model here: give a succeeded job's fine_tuned_model or a "
+                    "checkpoint's fine_tuned_model_checkpoint (GET /v1/fine_tuning/jobs), or a base model")
+            return model, None
+        job, adapter = found
+        path = self.storage_root / adapter
+        if not (path / "adapter_config.json").is_file():
+            raise ModelNotFoundError(f"model '{model}': its adapter {path} is gone from the server's storage")
+        base, _ = self.base_and_adapter(job["model"])
+        return base, path
 
     def list_jobs(self, after: str | None = None, limit: int = 20,
                   metadata_filter: dict[str, str] | None = None) -> tuple[list[dict[str, Any]], bool]:

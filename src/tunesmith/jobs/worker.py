@@ -122,6 +122,11 @@ class Worker:
     def _validate(self, job: dict[str, Any]) -> None:
         """Check both files; fail with their line-numbered problems, or queue the job."""
         n_train = 0
+        try:  # a fine-tuned model's files are checked through its base's template
+            base, _ = self.store.base_and_adapter(job["model"])
+        except TunesmithError as exc:  # e.g. its adapter was deleted since the job was created
+            self._fail(job["id"], "invalid_model", str(exc), "model")
+            return
         for param, file_id in (("training_file", job["training_file"]), ("validation_file", job["validation_file"])):
             if not file_id:
                 continue
@@ -134,7 +139,7 @@ class Worker:
                 vrow = self.store.get_file(job["validation_file"])
                 against = self.store.storage_root / vrow["path"] if vrow else None
             try:
-                check = check_file(self.store.storage_root / row["path"], model=job["model"],
+                check = check_file(self.store.storage_root / row["path"], model=base,
                                    min_examples=MIN_EXAMPLES if param == "training_file" else 1, validation=against)
             except TunesmithError as exc:  # e.g. the model is gone, or the file cannot be read at all
                 self._fail(job["id"], f"invalid_{param}", f"{param} {file_id}: {exc}", param)
@@ -228,7 +233,8 @@ class Worker:
         out = root / "evaluation"
         shutil.rmtree(out, ignore_errors=True)
         self.store.add_event(job_id, "Evaluating the base and the tuned model on the validation file")
-        cmd = [sys.executable, "-m", "tunesmith.jobs.evaluation_stage", "--model", job["model"],
+        base, _ = self.store.base_and_adapter(job["model"])
+        cmd = [sys.executable, "-m", "tunesmith.jobs.evaluation_stage", "--model", base,
                "--adapter", str(run_dir / "adapter"), "--data", str(self.store.storage_root / valid["path"]),
                "--out", str(out)]
         outcome, rc = self._run_child(job_id, cmd, root / "evaluation.log", lock_fd, stop,
@@ -265,7 +271,8 @@ class Worker:
         kind = job["method"]["type"]
         hp = job["method"][kind]["hyperparameters"]
         train_file = self.store.get_file(job["training_file"])
-        cmd += ["--model", job["model"], "--data", str(self.store.storage_root / train_file["path"]),
+        base, init_adapter = self.store.base_and_adapter(job["model"])
+        cmd += ["--model", base, "--data", str(self.store.storage_root / train_file["path"]),
                 "--out", str(run_dir), "--seed", str(job["seed"]),
                 "--epochs", str(hp["n_epochs"]), "--batch-size", str(hp["batch_size"])]
         if job["validation_file"]:
@@ -273,6 +280,8 @@ class Worker:
             cmd += ["--validation", str(self.store.storage_root / valid_file["path"])]
         if kind == "dpo":
             cmd += ["--method", "dpo", "--beta", repr(float(hp["beta"]))]
+        if init_adapter is not None:  # the job continues an earlier job's fine-tuned model
+            cmd += ["--init-adapter", str(init_adapter)]
         if hp["learning_rate_multiplier"] != 1.0:
             cmd += ["--learning-rate", repr(_default_learning_rate(kind) * float(hp["learning_rate_multiplier"]))]
         every = self.config.save_every_steps or hp.get("steps_per_epoch")
@@ -396,7 +405,7 @@ class Worker:
             "full_valid_loss": m.get("valid_loss"),
             "full_valid_mean_token_accuracy": m.get("token_accuracy"),
         }
-        name = ft_model_name(job["model"], job["suffix"], job["id"]) + f":ckpt-step-{step}"
+        name = ft_model_name(self.store.base_and_adapter(job["model"])[0], job["suffix"], job["id"]) + f":ckpt-step-{step}"
         added = self.store.add_checkpoint({
             "id": new_id("ftckpt"), "job_id": job["id"], "created_at": int(time.time()), "step": step,
             "metrics": metrics, "fine_tuned_model_checkpoint": name, "path": str(dest.relative_to(self.store.storage_root)),
@@ -411,7 +420,8 @@ class Worker:
         run = json.loads((run_dir / "run.json").read_text())
         adapter = run_dir / "adapter"
         result_files = [self._metrics_file(job_id, run_dir)] + ([evaluation] if evaluation else [])
-        name = ft_model_name(job["model"], job["suffix"], job_id)
+        base, init_adapter = self.store.base_and_adapter(job["model"])
+        name = ft_model_name(base, job["suffix"], job_id)
         files_hashes = {}
         for fid in (job["training_file"], job["validation_file"]):
             row = self.store.get_file(fid) if fid else None
@@ -425,6 +435,9 @@ class Worker:
             "metrics": run.get("metrics"),
             "adapter": str(adapter.relative_to(self.store.storage_root)),
         }
+        if init_adapter is not None:  # the fine-tuned model this job continued
+            lineage["continued_from"] = {"model": job["model"],
+                                         "adapter": str(init_adapter.relative_to(self.store.storage_root))}
         eval_file = job_dir(self.store, job_id) / "evaluation" / "evaluation.json"
         if evaluation and eval_file.is_file():
             lineage["evaluation"] = json.loads(eval_file.read_text())

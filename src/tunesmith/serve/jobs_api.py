@@ -307,17 +307,23 @@ class JobsService:
                                                       "stats": None, "estimate": None})
         from starlette.concurrency import run_in_threadpool
 
-        from tunesmith.models.registry import resolve_model
-
-        try:
-            resolve_model(model, home=self.store.storage_root)
-        except TunesmithError as exc:
-            raise APIError(400, str(exc), code="model_not_found", param="model")
+        base = self._base_model(model)
         against = None
         if validation_file is not None:
             against = self.store.storage_root / self._file(validation_file)["path"]
-        report = await run_in_threadpool(self._validate_with_model, self.store.storage_root / row["path"], model, against)
+        report = await run_in_threadpool(self._validate_with_model, self.store.storage_root / row["path"], base, against)
         return _validation_object(file_id, model, report)
+
+    def _base_model(self, model: str) -> str:
+        """The base model a job on `model` trains (a fine-tuned model's base), checked to exist."""
+        from tunesmith.models.registry import resolve_model
+
+        try:
+            base, _ = self.store.base_and_adapter(model)
+            resolve_model(base, home=self.store.storage_root)
+        except TunesmithError as exc:
+            raise APIError(400, str(exc), code="model_not_found", param="model")
+        return base
 
     def _validate_with_model(self, path: Path, model: str, against: Path | None) -> dict[str, Any]:
         from tunesmith.data.validate import validate_data
@@ -344,12 +350,7 @@ class JobsService:
         if body.integrations:
             raise APIError(400, "integrations are not supported by tunesmith; leave 'integrations' out",
                            param="integrations")
-        from tunesmith.models.registry import resolve_model
-
-        try:
-            resolve_model(body.model, home=self.store.storage_root)
-        except TunesmithError as exc:
-            raise APIError(400, str(exc), code="model_not_found", param="model")
+        self._base_model(body.model)  # a base model, or an earlier job's fine-tuned model to continue
         for param, file_id in (("training_file", body.training_file), ("validation_file", body.validation_file)):
             if file_id is None:
                 continue
