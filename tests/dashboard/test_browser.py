@@ -2,7 +2,8 @@
 
 Upload a file with errors and see them by line; submit a job with the tiny model and watch
 it succeed with its loss curve drawn; stream two models side by side in the playground;
-add and remove an adapter; the API key prompt. Every page is saved as a screenshot under
+add and remove an adapter; the API key prompt; DPO on a fine-tuned model from the new-job
+page. Every page is saved as a screenshot under
 test-output/dashboard/.
 """
 
@@ -188,3 +189,45 @@ def test_cancel_a_job_from_its_page(dashboard_server, page, tmp_path, tiny_model
     assert server.client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
     assert page.query_selector("#cancel-job") is None
     page.wait_for_selector("#events li:has-text('Job cancelled')")
+
+
+def test_dpo_on_a_fine_tuned_model_from_the_new_job_page(dashboard_server, page, tmp_path, tiny_model_dir):
+    """A file of preference pairs switches the method to DPO (beta shown); a fine-tuned model is
+    offered as the model to continue; the job created trains DPO on top of it."""
+    pytest.importorskip("tunesmith.train.run", reason="the training stage is not installed")
+    server = dashboard_server(workers=1)
+    jobs = server.client.fine_tuning.jobs
+    chat = server.client.files.create(file=open(write_chat_jsonl(tmp_path / "t.jsonl", n=12), "rb"),
+                                      purpose="fine-tune")
+    sft = jobs.create(model=str(tiny_model_dir), training_file=chat.id,
+                      method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 4}}})
+    page.goto(f"{server.url}/jobs/{sft.id}")
+    page.wait_for_selector(".page-head .badge[data-status='succeeded']", timeout=240_000)
+    sft = jobs.retrieve(sft.id)
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"What is the capital of France? {i}", "chosen": "Paris",
+                                         "rejected": "forgot password"}) + "\n" for i in range(12)))
+    page.goto(f"{server.url}/jobs/new")
+    page.wait_for_selector("#job-form")
+    offered = page.eval_on_selector_all("#base-models option", "os => os.map(o => o.value)")
+    assert sft.fine_tuned_model in offered, offered
+    assert page.is_hidden("#beta-field") and page.input_value("#method") == "supervised"
+    page.fill("#model", sft.fine_tuned_model)
+    page.set_input_files("#training-file", str(pairs))
+    page.wait_for_selector("#report-stats")  # checked through the fine-tuned model's base template
+    page.wait_for_function("!document.querySelector('#submit-job').disabled")
+    assert page.input_value("#method") == "dpo" and page.is_visible("#beta-field")
+    assert "DPO default 1e-4" in page.inner_text("#lr-hint")
+    page.fill("#beta", "0.2")
+    page.fill("#n_epochs", "1")
+    page.fill("#batch_size", "4")
+    screenshot(page, "new-job-dpo")
+    page.click("#submit-job")
+
+    page.wait_for_url(re.compile(r"/jobs/ftjob-"))
+    page.wait_for_selector(".page-head .badge[data-status='succeeded']", timeout=240_000)
+    job = jobs.retrieve(page.url.rsplit("/", 1)[-1])
+    assert job.model == sft.fine_tuned_model and job.method.type == "dpo"
+    assert job.method.dpo.hyperparameters.beta == 0.2
+    assert job.lineage["continued_from"]["model"] == sft.fine_tuned_model

@@ -1,11 +1,14 @@
 // New job: upload the files, read the validator's report (GET /v1/files/{id}/validation),
-// pick the base model and hyperparameters, submit (POST /v1/fine_tuning/jobs).
+// pick the model (a base, or a fine-tuned model to continue), the method and its
+// hyperparameters, submit (POST /v1/fine_tuning/jobs).
 
 import { api } from "./api.js";
 import { navigate } from "./nav.js";
 import { card, formatBytes, formatDuration, formatNumber, h, toast } from "./util.js";
 
 const SHOWN_PROBLEMS = 200;
+const DEFAULT_LR = { supervised: "1e-3", dpo: "1e-4" }; // tunesmith's LoRA and DPO defaults
+const PAIRS_FORMAT = "preference"; // the validator's format name for preference pairs
 
 export async function newJobPage(main, _params, page) {
   const state = { training: null, validation: null, report: null, models: [], files: [] };
@@ -16,9 +19,15 @@ export async function newJobPage(main, _params, page) {
     toast(err.message, "error");
   }
   const bases = state.models.filter((m) => !m.parent).map((m) => m.id);
+  const tuned = state.models.filter((m) => m.parent).map((m) => m.id);
 
   const modelInput = h("input", { id: "model", list: "base-models", value: bases[0] || "smollm2-135m-instruct",
-    placeholder: "registry name or a model folder on the server", autocomplete: "off" });
+    placeholder: "registry name, a model folder on the server, or ft:… to continue", autocomplete: "off" });
+  const method = h("select", { id: "method" },
+    h("option", { value: "supervised" }, "Supervised (LoRA)"),
+    h("option", { value: "dpo" }, "Preference (DPO)"));
+  const beta = h("input", { id: "beta", type: "number", min: 0.001, max: 10, step: "any", placeholder: "auto (0.1)" });
+  const lrHint = h("small", { id: "lr-hint" });
   const hp = {
     n_epochs: h("input", { id: "n_epochs", type: "number", min: 1, max: 50, step: 1, placeholder: "auto" }),
     batch_size: h("input", { id: "batch_size", type: "number", min: 1, max: 256, step: 1, placeholder: "auto" }),
@@ -66,14 +75,18 @@ export async function newJobPage(main, _params, page) {
 
   const form = h("form", { id: "job-form", class: "card" },
     h("h2", {}, "Model and hyperparameters"),
-    h("datalist", { id: "base-models" }, bases.map((b) => h("option", { value: b }))),
+    h("datalist", { id: "base-models" }, bases.map((b) => h("option", { value: b })),
+      tuned.map((t) => h("option", { value: t, label: "fine-tuned: continue it" }))),
     h("div", { class: "form-grid" },
-      h("label", { class: "span-2" }, "Base model", modelInput,
-        h("small", {}, "A registry name (smollm2-135m-instruct) or a model folder on the server.")),
+      h("label", { class: "span-2" }, "Model", modelInput,
+        h("small", {}, "A base model: a registry name (smollm2-135m-instruct) or a model folder on the server. "
+          + "Or a fine-tuned model (ft:…, a job's or a checkpoint's) to continue training it.")),
+      h("label", {}, "Method", method, h("small", {}, "Preference (DPO) trains on prompt/chosen/rejected pairs.")),
+      h("label", { id: "beta-field", hidden: true }, "Beta", beta, h("small", {}, "DPO: higher stays closer to the reference.")),
       h("label", {}, "Suffix", suffix, h("small", {}, "Goes into the model name ft:base:suffix:id")),
       h("label", {}, "Epochs", hp.n_epochs),
       h("label", {}, "Batch size", hp.batch_size),
-      h("label", {}, "Learning-rate multiplier", hp.learning_rate_multiplier, h("small", {}, "× the LoRA default 1e-3")),
+      h("label", {}, "Learning-rate multiplier", hp.learning_rate_multiplier, lrHint),
       h("label", {}, "Seed", seed)),
     h("p", { class: "muted small" }, "Empty fields mean \"auto\": the worker picks them from the data, as hosted fine-tuning does."),
     h("div", { class: "actions" }, submitNote, submit));
@@ -82,10 +95,25 @@ export async function newJobPage(main, _params, page) {
     h("div", { class: "page-head" }, h("h1", {}, "New fine-tuning job")),
     h("div", { class: "two-col" },
       fileSlot("training", trainingReport, "Training file",
-        "JSONL in chat ({\"messages\": [...]}), prompt/completion or alpaca format; at least 10 examples."),
+        "JSONL in chat ({\"messages\": [...]}), prompt/completion or alpaca format, or preference pairs "
+        + "(prompt/chosen/rejected) for DPO; at least 10 examples."),
       fileSlot("validation", validationReport, "Validation file (optional)",
         "Held-out examples: validation loss during training, and an evaluation of base vs tuned at the end.")),
     form);
+
+  // -- method
+
+  const betaField = form.querySelector("#beta-field");
+  let methodTouched = false; // once the user picks a method, the file's format no longer picks it
+  function showMethod() {
+    betaField.hidden = method.value !== "dpo";
+    lrHint.textContent = `× the ${method.value === "dpo" ? "DPO" : "LoRA"} default ${DEFAULT_LR[method.value]}`;
+  }
+  method.addEventListener("change", () => {
+    methodTouched = true;
+    showMethod();
+  });
+  showMethod();
 
   // -- reports
 
@@ -121,6 +149,10 @@ export async function newJobPage(main, _params, page) {
     if (mine !== generation || !page.alive) return;
     if (!report) return drawError(trainingReport, note);
     state.report = report;
+    if (!methodTouched && report.format) { // pairs train with DPO, anything else supervised
+      method.value = report.format === PAIRS_FORMAT ? "dpo" : "supervised";
+      showMethod();
+    }
     drawReport(trainingReport, report, note);
     updateSubmit();
   }
@@ -130,7 +162,8 @@ export async function newJobPage(main, _params, page) {
     submit.disabled = !ok;
     submitNote.textContent = !state.training ? "Upload a training file first."
       : !state.report ? "Checking the file…"
-        : ok ? `${formatNumber(state.report.examples)} training examples ready.`
+        : ok ? `${formatNumber(state.report.examples)} training ${state.report.format === PAIRS_FORMAT
+          ? "preference pairs" : "examples"} ready.`
           : "Fix the errors listed above, then upload the file again.";
   }
 
@@ -149,8 +182,10 @@ export async function newJobPage(main, _params, page) {
     event.preventDefault();
     const hyper = {};
     for (const [k, input] of Object.entries(hp)) if (input.value) hyper[k] = Number(input.value);
+    const type = method.value;
+    if (type === "dpo" && beta.value) hyper.beta = Number(beta.value);
     const body = { model: modelInput.value.trim(), training_file: state.training.id,
-      method: { type: "supervised", supervised: { hyperparameters: hyper } } };
+      method: { type, [type]: { hyperparameters: hyper } } };
     if (state.validation) body.validation_file = state.validation.id;
     if (suffix.value.trim()) body.suffix = suffix.value.trim();
     if (seed.value) body.seed = Number(seed.value);
