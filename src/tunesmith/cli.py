@@ -283,7 +283,8 @@ def _log(msg: str) -> None:
 def distill_cmd(
     prompts: Path = typer.Option(..., "--prompts", help="Prompts: chat/prompt JSONL (answers ignored), CSV/TSV column, or text with one prompt a line."),
     teacher_model: str = typer.Option(..., "--teacher-model", help="Model name the teacher endpoint serves."),
-    out: Path = typer.Option(..., "--out", help="Chat JSONL training file: answers are appended as they arrive and put in prompt order when the run ends (re-run to resume)."),
+    out: Path = typer.Option(..., "--out", help="Chat JSONL training file: answers are appended as they arrive and "
+                             "put in prompt order when the run ends (re-run to resume)."),
     teacher_base_url: Optional[str] = typer.Option(None, "--teacher-base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (default: OpenAI's)."),
     api_key: Optional[str] = typer.Option(None, "--api-key", help="Teacher API key (default: $OPENAI_API_KEY); never written to disk or logs."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt sent with every request (replaces one in the prompts)."),
