@@ -68,9 +68,13 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{new_id('w')[2:10]}"
 
 
-def ft_model_name(base: str, suffix: str | None, job_id: str) -> str:
-    """`ft:<base>:<suffix>:<id>`, with a path base shortened to its last component."""
-    base_name = Path(base).name if ("/" in base or os.sep in base) else base
+def ft_model_name(model: str, suffix: str | None, job_id: str) -> str:
+    """`ft:<base>:<suffix>:<id>`, with a path base shortened to its last component; a job
+    that continues a fine-tuned model (`ft:<base>:...`) is named after the same base."""
+    if model.startswith("ft:"):
+        base_name = model.split(":")[1]
+    else:
+        base_name = Path(model).name if ("/" in model or os.sep in model) else model
     return f"ft:{base_name}:{suffix or ''}:{job_id.split('-', 1)[-1]}"
 
 
@@ -233,7 +237,7 @@ class Worker:
         out = root / "evaluation"
         shutil.rmtree(out, ignore_errors=True)
         self.store.add_event(job_id, "Evaluating the base and the tuned model on the validation file")
-        base, _ = self.store.base_and_adapter(job["model"])
+        base = json.loads((run_dir / "run.json").read_text())["config"]["model"]  # what was trained on
         cmd = [sys.executable, "-m", "tunesmith.jobs.evaluation_stage", "--model", base,
                "--adapter", str(run_dir / "adapter"), "--data", str(self.store.storage_root / valid["path"]),
                "--out", str(out)]
@@ -405,7 +409,7 @@ class Worker:
             "full_valid_loss": m.get("valid_loss"),
             "full_valid_mean_token_accuracy": m.get("token_accuracy"),
         }
-        name = ft_model_name(self.store.base_and_adapter(job["model"])[0], job["suffix"], job["id"]) + f":ckpt-step-{step}"
+        name = ft_model_name(job["model"], job["suffix"], job["id"]) + f":ckpt-step-{step}"
         added = self.store.add_checkpoint({
             "id": new_id("ftckpt"), "job_id": job["id"], "created_at": int(time.time()), "step": step,
             "metrics": metrics, "fine_tuned_model_checkpoint": name, "path": str(dest.relative_to(self.store.storage_root)),
@@ -420,8 +424,7 @@ class Worker:
         run = json.loads((run_dir / "run.json").read_text())
         adapter = run_dir / "adapter"
         result_files = [self._metrics_file(job_id, run_dir)] + ([evaluation] if evaluation else [])
-        base, init_adapter = self.store.base_and_adapter(job["model"])
-        name = ft_model_name(base, job["suffix"], job_id)
+        name = ft_model_name(job["model"], job["suffix"], job_id)
         files_hashes = {}
         for fid in (job["training_file"], job["validation_file"]):
             row = self.store.get_file(fid) if fid else None
@@ -435,9 +438,10 @@ class Worker:
             "metrics": run.get("metrics"),
             "adapter": str(adapter.relative_to(self.store.storage_root)),
         }
-        if init_adapter is not None:  # the fine-tuned model this job continued
+        init_adapter = run["config"].get("init_adapter")
+        if init_adapter:  # the fine-tuned model this job continued
             lineage["continued_from"] = {"model": job["model"],
-                                         "adapter": str(init_adapter.relative_to(self.store.storage_root))}
+                                         "adapter": str(Path(init_adapter).relative_to(self.store.storage_root))}
         eval_file = job_dir(self.store, job_id) / "evaluation" / "evaluation.json"
         if evaluation and eval_file.is_file():
             lineage["evaluation"] = json.loads(eval_file.read_text())
