@@ -64,6 +64,16 @@ def test_dpo_job_trains_with_its_beta_and_reports_rewards(jobs_server, tmp_path,
     assert run["config"]["method"] == "dpo" and run["config"]["beta"] == 0.2
     assert job.lineage["config"]["method"] == "dpo"
 
+    # The step-metrics result file carries the rewards after OpenAI's columns.
+    import csv
+
+    rows = list(csv.DictReader(live.client.files.content(job.result_files[0]).text.splitlines()))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    assert list(rows[0])[:3] == ["step", "epoch", "train_loss"]
+    for r in rows:
+        assert 0.0 <= float(r["reward_accuracy"]) <= 1.0
+        assert float(r["reward_margin"]) == pytest.approx(float(r["rewards_chosen"]) - float(r["rewards_rejected"]), abs=1e-5)
+
 
 def test_a_file_of_the_wrong_kind_fails_validation_with_a_sentence(jobs_server, tmp_path, tiny_model_dir):
     live = jobs_server(workers=1)

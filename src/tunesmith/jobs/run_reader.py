@@ -1,6 +1,7 @@
 """Reading what the trainer leaves in a run directory: metrics, checkpoints, its log.
 
-The worker never imports the trainer; it watches the files `tunesmith train --out RUN`
+The worker never runs the trainer in its own process (it shares only the trainer's
+constants); it watches the files `tunesmith train --out RUN`
 writes (RUN/metrics.jsonl, RUN/run.json, RUN/checkpoints/step-N/) and the child's log.
 
     python -c "from tunesmith.jobs.run_reader import metrics_csv; print(metrics_csv('runs/first').decode())"
@@ -15,8 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tunesmith.train.progress import DPO_METRIC_KEYS
+
 METRICS_CSV_FIELDS = ("step", "epoch", "train_loss", "train_accuracy", "valid_loss",
                       "valid_mean_token_accuracy", "learning_rate", "tokens_per_s", "elapsed_s")
+"""OpenAI's columns; a dpo run's CSV adds DPO_METRIC_KEYS (rewards, margin, reward accuracy)."""
 
 
 class MetricsTail:
@@ -79,16 +83,19 @@ class MetricsTail:
 
 
 def metrics_csv(run_dir: Path) -> bytes:
-    """The run's metrics as OpenAI's step-metrics CSV (a job's result file)."""
+    """The run's metrics as OpenAI's step-metrics CSV (a job's result file), with a dpo run's
+    reward metrics in extra columns after OpenAI's."""
+    rows = MetricsTail(Path(run_dir) / "metrics.jsonl").new_rows()
+    dpo = DPO_METRIC_KEYS if any("reward_accuracy" in row for row in rows) else ()
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(METRICS_CSV_FIELDS)
-    for row in MetricsTail(Path(run_dir) / "metrics.jsonl").new_rows():
+    writer.writerow(METRICS_CSV_FIELDS + dpo)
+    for row in rows:
         # The trainer's token_accuracy is measured on the validation set; it has no training accuracy.
         writer.writerow(["" if v is None else v for v in (
             row.get("step"), row.get("epoch"), row.get("train_loss"), None,
             row.get("valid_loss"), row.get("token_accuracy"), row.get("lr"), row.get("tokens_per_s"),
-            row.get("elapsed"))])
+            row.get("elapsed"), *(row.get(k) for k in dpo))])
     return buf.getvalue().encode()
 
 

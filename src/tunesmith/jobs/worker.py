@@ -36,16 +36,13 @@ from tunesmith.errors import TunesmithError
 from tunesmith.jobs.run_reader import MetricsTail, has_checkpoint, last_error, metrics_csv, trained_tokens
 from tunesmith.jobs.store import JobStore, new_id
 from tunesmith.jobs.validation import MIN_EXAMPLES, check_file, method_mismatch
+from tunesmith.train.config import DEFAULT_BETA, DEFAULT_LEARNING_RATE
+from tunesmith.train.progress import DPO_METRIC_KEYS
 
 ModelReady = Callable[[str, Path], None]
 """Called with (model name, adapter directory) when a model (or checkpoint) is published."""
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "tunesmith_adapter.json")
-DPO_EVENT_KEYS = ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy", "valid_reward_accuracy",
-                  "valid_reward_margin")
-"""A dpo job's metrics.jsonl keys, passed on in its metrics events."""
-DEFAULT_BETA = 0.1
-"""What a dpo job's beta "auto" means (tunesmith train's --beta default)."""
 
 
 @dataclass(frozen=True)
@@ -363,7 +360,7 @@ class Worker:
             data = {"step": step, "total_steps": total, "train_loss": row.get("train_loss"),
                     "valid_loss": row.get("valid_loss"), "valid_mean_token_accuracy": row.get("token_accuracy"),
                     "epoch": row.get("epoch"), "learning_rate": row.get("lr"), "tokens_per_s": row.get("tokens_per_s")}
-            data.update({k: row[k] for k in DPO_EVENT_KEYS if row.get(k) is not None})
+            data.update({k: row[k] for k in DPO_METRIC_KEYS if row.get(k) is not None})
             self.store.add_event(job["id"], ", ".join(parts), type="metrics", data=data)
         ckpt_root = run_dir / "checkpoints"
         if not ckpt_root.is_dir():
@@ -511,8 +508,6 @@ def _can_evaluate() -> bool:
 def _default_learning_rate(kind: str = "supervised") -> float:
     """The learning rate `tunesmith train` uses by default for the job's method (multiplier 1.0):
     LoRA for supervised jobs, LoRA DPO for dpo jobs."""
-    from tunesmith.train.config import DEFAULT_LEARNING_RATE
-
     return DEFAULT_LEARNING_RATE["dpo" if kind == "dpo" else "lora"]
 
 
