@@ -178,6 +178,7 @@ def build_config(values: dict[str, Any], source: str = "options") -> TrainConfig
                 problems.append(f"'{key}' is required (--{key.replace('_', '-')})")
             else:
                 got = values.get(key, err.get("input"))
+                got = str(got) if isinstance(got, Path) else got  # a path as typed, not PosixPath('...')
                 msg = err["msg"].removeprefix("Value error, ").removeprefix("value error, ")
                 problems.append(f"'{loc or key}' {msg[:1].lower()}{msg[1:]} (got {got!r})")
         raise ConfigError(f"invalid training config in {source}: " + "; ".join(problems)) from None
