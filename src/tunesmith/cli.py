@@ -14,7 +14,7 @@ import typer
 
 app = typer.Typer(
     name="tunesmith",
-    help="Fine-tune open-weight language models on your own data: validate, train, evaluate, serve.",
+    help="Fine-tune open-weight language models on your own data: validate, train (LoRA, full, DPO, QLoRA), evaluate, serve with fine-tuning jobs, export, distil.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
