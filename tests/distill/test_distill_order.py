@@ -98,24 +98,6 @@ def test_sort_keeps_unkeyed_lines_at_the_end_and_leaves_an_ordered_file_alone(tm
     assert not sort_by_prompt(folder / "missing.jsonl")
 
 
-def test_a_rewrite_that_dies_half_way_leaves_the_old_file_whole(tmp_path):
-    from tunesmith.distill.order import replace_atomically
-
-    folder = tmp_path / "data"
-    folder.mkdir()
-    path = folder / "train.jsonl"
-    path.write_text('{"a": 1}\n{"b": 2}\n')
-
-    def dies_half_way():
-        yield b'{"b": 2}\n'
-        raise KeyboardInterrupt  # a second Ctrl-C in the middle of the rewrite
-
-    with pytest.raises(KeyboardInterrupt):
-        replace_atomically(path, dies_half_way())
-    assert path.read_text() == '{"a": 1}\n{"b": 2}\n'
-    assert [p.name for p in folder.iterdir()] == ["train.jsonl"]
-
-
 def test_ctrl_c_leaves_the_answers_so_far_in_prompt_order(tmp_path, tiny_model_dir):
     """Prompts 1-6 stall; 7-12 answer, 12 first. SIGINT once those six are saved."""
     wanted = [f"question number {i}" for i in range(12)]

@@ -10,10 +10,10 @@ concurrent request happened to finish first.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
+
+from tunesmith.fileio import replace_atomically
 
 
 def sort_by_prompt(path: Path) -> bool:
@@ -64,25 +64,3 @@ def _prompt_order(line: bytes) -> tuple[int, int] | None:
     if type(prompt_line) is not int or type(n_index) is not int:  # not bool, not float
         return None
     return prompt_line, n_index
-
-
-def replace_atomically(path: Path, chunks: Iterable[bytes]) -> None:
-    """Write a temporary file beside `path`, fsync it, and rename it over `path`."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.writelines(chunks)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, path.stat().st_mode & 0o7777)  # mkstemp makes it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX only)
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)

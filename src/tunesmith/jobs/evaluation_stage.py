@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tunesmith.fileio import write_atomically
+
 SUMMARY_FILE = "evaluation.json"
 
 
@@ -41,9 +43,7 @@ def run_stage(model: str, adapter: Path, data: Path, out: Path) -> dict[str, Any
         "tuned": {"scores": tuned["scores"], "loss": tuned["loss"]},
     }
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (SUMMARY_FILE + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(out / SUMMARY_FILE)
+    write_atomically(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tunesmith.errors import TunesmithError
+from tunesmith.fileio import write_atomically
 from tunesmith.jobs.run_reader import MetricsTail, has_checkpoint, last_error, metrics_csv, trained_tokens
 from tunesmith.jobs.store import JobStore, new_id
 from tunesmith.jobs.validation import MIN_EXAMPLES, check_file, method_mismatch
@@ -462,9 +463,7 @@ class Worker:
         rel = Path("files") / f"{file_id}{Path(filename).suffix}"
         dest = self.store.storage_root / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + ".tmp")
-        tmp.write_bytes(content)
-        os.replace(tmp, dest)
+        write_atomically(dest, content)
         self.store.add_file({
             "id": file_id, "created_at": int(time.time()), "bytes": len(content), "filename": filename,
             "purpose": "fine-tune-results", "status": "processed", "status_details": None,

@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+from tunesmith.fileio import write_atomically
 from tunesmith.models.registry import ModelRef, identity
 from tunesmith.settings import Settings
 
@@ -173,8 +173,4 @@ def _read_cache(path: Path) -> dict[str, Any]:
 def _write_cache(path: Path, cache: dict[str, Any]) -> None:
     # Atomic: a concurrent validate never reads half a file.
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".speed-", suffix=".json")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(cache, fh, indent=2, sort_keys=True)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(cache, indent=2, sort_keys=True))

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import TunesmithError
+from tunesmith.fileio import write_atomically
 from tunesmith.models.adapters import ADAPTER_META
 
 STATE_FILE = "trainer_state.json"
@@ -234,10 +235,7 @@ def read_state(ckpt: Path) -> dict[str, Any]:
 
 
 def mark_best(out: Path, step: int, valid_loss: float) -> None:
-    path = Path(out) / "checkpoints" / "best.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"step": step, "valid_loss": valid_loss}) + "\n")
-    os.replace(tmp, path)
+    write_atomically(Path(out) / "checkpoints" / "best.json", json.dumps({"step": step, "valid_loss": valid_loss}) + "\n")
 
 
 def best_step(out: Path) -> int | None:

@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from tunesmith.fileio import write_atomically
 from tunesmith.train import checkpoint as ck
 from tunesmith.train.config import TrainConfig
 from tunesmith.train.progress import DPO_METRIC_KEYS, METRIC_KEYS, Reporter, say, truncate_metrics
@@ -543,9 +544,7 @@ def _versions() -> dict[str, str]:
 def _write_json(path: Path, obj: Any) -> None:
     import json
 
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 class _StepAbandoned(Exception):
