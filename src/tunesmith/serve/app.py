@@ -236,7 +236,21 @@ class Generation:
 
 def _sampling(req: p.ChatCompletionRequest | p.CompletionRequest, max_tokens: int, index: int) -> SamplingParams:
     seed = None if req.seed is None else req.seed + index
-    return SamplingParams(max_tokens, req.temperature, req.top_p, p.stop_list(req.stop), seed)
+    json_object = getattr(req, "response_format", None) is not None and req.response_format.type == "json_object"
+    return SamplingParams(max_tokens, req.temperature, req.top_p, p.stop_list(req.stop), seed, json_object)
+
+
+def _check_response_format(req: p.ChatCompletionRequest) -> None:
+    """JSON mode needs the word JSON in the messages (as OpenAI requires: a model not told to
+    write JSON tends to fill its budget with whitespace); json_schema is not supported."""
+    kind = req.response_format.type if req.response_format else "text"
+    if kind == "json_schema":
+        raise APIError(400, "response_format type json_schema is not supported here; use {\"type\": \"json_object\"} "
+                            "(the answer is then always one JSON object) and describe the fields in the messages",
+                       param="response_format", code="unsupported_response_format")
+    if kind == "json_object" and not any("json" in m.text().lower() for m in req.messages):
+        raise APIError(400, "'messages' must contain the word 'json' in some form, to use 'response_format' of type "
+                            "'json_object'", param="messages")
 
 
 def _budget(engine: Engine, prompt_len: int, requested: int | None, param: str, prompt_param: str) -> int:
@@ -353,6 +367,7 @@ async def get_model(model_id: str, engine: Engine = Depends(get_engine)) -> p.Mo
 @completions_router.post("/chat/completions", response_model=None)
 async def chat_completions(req: p.ChatCompletionRequest, request: Request, engine: Engine = Depends(get_engine)):
     _check_model(engine, req.model)
+    _check_response_format(req)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(), "name": m.name}
                 for m in req.messages]
     prompt = engine.render_chat(messages)

@@ -52,6 +52,8 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    json_object: bool = False
+    """JSON mode: the answer is one JSON object (see serve/json_mode.py)."""
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,9 @@ class _Seq:
     n_cached: int = 0
     """Tokens of this row held in the KV cache (its next position id)."""
     done: bool = False
+    json: Any = None
+    """JSON mode: the JsonPrefix that has read `json_text`, the answer's text so far."""
+    json_text: str = ""
 
 
 class LocalEngine:
@@ -289,6 +294,10 @@ class LocalEngine:
         if not prompt_ids:
             raise UsageError("the prompt is empty")
         seq = _Seq(list(prompt_ids), None if model == self.base_id else model, params, on_event, Handle())
+        if params.json_object:
+            from tunesmith.serve.json_mode import JsonPrefix
+
+            seq.json = JsonPrefix()
         if params.temperature > 0:
             seq.generator = self._torch.Generator()
             seq.generator.manual_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "big"))
@@ -456,6 +465,7 @@ class LocalEngine:
         chosen = logits.argmax(dim=-1)
         for i, s in enumerate(rows):
             p = s.params
+            probs = None
             if p.temperature > 0:
                 probs = torch.softmax(logits[i] / p.temperature, dim=-1)
                 if p.top_p < 1.0:
@@ -465,9 +475,23 @@ class LocalEngine:
                     sorted_p[drop] = 0.0
                     probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
                 chosen[i] = torch.multinomial(probs, 1, generator=s.generator)[0]
+            if s.json is not None and not s.done:
+                chosen[i] = self._json_token(s, int(chosen[i]), logits[i], probs)
         for s, tok in zip(rows, chosen.tolist()):
             self._advance(s, tok)
         return chosen
+
+    def _json_token(self, s: _Seq, first: int, logits: Any, probs: Any) -> int:
+        """JSON mode: the sampler's token if it keeps the answer a JSON object, else the next
+        one in the sampler's order that does; end of turn when none does."""
+        from tunesmith.serve.json_mode import candidates, pick
+
+        found = pick(s.json, s.json_text, s.out_ids, candidates(first, logits, probs, s.generator), self._eot,
+                     lambda ids: self._tok.decode(ids, skip_special_tokens=True))
+        if found is None:
+            return min(self._eot)
+        tok, s.json, s.json_text = found
+        return tok
 
     def _advance(self, s: _Seq, tok: int) -> None:
         """Record one sampled token for a row and send the text it completes."""

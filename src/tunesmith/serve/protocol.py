@@ -43,6 +43,11 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[dict[str, Any]] = None
+
+
 def _check_stop(v: Any) -> Any:
     stops = [v] if isinstance(v, str) else (v or [])
     if len(stops) > MAX_STOP:
@@ -63,6 +68,8 @@ class ChatCompletionRequest(_Strict):
     max_completion_tokens: Optional[int] = Field(None, ge=1, description="Most tokens to generate.")
     max_tokens: Optional[int] = Field(None, ge=1, description="Most tokens to generate (older name).")
     n: int = Field(1, ge=1, le=MAX_N, description="Completions to generate for the prompt.")
+    response_format: Optional[ResponseFormat] = Field(
+        None, description='{"type": "json_object"}: the answer is one JSON object (JSON mode).')
     seed: Optional[int] = Field(None, description="Seed for sampling; same seed, same output.")
     stop: Union[str, list[str], None] = Field(None, description="Up to 4 strings that end generation.")
     stream: bool = False
