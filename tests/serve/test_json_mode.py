@@ -1,17 +1,19 @@
-"""JSON mode (`response_format: {"type": "json_object"}`): the automaton against json.loads,
-token picking with a real byte-level tokenizer, the engine and the HTTP API with the
-official openai client, and SmolLM2 (slow)."""
+"""JSON mode (`response_format` json_object and json_schema): the reader against json.loads
+and jsonschema, token picking with a real byte-level tokenizer, the engine and the HTTP API
+with the official openai client, and SmolLM2 (slow)."""
 
 from __future__ import annotations
 
 import json
 import random
 
+import jsonschema
 import openai
 import pytest
 
 from tunesmith.serve.engine import SamplingParams
-from tunesmith.serve.json_mode import MAX_WHITESPACE_RUN, JsonPrefix, pick
+from tunesmith.serve.json_mode import ANY_OBJECT, MAX_WHITESPACE_RUN, JsonPrefix, pick
+from tunesmith.serve.json_schema import SchemaError, compile_schema
 
 VALID = ['{}', '{"a": 1}', '{ "k" : "v" , "l":[ ] }', '{"a": [1, 2.5, -0.1e-3, 1E+2, true, false, null, "x\\n\\u00e9"]}',
          '{"nested": {"b": {"c": [[], {}]}}, "": ""}', '{\n  "name": "Alice",\n  "age": 30\n}']
@@ -70,6 +72,11 @@ def test_pick_checks_the_decoded_text_and_partial_characters(tiny_tokenizer):
     assert pick(state, decode(in_string), in_string, iter([token_for("}")]), eot, decode)[2] == '{"a": "x}'
     assert pick(state, decode(in_string), in_string, iter([partial]), eot, decode)[2] == '{"a": "x'
     assert pick(state, decode(in_string), in_string, iter(eot), eot, decode) is None  # not closed: no end of turn
+    # In a key held to the schema's names a partial character could only start a loop: refused.
+    in_key = tok.encode('{"in', add_special_tokens=False)
+    state = JsonPrefix(TICKET)
+    assert state.feed(decode(in_key))
+    assert pick(state, decode(in_key), in_key, iter([partial]), eot, decode) is None
     after_value = tok.encode('{"a": 1', add_special_tokens=False)
     state = JsonPrefix()
     assert state.feed(decode(after_value))
@@ -84,12 +91,12 @@ def test_the_engine_answers_one_json_object(engine):
     prompt = engine.render_chat([{"role": "user", "content": "answer in json"}])
     for model in (engine.base_id, "beta"):  # beta (a random adapter) writes long strings
         for temperature, seed in ((0.0, None), (1.0, 1), (1.0, 2)):
-            text, finish, _ = engine.generate(prompt, model, SamplingParams(64, temperature, 1.0, (), seed, True))
+            text, finish, _ = engine.generate(prompt, model, SamplingParams(64, temperature, 1.0, (), seed, ANY_OBJECT))
             if finish == "stop":
                 assert isinstance(json.loads(text), dict), text
             else:
                 assert finish == "length" and JsonPrefix().feed(text), text
-    text, finish, n = engine.generate(prompt, engine.base_id, SamplingParams(1, 0.0, json_object=True))
+    text, finish, n = engine.generate(prompt, engine.base_id, SamplingParams(1, 0.0, json_schema=ANY_OBJECT))
     assert finish == "length" and n == 1 and text.startswith("{") and JsonPrefix().feed(text)
 
 
@@ -106,14 +113,139 @@ def test_response_format_through_the_api(client, engine):
     with pytest.raises(openai.BadRequestError, match="must contain the word 'json'"):
         client.chat.completions.create(model="beta", messages=[{"role": "user", "content": "hi"}],
                                        response_format={"type": "json_object"})
-    with pytest.raises(openai.BadRequestError, match="json_schema is not supported here") as err:
-        client.chat.completions.create(
-            model="beta", messages=[{"role": "user", "content": "json"}],
-            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}})
-    assert err.value.param == "response_format"
     plain = client.chat.completions.create(model="beta", messages=[{"role": "user", "content": "hi"}],
                                            response_format={"type": "text"}, max_tokens=4, temperature=0)
     assert plain.choices[0].finish_reason in ("stop", "length")
+
+
+TICKET = {
+    "type": "object",
+    "properties": {
+        "intent": {"type": "string", "enum": ["card_arrival", "lost_or_stolen_card", "refund"]},
+        "confidence": {"type": "number"},
+        "count": {"type": "integer"},
+        "tags": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 3},
+        "refund": {"type": ["boolean", "null"]},
+        "customer": {"$ref": "#/$defs/customer"},
+    },
+    "required": ["intent", "confidence", "count", "tags", "refund", "customer"],
+    "additionalProperties": False,
+    "$defs": {"customer": {"type": "object", "properties": {"name": {"type": "string"}, "vip": {"type": "boolean"}},
+                           "required": ["name"], "additionalProperties": False}},
+}
+TICKET_OK = {"intent": "card_arrival", "confidence": 0.75, "count": 2, "tags": ["late", "card"], "refund": None,
+             "customer": {"name": "Ana", "vip": True}}
+
+
+def reads(schema, text) -> bool:
+    state = JsonPrefix(schema)
+    return state.feed(text) and state.complete
+
+
+def test_a_schema_holds_keys_types_enums_and_sizes():
+    for value in (TICKET_OK, {**TICKET_OK, "refund": False, "tags": ["x"], "confidence": -1e-3},
+                  {**TICKET_OK, "customer": {"name": "B"}, "intent": "refund", "count": -7}):
+        for text in (json.dumps(value), json.dumps(value, indent=2), json.dumps(value, separators=(",", ":"))):
+            assert reads(TICKET, text), text
+            for i in range(len(text)):
+                assert JsonPrefix(TICKET).feed(text[:i]), (text, i)
+    bad = {
+        "a required key missing": {k: v for k, v in TICKET_OK.items() if k != "count"},
+        "an unknown key": {**TICKET_OK, "extra": 1},
+        "a value outside the enum": {**TICKET_OK, "intent": "card"},
+        "a float for an integer": {**TICKET_OK, "count": 2.5},
+        "too many items": {**TICKET_OK, "tags": ["a", "b", "c", "d"]},
+        "too few items": {**TICKET_OK, "tags": []},
+        "a string for boolean-or-null": {**TICKET_OK, "refund": "yes"},
+        "a nested unknown key": {**TICKET_OK, "customer": {"name": "A", "age": 3}},
+        "a nested required key missing": {**TICKET_OK, "customer": {"vip": False}},
+    }
+    for why, value in bad.items():
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(value, TICKET)
+        assert not reads(TICKET, json.dumps(value)), why
+    assert not reads(TICKET, json.dumps(TICKET_OK)[:-1] + ', "count": 3}')  # a key twice
+
+
+def test_whatever_the_reader_lets_through_validates(tmp_path):
+    """A random walk over the characters the reader accepts: every value it completes is
+    valid for jsonschema, whichever schema, including a recursive one."""
+    tree = {"$ref": "#/$defs/node", "$defs": {"node": {
+        "type": "object", "properties": {"label": {"enum": ["a", "b", 3, None]},
+                                         "children": {"type": "array", "items": {"$ref": "#/$defs/node"}}},
+        "required": ["children"], "additionalProperties": False}}}
+    loose = {"type": "object", "properties": {"n": {"anyOf": [{"type": "integer"}, {"type": "string"}]}},
+             "required": ["n"], "additionalProperties": {"type": "integer"}}
+    rng = random.Random(1)
+    for schema in (TICKET, tree, loose, ANY_OBJECT):
+        alphabet = sorted(set(json.dumps(schema)) | set('{}[]:,"-.0123456789eE+ truefalsn\\'))
+        completed = 0
+        for _ in range(100):
+            state, text = JsonPrefix(schema), ""
+            while len(text) < 200 and not (state.complete and rng.random() < 0.5):
+                options = [ch for ch in alphabet if state.copy().feed(ch)]
+                if not options:
+                    break
+                closers = [ch for ch in options if ch in '"}]']
+                ch = rng.choice(closers if closers and rng.random() < 0.5 else options)
+                state.feed(ch)
+                text += ch
+            if state.complete:
+                completed += 1
+                jsonschema.validate(json.loads(text), schema)
+        assert completed >= 3, (schema, completed)  # the walk (seeded) does complete values
+
+
+def test_schemas_the_reader_cannot_honour_are_named():
+    for schema, message in (
+        ({"type": "object", "not": {"type": "string"}}, r"schema: not not supported"),
+        ({"type": "strin"}, r'schema.type: unknown type "strin"'),
+        ({"type": "object", "properties": {"a": {"$ref": "#/$defs/nope"}}}, r"points at nothing"),
+        ({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["b"], "additionalProperties": False},
+         r"schema.required: b not in properties"),
+        ({"type": "object", "properties": {"a": {"oneOf": [{"type": "string"}]}}}, r"schema.properties.a: oneOf"),
+    ):
+        with pytest.raises(SchemaError, match=message):
+            compile_schema(schema)
+
+
+def test_json_schema_through_the_api(client, engine):
+    fmt = {"type": "json_schema", "json_schema": {"name": "ticket", "strict": True, "schema": TICKET}}
+    for model, seed in (("beta", 1), (engine.base_id, 2)):
+        resp = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Route this ticket."}],
+                                              response_format=fmt, max_tokens=120, temperature=1.0, seed=seed)
+        choice = resp.choices[0]
+        if choice.finish_reason == "stop":
+            jsonschema.validate(json.loads(choice.message.content), TICKET)
+        else:
+            assert JsonPrefix(TICKET).feed(choice.message.content), choice.message.content
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "not": {}}}}
+    with pytest.raises(openai.BadRequestError, match="not not supported") as err:
+        client.chat.completions.create(model="beta", messages=[{"role": "user", "content": "hi"}], response_format=bad)
+    assert err.value.code == "unsupported_schema" and err.value.param == "response_format.json_schema.schema"
+    with pytest.raises(openai.BadRequestError, match="needs 'json_schema'"):
+        client.chat.completions.create(model="beta", messages=[{"role": "user", "content": "hi"}],
+                                       response_format={"type": "json_schema"})
+
+
+@pytest.mark.slow
+def test_smollm2_fills_a_schema(smollm2):
+    """Routing a support message into a fixed schema: every answer validates."""
+    from tunesmith.serve.engine import LocalEngine
+
+    schema = {"type": "object", "properties": {
+        "intent": {"type": "string", "enum": ["card_arrival", "lost_or_stolen_card", "exchange_rate"]},
+        "urgent": {"type": "boolean"}}, "required": ["intent", "urgent"], "additionalProperties": False}
+    engine = LocalEngine.load(str(smollm2))
+    try:
+        prompt = engine.render_chat([{"role": "user", "content": "Classify this support message: "
+                                      "'Someone stole my card, please block it now!'"}])
+        for temperature, seed in ((0.0, None), (0.8, 1), (0.8, 2)):
+            text, finish, _ = engine.generate(prompt, engine.base_id, SamplingParams(48, temperature, 1.0, (), seed, schema))
+            assert finish == "stop", text
+            jsonschema.validate(json.loads(text), schema)
+    finally:
+        engine.close()
 
 
 @pytest.mark.slow
@@ -126,7 +258,7 @@ def test_smollm2_in_json_mode_answers_a_parseable_object(smollm2):
     try:
         prompt = engine.render_chat([{"role": "user", "content": "Give the name and age of Alice, who is 30, as JSON."}])
         for temperature, seed in ((0.0, None), (0.8, 1), (0.8, 3)):
-            text, finish, _ = engine.generate(prompt, engine.base_id, SamplingParams(96, temperature, 1.0, (), seed, True))
+            text, finish, _ = engine.generate(prompt, engine.base_id, SamplingParams(96, temperature, 1.0, (), seed, ANY_OBJECT))
             assert finish == "stop", text
             value = json.loads(text)
             assert isinstance(value, dict) and "Alice" in json.dumps(value), text

@@ -234,23 +234,39 @@ class Generation:
             h.cancel()
 
 
-def _sampling(req: p.ChatCompletionRequest | p.CompletionRequest, max_tokens: int, index: int) -> SamplingParams:
+def _sampling(req: p.ChatCompletionRequest | p.CompletionRequest, max_tokens: int, index: int,
+              schema: dict[str, Any] | None = None) -> SamplingParams:
     seed = None if req.seed is None else req.seed + index
-    json_object = getattr(req, "response_format", None) is not None and req.response_format.type == "json_object"
-    return SamplingParams(max_tokens, req.temperature, req.top_p, p.stop_list(req.stop), seed, json_object)
+    return SamplingParams(max_tokens, req.temperature, req.top_p, p.stop_list(req.stop), seed, schema)
 
 
-def _check_response_format(req: p.ChatCompletionRequest) -> None:
-    """JSON mode needs the word JSON in the messages (as OpenAI requires: a model not told to
-    write JSON tends to fill its budget with whitespace); json_schema is not supported."""
+def _response_schema(req: p.ChatCompletionRequest) -> dict[str, Any] | None:
+    """The schema an answer is held to: json_object's any object, json_schema's own, or None
+    (text). A 400 for what cannot be honoured: json_object without the word JSON in the
+    messages (as OpenAI requires: a model not told to write JSON tends to fill its budget with
+    whitespace), a json_schema without a schema or with keywords the reader does not know."""
+    from tunesmith.serve.json_mode import ANY_OBJECT
+    from tunesmith.serve.json_schema import SchemaError, compile_schema
+
     kind = req.response_format.type if req.response_format else "text"
+    if kind == "json_object":
+        if not any("json" in m.text().lower() for m in req.messages):
+            raise APIError(400, "'messages' must contain the word 'json' in some form, to use 'response_format' of "
+                                "type 'json_object'", param="messages")
+        return ANY_OBJECT
     if kind == "json_schema":
-        raise APIError(400, "response_format type json_schema is not supported here; use {\"type\": \"json_object\"} "
-                            "(the answer is then always one JSON object) and describe the fields in the messages",
-                       param="response_format", code="unsupported_response_format")
-    if kind == "json_object" and not any("json" in m.text().lower() for m in req.messages):
-        raise APIError(400, "'messages' must contain the word 'json' in some form, to use 'response_format' of type "
-                            "'json_object'", param="messages")
+        spec = req.response_format.json_schema or {}
+        schema = spec.get("schema")
+        if not isinstance(schema, dict):
+            raise APIError(400, "response_format json_schema needs 'json_schema': {\"name\": ..., \"schema\": {...}}",
+                           param="response_format.json_schema")
+        try:
+            compile_schema(schema)
+        except SchemaError as exc:
+            raise APIError(400, f"response_format.json_schema.{exc}", param="response_format.json_schema.schema",
+                           code="unsupported_schema")
+        return schema
+    return None
 
 
 def _budget(engine: Engine, prompt_len: int, requested: int | None, param: str, prompt_param: str) -> int:
@@ -367,13 +383,13 @@ async def get_model(model_id: str, engine: Engine = Depends(get_engine)) -> p.Mo
 @completions_router.post("/chat/completions", response_model=None)
 async def chat_completions(req: p.ChatCompletionRequest, request: Request, engine: Engine = Depends(get_engine)):
     _check_model(engine, req.model)
-    _check_response_format(req)
+    schema = _response_schema(req)  # a bad response_format is a 400 before any work
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(), "name": m.name}
                 for m in req.messages]
     prompt = engine.render_chat(messages)
     limit, limit_param = req.token_limit()
     max_tokens = _budget(engine, len(prompt), limit, limit_param, "messages")
-    gen = Generation(engine, req.model, [(prompt, _sampling(req, max_tokens, i)) for i in range(req.n)])
+    gen = Generation(engine, req.model, [(prompt, _sampling(req, max_tokens, i, schema)) for i in range(req.n)])
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if req.stream:
         return _stream_chat(gen, request, req, rid, created, len(prompt))

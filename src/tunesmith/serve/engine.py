@@ -52,8 +52,9 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
-    json_object: bool = False
-    """JSON mode: the answer is one JSON object (see serve/json_mode.py)."""
+    json_schema: dict[str, Any] | None = None
+    """JSON mode: the answer is one JSON value of this schema ({"type": "object"}: any
+    object), see serve/json_mode.py; None: free text."""
 
 
 @dataclass(frozen=True)
@@ -294,10 +295,10 @@ class LocalEngine:
         if not prompt_ids:
             raise UsageError("the prompt is empty")
         seq = _Seq(list(prompt_ids), None if model == self.base_id else model, params, on_event, Handle())
-        if params.json_object:
+        if params.json_schema is not None:
             from tunesmith.serve.json_mode import JsonPrefix
 
-            seq.json = JsonPrefix()
+            seq.json = JsonPrefix(params.json_schema)
         if params.temperature > 0:
             seq.generator = self._torch.Generator()
             seq.generator.manual_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "big"))

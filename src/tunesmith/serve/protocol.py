@@ -69,7 +69,8 @@ class ChatCompletionRequest(_Strict):
     max_tokens: Optional[int] = Field(None, ge=1, description="Most tokens to generate (older name).")
     n: int = Field(1, ge=1, le=MAX_N, description="Completions to generate for the prompt.")
     response_format: Optional[ResponseFormat] = Field(
-        None, description='{"type": "json_object"}: the answer is one JSON object (JSON mode).')
+        None, description='{"type": "json_object"}: one JSON object; {"type": "json_schema", "json_schema": '
+                          '{"name", "schema"}}: one value of the schema (structured outputs).')
     seed: Optional[int] = Field(None, description="Seed for sampling; same seed, same output.")
     stop: Union[str, list[str], None] = Field(None, description="Up to 4 strings that end generation.")
     stream: bool = False
