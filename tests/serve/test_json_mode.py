@@ -13,7 +13,7 @@ import pytest
 
 from tunesmith.serve.engine import SamplingParams
 from tunesmith.serve.json_mode import ANY_OBJECT, MAX_WHITESPACE_RUN, JsonPrefix, pick
-from tunesmith.serve.json_schema import SchemaError, compile_schema
+from tunesmith.serve.json_schema import MAX_DEPTH, SchemaError, compile_schema
 
 VALID = ['{}', '{"a": 1}', '{ "k" : "v" , "l":[ ] }', '{"a": [1, 2.5, -0.1e-3, 1E+2, true, false, null, "x\\n\\u00e9"]}',
          '{"nested": {"b": {"c": [[], {}]}}, "": ""}', '{\n  "name": "Alice",\n  "age": 30\n}']
@@ -32,6 +32,7 @@ def test_every_prefix_of_a_json_object_is_accepted_and_only_a_whole_one_complete
         state = JsonPrefix()
         assert not (state.feed(text) and state.complete), text
     assert not JsonPrefix().feed('{"a":' + " " * (MAX_WHITESPACE_RUN + 1))  # a model stuck on whitespace
+    assert JsonPrefix().feed('{"a":' + "[" * MAX_DEPTH) and not JsonPrefix().feed('{"a":' + "[" * (MAX_DEPTH + 1))
 
 
 def test_the_automaton_agrees_with_json_loads_on_random_text():

@@ -225,10 +225,12 @@ class _Container(Matcher):
     def free_text(self) -> bool:  # type: ignore[override]
         return self.child is not None and self.child.free_text
 
-    def _start(self, factory: Factory) -> None:
+    def _start(self, factory: Factory) -> bool:
+        """Begin reading a value; False past MAX_DEPTH (a recursive schema is not followed further)."""
         if self.depth + 1 > MAX_DEPTH:
-            raise SchemaError(f"values nest deeper than {MAX_DEPTH} levels")
+            return False
         self.child, self.mode = factory(self.depth + 1), "value_in"
+        return True
 
 
 class Object(_Container):
@@ -269,8 +271,7 @@ class Object(_Container):
         elif mode == "colon" and ch == ":":
             self.mode = "value"
         elif mode == "value":
-            self._start(self._value_factory)
-            return self.step(ch)
+            return self._start(self._value_factory) and self.step(ch)
         elif mode == "after" and ch == "," and self._key_possible():
             self.mode = "key"
         else:
@@ -331,8 +332,7 @@ class Array(_Container):
         elif mode == "after" and ch == "," and (self.max_items is None or self.count < self.max_items):
             self.mode = "value"
         elif mode in ("first", "value") and (self.max_items is None or self.count < self.max_items):
-            self._start(self.items)
-            if not self.child.step(ch):
+            if not self._start(self.items) or not self.child.step(ch):
                 return False
             self.count += 1
             if self.child.finished:
