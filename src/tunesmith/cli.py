@@ -25,8 +25,14 @@ app.add_typer(models_app, name="models")
 
 def main() -> None:
     """Console entry point: run the app, turn TunesmithError into a message and exit code."""
+    import os
+
     from tunesmith.errors import TunesmithError
 
+    # tunesmith reports its own progress (steps, tokens/s, ETA) for long work; the bars that
+    # transformers draws for each model load and save ("Loading weights") only interleave
+    # with it. HF_HUB_DISABLE_PROGRESS_BARS=0 brings them back.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         app()
     except TunesmithError as exc:

@@ -34,6 +34,7 @@ def test_chat_with_a_pipe_prints_the_answer(tiny_model_dir, adapter_dirs, engine
     ids = engine.render_chat([{"role": "user", "content": question}])
     want, _, _ = engine.generate(ids, "beta", SamplingParams(12, 0.0))
     assert proc.stdout == want + "\n"
+    assert "Loading weights" not in proc.stderr  # transformers' load bar is not tunesmith's output
 
 
 def test_chat_without_input_says_so(tiny_model_dir):
