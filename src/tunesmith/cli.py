@@ -178,6 +178,30 @@ _METRIC_HELP = "auto (picked from the references), label, exact, json or rouge."
 _COLUMNS_HELP = "CSV/TSV: column holding the {}."
 
 
+_JSON_MODE_HELP = "Hold every answer to one JSON object, as the server's JSON mode does (response_format json_object)."
+_JSON_SCHEMA_HELP = "Hold every answer to one JSON value of this JSON Schema file (structured outputs, as the server's json_schema)."
+
+
+def _answer_schema(json_mode: bool, path: Optional[Path]) -> Optional[dict]:
+    """The schema answers are held to: --json-schema's, --json-mode's any object, or None."""
+    import json
+
+    from tunesmith.errors import UsageError
+    from tunesmith.serve.json_mode import ANY_OBJECT
+    from tunesmith.serve.json_schema import SchemaError, compile_schema
+
+    if path is None:
+        return ANY_OBJECT if json_mode else None
+    try:
+        schema = json.loads(Path(path).read_text())
+        compile_schema(schema)
+    except OSError as exc:
+        raise UsageError(f"--json-schema {path}: cannot read it ({exc.strerror})") from None
+    except ValueError as exc:  # bad JSON, or a SchemaError naming what cannot be honoured
+        raise UsageError(f"--json-schema {path}: {exc}") from None
+    return schema
+
+
 @app.command("eval")
 def eval_cmd(
     data: Path = typer.Option(..., "--data", help="Held-out examples with reference answers (.jsonl, .csv, .tsv)."),
@@ -194,15 +218,18 @@ def eval_cmd(
     system: Optional[str] = typer.Option(None, "--system", help="System prompt (default: the one the adapter's run trained with)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N examples."),
     report: bool = typer.Option(False, "--report", help="Also write report.html into the output folder."),
+    json_mode: bool = typer.Option(False, "--json-mode", help=_JSON_MODE_HELP),
+    json_schema: Optional[Path] = typer.Option(None, "--json-schema", help=_JSON_SCHEMA_HELP),
 ) -> None:
     """Evaluate a model or adapter on held-out data."""
     from tunesmith.evaluate.evaluation import evaluate, print_eval
 
+    schema = _answer_schema(json_mode, json_schema)
     out = out or _default_out(adapter, "eval")
     result = evaluate(
         model, data, adapter=adapter, metric=metric, out=out, max_new_tokens=max_new_tokens,
         batch_size=batch_size, precision=precision, format=format, input_column=input_column,
-        output_column=output_column, system=system, limit=limit, log=_log,
+        output_column=output_column, system=system, limit=limit, json_schema=schema, log=_log,
     )
     print_eval(result)
     _log(f"wrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}")
@@ -236,10 +263,13 @@ def compare_cmd(
     teacher_base_url: Optional[str] = typer.Option(None, "--teacher-base-url", help="The teacher's endpoint, e.g. http://127.0.0.1:8000/v1 (default: OpenAI's)."),
     teacher_api_key: Optional[str] = typer.Option(None, "--teacher-api-key", help="The teacher's API key (default: $OPENAI_API_KEY); never written."),
     teacher_price_per_million: Optional[float] = typer.Option(None, "--teacher-price-per-million", help="The teacher's price per million tokens (default: --price-per-million)."),
+    json_mode: bool = typer.Option(False, "--json-mode", help=_JSON_MODE_HELP),
+    json_schema: Optional[Path] = typer.Option(None, "--json-schema", help=_JSON_SCHEMA_HELP),
 ) -> None:
     """Zero-shot vs few-shot vs retrieval few-shot vs fine-tuned (vs a teacher), on the same test set."""
     from tunesmith.evaluate.comparison import compare, print_comparison
 
+    schema = _answer_schema(json_mode, json_schema)
     out = out or _default_out(None, "compare")
     result = compare(
         model, train, test, adapter=adapter, train_adapter=train_adapter, shots=shots,
@@ -247,7 +277,7 @@ def compare_cmd(
         batch_size=batch_size, precision=precision, format=format, input_column=input_column,
         output_column=output_column, system=system, limit=limit, teacher_model=teacher_model,
         teacher_base_url=teacher_base_url, teacher_api_key=teacher_api_key,
-        teacher_price_per_million=teacher_price_per_million, log=_log,
+        teacher_price_per_million=teacher_price_per_million, json_schema=schema, log=_log,
     )
     print_comparison(result)
     _log(f"wrote {out / 'compare.json'}")

@@ -158,3 +158,48 @@ def test_report_of_a_training_run_only(tmp_path):
     assert [r["valid_loss"] for r in data["training"] if "valid_loss" in r] == pytest.approx([3.2 / 5, 3.2 / 10])
     html = (tmp_path / "r.html").read_text()
     assert "http://" not in html and "https://" not in html  # nothing fetched from outside
+
+
+def test_eval_and_compare_hold_answers_to_a_json_schema(tiny_model_dir, tmp_path):
+    """--json-schema: every answer that ended parses and validates (jsonschema), answers cut
+    by --max-new-tokens are the start of one, and the schema is recorded; a schema the reader
+    cannot honour is one sentence and exit 2."""
+    import jsonschema
+
+    from tunesmith.serve.json_mode import JsonPrefix
+
+    schema = {"type": "object", "properties": {"label": {"enum": LABELS}}, "required": ["label"],
+              "additionalProperties": False}
+    schema_file = tmp_path / "answer.schema.json"
+    schema_file.write_text(json.dumps(schema))
+    test = write_label_csv(tmp_path / "test.csv", 6, "t")
+    out = tmp_path / "ev"
+    proc = run_cli("eval", "--model", tiny_model_dir, "--adapter", make_adapter(tiny_model_dir, tmp_path / "a"),
+                   "--data", test, "--out", out, "--max-new-tokens", "200", "--metric", "exact",
+                   "--json-schema", schema_file)
+    assert proc.returncode == 0, proc.stderr
+    rows = _rows(out / "predictions.jsonl")
+    ended = [r for r in rows if r["completion_tokens"] < 200]
+    assert ended, rows  # the label enum leaves short answers
+    for r in rows:
+        if r in ended:
+            jsonschema.validate(json.loads(r["prediction"]), schema)
+        else:
+            assert JsonPrefix(schema).feed(r["prediction"]), r
+    assert json.loads((out / "metrics.json").read_text())["json_schema"] == schema
+
+    train = write_label_csv(tmp_path / "train.csv", 8, "q")
+    proc = run_cli("compare", "--model", tiny_model_dir, "--train", train, "--test", test, "--shots", "1",
+                   "--max-new-tokens", "32", "--metric", "exact", "--json-mode", "--out", tmp_path / "cmp")
+    assert proc.returncode == 0, proc.stderr
+    c = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert c["json_schema"] == {"type": "object"}
+    for s in c["strategies"]:
+        for r in _rows(tmp_path / "cmp" / s["folder"] / "predictions.jsonl"):
+            state = JsonPrefix()
+            assert state.feed(r["prediction"]), r
+            assert not state.complete or isinstance(json.loads(r["prediction"]), dict)
+
+    schema_file.write_text(json.dumps({"type": "object", "oneOf": [{"type": "object"}]}))
+    bad = run_cli("eval", "--model", tiny_model_dir, "--data", test, "--json-schema", schema_file)
+    assert bad.returncode == 2 and "oneOf not supported" in bad.stderr and "Traceback" not in bad.stderr

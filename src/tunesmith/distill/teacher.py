@@ -76,6 +76,7 @@ async def ask(
     max_retries: int = 5,
     secret: str | None = None,
     backoff_base_s: float = BACKOFF_BASE_S,
+    response_format: dict[str, Any] | None = None,
 ) -> Reply:
     """One chat completion with `n` answers, retried on transient errors.
 
@@ -83,6 +84,8 @@ async def ask(
     import openai
 
     params: dict[str, Any] = {"model": model, "messages": list(messages), "n": n}
+    if response_format is not None:
+        params["response_format"] = response_format
     if temperature is not None:
         params["temperature"] = temperature
     if max_tokens is not None:

@@ -171,13 +171,15 @@ def compare(
     teacher_base_url: str | None = None,
     teacher_api_key: str | None = None,
     teacher_price_per_million: float | None = None,
+    json_schema: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> Comparison:
     """Measure the strategies on `test`; write compare.json and one folder each to `out`.
 
     teacher_model: also ask this model at teacher_base_url (OpenAI-compatible) each test
     example's own prompt (with `system` when given), priced at teacher_price_per_million
-    (default: price_per_million)."""
+    (default: price_per_million). json_schema: every strategy's answers are held to one JSON
+    value of it (JSON mode; the teacher gets it as response_format)."""
     if shots < 1:
         raise UsageError(f"--shots must be at least 1, got {shots}")
     if adapter is not None and train_adapter:
@@ -202,7 +204,8 @@ def compare(
         log(f"{name}: base model, {shots if name != ZERO_SHOT else 0} examples in the prompt")
         prompts = prompting_prompts(name, test_ex, train_ex, shots, system_prompt)
         result = evaluate_loaded(
-            loaded, test_ex, prompts, kind, labels, max_new_tokens, batch_size, precision, with_loss=False, log=log
+            loaded, test_ex, prompts, kind, labels, max_new_tokens, batch_size, precision, with_loss=False,
+            json_schema=json_schema, log=log,
         )
         result.metrics["data"] = str(test)
         strategies.append(Strategy(name, result, price_per_million))
@@ -212,14 +215,15 @@ def compare(
         tuned_system = system if system is not None else run_system_prompt(adapter)
         tuned_ex = [with_system(ex, tuned_system) for ex in test_ex] if tuned_system else list(test_ex)
         result = evaluate_loaded(
-            tuned, tuned_ex, None, kind, labels, max_new_tokens, batch_size, precision, with_loss=True, log=log
+            tuned, tuned_ex, None, kind, labels, max_new_tokens, batch_size, precision, with_loss=True,
+            json_schema=json_schema, log=log,
         )
         result.metrics["data"] = str(test)
         strategies.append(Strategy(FINE_TUNED, result, price_per_million))
     if teacher_model is not None:
         log(f"{TEACHER}: {teacher_model} at {teacher_base_url or 'the OpenAI API'}")
         result = teacher_result(test_ex, teacher_model, teacher_base_url, teacher_api_key, kind, labels,
-                                system, max_new_tokens)
+                                system, max_new_tokens, json_schema=json_schema)
         result.metrics["data"] = str(test)
         price = teacher_price_per_million if teacher_price_per_million is not None else price_per_million
         strategies.append(Strategy(TEACHER, result, price))
@@ -235,6 +239,7 @@ def compare(
         "main_metric": main_name,
         "price_per_million": price_per_million,
         "teacher_model": teacher_model,
+        "json_schema": json_schema,
     }
     comparison = Comparison(strategies, info, verdict(strategies))
     if out is not None:
@@ -245,6 +250,7 @@ def compare(
 def teacher_result(
     test_ex: Sequence[Example], teacher_model: str, base_url: str | None, api_key: str | None, kind: str,
     labels: Sequence[str] | None, system: str | None, max_new_tokens: int, concurrency: int = 8,
+    json_schema: dict[str, Any] | None = None,
 ) -> EvalResult:
     """Score a remote teacher like a local strategy: the same prompts as distillation sends,
     its reported token usage, and wall time per request with `concurrency` in flight
@@ -254,6 +260,7 @@ def teacher_result(
 
     from tunesmith.distill.teacher import TeacherFailure, ask, build_client
     from tunesmith.evaluate.metrics import score
+    from tunesmith.serve.json_mode import response_format
 
     split = [split_example(with_system(ex, system) if system else ex) for ex in test_ex]
     wires = [[m.to_template() for m in prompt] for prompt, _ in split]
@@ -265,7 +272,7 @@ def teacher_result(
         async def one(wire: list[dict[str, Any]]) -> Any:
             async with gate:
                 return await ask(client, teacher_model, wire, temperature=0.0, max_tokens=max_new_tokens,
-                                 secret=api_key)
+                                 secret=api_key, response_format=response_format(json_schema))
 
         try:
             return await asyncio.gather(*(one(w) for w in wires))

@@ -130,18 +130,20 @@ def evaluate(
     output_column: str | None = None,
     system: str | None = None,
     limit: int | None = None,
+    json_schema: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> EvalResult:
     """Evaluate a model (and adapter) on a data file; write predictions and metrics to `out`.
 
-    system: the system prompt; by default the one the adapter's run trained with."""
+    system: the system prompt; by default the one the adapter's run trained with.
+    json_schema: hold each answer to one JSON value of this schema (the server's JSON mode)."""
     system = system if system is not None else run_system_prompt(adapter)
     examples = load_examples(data, format, input_column, output_column, system, limit)
     log(f"evaluating on {len(examples)} examples from {data}")
     loaded = load_for_eval(model, adapter)
     result = evaluate_loaded(
         loaded, examples, metric=metric, max_new_tokens=max_new_tokens,
-        batch_size=batch_size, precision=precision, log=log,
+        batch_size=batch_size, precision=precision, json_schema=json_schema, log=log,
     )
     result.metrics["data"] = str(data)
     if system:
@@ -161,6 +163,7 @@ def evaluate_loaded(
     batch_size: int = 16,
     precision: str = "auto",
     with_loss: bool = True,
+    json_schema: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> EvalResult:
     """Score a loaded model on examples; prompts default to each example's own conversation
@@ -170,7 +173,8 @@ def evaluate_loaded(
     prompts = prompts if prompts is not None else [p for p, _ in split]
     t0 = time.perf_counter()
     progress = _progress(len(prompts), log)
-    gens = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens, batch_size, precision, progress)
+    gens = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens, batch_size, precision, progress,
+                    json_schema)
     gen_s = time.perf_counter() - t0
     predictions = [g.text for g in gens]
     scores = score(references, predictions, metric, labels)
@@ -207,6 +211,7 @@ def evaluate_loaded(
         "generation_s": gen_s,
         "max_new_tokens": max_new_tokens,
         "precision": precision,
+        "json_schema": json_schema,
     }
     metrics.update(scores.extra)
     return EvalResult(metrics, rows)

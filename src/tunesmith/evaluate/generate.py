@@ -110,10 +110,13 @@ def generate(
     batch_size: int = 16,
     precision: str = "auto",
     on_batch: Callable[[int], None] | None = None,
+    json_schema: dict[str, Any] | None = None,
 ) -> list[Generation]:
-    """Greedy completions of chat prompts (lists of Messages ending before the answer)."""
+    """Greedy completions of chat prompts (lists of Messages ending before the answer);
+    with `json_schema`, each held to one JSON value of it as the server's JSON mode holds
+    answers ({"type": "object"}: any object)."""
     ids = [render_prompt(tokenizer, p) for p in prompts]
-    return generate_ids(model, tokenizer, ids, max_new_tokens, batch_size, precision, on_batch)
+    return generate_ids(model, tokenizer, ids, max_new_tokens, batch_size, precision, on_batch, json_schema)
 
 
 def generate_ids(
@@ -124,6 +127,7 @@ def generate_ids(
     batch_size: int = 16,
     precision: str = "auto",
     on_batch: Callable[[int], None] | None = None,
+    json_schema: dict[str, Any] | None = None,
 ) -> list[Generation]:
     import torch
 
@@ -148,7 +152,9 @@ def generate_ids(
             rows = order[start:start + batch_size]
             t0 = time.perf_counter()
             suffixes = [prompt_ids[i][len(prefix):] for i in rows]
-            outs = _greedy_batch(model, suffixes, max_new_tokens, stop, _pad_id(tokenizer), device, prefix_cache, len(prefix))
+            constrain = _json_constraint(tokenizer, json_schema, len(rows), stop) if json_schema is not None else None
+            outs = _greedy_batch(model, suffixes, max_new_tokens, stop, _pad_id(tokenizer), device, prefix_cache,
+                                 len(prefix), constrain)
             per_row = (time.perf_counter() - t0) / len(rows) + prefix_share
             for i, new in zip(rows, outs):
                 text = tokenizer.decode(new, skip_special_tokens=True)
@@ -175,9 +181,29 @@ def shared_prefix(prompt_ids: Sequence[Sequence[int]]) -> list[int]:
     return list(first[:max(n, 0)])
 
 
+def _json_constraint(tokenizer: Any, schema: dict[str, Any], rows: int, stop: set[int]) -> Callable[..., int]:
+    """For a batch: (row, greedy token, logits, tokens so far) -> the token JSON mode takes."""
+    from tunesmith.serve.json_mode import JsonPrefix, candidates, pick
+
+    states = [JsonPrefix(schema) for _ in range(rows)]
+    texts = [""] * rows
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    def choose(row: int, first: int, logits: Any, so_far: list[int]) -> int:
+        found = pick(states[row], texts[row], so_far, candidates(first, logits, None, None), stop, decode)
+        if found is None:  # no token continues the value: end the answer
+            return min(stop)
+        tok, states[row], texts[row] = found
+        return tok
+
+    return choose
+
+
 def _greedy_batch(
     model: Any, batch: list[list[int]], max_new_tokens: int, stop: set[int], pad: int, device: Any,
-    prefix_cache: Any = None, prefix_len: int = 0,
+    prefix_cache: Any = None, prefix_len: int = 0, constrain: Callable[..., int] | None = None,
 ) -> list[list[int]]:
     """One left-padded batch: prefill, then one token per step from the KV cache.
 
@@ -204,10 +230,14 @@ def _greedy_batch(
     done = [False] * len(batch)
     next_pos = positions[:, -1:] + 1
     for step in range(max_new_tokens):
-        tok = out.logits[:, -1, :].argmax(-1)
+        logits = out.logits[:, -1, :]
+        tok = logits.argmax(-1)
         for r, t in enumerate(tok.tolist()):
             if done[r]:
                 continue
+            if constrain is not None:
+                t = constrain(r, t, logits[r].float(), new[r])
+                tok[r] = t
             if t in stop:
                 done[r] = True
             else:

@@ -33,6 +33,14 @@ ANY_OBJECT = {"type": "object"}
 """JSON mode's schema: any object."""
 
 
+def response_format(schema: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The `response_format` that asks an OpenAI-compatible server for answers of `schema`
+    (as json_schema, which unlike json_object does not need the word JSON in the prompt)."""
+    if schema is None:
+        return None
+    return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+
+
 class JsonPrefix:
     """Is the text fed so far the start of one JSON value of `schema` (default: any object)?
     `feed` says whether it still is; `complete` whether the value may end here."""
