@@ -186,10 +186,31 @@ class Number(Matcher):
 
 
 class _Container(Matcher):
-    """Shared by objects and arrays: whitespace between tokens, the value being read."""
+    """Shared by objects and arrays: the opening bracket, whitespace between tokens, the
+    value being read; `_token` takes the rest."""
+
+    OPEN = ""
 
     def __init__(self, depth: int):
         self.depth, self.mode, self.ws, self.child = depth, "open", 0, None
+
+    def step(self, ch: str) -> bool:
+        if self.mode == "value_in":
+            done = self._child_step(ch)
+            if done is not None:
+                return done
+        space = self._space(ch)
+        if space is not None:
+            return space
+        if self.mode == "open":
+            if ch != self.OPEN:
+                return False
+            self.mode = "first"
+            return True
+        return self._token(ch)
+
+    def _token(self, ch: str) -> bool:
+        raise NotImplementedError
 
     def _space(self, ch: str) -> bool | None:
         """True/False for whitespace (accepted or not), None for any other character."""
@@ -234,6 +255,8 @@ class _Container(Matcher):
 
 
 class Object(_Container):
+    OPEN = "{"
+
     def __init__(self, depth: int, properties: dict[str, Factory], required: set[str],
                  additional: Factory | None):
         super().__init__(depth)
@@ -251,19 +274,11 @@ class Object(_Container):
     def step(self, ch: str) -> bool:
         if self.mode == "key_in":
             return self._key_step(ch)
-        if self.mode == "value_in":
-            done = self._child_step(ch)
-            if done is not None:
-                return done
-        space = self._space(ch)
-        if space is not None:
-            return space
+        return super().step(ch)
+
+    def _token(self, ch: str) -> bool:
         mode = self.mode
-        if mode == "open":
-            if ch != "{":
-                return False
-            self.mode = "first"
-        elif mode in ("first", "key") and ch == '"' and self._key_possible():
+        if mode in ("first", "key") and ch == '"' and self._key_possible():
             self.mode, self.key, self.key_reader = "key_in", "", String()
             self.key_reader.step('"')
         elif mode in ("first", "after") and ch == "}" and self._may_close():
@@ -310,24 +325,15 @@ class Object(_Container):
 
 
 class Array(_Container):
+    OPEN = "["
+
     def __init__(self, depth: int, items: Factory, min_items: int = 0, max_items: int | None = None):
         super().__init__(depth)
         self.items, self.min_items, self.max_items, self.count = items, min_items, max_items, 0
 
-    def step(self, ch: str) -> bool:
-        if self.mode == "value_in":
-            done = self._child_step(ch)
-            if done is not None:
-                return done
-        space = self._space(ch)
-        if space is not None:
-            return space
+    def _token(self, ch: str) -> bool:
         mode = self.mode
-        if mode == "open":
-            if ch != "[":
-                return False
-            self.mode = "first"
-        elif mode in ("first", "after") and ch == "]" and self.count >= self.min_items:
+        if mode in ("first", "after") and ch == "]" and self.count >= self.min_items:
             self.mode = "closed"
         elif mode == "after" and ch == "," and (self.max_items is None or self.count < self.max_items):
             self.mode = "value"
