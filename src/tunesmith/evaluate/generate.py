@@ -136,6 +136,11 @@ def generate_ids(
     if not prompt_ids:
         return []
     stop = set(end_of_turn_ids(tokenizer))
+    factory = None
+    if json_schema is not None:  # read once, a fresh matcher per answer
+        from tunesmith.serve.json_schema import compile_schema
+
+        factory = compile_schema(json_schema)
     device = next(model.parameters()).device
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     results: list[Generation | None] = [None] * len(prompt_ids)
@@ -152,7 +157,7 @@ def generate_ids(
             rows = order[start:start + batch_size]
             t0 = time.perf_counter()
             suffixes = [prompt_ids[i][len(prefix):] for i in rows]
-            constrain = _json_constraint(tokenizer, json_schema, len(rows), stop) if json_schema is not None else None
+            constrain = _json_constraint(tokenizer, factory, len(rows), stop) if factory is not None else None
             outs = _greedy_batch(model, suffixes, max_new_tokens, stop, _pad_id(tokenizer), device, prefix_cache,
                                  len(prefix), constrain)
             per_row = (time.perf_counter() - t0) / len(rows) + prefix_share
@@ -181,22 +186,17 @@ def shared_prefix(prompt_ids: Sequence[Sequence[int]]) -> list[int]:
     return list(first[:max(n, 0)])
 
 
-def _json_constraint(tokenizer: Any, schema: dict[str, Any], rows: int, stop: set[int]) -> Callable[..., int]:
+def _json_constraint(tokenizer: Any, factory: Any, rows: int, stop: set[int]) -> Callable[..., int]:
     """For a batch: (row, greedy token, logits, tokens so far) -> the token JSON mode takes."""
-    from tunesmith.serve.json_mode import JsonPrefix, candidates, pick
+    from tunesmith.serve.json_mode import JsonAnswer
 
-    states = [JsonPrefix(schema) for _ in range(rows)]
-    texts = [""] * rows
+    answers = [JsonAnswer(factory=factory) for _ in range(rows)]
 
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True)
 
     def choose(row: int, first: int, logits: Any, so_far: list[int]) -> int:
-        found = pick(states[row], texts[row], so_far, candidates(first, logits, None, None), stop, decode)
-        if found is None:  # no token continues the value: end the answer
-            return min(stop)
-        tok, states[row], texts[row] = found
-        return tok
+        return answers[row].next_token(first, logits, None, None, so_far, stop, decode)
 
     return choose
 

@@ -119,8 +119,7 @@ class _Seq:
     """Tokens of this row held in the KV cache (its next position id)."""
     done: bool = False
     json: Any = None
-    """JSON mode: the JsonPrefix that has read `json_text`, the answer's text so far."""
-    json_text: str = ""
+    """JSON mode: the answer's JsonAnswer (serve/json_mode.py)."""
 
 
 class LocalEngine:
@@ -296,9 +295,9 @@ class LocalEngine:
             raise UsageError("the prompt is empty")
         seq = _Seq(list(prompt_ids), None if model == self.base_id else model, params, on_event, Handle())
         if params.json_schema is not None:
-            from tunesmith.serve.json_mode import JsonPrefix
+            from tunesmith.serve.json_mode import JsonAnswer
 
-            seq.json = JsonPrefix(params.json_schema)
+            seq.json = JsonAnswer(params.json_schema)
         if params.temperature > 0:
             seq.generator = self._torch.Generator()
             seq.generator.manual_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "big"))
@@ -477,22 +476,15 @@ class LocalEngine:
                     probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
                 chosen[i] = torch.multinomial(probs, 1, generator=s.generator)[0]
             if s.json is not None and not s.done:
-                chosen[i] = self._json_token(s, int(chosen[i]), logits[i], probs)
+                chosen[i] = s.json.next_token(int(chosen[i]), logits[i], probs, s.generator, s.out_ids, self._eot,
+                                              self._text)
         for s, tok in zip(rows, chosen.tolist()):
             self._advance(s, tok)
         return chosen
 
-    def _json_token(self, s: _Seq, first: int, logits: Any, probs: Any) -> int:
-        """JSON mode: the sampler's token if it keeps the answer a JSON object, else the next
-        one in the sampler's order that does; end of turn when none does."""
-        from tunesmith.serve.json_mode import candidates, pick
-
-        found = pick(s.json, s.json_text, s.out_ids, candidates(first, logits, probs, s.generator), self._eot,
-                     lambda ids: self._tok.decode(ids, skip_special_tokens=True))
-        if found is None:
-            return min(self._eot)
-        tok, s.json, s.json_text = found
-        return tok
+    def _text(self, ids: list[int]) -> str:
+        """The text of generated tokens, as streamed (special tokens left out)."""
+        return self._tok.decode(ids, skip_special_tokens=True)
 
     def _advance(self, s: _Seq, tok: int) -> None:
         """Record one sampled token for a row and send the text it completes."""
@@ -502,9 +494,9 @@ class LocalEngine:
         finish = None
         if tok in self._eot:
             finish = "stop"
-            text = self._tok.decode(s.out_ids[:-1], skip_special_tokens=True)
+            text = self._text(s.out_ids[:-1])
         else:
-            text = self._tok.decode(s.out_ids, skip_special_tokens=True)
+            text = self._text(s.out_ids)
         cut = _find_stop(text, s.params.stop, max(0, s.sent_chars - max((len(x) for x in s.params.stop), default=0)))
         if cut is not None:
             text, finish = text[:cut], "stop"

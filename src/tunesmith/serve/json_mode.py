@@ -120,3 +120,20 @@ def pick(state: JsonPrefix, text: str, out_ids: list[int], options: Iterator[int
         if new.feed(whole) and (whole == added or new.free_text):
             return tok, new, text + whole
     return None
+
+
+class JsonAnswer:
+    """One answer being generated in JSON mode: what it has read so far, and the next token."""
+
+    def __init__(self, schema: dict[str, Any] | None = None, factory: Factory | None = None):
+        self.state, self.text = JsonPrefix(schema, factory), ""
+
+    def next_token(self, first: int, logits: Any, probs: Any, generator: Any, out_ids: list[int], eot: set[int],
+                   decode: Callable[[list[int]], str]) -> int:
+        """The sampler's token `first` if it keeps the answer valid, else the next one in the
+        sampler's order that does (see `candidates`); end of turn when none does."""
+        found = pick(self.state, self.text, out_ids, candidates(first, logits, probs, generator), eot, decode)
+        if found is None:  # no token continues the value: end the answer
+            return min(eot)
+        tok, self.state, self.text = found
+        return tok

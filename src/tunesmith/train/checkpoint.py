@@ -235,7 +235,8 @@ def read_state(ckpt: Path) -> dict[str, Any]:
 
 
 def mark_best(out: Path, step: int, valid_loss: float) -> None:
-    write_atomically(Path(out) / "checkpoints" / "best.json", json.dumps({"step": step, "valid_loss": valid_loss}) + "\n")
+    write_atomically(Path(out) / "checkpoints" / "best.json",
+                     json.dumps({"step": step, "valid_loss": valid_loss}) + "\n")
 
 
 def best_step(out: Path) -> int | None:

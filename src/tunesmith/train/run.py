@@ -171,10 +171,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
         "resolved": {"epochs": epochs, "total_steps": total_steps, "steps_per_epoch": spe, "learning_rate": lr_peak,
                      "precision": str(compute_dtype).replace("torch.", ""), "world_size": dist.world_size,
                      "compile": compiled,
-                     **({"init_adapter": str(init_adapter), "lora_rank": model_cfg.lora_rank,
-                         "lora_alpha": model_cfg.lora_alpha} if init_adapter else {}),
-                     **({"reference": str(init_adapter) if init_adapter else "base model (adapter disabled)",
-                         "lora_rank": model_cfg.lora_rank, "lora_alpha": model_cfg.lora_alpha} if dpo else {})},
+                     **({"init_adapter": str(init_adapter)} if init_adapter else {}),
+                     **({"reference": str(init_adapter) if init_adapter else "base model (adapter disabled)"}
+                        if dpo else {}),
+                     **({"lora_rank": model_cfg.lora_rank, "lora_alpha": model_cfg.lora_alpha}
+                        if init_adapter or dpo else {})},
         "base_model": base_identity,
         **({"base_quantization": meta["base_quantization"]} if "base_quantization" in meta else {}),
         "data": {"hashes": data_hashes, "train": train_stats.to_dict(),
