@@ -194,10 +194,13 @@ def _answer_schema(json_mode: bool, path: Optional[Path]) -> Optional[dict]:
         return ANY_OBJECT if json_mode else None
     try:
         schema = json.loads(Path(path).read_text())
-        compile_schema(schema)
     except OSError as exc:
         raise UsageError(f"--json-schema {path}: cannot read it ({exc.strerror})") from None
-    except ValueError as exc:  # bad JSON, or a SchemaError naming what cannot be honoured
+    except ValueError as exc:
+        raise UsageError(f"--json-schema {path} is not JSON ({exc}); give a JSON Schema file") from None
+    try:
+        compile_schema(schema)
+    except SchemaError as exc:  # names what cannot be honoured, and where
         raise UsageError(f"--json-schema {path}: {exc}") from None
     return schema
 

@@ -203,3 +203,6 @@ def test_eval_and_compare_hold_answers_to_a_json_schema(tiny_model_dir, tmp_path
     schema_file.write_text(json.dumps({"type": "object", "oneOf": [{"type": "object"}]}))
     bad = run_cli("eval", "--model", tiny_model_dir, "--data", test, "--json-schema", schema_file)
     assert bad.returncode == 2 and "oneOf not supported" in bad.stderr and "Traceback" not in bad.stderr
+    schema_file.write_text("label: card_arrival\n")  # YAML, not JSON
+    bad = run_cli("eval", "--model", tiny_model_dir, "--data", test, "--json-schema", schema_file)
+    assert bad.returncode == 2 and "is not JSON" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
