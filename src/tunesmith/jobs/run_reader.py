@@ -35,10 +35,18 @@ class MetricsTail:
         self.offset = 0
         self.last_step = last_step
         self.by_step: dict[int, dict[str, Any]] = {}
+        self.pending: list[dict[str, Any]] = []
+        """New rows read (e.g. by `at_step`) but not yet handed out by `new_rows`."""
 
     def new_rows(self) -> list[dict[str, Any]]:
+        """The rows of steps beyond the last one handed out, each once."""
+        self._read()
+        rows, self.pending = self.pending, []
+        return rows
+
+    def _read(self) -> None:
         if not self.path.is_file():
-            return []
+            return
         size = self.path.stat().st_size
         if size < self.offset:
             self.offset = 0
@@ -47,7 +55,6 @@ class MetricsTail:
             chunk = fh.read()
         end = chunk.rfind(b"\n") + 1
         self.offset += end
-        rows = []
         for line in chunk[:end].splitlines():
             try:
                 row = json.loads(line)
@@ -57,11 +64,12 @@ class MetricsTail:
             self.by_step[step] = {**self.by_step.get(step, {}), **{k: v for k, v in row.items() if v is not None}}
             if step > self.last_step:
                 self.last_step = step
-                rows.append(row)
-        return rows
+                self.pending.append(row)
 
     def at_step(self, step: int) -> dict[str, Any]:
-        self.new_rows()
+        """The metrics of `step` (or the last step before it). Rows it reads stay pending for
+        `new_rows`: a row that arrived just now is still published as an event."""
+        self._read()
         steps = [s for s in self.by_step if s <= step]
         return self.by_step[max(steps)] if steps else {}
 
