@@ -49,8 +49,8 @@ def main() -> None:
 
     import torch
 
-    from tunesmith.serve.engine import LocalEngine, SamplingParams
-    from tunesmith.serve.json_mode import ANY_OBJECT
+    from tunesmith.generate.engine import LocalEngine, SamplingParams
+    from tunesmith.generate.json_mode import ANY_OBJECT
 
     if args.threads:
         torch.set_num_threads(args.threads)

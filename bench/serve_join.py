@@ -1,7 +1,7 @@
 """How should a new request join a running batch? Two ways, timed on the real model:
 
   merge:      prefill the newcomer alone, then left-pad and concatenate its KV cache into
-              the batch's (what tunesmith.serve.engine does);
+              the batch's (what tunesmith.generate.engine does);
   re-prefill: run a fresh prefill over every running row's tokens plus the newcomer.
 
     .venv/bin/python bench/serve_join.py --threads 1

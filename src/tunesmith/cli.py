@@ -113,11 +113,12 @@ def validate_cmd(
     from rich.console import Console
 
     from tunesmith.data.validate import print_report, report_json, validate_data
+    from tunesmith.train.speed import measure_train_tokens_per_s
 
     report = validate_data(
         path, model=model, max_seq_len=max_seq_len, validation=validation, format=format,
         columns=_columns(input_column, output_column, system), price_per_million=price_per_million,
-        log=lambda msg: typer.echo(msg, err=True),
+        log=lambda msg: typer.echo(msg, err=True), measure_speed=measure_train_tokens_per_s,
     )
     if json_out:
         typer.echo(report_json(report))
@@ -187,8 +188,8 @@ def _answer_schema(json_mode: bool, path: Optional[Path]) -> Optional[dict]:
     import json
 
     from tunesmith.errors import UsageError
-    from tunesmith.serve.json_mode import ANY_OBJECT
-    from tunesmith.serve.json_schema import SchemaError, compile_schema
+    from tunesmith.generate.json_mode import ANY_OBJECT
+    from tunesmith.generate.json_schema import SchemaError, compile_schema
 
     if path is None:
         return ANY_OBJECT if json_mode else None
@@ -306,7 +307,7 @@ def demo_cmd(
     out: Path = typer.Option(Path("demo-run"), "--out", help="Folder everything the demo writes goes under."),
 ) -> None:
     """The whole lifecycle on banking77: pull, validate, zero-shot, fine-tune, evaluate, report."""
-    from tunesmith.evaluate.demo import run_demo
+    from tunesmith.flows.demo import run_demo
 
     run_demo(out, log=typer.echo)
 
@@ -396,7 +397,7 @@ def serve_cmd(
     import uvicorn
 
     from tunesmith.serve.app import create_app
-    from tunesmith.serve.engine import LocalEngine
+    from tunesmith.generate.engine import LocalEngine
     from tunesmith.settings import Settings
 
     if threads:
@@ -456,7 +457,7 @@ def chat_cmd(
 
     from tunesmith.errors import UsageError
     from tunesmith.serve.chat import run_chat
-    from tunesmith.serve.engine import LocalEngine
+    from tunesmith.generate.engine import LocalEngine
 
     interactive = sys.stdin.isatty()
     stdin = sys.stdin

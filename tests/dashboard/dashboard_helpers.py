@@ -45,7 +45,7 @@ def dashboard_server(_isolated_home, tiny_model_dir):
     from tunesmith.jobs.store import open_store
     from tunesmith.jobs.worker import WorkerConfig
     from tunesmith.serve.app import create_app
-    from tunesmith.serve.engine import LocalEngine
+    from tunesmith.generate.engine import LocalEngine
     from tunesmith.serve.jobs_api import JobsService
     from tunesmith.settings import Settings
 

@@ -19,7 +19,7 @@ TUNESMITH = str(Path(sys.executable).parent / "tunesmith")
 def speed_cache(tmp_path_factory, tiny_model_dir) -> Path:
     """One measurement of the tiny model, shared by the CLI tests (each has its own home)."""
     from tunesmith.models.registry import resolve_model
-    from tunesmith.models.speed import measure_train_tokens_per_s
+    from tunesmith.train.speed import measure_train_tokens_per_s
 
     home = tmp_path_factory.mktemp("speed-home")
     measure_train_tokens_per_s(resolve_model(str(tiny_model_dir)), home=home)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 import tracemalloc
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from tunesmith.data.formats import ColumnMapping
-from tunesmith.data.validate import ValidationReport, validate_data
+from tunesmith.data.validate import ValidationReport, print_report, validate_data
 from tunesmith.errors import ModelNotFoundError, UsageError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -262,9 +264,24 @@ def test_validate_memory_does_not_grow_with_the_file(tmp_path, tiny_model_dir):
     assert big < 1.3 * small + 300_000, f"peak {small} bytes for 1,000 lines but {big} for 4,000"
 
 
-def test_estimate_is_measured_and_cached(tmp_path, tiny_model_dir, _isolated_home):
+def test_estimate_without_a_measurement_says_so_and_never_trains(tmp_path, tiny_model_dir, _isolated_home):
+    """What the server's validation route gets: the cache only, no training steps."""
     path = write(tmp_path / "d.jsonl", distinct(20))
     report = validate_data(path, model=tiny_model_dir, price_per_million=3.0)
+    e = report.estimate
+    assert e["epochs"] == 5 and e["train_tokens_per_s"] is None and e["time_s"] is None
+    assert e["hosted_cost"] == round(e["tokens_total"] * 3.0 / 1e6, 2)
+    assert not (_isolated_home / "speed.json").exists()
+    out = io.StringIO()
+    print_report(report, Console(file=out, width=200))
+    assert "no training speed measured on this machine yet" in out.getvalue()
+
+
+def test_estimate_is_measured_and_cached(tmp_path, tiny_model_dir, _isolated_home):
+    from tunesmith.train.speed import measure_train_tokens_per_s
+
+    path = write(tmp_path / "d.jsonl", distinct(20))
+    report = validate_data(path, model=tiny_model_dir, price_per_million=3.0, measure_speed=measure_train_tokens_per_s)
     e = report.estimate
     assert e["epochs"] == 5  # auto: 20 examples x 5 epochs reach the 100-example floor
     assert e["tokens_total"] == 5 * report.stats["tokens_per_epoch"]

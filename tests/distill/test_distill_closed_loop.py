@@ -73,7 +73,7 @@ def _serve(base: Path, adapters: list[tuple[str, Path]], home: Path) -> Iterator
     import uvicorn
 
     from tunesmith.serve.app import create_app
-    from tunesmith.serve.engine import LocalEngine
+    from tunesmith.generate.engine import LocalEngine
     from tunesmith.settings import Settings
 
     engine = LocalEngine.load(str(base), [(name, str(p)) for name, p in adapters])

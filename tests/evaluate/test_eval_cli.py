@@ -166,7 +166,7 @@ def test_eval_and_compare_hold_answers_to_a_json_schema(tiny_model_dir, tmp_path
     cannot honour is one sentence and exit 2."""
     import jsonschema
 
-    from tunesmith.serve.json_mode import JsonPrefix
+    from tunesmith.generate.json_mode import JsonPrefix
 
     schema = {"type": "object", "properties": {"label": {"enum": LABELS}}, "required": ["label"],
               "additionalProperties": False}

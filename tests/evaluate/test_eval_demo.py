@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from eval_helpers import write_label_csv
-from tunesmith.evaluate.demo import find_demo_data, run_demo, write_heldout
+from tunesmith.flows.demo import find_demo_data, run_demo, write_heldout
 
 
 def test_demo_pipeline_writes_everything_under_one_folder(tiny_model_dir, tmp_path):

@@ -26,7 +26,7 @@ HP = {"n_epochs": 2, "batch_size": 4}
 def _serve_app_factory(model_dir):
     """serve's create_app with the jobs router, on a LocalEngine of the tiny model."""
     from tunesmith.serve.app import create_app
-    from tunesmith.serve.engine import LocalEngine
+    from tunesmith.generate.engine import LocalEngine
 
     engine = LocalEngine.load(str(model_dir))
     return engine, lambda service: create_app(engine, routers=[service.router])

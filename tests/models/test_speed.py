@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 from tunesmith.models.registry import resolve_model
-from tunesmith.models.speed import SPEED_FILE, measure_train_tokens_per_s, speed_key
+from tunesmith.models.speed import SPEED_FILE, speed_key
+from tunesmith.train.speed import measure_train_tokens_per_s
 
 
 def test_measure_and_cache(tiny_model_dir, _isolated_home):

@@ -18,7 +18,7 @@ def adapter_dirs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir, adapter_dirs):
-    from tunesmith.serve.engine import LocalEngine
+    from tunesmith.generate.engine import LocalEngine
 
     eng = LocalEngine.load(str(tiny_model_dir), [(n, p) for n, p in adapter_dirs.items()])
     yield eng

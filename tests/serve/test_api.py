@@ -10,7 +10,7 @@ import openai
 import pytest
 from serve_helpers import live_server, make_adapter, wait_until_idle
 
-from tunesmith.serve.engine import SamplingParams
+from tunesmith.generate.engine import SamplingParams
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 

@@ -14,7 +14,7 @@ from openai import OpenAI
 from serve_helpers import free_port
 
 from tunesmith.serve.chat import run_chat
-from tunesmith.serve.engine import SamplingParams
+from tunesmith.generate.engine import SamplingParams
 
 TUNESMITH = [str(Path(sys.executable).parent / "tunesmith")]
 

@@ -10,7 +10,7 @@ import pytest
 from tunesmith.data.example import chat
 from tunesmith.data.render import IGNORE_INDEX, render_example
 from tunesmith.errors import UsageError
-from tunesmith.serve.engine import AdapterConflictError, LocalEngine, SamplingParams, UnknownModelError
+from tunesmith.generate.engine import AdapterConflictError, LocalEngine, SamplingParams, UnknownModelError
 
 from serve_helpers import make_adapter, wait_until_idle
 

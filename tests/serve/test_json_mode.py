@@ -11,9 +11,9 @@ import jsonschema
 import openai
 import pytest
 
-from tunesmith.serve.engine import SamplingParams
-from tunesmith.serve.json_mode import ANY_OBJECT, MAX_WHITESPACE_RUN, JsonPrefix, pick
-from tunesmith.serve.json_schema import MAX_DEPTH, SchemaError, compile_schema
+from tunesmith.generate.engine import SamplingParams
+from tunesmith.generate.json_mode import ANY_OBJECT, MAX_WHITESPACE_RUN, JsonPrefix, pick
+from tunesmith.generate.json_schema import MAX_DEPTH, SchemaError, compile_schema
 
 VALID = ['{}', '{"a": 1}', '{ "k" : "v" , "l":[ ] }', '{"a": [1, 2.5, -0.1e-3, 1E+2, true, false, null, "x\\n\\u00e9"]}',
          '{"nested": {"b": {"c": [[], {}]}}, "": ""}', '{\n  "name": "Alice",\n  "age": 30\n}']
@@ -232,7 +232,7 @@ def test_json_schema_through_the_api(client, engine):
 @pytest.mark.slow
 def test_smollm2_fills_a_schema(smollm2):
     """Routing a support message into a fixed schema: every answer validates."""
-    from tunesmith.serve.engine import LocalEngine
+    from tunesmith.generate.engine import LocalEngine
 
     schema = {"type": "object", "properties": {
         "intent": {"type": "string", "enum": ["card_arrival", "lost_or_stolen_card", "exchange_rate"]},
@@ -253,7 +253,7 @@ def test_smollm2_fills_a_schema(smollm2):
 def test_smollm2_in_json_mode_answers_a_parseable_object(smollm2):
     """Asked for JSON, SmolLM2 alone wraps it in prose or backticks now and then; JSON mode
     answers the object itself."""
-    from tunesmith.serve.engine import LocalEngine
+    from tunesmith.generate.engine import LocalEngine
 
     engine = LocalEngine.load(str(smollm2))
     try:

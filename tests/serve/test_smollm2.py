@@ -9,7 +9,7 @@ import pytest
 from openai import OpenAI
 from serve_helpers import live_server, make_adapter
 
-from tunesmith.serve.engine import SamplingParams
+from tunesmith.generate.engine import SamplingParams
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -17,7 +17,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 @pytest.mark.slow
 def test_smollm2_answers_and_adapters_do_not_cross_talk(smollm2, tmp_path):
     from tunesmith.serve.app import create_app
-    from tunesmith.serve.engine import LocalEngine
+    from tunesmith.generate.engine import LocalEngine
     from tunesmith.settings import Settings
 
     adapter = make_adapter(smollm2, tmp_path / "tuned", seed=1, scale=0.02)

@@ -241,7 +241,7 @@ def test_nf4_adapter_is_served_on_the_unquantized_base(qlora_run_fp32, tiny_mode
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.serve.engine import LocalEngine, SamplingParams
+    from tunesmith.generate.engine import LocalEngine, SamplingParams
 
     adapter_config = json.loads((qlora_run_fp32 / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["peft_type"] == "LORA" and {t.split(".")[-1] for t in adapter_config["target_modules"]} == ALL_LINEAR

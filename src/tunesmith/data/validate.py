@@ -29,6 +29,7 @@ from tunesmith.data.render import TemplateError, TokenizedExample, end_of_turn_i
 from tunesmith.data.stats import auto_epochs
 from tunesmith.errors import UsageError
 from tunesmith.models.registry import DEFAULT_MODEL, ModelRef, resolve_model
+from tunesmith.models.speed import load_speed_entry, machine_busy
 
 MIN_EXAMPLES = 10
 DEFAULT_MAX_SEQ_LEN = 2048
@@ -94,8 +95,13 @@ def validate_data(
     estimate: bool = True,
     tokenizer: Any = None,
     log: Callable[[str], None] | None = None,
+    measure_speed: Callable[..., float] | None = None,
 ) -> ValidationReport:
     """Every problem in the file (and the validation file), stats, and a measured estimate.
+
+    The estimate's speed comes from the speed cache (`tunesmith.models.speed`). Validation
+    itself never trains: `measure_speed` (the CLI passes `train.speed.measure_train_tokens_per_s`)
+    measures a shape not cached yet; without it (the server) the estimate says none is measured.
 
     Raises UsageError only for what stops reading at all (missing path, unknown format or
     column, model not found); everything about the data itself lands in the report.
@@ -125,7 +131,7 @@ def validate_data(
     report.warnings = sorted(scan.warnings, key=lambda p: p.line)
     report.stats = scan.stats()
     if estimate and scan.n_examples:
-        report.estimate = build_estimate(ref, report.stats, price_per_million, log)
+        report.estimate = build_estimate(ref, report.stats, price_per_million, log, measure_speed)
     return report
 
 
@@ -401,24 +407,26 @@ def probe_shape(stats: dict[str, Any]) -> tuple[int, int]:
 
 
 def build_estimate(
-    ref: ModelRef, stats: dict[str, Any], price_per_million: float | None, log: Callable[[str], None] | None = None
+    ref: ModelRef, stats: dict[str, Any], price_per_million: float | None, log: Callable[[str], None] | None = None,
+    measure_speed: Callable[..., float] | None = None,
 ) -> dict[str, Any]:
     """Epochs tunesmith would pick, tokens in total, measured time here, hosted cost."""
-    from tunesmith.models.speed import load_speed_entry, measure_train_tokens_per_s
-
     epochs = auto_epochs(stats["examples"])
     tokens_total = stats["tokens_per_epoch"] * epochs
     seq_len, batch_size = probe_shape(stats)
-    tokens_per_s = measure_train_tokens_per_s(ref, seq_len=seq_len, batch_size=batch_size, log=log)
-    entry = load_speed_entry(ref, seq_len=seq_len, batch_size=batch_size) or {}
+    entry = load_speed_entry(ref, seq_len=seq_len, batch_size=batch_size)
+    if measure_speed is not None and (entry is None or (entry.get("busy") and not machine_busy())):
+        measure_speed(ref, seq_len=seq_len, batch_size=batch_size, log=log)
+        entry = load_speed_entry(ref, seq_len=seq_len, batch_size=batch_size)
+    tokens_per_s = float(entry["tokens_per_s"]) if entry else None
     return {
         "epochs": epochs,
         "tokens_total": tokens_total,
         "trained_tokens_total": stats["trained_tokens_per_epoch"] * epochs,
-        "train_tokens_per_s": round(tokens_per_s, 1),
-        "speed_precision": entry.get("precision"),
-        "speed_measured_busy": bool(entry.get("busy")),
-        "time_s": round(tokens_total / tokens_per_s, 1) if tokens_per_s > 0 else None,
+        "train_tokens_per_s": round(tokens_per_s, 1) if tokens_per_s else None,
+        "speed_precision": entry.get("precision") if entry else None,
+        "speed_measured_busy": bool(entry and entry.get("busy")),
+        "time_s": round(tokens_total / tokens_per_s, 1) if tokens_per_s else None,
         "price_per_million": price_per_million,
         # Hosted APIs bill every token of the file once per epoch, not only the trained ones.
         "hosted_cost": round(tokens_total * price_per_million / 1e6, 2) if price_per_million is not None else None,
@@ -475,10 +483,13 @@ def print_report(report: ValidationReport, console: Any) -> None:
         console.print(f"least common: {least[0]} {least[1]}", markup=False, highlight=False)
     e = report.estimate
     if e:
+        speed = (f"at {e['train_tokens_per_s']:,} tokens/s measured here (LoRA r=16) about {_duration(e['time_s'])}"
+                 if e.get("train_tokens_per_s") else
+                 "no training speed measured on this machine yet for this model and shape "
+                 "(`tunesmith validate` measures it once)")
         console.print(
             f"\nestimate: {e['epochs']} epoch(s) (auto), {e['tokens_total']:,} tokens processed, "
-            f"{e['trained_tokens_total']:,} trained; at {e['train_tokens_per_s']:,} tokens/s measured here "
-            f"(LoRA r=16) about {_duration(e['time_s'])}"
+            f"{e['trained_tokens_total']:,} trained; {speed}"
         )
         if pairs:
             console.print("  DPO adds one forward pass over the data for the reference model, about a third of an "

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, TextIO
 from tunesmith.distill.filters import AnswerFilter, build_filter
 from tunesmith.distill.order import sort_by_prompt
 from tunesmith.distill.prompts import Prompt, load_prompts
-from tunesmith.distill.teacher import TeacherFailure, ask, build_client, run_coroutine
+from tunesmith.generate.remote import TeacherFailure, ask, build_client, run_coroutine
 from tunesmith.errors import UsageError
 
 

@@ -258,9 +258,9 @@ def teacher_result(
     import asyncio
     import time
 
-    from tunesmith.distill.teacher import TeacherFailure, ask, build_client
+    from tunesmith.generate.remote import TeacherFailure, ask, build_client
     from tunesmith.evaluate.metrics import score
-    from tunesmith.serve.json_mode import response_format
+    from tunesmith.generate.json_mode import response_format
 
     split = [split_example(with_system(ex, system) if system else ex) for ex in test_ex]
     wires = [[m.to_template() for m in prompt] for prompt, _ in split]
@@ -281,7 +281,7 @@ def teacher_result(
 
     t0 = time.perf_counter()
     try:
-        from tunesmith.distill.teacher import run_coroutine
+        from tunesmith.generate.remote import run_coroutine
 
         replies = run_coroutine(run_all())
     except TeacherFailure as exc:

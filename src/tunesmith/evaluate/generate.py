@@ -138,7 +138,7 @@ def generate_ids(
     stop = set(end_of_turn_ids(tokenizer))
     factory = None
     if json_schema is not None:  # read once, a fresh matcher per answer
-        from tunesmith.serve.json_schema import compile_schema
+        from tunesmith.generate.json_schema import compile_schema
 
         factory = compile_schema(json_schema)
     device = next(model.parameters()).device
@@ -188,7 +188,7 @@ def shared_prefix(prompt_ids: Sequence[Sequence[int]]) -> list[int]:
 
 def _json_constraint(tokenizer: Any, factory: Any, rows: int, stop: set[int]) -> Callable[..., int]:
     """For a batch: (row, greedy token, logits, tokens so far) -> the token JSON mode takes."""
-    from tunesmith.serve.json_mode import JsonAnswer
+    from tunesmith.generate.json_mode import JsonAnswer
 
     answers = [JsonAnswer(factory=factory) for _ in range(rows)]
 

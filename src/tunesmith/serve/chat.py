@@ -14,7 +14,7 @@ import queue
 from typing import Any, Callable, TextIO
 
 from tunesmith.errors import UsageError
-from tunesmith.serve.engine import Engine, Event, SamplingParams
+from tunesmith.generate.engine import Engine, Event, SamplingParams
 
 HELP = "commands: /system TEXT, /reset, /exit (Ctrl-D also exits; Ctrl-C stops an answer)"
 

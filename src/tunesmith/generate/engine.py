@@ -7,7 +7,7 @@ the last column), and (3) runs one decode step for all running rows at once, eac
 its own adapter (peft's `adapter_names`, "__base__" for the bare model). So a new request
 waits at most one decode step of the others before its prefill, never for them to finish.
 
-    python -c "from tunesmith.serve.engine import LocalEngine, SamplingParams; \
+    python -c "from tunesmith.generate.engine import LocalEngine, SamplingParams; \
 e = LocalEngine.load('smollm2-135m-instruct'); \
 print(e.generate(e.render_chat([{'role': 'user', 'content': 'Hi'}]), e.base_id, SamplingParams(32, 0.0)))"
 """
@@ -54,7 +54,7 @@ class SamplingParams:
     seed: int | None = None
     json_schema: dict[str, Any] | None = None
     """JSON mode: the answer is one JSON value of this schema ({"type": "object"}: any
-    object), see serve/json_mode.py; None: free text."""
+    object), see generate/json_mode.py; None: free text."""
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ class _Seq:
     """Tokens of this row held in the KV cache (its next position id)."""
     done: bool = False
     json: Any = None
-    """JSON mode: the answer's JsonAnswer (serve/json_mode.py)."""
+    """JSON mode: the answer's JsonAnswer (generate/json_mode.py)."""
 
 
 class LocalEngine:
@@ -295,7 +295,7 @@ class LocalEngine:
             raise UsageError("the prompt is empty")
         seq = _Seq(list(prompt_ids), None if model == self.base_id else model, params, on_event, Handle())
         if params.json_schema is not None:
-            from tunesmith.serve.json_mode import JsonAnswer
+            from tunesmith.generate.json_mode import JsonAnswer
 
             seq.json = JsonAnswer(params.json_schema)
         if params.temperature > 0:

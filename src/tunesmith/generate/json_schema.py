@@ -4,7 +4,7 @@
 character at a time (`step` says whether the character can continue it) and knows whether
 the value may end where it is (`can_end`) or must (`finished`). Objects and arrays hold a
 matcher for the value they are reading; `anyOf`, a list of types and `enum` become a set of
-alternatives read side by side. This is what JSON mode (`serve/json_mode.py`) runs.
+alternatives read side by side. This is what JSON mode (`generate/json_mode.py`) runs.
 
 The subset is that of OpenAI's structured outputs: `type` (object, array, string, number,
 integer, boolean, null, or a list of them), `properties`, `required`,
@@ -13,7 +13,7 @@ integer, boolean, null, or a list of them), `properties`, `required`,
 `format`, `minimum`, `maxLength`, ...) are not enforced, and `compile_schema` names what it
 cannot honour rather than ignore it silently.
 
-    python -c "from tunesmith.serve.json_schema import compile_schema; m = compile_schema({'type': 'object'})(); print(all(m.step(c) for c in '{}'), m.finished)"
+    python -c "from tunesmith.generate.json_schema import compile_schema; m = compile_schema({'type': 'object'})(); print(all(m.step(c) for c in '{}'), m.finished)"
 """
 
 from __future__ import annotations

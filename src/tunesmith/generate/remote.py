@@ -6,7 +6,7 @@ attempt is counted and the last error is what a failed prompt records: 429, 408,
 jitter (a `Retry-After` header is honoured, up to a minute); any other answer (400, 401,
 404 ...) fails the prompt at once, since asking again cannot change it.
 
-    python -c "from tunesmith.distill.teacher import backoff_s; print([round(backoff_s(a), 2) for a in range(5)])"
+    python -c "from tunesmith.generate.remote import backoff_s; print([round(backoff_s(a), 2) for a in range(5)])"
 """
 
 from __future__ import annotations

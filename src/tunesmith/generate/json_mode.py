@@ -11,19 +11,19 @@ max_tokens is a prefix of one (finish_reason "length"), as with OpenAI's JSON mo
 
 The check is exact over the text the tokenizer decodes, so it works for any tokenizer:
 `JsonPrefix` reads the text character by character (RFC 8259, and the schema through
-`serve/json_schema.py`), and a candidate's text is
+`generate/json_schema.py`), and a candidate's text is
 what decoding the answer with it adds. A token that ends in part of a UTF-8 character is
 allowed only inside a string that takes any character (not in a key or an enum value held to
 the schema's names, where it could only start a loop of partial characters).
 
-    python -c "from tunesmith.serve.json_mode import JsonPrefix; print(JsonPrefix().feed('{\"a\": [1, 2'))"
+    python -c "from tunesmith.generate.json_mode import JsonPrefix; print(JsonPrefix().feed('{\"a\": [1, 2'))"
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Iterator
 
-from tunesmith.serve.json_schema import MAX_WHITESPACE_RUN, Factory, compile_schema  # noqa: F401
+from tunesmith.generate.json_schema import MAX_WHITESPACE_RUN, Factory, compile_schema  # noqa: F401
 
 SCAN_LIMIT = 256
 """Most probable candidates tried before the rest of the vocabulary, by logit."""

@@ -1,0 +1,1 @@
+"""The one generation engine: local continuous batching, sampling, constraints, remote clients."""
