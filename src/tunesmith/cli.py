@@ -271,7 +271,8 @@ def compare_cmd(
     json_schema: Optional[Path] = typer.Option(None, "--json-schema", help=_JSON_SCHEMA_HELP),
 ) -> None:
     """Zero-shot vs few-shot vs retrieval few-shot vs fine-tuned (vs a teacher), on the same test set."""
-    from tunesmith.evaluate.comparison import compare, print_comparison
+    from tunesmith.evaluate.comparison import print_comparison
+    from tunesmith.flows.compare import compare
 
     schema = _answer_schema(json_mode, json_schema)
     out = out or _default_out(None, "compare")

@@ -3,7 +3,7 @@
 On the same held-out examples: the base model zero-shot (a system prompt, plus the valid
 labels for label tasks), few-shot (k fixed training examples as earlier chat turns),
 retrieval few-shot (the k training examples nearest to each test input by BM25), the
-fine-tuned adapter (given, or trained here with default settings), and optionally a
+fine-tuned adapter (given; `flows.compare` trains one on demand), and optionally a
 teacher: any OpenAI-compatible endpoint asked each test example's own prompt, as
 `tunesmith distill` asks it. For each: the metric, prompt tokens per request, latency per
 request and the cost of a million requests.
@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 from tunesmith.data.example import Example, Message
 from tunesmith.errors import UsageError
 from tunesmith.evaluate.evaluation import (
-    EvalResult, _other_column, evaluate_loaded, format_score, load_examples, run_system_prompt, with_system,
+    EvalResult, evaluate_loaded, format_score, load_examples, run_system_prompt, with_system,
     write_eval,
 )
 from tunesmith.evaluate.generate import load_for_eval, split_example
@@ -149,12 +149,17 @@ def _query(prompt: Sequence[Message]) -> str:
 # ----------------------------------------------------------------------------- compare
 
 
+def check_options(shots: int) -> None:
+    """What compare refuses before any work (and before flows.compare trains an adapter)."""
+    if shots < 1:
+        raise UsageError(f"--shots must be at least 1, got {shots}")
+
+
 def compare(
     model: str | Path | None,
     train: str | Path,
     test: str | Path,
     adapter: str | Path | None = None,
-    train_adapter: bool = False,
     shots: int = 5,
     price_per_million: float = 0.10,
     metric: str = "auto",
@@ -180,17 +185,10 @@ def compare(
     example's own prompt (with `system` when given), priced at teacher_price_per_million
     (default: price_per_million). json_schema: every strategy's answers are held to one JSON
     value of it (JSON mode; the teacher gets it as response_format)."""
-    if shots < 1:
-        raise UsageError(f"--shots must be at least 1, got {shots}")
-    if adapter is not None and train_adapter:
-        raise UsageError("give either --adapter or --train-adapter, not both")
+    check_options(shots)
     out = Path(out) if out is not None else None
     train_ex = load_examples(train, format, input_column, output_column)
     test_ex = load_examples(test, format, input_column, output_column, limit=limit)
-    if train_adapter:
-        if output_column is None and (format or Path(train).suffix.lower().lstrip(".")) in ("csv", "tsv", "tab"):
-            output_column = _other_column(Path(train), input_column)  # the column compare itself uses
-        adapter = _train_adapter(model, train, out, format, input_column, output_column, system, log)
     references = [split_example(ex)[1] for ex in test_ex]
     kind = pick_metric(references) if metric == "auto" else metric
     labels = None
@@ -308,21 +306,6 @@ def teacher_result(
     }
     metrics.update(scores.extra)
     return EvalResult(metrics, rows)
-
-
-def _train_adapter(model, train, out, format, input_column, output_column, system, log) -> Path:
-    """Train an adapter on the training file with `tunesmith train`'s default settings."""
-    from tunesmith.train.config import TrainConfig
-    from tunesmith.train.run import train as run_training
-
-    run_dir = (out or Path(".")) / "adapter-run"
-    wanted = {
-        "model": str(model) if model else None, "data": str(train), "format": format,
-        "input_column": input_column, "output_column": output_column, "system": system, "out": str(run_dir),
-    }
-    log(f"training an adapter on {train} with default settings into {run_dir}")
-    result = run_training(TrainConfig(**{k: v for k, v in wanted.items() if v is not None}))
-    return result.out_dir
 
 
 def verdict(strategies: Sequence[Strategy]) -> str:

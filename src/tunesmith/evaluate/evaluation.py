@@ -53,7 +53,7 @@ def load_examples(
     path = Path(path)
     columns = None
     if (format or path.suffix.lower().lstrip(".")) in ("csv", "tsv", "tab"):
-        output_column = output_column or _other_column(path, input_column)
+        output_column = output_column or other_column(path, input_column)
         columns = ColumnMapping(input_column=input_column, output_column=output_column, system=system)
     parsed = read_data(path, format=format, columns=columns)
     if parsed.errors:
@@ -70,7 +70,7 @@ def load_examples(
     return examples[:limit] if limit else examples
 
 
-def _other_column(path: Path, input_column: str) -> str:
+def other_column(path: Path, input_column: str) -> str:
     delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
     if not path.is_file():
         raise UsageError(f"data file '{path}' does not exist")

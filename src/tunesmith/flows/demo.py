@@ -24,7 +24,17 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
+from tunesmith.data.formats import ColumnMapping
+from tunesmith.data.validate import validate_data
 from tunesmith.errors import DataError, UsageError
+from tunesmith.evaluate.comparison import write_comparison
+from tunesmith.evaluate.evaluation import load_examples
+from tunesmith.evaluate.generate import split_example
+from tunesmith.evaluate.report import build_report
+from tunesmith.flows.heldout import HeldoutResult, evaluate_side
+from tunesmith.models.registry import DEFAULT_MODEL, pull_model
+from tunesmith.train.config import TrainConfig
+from tunesmith.train.run import train
 
 SYSTEM = "Classify the banking customer query into its intent label."
 HELDOUT_PER_INTENT = 4
@@ -81,12 +91,6 @@ def run_demo(
 
     model, data and train_overrides exist for the tests (a tiny model, a tiny data set,
     a few steps); the demo itself runs with the defaults."""
-    from tunesmith.evaluate.comparison import FINE_TUNED, ZERO_SHOT, Comparison, Strategy, prompting_prompts, verdict
-    from tunesmith.evaluate.evaluation import evaluate, evaluate_loaded, load_examples, write_eval
-    from tunesmith.evaluate.generate import load_for_eval, split_example
-    from tunesmith.evaluate.report import build_report
-    from tunesmith.models.registry import DEFAULT_MODEL, pull_model
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -111,18 +115,14 @@ def run_demo(
     labels = sorted({split_example(ex)[1] for ex in load_examples(train_csv, output_column="category")})
     log(f"held-out set: {n_rows} test rows over {n_intents} intents -> {heldout}")
 
-    # The base model gets the very prompt the adapter will get. `tunesmith compare` also
-    # measures it with the 77 labels listed in the system prompt; that costs ~570 prompt
-    # tokens per row, too slow for the demo's budget on a 2-core CPU.
+    # The base model gets the very prompt the adapter will get (the run's system prompt).
+    # `tunesmith compare` also measures it with the 77 labels listed in the system prompt;
+    # that costs ~570 prompt tokens per row, too slow for the demo's budget on a 2-core CPU.
     step(3, "zero-shot base model on the held-out set (the same prompt the adapter gets)")
     t0 = time.perf_counter()
-    held = load_examples(heldout, output_column="category")
-    base = load_for_eval(model)
-    prompts = prompting_prompts(ZERO_SHOT, held, [], 0, SYSTEM)
-    base_res = evaluate_loaded(base, held, prompts, "label", labels, MAX_NEW_TOKENS, with_loss=False, log=log)
-    base_res.metrics["data"] = str(heldout)
-    write_eval(out / "base", base_res)
-    del base
+    held = load_examples(heldout, output_column="category", system=SYSTEM)
+    base_res = evaluate_side(model, None, held, heldout, out / "base", "label", labels, MAX_NEW_TOKENS,
+                             with_loss=False, log=log)
     timings["zero_shot_s"] = time.perf_counter() - t0
     log(f"zero-shot accuracy {100 * base_res.metrics['scores']['accuracy']:.1f}% ({timings['zero_shot_s']:.0f} s)")
 
@@ -133,21 +133,15 @@ def run_demo(
 
     step(5, "evaluate the adapter on the same held-out rows")
     t0 = time.perf_counter()
-    tuned_res = evaluate(
-        model, heldout, adapter=run_dir, metric="label", out=run_dir / "eval",
-        max_new_tokens=MAX_NEW_TOKENS, output_column="category", system=SYSTEM, log=log,
-    )
+    tuned_res = evaluate_side(model, run_dir, held, heldout, run_dir / "eval", "label", labels, MAX_NEW_TOKENS, log=log)
     timings["eval_s"] = time.perf_counter() - t0
 
     step(6, "write the report")
-    strategies = [Strategy(f"{ZERO_SHOT} base", base_res, 0.0), Strategy(FINE_TUNED, tuned_res, 0.0)]
     info = {
         "model": model, "adapter": str(run_dir), "train": str(train_csv), "test": str(heldout),
         "n_examples": n_rows, "shots": 0, "metric": "label", "main_metric": "accuracy", "price_per_million": 0.0,
     }
-    comparison = Comparison(strategies, info, verdict(strategies))
-    from tunesmith.evaluate.comparison import write_comparison
-
+    comparison = HeldoutResult(base_res, tuned_res, SYSTEM).comparison(info)
     write_comparison(run_dir / "compare", comparison)
     report = build_report(run_dir)
     timings["total_s"] = time.perf_counter() - t_start
@@ -163,9 +157,6 @@ def run_demo(
 def _validate(train_csv: Path, test_csv: Path, model: str, intents: int | None, log: Callable[[str], None]) -> None:
     """The data stage's checks (as `tunesmith validate`), so a broken bundle stops the demo
     before any compute is spent."""
-    from tunesmith.data.formats import ColumnMapping
-    from tunesmith.data.validate import validate_data
-
     for path in (train_csv, test_csv):
         report = validate_data(path, model, columns=ColumnMapping("text", "category"), estimate=False)
         if not report.ok:
@@ -178,9 +169,6 @@ def _validate(train_csv: Path, test_csv: Path, model: str, intents: int | None, 
 
 
 def _train(model: str, train_csv: Path, run_dir: Path, settings: dict[str, Any], log: Callable[[str], None]) -> Path:
-    from tunesmith.train.config import TrainConfig
-    from tunesmith.train.run import train
-
     cfg = TrainConfig(
         model=model, data=str(train_csv), input_column="text", output_column="category",
         system=SYSTEM, out=str(run_dir), **settings,

@@ -16,32 +16,26 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tunesmith.data.formats import read_data
+from tunesmith.errors import TunesmithError
 from tunesmith.fileio import write_atomically
+from tunesmith.flows.heldout import base_vs_tuned
+from tunesmith.models.registry import load_tokenizer, resolve_model
 
 SUMMARY_FILE = "evaluation.json"
 
 
 def run_stage(model: str, adapter: Path, data: Path, out: Path) -> dict[str, Any]:
     """Evaluate base and tuned on `data`; write and return the comparison."""
-    from tunesmith.evaluate.evaluation import evaluate, run_system_prompt
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    system = run_system_prompt(adapter)
     max_new = answer_budget(model, data)
     log(f"generating up to {max_new} tokens per example (the longest reference answer plus a margin)")
-    base = evaluate(model, data, adapter=None, out=out / "base", system=system, max_new_tokens=max_new, log=log).metrics
-    tuned = evaluate(model, data, adapter=adapter, out=out / "tuned", system=system, max_new_tokens=max_new,
-                     log=log).metrics
-    main = tuned["main_metric"]
-    summary = {
-        "metric": tuned["metric"],
-        "main_metric": main,
-        "n_examples": tuned["n_examples"],
-        "base": {"scores": base["scores"], "loss": base["loss"]},
-        "tuned": {"scores": tuned["scores"], "loss": tuned["loss"]},
-    }
+    held = base_vs_tuned(model, adapter, data, base_out=out / "base", tuned_out=out / "tuned",
+                         max_new_tokens=max_new, log=log)
+    summary = held.summary()
     out.mkdir(parents=True, exist_ok=True)
     write_atomically(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return summary
@@ -53,9 +47,6 @@ def answer_budget(model: str, data: Path, margin: int = 8, most: int = 256) -> i
     Generating past the longest answer can only make a prediction wrong, and on CPU the
     budget is most of the evaluation's time.
     """
-    from tunesmith.data.formats import read_data
-    from tunesmith.models.registry import load_tokenizer, resolve_model
-
     tokenizer = load_tokenizer(resolve_model(model))
     answers = [ex.messages[-1].content for ex in read_data(data).examples if ex.messages[-1].role == "assistant"]
     longest = max((len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers), default=most)
@@ -87,7 +78,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
-    from tunesmith.errors import TunesmithError
 
     try:
         run_stage(args.model, args.adapter, args.data, args.out)
