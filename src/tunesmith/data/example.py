@@ -99,3 +99,23 @@ class ParseResult:
     preferences: list[PreferenceExample] = field(default_factory=list)
     errors: list[Problem] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ColumnMapping:
+    """How a CSV/TSV row becomes a chat example."""
+
+    input_column: str = "text"
+    output_column: str | None = None
+    """None reads prompts only (for evaluation or distillation inputs)."""
+    system: str | None = None
+
+
+@dataclass
+class Record:
+    """One line (or CSV row) read: its example, or the problems that kept it out."""
+
+    line: int
+    example: Example | PreferenceExample | None
+    errors: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import difflib
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from tunesmith.data.example import ROLES, Example, Message, ParseResult, PreferenceExample, Problem
+from tunesmith.data.example import (
+    ROLES, ColumnMapping, Example, Message, ParseResult, PreferenceExample, Problem, Record,
+)
+from tunesmith.data.tables import table_records
 from tunesmith.errors import UsageError
 
 FORMATS = ("chat", "prompt_completion", "alpaca", "preference", "csv", "tsv")
@@ -42,26 +44,6 @@ DPO_KEYS = (
     "preferred_completion", "non_preferred_completion", *_BOOKKEEPING,
 )
 DPO_INPUT_KEYS = ("messages", "tools", "parallel_tool_calls")
-
-
-@dataclass(frozen=True)
-class ColumnMapping:
-    """How a CSV/TSV row becomes a chat example."""
-
-    input_column: str = "text"
-    output_column: str | None = None
-    """None reads prompts only (for evaluation or distillation inputs)."""
-    system: str | None = None
-
-
-@dataclass
-class Record:
-    """One line (or CSV row) read: its example, or the problems that kept it out."""
-
-    line: int
-    example: Example | PreferenceExample | None
-    errors: list[Problem] = field(default_factory=list)
-    warnings: list[Problem] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- lines
@@ -145,8 +127,6 @@ def iter_records(path: str | Path, fmt: str, columns: ColumnMapping | None = Non
     """Stream the file's records in order; raises only for an unusable path or mapping."""
     path = check_path(path)
     if fmt in ("csv", "tsv"):
-        from tunesmith.data.tables import table_records  # tables imports this module
-
         yield from table_records(path, fmt, columns or ColumnMapping())
     else:
         yield from _jsonl_records(path, fmt)

@@ -16,8 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-from tunesmith.data.example import Example, Message, Problem
-from tunesmith.data.formats import ColumnMapping, Record
+from tunesmith.data.example import ColumnMapping, Example, Message, Problem, Record
 from tunesmith.errors import UsageError
 
 

@@ -202,7 +202,7 @@ class Worker:
             if outcome == "finished" and rc != 0:
                 self._fail(job_id, "training_failed", last_error(root / "train.log", rc))
                 return
-            if outcome == "finished" and job["validation_file"] and _can_evaluate():
+            if outcome == "finished" and job["validation_file"]:
                 outcome, evaluation = self._evaluate(job, run_dir, root, lock_fd, stop)
         finally:
             os.close(lock_fd)
@@ -495,13 +495,6 @@ def _resolve_hyperparameters(method: dict[str, Any], n_examples: int) -> dict[st
         hp["beta"] = DEFAULT_BETA
     hp["steps_per_epoch"] = max(1, -(-n_examples // int(hp["batch_size"])))
     return {**method, kind: {**method[kind], "hyperparameters": hp}}
-
-
-def _can_evaluate() -> bool:
-    """Whether the evaluation stage (tunesmith eval) is installed."""
-    import importlib.util
-
-    return importlib.util.find_spec("tunesmith.evaluate.evaluation") is not None
 
 
 def _default_learning_rate(kind: str = "supervised") -> float:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -257,10 +256,3 @@ def list_models(home: Path | None = None) -> list[dict[str, Any]]:
                     "description": "local model directory",
                 })
     return rows
-
-
-def remove_model(name: str, home: Path | None = None) -> None:
-    path = models_dir(home) / name
-    if not path.exists():
-        raise ModelNotFoundError(f"model '{name}' is not in {models_dir(home)}")
-    shutil.rmtree(path)

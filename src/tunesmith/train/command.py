@@ -138,6 +138,7 @@ def dry_run_report(cfg: TrainConfig) -> None:
     from tunesmith.models.registry import identity, load_tokenizer, resolve_model
     from tunesmith.train import data as td
     from tunesmith.train.model import precision_dtype
+    from tunesmith.train.inputs import load_training_items
 
     ref = resolve_model(cfg.model)
     dpo = cfg.method == "dpo"
@@ -146,9 +147,9 @@ def dry_run_report(cfg: TrainConfig) -> None:
 
         cfg = with_adapter_shape(cfg, resolve_init_adapter(cfg.init_adapter, identity(ref)))
     tokenizer = load_tokenizer(ref)
-    train_ex, stats = td.load_data(tokenizer, cfg.data, cfg)
+    train_ex, stats = load_training_items(tokenizer, cfg.data, cfg)
     if cfg.validation:
-        valid = td.load_data(tokenizer, cfg.validation, cfg)[0]
+        valid = load_training_items(tokenizer, cfg.validation, cfg)[0]
     else:
         train_ex, valid = td.split_validation(train_ex, cfg.val_split, cfg.seed)
     epochs = auto_epochs(len(train_ex)) if cfg.epochs == "auto" else cfg.epochs

@@ -10,7 +10,7 @@ batch (it trains its share and knows the step's total trained tokens without tal
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,24 +35,6 @@ class DataStats:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-
-@dataclass
-class TrainData:
-    train: list[TokenizedExample]
-    valid: list[TokenizedExample]
-    stats: dict[str, DataStats] = field(default_factory=dict)
-
-
-def load_data(tokenizer: Any, path: Path, cfg: Any) -> tuple[list, DataStats]:
-    """The rendered training items of a file for the run's method: TokenizedExamples, or
-    for --method dpo TokenizedPairs (see train.preference)."""
-    if cfg.method == "dpo":
-        from tunesmith.train import preference
-
-        return preference.render_pairs(tokenizer, preference.load_pairs(path, cfg.format), cfg.max_seq_len, str(path))
-    columns = ColumnMapping(cfg.input_column, cfg.output_column, cfg.system)
-    return render_and_filter(tokenizer, load_examples(path, cfg.format, columns), cfg.max_seq_len, str(path))
 
 
 def load_examples(path: Path, fmt: str | None, columns: ColumnMapping) -> list[Example]:

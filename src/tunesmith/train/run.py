@@ -71,6 +71,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     from tunesmith.models.registry import hash_files, identity, load_tokenizer, resolve_model
     from tunesmith.train import data as td
     from tunesmith.train import preference as pref
+    from tunesmith.train.inputs import load_training_items
     from tunesmith.train.model import (add_stop_checks, build_model, check_qlora, compile_layers,
                                        load_adapter_weights, parameter_count, precision_dtype, resolve_init_adapter,
                                        shard_model, should_compile, trainable_parameters, with_adapter_shape)
@@ -103,9 +104,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
 
     # --- 4. data: render with the template, drop examples left with no trained token
     # (with dpo: preference pairs, both answers rendered the same way).
-    train_ex, train_stats = td.load_data(tokenizer, cfg.data, cfg)
+    train_ex, train_stats = load_training_items(tokenizer, cfg.data, cfg)
     if cfg.validation:
-        valid_ex, valid_stats = td.load_data(tokenizer, cfg.validation, cfg)
+        valid_ex, valid_stats = load_training_items(tokenizer, cfg.validation, cfg)
     else:
         train_ex, valid_ex = td.split_validation(train_ex, cfg.val_split, cfg.seed)
         valid_stats = None
