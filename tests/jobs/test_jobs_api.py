@@ -64,7 +64,7 @@ def test_create_rejects_bad_requests_with_openai_errors(jobs_server, tmp_path, t
     assert "method.dpo.hyperparameters.beta" in exc.value.message
     r = httpx.post(f"{live.url}/v1/fine_tuning/jobs", timeout=30,
                    json={"model": str(tiny_model_dir), "training_file": fid, "n_epohcs": 3})
-    assert r.status_code == 400 and "unknown field 'n_epohcs'" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "unknown parameter 'n_epohcs'" in r.json()["error"]["message"]
     with pytest.raises(openai.NotFoundError):
         jobs.retrieve("ftjob-nope")
     assert live.store.list_jobs()[0] == []
@@ -124,7 +124,7 @@ def test_api_key_is_required_when_set(_isolated_home, tmp_path):
     from tunesmith.jobs.store import open_store
     from tunesmith.serve.jobs_api import JobsService, create_jobs_app
 
-    url, stop = start_uvicorn(create_jobs_app(JobsService(open_store(), workers=0, api_key="s3cret")))
+    url, stop = start_uvicorn(create_jobs_app(JobsService(open_store(), workers=0), api_key="s3cret"))
     try:
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).files.list()

@@ -5,7 +5,8 @@
       -d '{"model": "support", "messages": [{"role": "user", "content": "Hi"}]}'
 
 `create_app(engine, settings, routers=...)` builds a new app each call (no module state);
-other parts (the jobs API) pass their routers in and share the API key check.
+other parts (the jobs API) pass their routers in and share the API key check. Errors are
+answered by `serve.errors`: routes raise, its handlers give OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -13,20 +14,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 import time
 import uuid
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tunesmith.errors import DataError, TunesmithError, UsageError
+from tunesmith.generate.engine import Engine, Event, SamplingParams, UnknownModelError
 from tunesmith.serve import protocol as p
-from tunesmith.generate.engine import AdapterConflictError, Engine, Event, SamplingParams, UnknownModelError
+from tunesmith.serve.errors import APIError, add_error_handlers, require_api_key
 from tunesmith.settings import Settings
 
 log = logging.getLogger("tunesmith.serve")
@@ -35,20 +34,7 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 """Largest request body accepted; far above any prompt that fits the context."""
 DISCONNECT_POLL_S = 0.5
 """How often a request waiting for tokens checks that its client is still there."""
-
-
-class APIError(Exception):
-    """An error response: status and OpenAI's {message, type, param, code}."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-
-    def response(self) -> JSONResponse:
-        body = p.ErrorResponse(error=p.ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code))
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(body.model_dump(), status_code=self.status, headers=headers)
+GENERATION_FAILED = "generation failed; see the server log"
 
 
 def create_app(engine: Engine, settings: Settings | None = None, routers: Sequence[APIRouter] = ()) -> FastAPI:
@@ -57,7 +43,7 @@ def create_app(engine: Engine, settings: Settings | None = None, routers: Sequen
     app = FastAPI(title="tunesmith", version="0.1.0", docs_url=None, redoc_url=None)
     app.state.engine = engine
     app.state.api_key = settings.api_key
-    _add_error_handlers(app)
+    add_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     app.include_router(health_router)
     for router in (models_router, completions_router, adapters_router, *routers):
@@ -65,91 +51,7 @@ def create_app(engine: Engine, settings: Settings | None = None, routers: Sequen
     return app
 
 
-# ----------------------------------------------------------------------------- errors, key, body size
-
-
-def _add_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_error(exc.errors()).response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
-        return APIError(exc.status_code, str(exc.detail), code=code).response()
-
-    @app.exception_handler(TunesmithError)
-    async def _tunesmith(request: Request, exc: TunesmithError) -> JSONResponse:
-        return error_from_tunesmith(exc).response()
-
-    @app.exception_handler(Exception)
-    async def _crash(request: Request, exc: Exception) -> JSONResponse:
-        # The detail goes to the log, never to the client.
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return APIError(500, "internal server error; see the server log", type="server_error").response()
-
-
-def error_from_tunesmith(exc: TunesmithError) -> APIError:
-    if isinstance(exc, UnknownModelError):
-        return APIError(404, str(exc), param="model", code="model_not_found")
-    if isinstance(exc, AdapterConflictError):
-        return APIError(409, str(exc), param="name", code="conflict")
-    if isinstance(exc, (UsageError, DataError)):  # e.g. a chat template refusing the conversation
-        return APIError(400, str(exc))
-    return APIError(500, str(exc), type="server_error")
-
-
-def validation_error(errors: Sequence[dict[str, Any]]) -> APIError:
-    """One 400 naming the first bad parameter (every bad parameter listed in the message)."""
-    sentences: dict[str, str] = {}
-    for err in errors:
-        if err.get("type") == "json_invalid":
-            return APIError(400, f"the request body is not valid JSON: {err.get('msg')}", code="invalid_json")
-        param = _param_name(err.get("loc", ()))
-        if not param:
-            sentences[""] = "the request body must be a JSON object (sent with Content-Type: application/json)"
-        elif param in sentences:  # a union reports one error per branch: keep the first
-            continue
-        elif err.get("type") == "extra_forbidden":
-            sentences[param] = f"unknown parameter '{param}' (this server does not support it)"
-        elif err.get("type") == "missing":
-            sentences[param] = f"missing required parameter '{param}'"
-        else:
-            got = json.dumps(err.get("input"), default=str)[:80]
-            msg = str(err.get("msg", "")).removeprefix("Value error, ")
-            sentences[param] = f"invalid '{param}': {msg} (got {got})"
-    first = next(iter(sentences), None) or None
-    return APIError(400, "; ".join(sentences.values()) or "invalid request", param=first, code="invalid_parameter")
-
-
-def _param_name(loc: Sequence[Any]) -> str:
-    """('body', 'messages', 0, 'content', 'str') -> 'messages[0].content' (union branch tags dropped)."""
-    name = ""
-    for part in loc:
-        if part == "body" and not name:
-            continue
-        if isinstance(part, int):
-            name += f"[{part}]"
-        elif str(part).isidentifier() and str(part) not in ("str", "int", "float", "bool"):
-            name += ("." if name else "") + str(part)
-        else:
-            break
-    return name
-
-
-async def require_api_key(request: Request) -> None:
-    """401 unless the Authorization header carries the configured key (when one is set)."""
-    expected = request.app.state.api_key
-    if not expected:
-        return
-    header = request.headers.get("authorization", "")
-    given = header[7:] if header[:7].lower() == "bearer " else ""
-    if not secrets.compare_digest(given.encode(), expected.encode()):
-        raise APIError(401, "missing or wrong API key; send 'Authorization: Bearer <key>'", code="invalid_api_key")
+# ----------------------------------------------------------------------------- body size
 
 
 class BodyLimit:
@@ -291,8 +193,7 @@ def _budget(engine: Engine, prompt_len: int, requested: int | None, param: str, 
 def _check_model(engine: Engine, model: str) -> None:
     if not any(c.id == model for c in engine.models()):
         served = ", ".join(c.id for c in engine.models())
-        raise APIError(404, f"model '{model}' is not served here; available: {served}", param="model",
-                       code="model_not_found")
+        raise UnknownModelError(f"model '{model}' is not served here; available: {served}")
 
 
 def _sse(obj: Any) -> str:
@@ -314,8 +215,7 @@ async def _stream(gen: Generation, request: Request, chunks: Callable[[int, Even
         while gen.pending:
             index, ev = await gen.next(request)
             if ev.finish_reason == "error":
-                err = APIError(500, "generation failed; see the server log", type="server_error")
-                yield _sse(p.ErrorResponse(error=p.ErrorBody(message=err.message, type=err.type)))
+                yield _sse(APIError(500, GENERATION_FAILED).body())
                 break
             for chunk in chunks(index, ev):
                 yield _sse(chunk)
@@ -338,7 +238,7 @@ async def _collect(gen: Generation, request: Request, n_choices: int) -> tuple[l
             texts[index] += ev.text
             if ev.finish_reason:
                 if ev.finish_reason == "error":
-                    raise APIError(500, "generation failed; see the server log", type="server_error")
+                    raise APIError(500, GENERATION_FAILED)
                 reasons[index] = ev.finish_reason
                 completion += ev.completion_tokens
     except ClientGone:

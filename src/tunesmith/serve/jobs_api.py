@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import secrets
 import sys
 import threading
 import time
@@ -24,11 +23,9 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
-from fastapi.routing import APIRoute
+from fastapi.responses import FileResponse
 
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import TunesmithError, UsageError
 from tunesmith.jobs.store import ACTIVE, JobStore, new_id
 from tunesmith.jobs.worker import Worker, WorkerConfig
 from tunesmith.serve.jobs_protocol import (
@@ -41,64 +38,12 @@ from tunesmith.serve.jobs_protocol import (
     job_object,
     page,
 )
-from tunesmith.serve.uploads import UploadError, UploadTooLarge, receive_upload
+from tunesmith.serve.errors import APIError, add_error_handlers, require_api_key
+from tunesmith.serve.uploads import receive_upload
 
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024 * 1024
 PUBLISHED_CHECKPOINTS = 3
 """Checkpoints per job that are loaded as models (the last ones, as hosted APIs keep)."""
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
-
-    def response(self) -> JSONResponse:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return JSONResponse(
-            {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}},
-            status_code=self.status,
-        )
-
-
-class _OpenAIErrorRoute(APIRoute):
-    """Answer APIError, body validation and TunesmithError in OpenAI's error shape.
-
-    A route class (not an app-level handler) so the router keeps its error format in any
-    app that mounts it.
-    """
-
-    def get_route_handler(self) -> Callable:
-        handler = super().get_route_handler()
-
-        async def wrapped(request: Request):
-            try:
-                return await handler(request)
-            except APIError as exc:
-                return exc.response()
-            except RequestValidationError as exc:
-                return _validation_error(exc.errors()).response()
-            except TunesmithError as exc:
-                return APIError(400, str(exc)).response()
-
-        return wrapped
-
-
-def _validation_error(errors: list[dict[str, Any]]) -> APIError:
-    parts, param = [], None
-    for err in errors:
-        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
-        where = ".".join(loc) or "body"
-        param = param or where
-        got = err.get("input")
-        shown = f" (got {got!r})" if got is not None and not isinstance(got, (dict, list)) else ""
-        if err.get("type") == "extra_forbidden":
-            parts.append(f"unknown field '{where}'")
-        else:
-            parts.append(f"'{where}': {err.get('msg', 'invalid').lower()}{shown}")
-    return APIError(400, "invalid request: " + "; ".join(parts), code="invalid_request", param=param)
 
 
 # ----------------------------------------------------------------------------- the service
@@ -146,12 +91,11 @@ class JobsService:
     """The jobs API router plus, while the app runs, `workers` worker threads and the publisher."""
 
     def __init__(self, store: JobStore, workers: int = 1, worker_config: WorkerConfig = WorkerConfig(),
-                 engine: Any | None = None, api_key: str | None = None,
-                 max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, log: Callable[[str], None] | None = None):
+                 engine: Any | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+                 log: Callable[[str], None] | None = None):
         self.store = store
         self.n_workers = workers
         self.worker_config = worker_config
-        self.api_key = api_key
         self.max_upload_bytes = max_upload_bytes
         self.log = log or (lambda msg: print(f"[jobs] {msg}", file=sys.stderr, flush=True))
         self.publisher = ModelPublisher(store, engine, self.log)
@@ -202,17 +146,8 @@ class JobsService:
 
     # -- routes
 
-    def _check_key(self, request: Request) -> None:
-        if not self.api_key:
-            return
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not secrets.compare_digest(given.encode(), self.api_key.encode()):
-            raise APIError(401, "invalid or missing API key; send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
-
     def _build_router(self) -> APIRouter:
-        router = APIRouter(route_class=_OpenAIErrorRoute, lifespan=self.lifespan,
-                           dependencies=[Depends(self._check_key)], tags=["fine-tuning"])
+        router = APIRouter(lifespan=self.lifespan, tags=["fine-tuning"])
         router.add_api_route("/v1/files", self.create_file, methods=["POST"])
         router.add_api_route("/v1/files", self.list_files, methods=["GET"])
         router.add_api_route("/v1/files/{file_id}", self.retrieve_file, methods=["GET"])
@@ -237,13 +172,7 @@ class JobsService:
 
         files_dir = self.store.storage_root / "files"
         files_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            fields, upload = await receive_upload(request, files_dir, self.max_upload_bytes)
-        except UploadError as exc:
-            raise APIError(400, str(exc), code="invalid_request")
-        except UploadTooLarge:
-            raise APIError(413, f"the file is larger than this server's upload limit of {self.max_upload_bytes:,} "
-                                "bytes; split it or raise --max-upload-mb", code="file_too_large", param="file")
+        fields, upload = await receive_upload(request, files_dir, self.max_upload_bytes)
         try:
             if not upload:
                 raise APIError(400, "the upload has no 'file' part", code="invalid_request", param="file")
@@ -470,12 +399,14 @@ def _method(body: JobCreate) -> dict[str, Any]:
     return {"type": "supervised", "supervised": {"hyperparameters": hp.model_dump()}}
 
 
-def create_jobs_app(service: JobsService) -> FastAPI:
-    """An app with only the jobs API (an API-only node, or when no inference engine is wanted)."""
+def create_jobs_app(service: JobsService, api_key: str | None = None) -> FastAPI:
+    """An app with only the jobs API (an API-only node, or when no inference engine is wanted),
+    behind `api_key` when one is given, with the same error answers as the full server."""
     app = FastAPI(title="tunesmith jobs")
-    app.include_router(service.router)
+    app.state.api_key = api_key
+    add_error_handlers(app)
+    app.include_router(service.router, dependencies=[Depends(require_api_key)])
     return app
-
 
 
 def build_jobs_service(db: str | None, workers: int, engine: Any | None, max_upload_mb: float,
@@ -485,7 +416,6 @@ def build_jobs_service(db: str | None, workers: int, engine: Any | None, max_upl
     The routes are meant to sit behind the server's own API key dependency, so the
     service checks none itself.
     """
-    from tunesmith.errors import UsageError
     from tunesmith.jobs.store import open_store
 
     if workers < 0:

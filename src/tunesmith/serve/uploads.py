@@ -19,15 +19,9 @@ from typing import Any
 
 from starlette.requests import Request
 
+from tunesmith.serve.errors import APIError
+
 MAX_FORM_FIELD_BYTES = 64 * 1024
-
-
-class UploadTooLarge(Exception):
-    """The body went past the size limit (answered 413)."""
-
-
-class UploadError(Exception):
-    """A malformed upload request (answered 400)."""
 
 
 def clean_filename(raw: bytes | None) -> str:
@@ -40,18 +34,21 @@ def clean_filename(raw: bytes | None) -> str:
 async def receive_upload(request: Request, tmp_dir: Path, max_bytes: int) -> tuple[dict[str, str], dict[str, Any]]:
     """Stream a multipart body: form fields into memory, the `file` part into a temp file.
 
-    The size limit is checked on every chunk, so an oversized upload is refused after at
-    most `max_bytes` were written, whatever Content-Length claimed.
+    The size limit is checked on every chunk, so an oversized upload is refused (413) after
+    at most `max_bytes` were written, whatever Content-Length claimed; a malformed body is a 400.
     """
     from python_multipart.multipart import MultipartParser, parse_options_header
 
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
     boundary = params.get(b"boundary")
     if ctype != b"multipart/form-data" or not boundary:
-        raise UploadError("upload files as multipart/form-data with fields 'file' and 'purpose'")
+        raise APIError(400, "upload files as multipart/form-data with fields 'file' and 'purpose'",
+                       code="invalid_request")
+    too_large = APIError(413, f"the file is larger than this server's upload limit of {max_bytes:,} bytes; "
+                              "split it or raise --max-upload-mb", param="file", code="file_too_large")
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes + MAX_FORM_FIELD_BYTES:
-        raise UploadTooLarge()
+        raise too_large
 
     fields: dict[str, str] = {}
     upload: dict[str, Any] = {}
@@ -86,13 +83,14 @@ async def receive_upload(request: Request, tmp_dir: Path, max_bytes: int) -> tup
         if part.get("fh") is not None:
             upload["bytes"] += len(chunk)
             if upload["bytes"] > max_bytes:
-                raise UploadTooLarge()
+                raise too_large
             part["fh"].write(chunk)
             upload["sha256"].update(chunk)
         else:
             part["data"] += chunk
             if len(part["data"]) > MAX_FORM_FIELD_BYTES:
-                raise UploadError(f"form field '{part.get('name')}' is longer than {MAX_FORM_FIELD_BYTES} bytes")
+                raise APIError(400, f"form field '{part.get('name')}' is longer than {MAX_FORM_FIELD_BYTES} bytes",
+                               code="invalid_request")
 
     def on_part_end() -> None:
         if part.get("fh") is not None:
