@@ -33,7 +33,7 @@ def test_pages_and_static_files_are_served_without_a_key(dashboard_server):
     assert httpx.get(f"{server.url}/v1/models").status_code == 401
 
 
-def test_validation_report_of_an_uploaded_file(dashboard_server, tmp_path, tiny_model_dir):
+def test_validation_report_of_an_uploaded_file(dashboard_server, tmp_path, tiny_model_dir, _isolated_home):
     server = dashboard_server(workers=0)
     client = server.client
     bad = client.files.create(file=open(write_chat_jsonl(tmp_path / "bad.jsonl", n=12, bad_lines={
@@ -47,14 +47,27 @@ def test_validation_report_of_an_uploaded_file(dashboard_server, tmp_path, tiny_
     assert sorted(e["line"] for e in r["errors"]) == [4, 9]
     assert r["stats"] is None and r["estimate"] is None
 
-    # With a model: the full report, token stats and a measured estimate; overlap with the
-    # validation file (whose examples repeat the training ones) is a warning on the lines.
-    r = httpx.get(f"{server.url}/v1/files/{good.id}/validation",
-                  params={"model": str(tiny_model_dir), "validation_file": valid.id}, timeout=120).json()
+    # With a model: the full report and token stats; overlap with the validation file (whose
+    # examples repeat the training ones) is a warning on the lines. The server never runs
+    # training steps: with no speed measured on this machine yet, the estimate says so.
+    query = {"model": str(tiny_model_dir), "validation_file": valid.id}
+    r = httpx.get(f"{server.url}/v1/files/{good.id}/validation", params=query, timeout=120).json()
     assert r["ok"] is True and r["examples"] == 12 and r["format"] == "chat"
     assert r["stats"]["tokens_per_epoch"] > 0 and r["stats"]["trained_tokens_per_epoch"] > 0
-    assert r["estimate"]["train_tokens_per_s"] > 0 and r["estimate"]["epochs"] >= 1
+    assert r["estimate"]["epochs"] >= 1 and r["estimate"]["train_tokens_per_s"] is None
+    assert not (_isolated_home / "speed.json").exists()
     assert any(w["code"] == "validation_overlap" for w in r["warnings"])
+
+    # Once `tunesmith validate` measured this shape here, the server reads the cached speed.
+    from tunesmith.data.validate import probe_shape
+    from tunesmith.models.registry import resolve_model
+    from tunesmith.train.speed import measure_train_tokens_per_s
+
+    seq_len, batch_size = probe_shape(r["stats"])
+    measured = measure_train_tokens_per_s(resolve_model(str(tiny_model_dir)), seq_len=seq_len, batch_size=batch_size,
+                                          home=_isolated_home)
+    r = httpx.get(f"{server.url}/v1/files/{good.id}/validation", params=query, timeout=120).json()
+    assert r["estimate"]["train_tokens_per_s"] == round(measured, 1) and r["estimate"]["time_s"] > 0
 
     r = httpx.get(f"{server.url}/v1/files/{good.id}/validation", params={"model": "no-such-model"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "model"
