@@ -1,66 +1,20 @@
-"""`tunesmith train`: its options (generated from TrainConfig), --dry-run and --nproc.
+"""What `tunesmith train` does with its options: resolve the config (YAML file, then flags),
+print a dry run, or launch --nproc processes, then train. The options themselves are
+generated from TrainConfig in cli/train.py.
 
-    tunesmith train --help
     tunesmith train -c run.yaml --dry-run
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
-import typer
-
-from tunesmith.train.config import TrainConfig, field_groups, resolve_config
-
-PANELS = {"data": "Data", "model": "Model", "method": "Method", "optimisation": "Optimisation",
-          "evaluation": "Evaluation", "output": "Output"}
-
-
-def _option_type(name: str, annotation: Any) -> Any:
-    if name == "packing":
-        return Optional[bool]
-    text = str(annotation)
-    if name in ("epochs", "lora_target_modules", "method", "precision"):
-        return Optional[str]
-    for typ in (Path, float, int, str):
-        if annotation is typ or typ.__name__ in text and "Literal" not in text:
-            return Optional[typ]
-    return Optional[str]
-
-
-def train_signature() -> inspect.Signature:
-    """Typer parameters: -c, one option per TrainConfig field (grouped panels), --dry-run, --nproc."""
-    P = inspect.Parameter
-    params = [P("config", P.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
-        None, "--config", "-c", help="YAML file with these options (flags given here override it).", rich_help_panel="Run"))]
-    for group, names in field_groups().items():
-        for name in names:
-            info = TrainConfig.model_fields[name]
-            flag = "--" + name.replace("_", "-")
-            decls = ["--packing/--no-packing"] if name == "packing" else [flag]
-            default = "required" if info.is_required() else info.default
-            shown = default if not isinstance(default, (list, Path)) else str(default)
-            params.append(P(name, P.KEYWORD_ONLY, annotation=_option_type(name, info.annotation), default=typer.Option(
-                None, *decls, help=f"{info.description} (default: {shown})", show_default=False,
-                rich_help_panel=PANELS[group])))
-    params.append(P("dry_run", P.KEYWORD_ONLY, annotation=bool, default=typer.Option(
-        False, "--dry-run", help="Print the resolved config, data statistics and an estimate, then exit.", rich_help_panel="Run")))
-    params.append(P("nproc", P.KEYWORD_ONLY, annotation=int, default=typer.Option(
-        1, "--nproc", help="Processes to train with (data parallel through torch.distributed; same as torchrun).",
-        rich_help_panel="Run")))
-    return inspect.Signature(params)
-
-
-def with_train_signature(func: Callable) -> Callable:
-    func.__signature__ = train_signature()  # typer reads options from the signature
-    return func
-
+from tunesmith.train.config import TrainConfig, resolve_config
 
 def run_train_command(options: dict[str, Any]) -> None:
     config_file = options.pop("config", None)
@@ -174,7 +128,7 @@ def dry_run_report(cfg: TrainConfig) -> None:
                      "note": "about 4 x parameters FLOPs per token for LoRA and DPO (6 x for full; DPO adds one "
                              "forward pass over the data for the reference); divide by your measured FLOP/s"},
     }
-    typer.echo(json.dumps(report, indent=2, default=str))
+    print(json.dumps(report, indent=2, default=str))
 
 
 def _parameter_count(ref: Any) -> int:

@@ -1,0 +1,164 @@
+"""`tunesmith eval`, `compare`, `report` and `demo`: measuring a model or adapter on
+held-out data, against prompting strategies, and writing it up.
+
+    tunesmith eval --adapter runs/first --data test.jsonl --report
+    tunesmith compare --train train.jsonl --test test.jsonl --adapter runs/first
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from tunesmith.cli.common import log
+from tunesmith.models.registry import DEFAULT_MODEL
+
+# eval and compare share these options, so they say the same thing on both.
+MODEL_HELP = "Base model: registry name, HF directory or .gguf."
+METRIC_HELP = "auto (picked from the references), label, exact, json or rouge."
+MAX_NEW_TOKENS_HELP = "Most tokens generated per example."
+BATCH_SIZE_HELP = "Examples generated together."
+PRECISION_HELP = "auto (bf16 autocast where fast), fp32 or bf16."
+FORMAT_HELP = "Data format; detected when omitted."
+INPUT_COLUMN_HELP = "CSV/TSV: column holding the the input."
+OUTPUT_COLUMN_HELP = "CSV/TSV: column holding the reference answer. Default: the only other column."
+REPORT_HELP = "Also write report.html into the output folder."
+JSON_MODE_HELP = "Hold every answer to one JSON object, as the server's JSON mode does (response_format json_object)."
+JSON_SCHEMA_HELP = "Hold every answer to one JSON value of this JSON Schema file (structured outputs, as the server's json_schema)."
+
+
+def _answer_schema(json_mode: bool, path: Optional[Path]) -> Optional[dict]:
+    """The schema answers are held to: --json-schema's, --json-mode's any object, or None."""
+    import json
+
+    from tunesmith.errors import UsageError
+    from tunesmith.generate.json_mode import ANY_OBJECT
+    from tunesmith.generate.json_schema import SchemaError, compile_schema
+
+    if path is None:
+        return ANY_OBJECT if json_mode else None
+    try:
+        schema = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise UsageError(f"--json-schema {path}: cannot read it ({exc.strerror})") from None
+    except ValueError as exc:
+        raise UsageError(f"--json-schema {path} is not JSON ({exc}); give a JSON Schema file") from None
+    try:
+        compile_schema(schema)
+    except SchemaError as exc:  # names what cannot be honoured, and where
+        raise UsageError(f"--json-schema {path}: {exc}") from None
+    return schema
+
+
+def _default_out(adapter: Optional[Path], kind: str) -> Path:
+    """RUN/eval for a run directory, else a fresh timestamped folder here."""
+    import time
+
+    if adapter is not None and kind == "eval" and ((adapter / "adapter").is_dir() or (adapter / "checkpoints").is_dir()):
+        return adapter / "eval"
+    return Path(f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def eval_cmd(
+    data: Path = typer.Option(..., "--data", help="Held-out examples with reference answers (.jsonl, .csv, .tsv)."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", help=MODEL_HELP),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Run directory or adapter directory to put on the base."),
+    metric: str = typer.Option("auto", "--metric", help=METRIC_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for predictions.jsonl and metrics.json (default: RUN/eval for a run, else eval-<time>)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help=MAX_NEW_TOKENS_HELP),
+    batch_size: int = typer.Option(16, "--batch-size", help=BATCH_SIZE_HELP),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
+    format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
+    input_column: str = typer.Option("text", "--input-column", help=INPUT_COLUMN_HELP),
+    output_column: Optional[str] = typer.Option(None, "--output-column", help=OUTPUT_COLUMN_HELP),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt (default: the one the adapter's run trained with)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N examples."),
+    report: bool = typer.Option(False, "--report", help=REPORT_HELP),
+    json_mode: bool = typer.Option(False, "--json-mode", help=JSON_MODE_HELP),
+    json_schema: Optional[Path] = typer.Option(None, "--json-schema", help=JSON_SCHEMA_HELP),
+) -> None:
+    """Evaluate a model or adapter on held-out data."""
+    from tunesmith.evaluate.evaluation import evaluate, print_eval
+
+    schema = _answer_schema(json_mode, json_schema)
+    out = out or _default_out(adapter, "eval")
+    result = evaluate(
+        model, data, adapter=adapter, metric=metric, out=out, max_new_tokens=max_new_tokens,
+        batch_size=batch_size, precision=precision, format=format, input_column=input_column,
+        output_column=output_column, system=system, limit=limit, json_schema=schema, log=log,
+    )
+    print_eval(result)
+    log(f"wrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}")
+    if report:
+        from tunesmith.evaluate.report import build_report
+
+        log(f"report: {build_report(out)}")
+
+
+def compare_cmd(
+    train: Path = typer.Option(..., "--train", help="Training examples (the few-shot and retrieval pool; --train-adapter trains on them)."),
+    test: Path = typer.Option(..., "--test", help="Held-out examples every strategy is measured on."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", help=MODEL_HELP),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Fine-tuned run or adapter directory to include."),
+    train_adapter: bool = typer.Option(False, "--train-adapter", help="Train an adapter on --train with default settings and include it."),
+    shots: int = typer.Option(5, "--shots", help="Examples in the few-shot and retrieval prompts."),
+    price_per_million: float = typer.Option(0.10, "--price-per-million", help="Price of one million tokens, for the cost column."),
+    metric: str = typer.Option("auto", "--metric", help=METRIC_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for compare.json and each strategy's predictions (default: compare-<time>)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help=MAX_NEW_TOKENS_HELP),
+    batch_size: int = typer.Option(16, "--batch-size", help=BATCH_SIZE_HELP),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
+    format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
+    input_column: str = typer.Option("text", "--input-column", help=INPUT_COLUMN_HELP),
+    output_column: Optional[str] = typer.Option(None, "--output-column", help=OUTPUT_COLUMN_HELP),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt for the prompting strategies (and a trained adapter)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N test examples."),
+    report: bool = typer.Option(False, "--report", help=REPORT_HELP),
+    teacher_model: Optional[str] = typer.Option(None, "--teacher-model", help="Also measure this teacher model (OpenAI-compatible endpoint), asked each test prompt as distill asks it."),
+    teacher_base_url: Optional[str] = typer.Option(None, "--teacher-base-url", help="The teacher's endpoint, e.g. http://127.0.0.1:8000/v1 (default: OpenAI's)."),
+    teacher_api_key: Optional[str] = typer.Option(None, "--teacher-api-key", help="The teacher's API key (default: $OPENAI_API_KEY); never written."),
+    teacher_price_per_million: Optional[float] = typer.Option(None, "--teacher-price-per-million", help="The teacher's price per million tokens (default: --price-per-million)."),
+    json_mode: bool = typer.Option(False, "--json-mode", help=JSON_MODE_HELP),
+    json_schema: Optional[Path] = typer.Option(None, "--json-schema", help=JSON_SCHEMA_HELP),
+) -> None:
+    """Zero-shot vs few-shot vs retrieval few-shot vs fine-tuned (vs a teacher), on the same test set."""
+    from tunesmith.evaluate.comparison import print_comparison
+    from tunesmith.flows.compare import compare
+
+    schema = _answer_schema(json_mode, json_schema)
+    out = out or _default_out(None, "compare")
+    result = compare(
+        model, train, test, adapter=adapter, train_adapter=train_adapter, shots=shots,
+        price_per_million=price_per_million, metric=metric, out=out, max_new_tokens=max_new_tokens,
+        batch_size=batch_size, precision=precision, format=format, input_column=input_column,
+        output_column=output_column, system=system, limit=limit, teacher_model=teacher_model,
+        teacher_base_url=teacher_base_url, teacher_api_key=teacher_api_key,
+        teacher_price_per_million=teacher_price_per_million, json_schema=schema, log=log,
+    )
+    print_comparison(result)
+    log(f"wrote {out / 'compare.json'}")
+    if report:
+        from tunesmith.evaluate.report import build_report
+
+        log(f"report: {build_report(out)}")
+
+
+def report_cmd(
+    run: Path = typer.Argument(..., help="A training run, eval or compare folder."),
+    out: Optional[Path] = typer.Option(None, "--out", help="HTML file to write (default: RUN/report.html)."),
+) -> None:
+    """Write a self-contained HTML report for a run."""
+    from tunesmith.evaluate.report import build_report
+
+    typer.echo(f"report: {build_report(run, out)}")
+
+
+def demo_cmd(
+    out: Path = typer.Option(Path("demo-run"), "--out", help="Folder everything the demo writes goes under."),
+) -> None:
+    """The whole lifecycle on banking77: pull, validate, zero-shot, fine-tune, evaluate, report."""
+    from tunesmith.flows.demo import run_demo
+
+    run_demo(out, log=typer.echo)

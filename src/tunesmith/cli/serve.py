@@ -1,0 +1,145 @@
+"""`tunesmith serve`, `chat` and `worker`: a model and its adapters behind the
+OpenAI-compatible API (with the fine-tuning jobs API), in the terminal, or a jobs worker alone.
+
+    tunesmith serve --adapter support=runs/first
+    echo 'Where is my card?' | tunesmith chat --adapter runs/first
+    tunesmith worker --db postgresql://tunesmith@db/tunesmith
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from tunesmith.models.registry import DEFAULT_MODEL
+
+MODEL_HELP = "Base model: registry name or path."
+DB_HELP = "Jobs database: sqlite:///PATH or postgresql://USER@HOST/DB (default: $TUNESMITH_HOME/tunesmith.db)."
+
+
+def serve_cmd(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", help=MODEL_HELP),
+    adapter: Optional[list[str]] = typer.Option(
+        None, "--adapter", help="NAME=PATH of a run or adapter directory to serve as model NAME (repeatable)."
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (0.0.0.0 exposes it to the network)."),
+    port: int = typer.Option(8000, "--port", help="Port to listen on."),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", help="Require 'Authorization: Bearer KEY' (default: $TUNESMITH_API_KEY, else none)."
+    ),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", min=1, help="CPU threads for generation (default: torch's, one per core); "
+        "1 is often faster on a CPU shared with other work."
+    ),
+    db: Optional[str] = typer.Option(None, "--db", help=DB_HELP),
+    workers: int = typer.Option(1, "--workers", help="Fine-tuning job workers in this process (0: API only)."),
+    max_upload_mb: float = typer.Option(512.0, "--max-upload-mb", help="Largest file /v1/files accepts, in MB."),
+) -> None:
+    """OpenAI-compatible server for a base model and many adapters, with the fine-tuning jobs API."""
+    import dataclasses
+
+    pairs = _adapter_pairs(adapter or [])  # before the heavy imports: a typo fails at once
+
+    import torch
+    import uvicorn
+
+    from tunesmith.serve.app import create_app
+    from tunesmith.generate.engine import LocalEngine
+    from tunesmith.settings import Settings
+
+    if threads:
+        torch.set_num_threads(threads)
+    settings = Settings.from_env()
+    if api_key:
+        settings = dataclasses.replace(settings, api_key=api_key)
+    typer.echo(f"loading {model} and {len(pairs)} adapter(s) ...", err=True)
+    engine = LocalEngine.load(model, pairs)
+    from tunesmith.serve.jobs_api import build_jobs_service
+
+    jobs = build_jobs_service(db, workers, engine, max_upload_mb, settings)
+    try:
+        url = f"http://{host}:{port}/v1"
+        typer.echo(f"serving at {url} (OpenAI-compatible; key {'required' if settings.api_key else 'not required'})",
+                   err=True)
+        for card in engine.models():
+            kind = f"adapter on {card.parent}, from {card.path}" if card.parent else "base model"
+            typer.echo(f"  model {card.id!r}: {kind}", err=True)
+        typer.echo(f"  fine-tuning jobs: {url}/fine_tuning/jobs ({workers} worker(s) in this process)", err=True)
+        typer.echo(f"  dashboard: http://{host}:{port}/", err=True)
+        from tunesmith.dashboard import mount_dashboard
+
+        server_app = create_app(engine, settings, routers=[jobs.router])
+        mount_dashboard(server_app)
+        uvicorn.run(server_app, host=host, port=port, log_level="info")
+    finally:
+        engine.close()
+
+
+def _adapter_pairs(specs: list[str]) -> list[tuple[str, str]]:
+    from tunesmith.errors import UsageError
+
+    pairs, bad = [], []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            bad.append(spec)
+        else:
+            pairs.append((name, path))
+    if bad:
+        raise UsageError(f"--adapter expects NAME=PATH (e.g. support=runs/support); got: {', '.join(bad)}")
+    return pairs
+
+
+def chat_cmd(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", help=MODEL_HELP),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Run or adapter directory to chat with."),
+    temperature: float = typer.Option(0.7, "--temperature", help="Sampling temperature; 0 is greedy."),
+    max_tokens: Optional[int] = typer.Option(
+        None, "--max-tokens", min=1, help="Most tokens per answer (default: up to the context length)."
+    ),
+) -> None:
+    """Chat with a model or adapter in the terminal (or answer one piped question)."""
+    import io
+
+    from tunesmith.errors import UsageError
+    from tunesmith.serve.chat import run_chat
+    from tunesmith.generate.engine import LocalEngine
+
+    interactive = sys.stdin.isatty()
+    stdin = sys.stdin
+    if interactive:
+        typer.echo(f"loading {model} ...", err=True)
+    else:  # read the piped question before the model loads, so an empty pipe fails at once
+        stdin = io.StringIO(sys.stdin.read())
+        if not stdin.getvalue().strip():
+            raise UsageError("no question on standard input; pipe one in (echo 'question' | tunesmith chat)")
+    adapters = [("adapter", str(adapter))] if adapter else []
+    engine = LocalEngine.load(model, adapters)
+    try:
+        run_chat(engine, "adapter" if adapter else engine.base_id, stdin, sys.stdout, interactive, temperature,
+                 max_tokens)
+    finally:
+        engine.close()
+
+
+def worker_cmd(
+    db: Optional[str] = typer.Option(None, "--db", help=DB_HELP),
+    poll_interval_s: float = typer.Option(1.0, "--poll-interval-s", help="Seconds between looks for work and heartbeats."),
+    lease_s: float = typer.Option(30.0, "--lease-s", help="A job whose worker sent no heartbeat for this long is taken over."),
+) -> None:
+    """Run one fine-tuning jobs worker (no API) against a shared jobs database."""
+    import signal
+    import threading
+
+    from tunesmith.jobs.store import open_store
+    from tunesmith.jobs.worker import Worker, WorkerConfig
+
+    store = open_store(db)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        # Stop cleanly: the running trainer checkpoints and the job is queued again.
+        signal.signal(sig, lambda *_: stop.set())
+    Worker(store, WorkerConfig(poll_interval_s=poll_interval_s, lease_s=lease_s)).run(stop)
