@@ -1,18 +1,32 @@
 """A real (tiny) OpenAI-compatible HTTP server that misbehaves on purpose, for the distill
-tests: per-prompt failure scripts (429, 500 ...), delays, and a record of every request.
+tests: per-prompt failure scripts (429, 500 ...), requests held until the test lets them
+answer, and a record of every request.
 
-Answers are a plain function of the last user message, so tests know what to expect.
+Nothing here waits for a fixed time: a held request answers when its event is set (by the
+test, or by another prompt's reply), so a loaded machine only makes the tests slower,
+never wrong. Answers are a plain function of the last user message, so tests know what to
+expect.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Callable, Iterator
+
+import pytest
+
+# Safety nets only: a held request answers anyway after HOLD_CAP_S, and waits give up after
+# WAIT_CAP_S, so that a broken client fails its test instead of hanging it. A passing run
+# never reaches either.
+HOLD_CAP_S = 60.0
+WAIT_CAP_S = 120.0
 
 
 def echo_answer(prompt: str) -> str:
@@ -27,15 +41,29 @@ class Script:
     """prompt -> HTTP statuses to answer with, in order, before succeeding."""
     always: dict[str, int] = field(default_factory=dict)
     """prompt -> HTTP status answered every time."""
-    slow_first_s: dict[str, float] = field(default_factory=dict)
-    """prompt -> seconds to stall on its first request only (to trip a client timeout)."""
-    delay_s: float = 0.0
+    hold_first: dict[str, threading.Event] = field(default_factory=dict)
+    """prompt -> an event its first request waits for before it answers (later requests of
+    the prompt answer at once). Leaving the server sets them all."""
     error_message: str = "the teacher failed on purpose"
     requests: list[dict] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.Condition = field(default_factory=threading.Condition)
+    """Guards the records; notified on every request."""
+    _replied: dict[str, threading.Event] = field(default_factory=dict)
 
     def asked(self, prompt: str) -> int:
-        return sum(1 for r in self.requests if r["prompt"] == prompt)
+        with self.lock:
+            return sum(1 for r in self.requests if r["prompt"] == prompt)
+
+    def replied(self, prompt: str) -> threading.Event:
+        """Set once a 200 answer to `prompt` has been sent."""
+        with self.lock:
+            return self._replied.setdefault(prompt, threading.Event())
+
+    def wait_for_requests(self, count: int) -> None:
+        """Block until the server has received `count` requests."""
+        with self.lock:
+            if not self.lock.wait_for(lambda: len(self.requests) >= count, timeout=WAIT_CAP_S):
+                pytest.fail(f"the teacher got {len(self.requests)} request(s), not {count}")
 
 
 def _handler(script: Script) -> type[BaseHTTPRequestHandler]:
@@ -45,11 +73,11 @@ def _handler(script: Script) -> type[BaseHTTPRequestHandler]:
 
         def _send(self, status: int, obj: dict) -> None:
             body = json.dumps(obj).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
             try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
                 self.wfile.write(body)
             except (BrokenPipeError, ConnectionResetError):  # the client gave up (a timeout test, a kill)
                 pass
@@ -58,15 +86,14 @@ def _handler(script: Script) -> type[BaseHTTPRequestHandler]:
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
             prompt = [m for m in body["messages"] if m["role"] == "user"][-1]["content"]
             with script.lock:
-                first = script.asked(prompt) == 0
+                first = not any(r["prompt"] == prompt for r in script.requests)
                 script.requests.append({"prompt": prompt, "body": body,
                                         "authorization": self.headers.get("Authorization")})
                 queued = script.fail_first.get(prompt)
                 status = queued.pop(0) if queued else script.always.get(prompt, 200)
-            if first and prompt in script.slow_first_s:
-                time.sleep(script.slow_first_s[prompt])
-            if script.delay_s:
-                time.sleep(script.delay_s)
+                script.lock.notify_all()
+            if first and prompt in script.hold_first:
+                script.hold_first[prompt].wait(HOLD_CAP_S)
             if status != 200:
                 self._send(status, {"error": {"message": script.error_message, "type": "server_error"}})
                 return
@@ -80,19 +107,45 @@ def _handler(script: Script) -> type[BaseHTTPRequestHandler]:
                 "usage": {"prompt_tokens": len(prompt.split()) + 5, "completion_tokens": n * len(text.split()),
                           "total_tokens": len(prompt.split()) + 5 + n * len(text.split())},
             })
+            script.replied(prompt).set()
 
     return Handler
+
+
+class _Server(ThreadingHTTPServer):
+    # socketserver's default listen backlog is 5: a burst of concurrent connections beyond it
+    # has its SYNs dropped and retried a second or more later, a delay no test asked for.
+    request_queue_size = 128
+    daemon_threads = True
 
 
 @contextmanager
 def fake_teacher(script: Script) -> Iterator[str]:
     """Serve `script` on a free loopback port; yields the base URL (ending in /v1)."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(script))
-    server.daemon_threads = True
+    server = _Server(("127.0.0.1", 0), _handler(script))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}/v1"
     finally:
+        for event in script.hold_first.values():  # no handler thread outlives the test
+            event.set()
         server.shutdown()
         server.server_close()
+
+
+def wait_for_lines(path: Path, count: int, proc: subprocess.Popen) -> list[str]:
+    """Block until `path` holds `count` whole lines (written by `proc`); returns them."""
+    deadline = time.monotonic() + WAIT_CAP_S
+    while True:
+        text = path.read_text() if path.exists() else ""
+        lines = text.splitlines(keepends=True)
+        whole = lines if text.endswith("\n") else lines[:-1]
+        if len(whole) >= count:
+            return whole
+        if proc.poll() is not None:
+            stdout, stderr = proc.communicate()
+            pytest.fail(f"exited {proc.returncode} with {len(whole)} line(s) in {path}, not {count}:\n{stdout}{stderr}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{len(whole)} line(s) in {path} after {WAIT_CAP_S:.0f} s, not {count}")
+        time.sleep(0.02)

@@ -10,11 +10,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
-from fake_teacher import Script, fake_teacher
+from fake_teacher import Script, fake_teacher, wait_for_lines
 
 from tunesmith.distill.run import distill, sidecar
 
@@ -30,9 +30,13 @@ def _order(rows: list[dict]) -> list[tuple[int, int]]:
     return [(m["prompt_line"], m["n_index"]) for m in (r.get("metadata", r) for r in rows)]
 
 
-def _reverse_teacher(prompts: list[str], step_s: float) -> Script:
-    """The later a prompt is in the file, the sooner its first answer comes back."""
-    return Script(slow_first_s={p: (len(prompts) - i) * step_s for i, p in enumerate(prompts)})
+def _reverse_teacher(prompts: list[str]) -> Script:
+    """The teacher answers a prompt's first request only once it has answered the next
+    prompt's, so answers go out last prompt first (all requests must be in flight at once)."""
+    script = Script()
+    for earlier, later in zip(prompts, prompts[1:]):
+        script.hold_first[earlier] = script.replied(later)
+    return script
 
 
 def test_answers_arriving_in_reverse_are_written_in_prompt_order(tmp_path, tiny_model_dir):
@@ -43,7 +47,7 @@ def test_answers_arriving_in_reverse_are_written_in_prompt_order(tmp_path, tiny_
     out = tmp_path / "train.jsonl"
     quiet = {"model": tiny_model_dir, "progress": False, "log": lambda m: None, "filter": "regex:keep.*"}
 
-    script = _reverse_teacher(wanted, step_s=0.04)
+    script = _reverse_teacher(wanted)
     with fake_teacher(script) as url:
         result = distill(prompts, "teacher", out, teacher_base_url=url, concurrency=N_PROMPTS, **quiet)
     assert result.written == 12 and result.dropped == 4 and len(script.requests) == N_PROMPTS
@@ -56,7 +60,7 @@ def test_answers_arriving_in_reverse_are_written_in_prompt_order(tmp_path, tiny_
 
     # A resume with --n 2 asks each prompt for its answer 1 only; the file then holds both answers
     # of every prompt side by side, the first run's lines unchanged.
-    script = _reverse_teacher(wanted, step_s=0.04)
+    script = _reverse_teacher(wanted)
     with fake_teacher(script) as url:
         again = distill(prompts, "teacher", out, teacher_base_url=url, concurrency=N_PROMPTS, n=2, **quiet)
     assert again.already == N_PROMPTS and len(script.requests) == N_PROMPTS
@@ -99,12 +103,13 @@ def test_sort_keeps_unkeyed_lines_at_the_end_and_leaves_an_ordered_file_alone(tm
 
 
 def test_ctrl_c_leaves_the_answers_so_far_in_prompt_order(tmp_path, tiny_model_dir):
-    """Prompts 1-6 stall; 7-12 answer, 12 first. SIGINT once those six are saved."""
+    """Prompts 1-6 stall until the test is over; 7-12 are let through one at a time, 12
+    first, each once the previous answer is in the file. SIGINT once those six are saved."""
     wanted = [f"question number {i}" for i in range(12)]
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(p + "\n" for p in wanted))
     out = tmp_path / "train.jsonl"
-    script = Script(slow_first_s={p: 20.0 if i < 6 else (12 - i) * 0.1 for i, p in enumerate(wanted)})
+    script = Script(hold_first={p: threading.Event() for p in wanted})
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     with fake_teacher(script) as url:
         proc = subprocess.Popen(
@@ -113,11 +118,17 @@ def test_ctrl_c_leaves_the_answers_so_far_in_prompt_order(tmp_path, tiny_model_d
              "--model", str(tiny_model_dir), "--concurrency", "12"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         )
-        deadline = time.time() + 120
-        while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 6):
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=60)
+        try:
+            script.wait_for_requests(12)  # every prompt is in flight
+            for written, index in enumerate(range(11, 5, -1), start=1):
+                script.hold_first[wanted[index]].set()
+                arrived = wait_for_lines(out, written, proc)
+            # Appended as they arrived, last prompt first: the order Ctrl-C has to undo.
+            assert _order([json.loads(line) for line in arrived]) == [(line, 0) for line in range(12, 6, -1)]
+            proc.send_signal(signal.SIGINT)
+            stdout, stderr = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
     assert proc.returncode == 130, stdout + stderr
     assert "interrupted: 6 answer(s) of this run are saved" in stderr
     assert _order(_rows(out)) == [(line, 0) for line in range(7, 13)]

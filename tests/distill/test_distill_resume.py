@@ -8,10 +8,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
-from fake_teacher import Script, fake_teacher
+from fake_teacher import Script, fake_teacher, wait_for_lines
 
 from tunesmith.distill.run import distill, repair_tail
 
@@ -37,16 +37,19 @@ def test_sigkill_half_way_then_rerun_loses_nothing_and_doubles_nothing(tmp_path,
     wanted = [f"question number {i}" for i in range(N_PROMPTS)]
     prompts.write_text("\n".join(wanted) + "\n")
     out = tmp_path / "train.jsonl"
-    slow = Script(delay_s=0.25)
-    with fake_teacher(slow) as url:
+    # The first 6 prompts answer; the rest hold until the test is over, so the kill lands
+    # with exactly 6 answers saved and 2 requests (--concurrency 2) in flight.
+    stuck = Script(hold_first={p: threading.Event() for p in wanted[6:]})
+    with fake_teacher(stuck) as url:
         proc = _start(prompts, url, out, tiny_model_dir)
-        deadline = time.time() + 120
-        while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 6):
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        try:
+            wait_for_lines(out, 6, proc)
+            stuck.wait_for_requests(8)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
     before = _rows(out)
-    assert 6 <= len(before) < N_PROMPTS, "the kill should land half way"
+    assert sorted(r["messages"][0]["content"] for r in before) == sorted(wanted[:6])  # in arrival order
     # A crash in the middle of a write leaves a torn line; add one as such a crash would.
     with open(out, "a") as fh:
         fh.write('{"messages": [{"role": "user", "content": "question number')

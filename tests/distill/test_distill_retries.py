@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from fake_teacher import Script, fake_teacher
@@ -85,11 +86,14 @@ def test_prompt_that_keeps_failing_is_recorded_not_dropped(tmp_path, tiny_model_
 
 
 def test_timeout_is_retried(tmp_path, tiny_model_dir):
-    script = Script(slow_first_s={"slow": 3.0})
+    # The first "slow" request never answers (until the test is over), so only the client's
+    # timeout ends it. The one wall-clock margin left: the other requests, answered at once
+    # over loopback, must come back within timeout_s.
+    script = Script(hold_first={"slow": threading.Event()})
     prompts = _prompts(tmp_path / "prompts.txt", ["slow", "quick"])
     out = tmp_path / "train.jsonl"
     with fake_teacher(script) as url:
-        result = distill(prompts, "teacher", out, teacher_base_url=url, model=tiny_model_dir, timeout_s=0.5,
+        result = distill(prompts, "teacher", out, teacher_base_url=url, model=tiny_model_dir, timeout_s=1.0,
                          progress=False, log=lambda m: None)
     assert script.asked("slow") == 2 and result.retries == 1 and result.written == 2
 
