@@ -41,7 +41,7 @@ def dashboard_server(_isolated_home, tiny_model_dir):
     """Factory: `tunesmith serve`'s app (inference + jobs + dashboard) on the tiny model."""
     import openai
 
-    from tunesmith.dashboard import mount_dashboard
+    from tunesmith.serve.dashboard import mount_dashboard
     from tunesmith.jobs.store import open_store
     from tunesmith.jobs.worker import WorkerConfig
     from tunesmith.serve.app import create_app

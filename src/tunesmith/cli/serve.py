@@ -69,7 +69,7 @@ def serve_cmd(
             typer.echo(f"  model {card.id!r}: {kind}", err=True)
         typer.echo(f"  fine-tuning jobs: {url}/fine_tuning/jobs ({workers} worker(s) in this process)", err=True)
         typer.echo(f"  dashboard: http://{host}:{port}/", err=True)
-        from tunesmith.dashboard import mount_dashboard
+        from tunesmith.serve.dashboard import mount_dashboard
 
         server_app = create_app(engine, settings, routers=[jobs.router])
         mount_dashboard(server_app)
