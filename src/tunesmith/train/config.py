@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from tunesmith.errors import ConfigError
+from tunesmith.models.registry import DEFAULT_MODEL
 from tunesmith.runs import RUN_FILE, read_run_json
 
 GROUPS = ("data", "model", "method", "optimisation", "evaluation", "output")
@@ -47,7 +48,7 @@ class TrainConfig(BaseModel):
     max_seq_len: int = _field(2048, "data", "Longest example in tokens; longer ones keep their first tokens, and ones left with no answer token are dropped.")
     packing: bool = _field(True, "data", "Pack examples into one padding-free sequence per micro-batch (attention never crosses examples).")
     # model
-    model: str = _field("smollm2-135m-instruct", "model", "Base model: registry name, Hugging Face directory or .gguf file.")
+    model: str = _field(DEFAULT_MODEL, "model", "Base model: registry name, Hugging Face directory or .gguf file.")
     # method
     method: Literal["lora", "full", "qlora", "dpo"] = _field(
         "lora", "method", "lora (adapter), qlora (adapter on a 4-bit NF4 base: needs a CUDA GPU and "
