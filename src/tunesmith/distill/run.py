@@ -34,6 +34,7 @@ from tunesmith.distill.order import sort_by_prompt
 from tunesmith.distill.prompts import Prompt, load_prompts
 from tunesmith.generate.remote import TeacherFailure, ask, build_client, run_coroutine
 from tunesmith.errors import UsageError
+from tunesmith.models.registry import DEFAULT_MODEL
 
 
 @dataclass
@@ -185,7 +186,7 @@ def distill(
     price_per_million: float | None = None,
     format: str | None = None,
     input_column: str = "text",
-    model: str | Path | None = "smollm2-135m-instruct",
+    model: str | Path | None = DEFAULT_MODEL,
     max_retries: int = 5,
     timeout_s: float = 120.0,
     validate: bool = True,

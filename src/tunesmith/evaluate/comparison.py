@@ -30,8 +30,8 @@ from tunesmith.evaluate.evaluation import (
 from tunesmith.evaluate.generate import load_for_eval, split_example
 from tunesmith.evaluate.metrics import pick_metric
 from tunesmith.evaluate.retrieval import BM25
+from tunesmith.runs import COMPARE_FILE
 
-COMPARE_FILE = "compare.json"
 DEFAULT_SYSTEM = "You are a precise assistant. Reply with the answer only, without explanation."
 ZERO_SHOT, FEW_SHOT, RETRIEVAL, FINE_TUNED = "zero-shot", "few-shot", "retrieval few-shot", "fine-tuned"
 TEACHER = "teacher"

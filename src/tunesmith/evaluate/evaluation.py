@@ -22,9 +22,7 @@ from tunesmith.data.formats import ColumnMapping, read_data
 from tunesmith.errors import DataError, UsageError
 from tunesmith.evaluate.generate import LoadedModel, generate, load_for_eval, reference_loss, split_example
 from tunesmith.evaluate.metrics import score
-
-PREDICTIONS_FILE = "predictions.jsonl"
-METRICS_FILE = "metrics.json"
+from tunesmith.runs import EVAL_METRICS_FILE, PREDICTIONS_FILE, RUN_FILE
 
 
 @dataclass
@@ -101,7 +99,7 @@ def run_system_prompt(adapter: str | Path | None) -> str | None:
     if adapter is None:
         return None
     path = Path(adapter)
-    for cand in (path / "run.json", path.parent / "run.json", path.parent.parent / "run.json"):
+    for cand in (path / RUN_FILE, path.parent / RUN_FILE, path.parent.parent / RUN_FILE):
         if cand.is_file():
             try:
                 info = json.loads(cand.read_text())
@@ -246,13 +244,13 @@ def write_eval(out: Path, result: EvalResult) -> None:
     with open(out / PREDICTIONS_FILE, "w", encoding="utf-8") as fh:
         for row in result.predictions:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    (out / METRICS_FILE).write_text(json.dumps(result.metrics, indent=2, ensure_ascii=False) + "\n")
+    (out / EVAL_METRICS_FILE).write_text(json.dumps(result.metrics, indent=2, ensure_ascii=False) + "\n")
     result.out = out
 
 
 def load_eval(path: Path) -> EvalResult:
     """Read back an evaluation directory written by write_eval."""
-    metrics = json.loads((path / METRICS_FILE).read_text())
+    metrics = json.loads((path / EVAL_METRICS_FILE).read_text())
     preds = []
     pred_file = path / PREDICTIONS_FILE
     if pred_file.is_file():

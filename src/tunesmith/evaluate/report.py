@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tunesmith.errors import UsageError
-from tunesmith.evaluate.evaluation import METRICS_FILE, PREDICTIONS_FILE, EvalResult, format_score, load_eval
+from tunesmith.evaluate.evaluation import EvalResult, format_score, load_eval
+from tunesmith.runs import (COMPARE_DIR, COMPARE_FILE, EVAL_DIR, EVAL_METRICS_FILE, PREDICTIONS_FILE, REPORT_FILE,
+                            RUN_FILE, TRAIN_METRICS_FILE, read_run_json)
 
-REPORT_FILE = "report.html"
 WORST_SHOWN = 20
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd")
 
@@ -39,19 +40,18 @@ def gather(folder: Path) -> dict[str, Any]:
     if not folder.is_dir():
         raise UsageError(f"'{folder}' is not a folder; give a training run, eval or compare folder")
     data: dict[str, Any] = {"folder": str(folder)}
-    metrics_jsonl = folder / "metrics.jsonl"
+    metrics_jsonl = folder / TRAIN_METRICS_FILE
     if metrics_jsonl.is_file():
         data["training"] = _read_jsonl(metrics_jsonl)
-    run_json = folder / "run.json"
-    if run_json.is_file():
-        data["run"] = json.loads(run_json.read_text())
-    for cand in (folder, folder / "eval"):
-        if (cand / METRICS_FILE).is_file() and (cand / PREDICTIONS_FILE).is_file():
+    if (folder / RUN_FILE).is_file():
+        data["run"] = read_run_json(folder)
+    for cand in (folder, folder / EVAL_DIR):
+        if (cand / EVAL_METRICS_FILE).is_file() and (cand / PREDICTIONS_FILE).is_file():
             data["eval"] = _eval_data(load_eval(cand))
             break
-    for cand in (folder, folder / "compare"):
-        if (cand / "compare.json").is_file():
-            data["comparison"] = json.loads((cand / "compare.json").read_text())
+    for cand in (folder, folder / COMPARE_DIR):
+        if (cand / COMPARE_FILE).is_file():
+            data["comparison"] = json.loads((cand / COMPARE_FILE).read_text())
             if "eval" not in data:
                 # Show the details of the adapter if there is one, else of the best strategy.
                 rows = data["comparison"]["strategies"]
@@ -59,14 +59,14 @@ def gather(folder: Path) -> dict[str, Any]:
                 pick = next((r for r in rows if r["name"] == "fine-tuned"), None)
                 pick = pick or max(rows, key=lambda r: r["scores"][main])
                 sub = cand / pick["folder"]
-                if (sub / METRICS_FILE).is_file():
+                if (sub / EVAL_METRICS_FILE).is_file():
                     data["eval"] = _eval_data(load_eval(sub))
                     data["eval"]["strategy"] = pick["name"]
             break
     if len(data) == 1:
         raise UsageError(
-            f"'{folder}' holds nothing to report: no metrics.jsonl (training run), "
-            "metrics.json + predictions.jsonl (eval) or compare.json (compare)"
+            f"'{folder}' holds nothing to report: no {TRAIN_METRICS_FILE} (training run), "
+            f"{EVAL_METRICS_FILE} + {PREDICTIONS_FILE} (eval) or {COMPARE_FILE} (compare)"
         )
     return data
 

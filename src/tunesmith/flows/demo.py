@@ -33,6 +33,7 @@ from tunesmith.evaluate.generate import split_example
 from tunesmith.evaluate.report import build_report
 from tunesmith.flows.heldout import HeldoutResult, evaluate_side
 from tunesmith.models.registry import DEFAULT_MODEL, pull_model
+from tunesmith.runs import COMPARE_DIR, EVAL_DIR
 from tunesmith.train.config import TrainConfig
 from tunesmith.train.run import train
 
@@ -133,7 +134,7 @@ def run_demo(
 
     step(5, "evaluate the adapter on the same held-out rows")
     t0 = time.perf_counter()
-    tuned_res = evaluate_side(model, run_dir, held, heldout, run_dir / "eval", "label", labels, MAX_NEW_TOKENS, log=log)
+    tuned_res = evaluate_side(model, run_dir, held, heldout, run_dir / EVAL_DIR, "label", labels, MAX_NEW_TOKENS, log=log)
     timings["eval_s"] = time.perf_counter() - t0
 
     step(6, "write the report")
@@ -142,7 +143,7 @@ def run_demo(
         "n_examples": n_rows, "shots": 0, "metric": "label", "main_metric": "accuracy", "price_per_million": 0.0,
     }
     comparison = HeldoutResult(base_res, tuned_res, SYSTEM).comparison(info)
-    write_comparison(run_dir / "compare", comparison)
+    write_comparison(run_dir / COMPARE_DIR, comparison)
     report = build_report(run_dir)
     timings["total_s"] = time.perf_counter() - t_start
     (out / "demo.json").write_text(json.dumps({

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tunesmith.runs import TRAIN_METRICS_FILE, list_checkpoints, read_run_json
 from tunesmith.train.progress import DPO_METRIC_KEYS
 
 METRICS_CSV_FIELDS = ("step", "epoch", "train_loss", "train_accuracy", "valid_loss",
@@ -76,7 +77,7 @@ class MetricsTail:
     @staticmethod
     def total_steps(run_dir: Path) -> int | None:
         try:
-            return int(json.loads((run_dir / "run.json").read_text())["resolved"]["total_steps"])
+            return int(read_run_json(run_dir)["resolved"]["total_steps"])
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
@@ -93,7 +94,7 @@ class MetricsTail:
 def metrics_csv(run_dir: Path) -> bytes:
     """The run's metrics as OpenAI's step-metrics CSV (a job's result file), with a dpo run's
     reward metrics in extra columns after OpenAI's."""
-    rows = MetricsTail(Path(run_dir) / "metrics.jsonl").new_rows()
+    rows = MetricsTail(Path(run_dir) / TRAIN_METRICS_FILE).new_rows()
     dpo = DPO_METRIC_KEYS if any("reward_accuracy" in row for row in rows) else ()
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -109,7 +110,7 @@ def metrics_csv(run_dir: Path) -> bytes:
 
 def has_checkpoint(run_dir: Path) -> bool:
     """A complete checkpoint (the trainer renames it into place only once written)."""
-    return any((p / "trainer_state.json").is_file() for p in (run_dir / "checkpoints").glob("step-*"))
+    return bool(list_checkpoints(run_dir))
 
 
 def trained_tokens(run: dict[str, Any]) -> int | None:

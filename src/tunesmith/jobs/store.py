@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from tunesmith.errors import ModelNotFoundError, UsageError
+from tunesmith.runs import ADAPTER_CONFIG_FILE
 from tunesmith.settings import Settings
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -286,7 +287,7 @@ class JobStore:
             return model, None
         job, adapter = found
         path = self.storage_root / adapter
-        if not (path / "adapter_config.json").is_file():
+        if not (path / ADAPTER_CONFIG_FILE).is_file():
             raise ModelNotFoundError(f"model '{model}': its adapter {path} is gone from the server's storage")
         base, _ = self.base_and_adapter(job["model"])
         return base, path

@@ -37,13 +37,13 @@ from tunesmith.fileio import write_atomically
 from tunesmith.jobs.run_reader import MetricsTail, has_checkpoint, last_error, metrics_csv, trained_tokens
 from tunesmith.jobs.store import JobStore, new_id
 from tunesmith.jobs.validation import MIN_EXAMPLES, check_file, method_mismatch
+from tunesmith.runs import (ADAPTER_CONFIG_FILE, ADAPTER_DIR, ADAPTER_FILES, CHECKPOINTS_DIR, RUN_FILE, STATE_FILE,
+                            TRAIN_METRICS_FILE, list_checkpoints, read_run_json)
 from tunesmith.train.config import DEFAULT_BETA, DEFAULT_LEARNING_RATE
 from tunesmith.train.progress import DPO_METRIC_KEYS
 
 ModelReady = Callable[[str, Path], None]
 """Called with (model name, adapter directory) when a model (or checkpoint) is published."""
-
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "tunesmith_adapter.json")
 
 
 @dataclass(frozen=True)
@@ -195,7 +195,7 @@ class Worker:
             self.store.add_event(job_id, "Resuming from the last checkpoint" if "--resume" in cmd
                                  else "Training started")
             # A job taken over from a lost worker already has events up to some step.
-            tail = MetricsTail(run_dir / "metrics.jsonl", last_step=self.store.last_metrics_step(job_id))
+            tail = MetricsTail(run_dir / TRAIN_METRICS_FILE, last_step=self.store.last_metrics_step(job_id))
             outcome, rc = self._run_child(job_id, cmd, root / "train.log", lock_fd, stop,
                                           tick=lambda: self._publish_progress(job, run_dir, tail, seen_ckpts),
                                           eta=lambda: tail.eta(run_dir))
@@ -235,9 +235,9 @@ class Worker:
         out = root / "evaluation"
         shutil.rmtree(out, ignore_errors=True)
         self.store.add_event(job_id, "Evaluating the base and the tuned model on the validation file")
-        base = json.loads((run_dir / "run.json").read_text())["config"]["model"]  # what was trained on
+        base = read_run_json(run_dir)["config"]["model"]  # what was trained on
         cmd = [sys.executable, "-m", "tunesmith.jobs.evaluation_stage", "--model", base,
-               "--adapter", str(run_dir / "adapter"), "--data", str(self.store.storage_root / valid["path"]),
+               "--adapter", str(run_dir / ADAPTER_DIR), "--data", str(self.store.storage_root / valid["path"]),
                "--out", str(out)]
         outcome, rc = self._run_child(job_id, cmd, root / "evaluation.log", lock_fd, stop,
                                       tick=lambda: None, eta=lambda: None)
@@ -266,7 +266,7 @@ class Worker:
 
     def _train_command(self, job: dict[str, Any], run_dir: Path) -> list[str]:
         cmd = [sys.executable, "-m", "tunesmith", "train"]
-        if (run_dir / "run.json").is_file() and has_checkpoint(run_dir):
+        if (run_dir / RUN_FILE).is_file() and has_checkpoint(run_dir):
             return cmd + ["--resume", str(run_dir)]
         if run_dir.exists():  # started but never checkpointed: start over
             shutil.rmtree(run_dir)
@@ -363,13 +363,7 @@ class Worker:
                     "epoch": row.get("epoch"), "learning_rate": row.get("lr"), "tokens_per_s": row.get("tokens_per_s")}
             data.update({k: row[k] for k in DPO_METRIC_KEYS if row.get(k) is not None})
             self.store.add_event(job["id"], ", ".join(parts), type="metrics", data=data)
-        ckpt_root = run_dir / "checkpoints"
-        if not ckpt_root.is_dir():
-            return
-        for path in sorted(ckpt_root.glob("step-*")):
-            if not (path / "adapter_config.json").is_file() or not (path / "trainer_state.json").is_file():
-                continue
-            step = int(path.name.split("-")[1])
+        for step, path in list_checkpoints(run_dir, require=(ADAPTER_CONFIG_FILE, STATE_FILE)):
             if step in seen:
                 continue
             seen.add(step)
@@ -377,8 +371,9 @@ class Worker:
 
     def _record_checkpoint(self, job: dict[str, Any], path: Path, step: int, tail: MetricsTail) -> None:
         # Keep the adapter weights (not the optimizer state): the trainer prunes old checkpoints,
-        # but a published checkpoint stays addressable as a model.
-        dest = job_dir(self.store, job["id"]) / "checkpoints" / path.name
+        # but a published checkpoint stays addressable as a model. The job's copies are laid
+        # out as the run's: JOB/checkpoints/step-000120/.
+        dest = job_dir(self.store, job["id"]) / CHECKPOINTS_DIR / path.name
         if not dest.exists():
             tmp = dest.with_name(dest.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -419,8 +414,8 @@ class Worker:
 
     def _finish(self, job: dict[str, Any], run_dir: Path, evaluation: str | None = None) -> None:
         job_id = job["id"]
-        run = json.loads((run_dir / "run.json").read_text())
-        adapter = run_dir / "adapter"
+        run = read_run_json(run_dir)
+        adapter = run_dir / ADAPTER_DIR
         result_files = [self._metrics_file(job_id, run_dir)] + ([evaluation] if evaluation else [])
         name = ft_model_name(job["model"], job["suffix"], job_id)
         files_hashes = {}

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import UsageError
-
-ADAPTER_META = "tunesmith_adapter.json"
+from tunesmith.runs import (ADAPTER_CONFIG_FILE, ADAPTER_DIR, ADAPTER_META_FILE, CHECKPOINTS_DIR, STEP_PREFIX,
+                            list_checkpoints, parse_step)
 
 
 def resolve_adapter(path: str | Path, checkpoint: str = "best") -> Path:
@@ -26,34 +26,31 @@ def resolve_adapter(path: str | Path, checkpoint: str = "best") -> Path:
     checkpoint: "best" (the run's chosen adapter), "last", or "step-N".
     """
     path = Path(path).expanduser()
-    if (path / "adapter_config.json").is_file():
+    if (path / ADAPTER_CONFIG_FILE).is_file():
         return path
     if not path.exists():
         raise UsageError(f"adapter '{path}' does not exist; give a run directory or an adapter directory")
-    ckpts = path / "checkpoints"
-    if checkpoint == "best" and (path / "adapter" / "adapter_config.json").is_file():
-        return path / "adapter"
-    if checkpoint in ("best", "last") and ckpts.is_dir():
-        steps = sorted(
-            (p for p in ckpts.iterdir() if p.name.startswith("step-") and (p / "adapter_config.json").is_file()),
-            key=lambda p: int(p.name.split("-")[1]),
-        )
-        if steps:
-            return steps[-1]
-    if checkpoint.startswith("step-"):
-        cand = ckpts / f"step-{int(checkpoint.split('-')[1]):06d}"
-        if (cand / "adapter_config.json").is_file():
-            return cand
-        have = sorted(p.name for p in ckpts.iterdir()) if ckpts.is_dir() else []
+    if checkpoint == "best" and (path / ADAPTER_DIR / ADAPTER_CONFIG_FILE).is_file():
+        return path / ADAPTER_DIR
+    # Checkpoints count here once their adapter is written, training state or not.
+    found = list_checkpoints(path, require=ADAPTER_CONFIG_FILE)
+    if checkpoint in ("best", "last") and found:
+        return found[-1][1]
+    if checkpoint.startswith(STEP_PREFIX):
+        step = parse_step(checkpoint)
+        for have_step, ckpt in found:
+            if have_step == step:
+                return ckpt
+        have = [p.name for _, p in found]
         raise UsageError(f"run '{path}' has no checkpoint {checkpoint}; it has: {', '.join(have) or 'none'}")
     raise UsageError(
-        f"'{path}' holds no adapter (no adapter_config.json in it, in adapter/ or in checkpoints/); "
+        f"'{path}' holds no adapter (no {ADAPTER_CONFIG_FILE} in it, in {ADAPTER_DIR}/ or in {CHECKPOINTS_DIR}/); "
         "was the training run finished or checkpointed?"
     )
 
 
 def adapter_meta(adapter_dir: Path) -> dict[str, Any]:
-    meta = adapter_dir / ADAPTER_META
+    meta = adapter_dir / ADAPTER_META_FILE
     return json.loads(meta.read_text()) if meta.is_file() else {}
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tunesmith.errors import UsageError
+from tunesmith.runs import ADAPTER_CONFIG_FILE, ADAPTER_DIR, ADAPTER_META_FILE, ADAPTER_WEIGHTS_FILE, RUN_FILE
 
 FORMATS = ("hf", "gguf")
 HF_DTYPES = ("f32", "f16", "bf16")
@@ -86,7 +87,7 @@ def export_run(
         log(f"merging {adapter_dir} into {ref.name} (fp32)")
     merged = merge_adapter(ref, adapter_dir, quantization if merge_base == "nf4" else None)
 
-    name = run.name if run.name not in ("adapter", "") else adapter_dir.parent.name
+    name = run.name if run.name not in (ADAPTER_DIR, "") else adapter_dir.parent.name
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
         stage = Path(tmp) / "out"
@@ -101,7 +102,7 @@ def export_run(
             "dtype": dtype,
             "run": str(run.resolve()),
             "adapter": str(adapter_dir.resolve()),
-            "adapter_meta": _read_json(adapter_dir / "tunesmith_adapter.json"),
+            "adapter_meta": _read_json(adapter_dir / ADAPTER_META_FILE),
             "base_model": base_identity,
         }
         if merge_base:
@@ -166,16 +167,16 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _load_adapter_config(adapter_dir: Path) -> dict[str, Any]:
-    config = _read_json(adapter_dir / "adapter_config.json")
+    config = _read_json(adapter_dir / ADAPTER_CONFIG_FILE)
     peft_type = config.get("peft_type")
     if peft_type not in MERGEABLE_PEFT_TYPES:
         raise UsageError(
             f"adapter '{adapter_dir}' is a {peft_type} adapter; export merges {', '.join(MERGEABLE_PEFT_TYPES)} "
             "adapters only"
         )
-    if not (adapter_dir / "adapter_model.safetensors").is_file():
+    if not (adapter_dir / ADAPTER_WEIGHTS_FILE).is_file():
         raise UsageError(
-            f"adapter '{adapter_dir}' has no adapter_model.safetensors; only safetensors adapters are loaded"
+            f"adapter '{adapter_dir}' has no {ADAPTER_WEIGHTS_FILE}; only safetensors adapters are loaded"
         )
     return config
 
@@ -183,8 +184,8 @@ def _load_adapter_config(adapter_dir: Path) -> dict[str, Any]:
 def _base_model_name(run: Path, adapter_dir: Path, adapter_config: dict[str, Any]) -> str:
     """The base model the run was trained on: run.json, then the adapter's own records."""
     for candidate in (
-        _read_json(run / "run.json").get("config", {}).get("model"),
-        _read_json(adapter_dir / "tunesmith_adapter.json").get("base_model", {}).get("name"),
+        _read_json(run / RUN_FILE).get("config", {}).get("model"),
+        _read_json(adapter_dir / ADAPTER_META_FILE).get("base_model", {}).get("name"),
         adapter_config.get("base_model_name_or_path"),
     ):
         if candidate:

@@ -1,13 +1,7 @@
 """Checkpoints: written atomically, loaded from safetensors and JSON only (never pickles).
 
-    OUT/checkpoints/step-000120/
-        adapter_config.json, adapter_model.safetensors   peft format (full: an HF model dir)
-        tunesmith_adapter.json                           {"base_model", "method", "step"}
-        trainer_state.json                               step, data position, best, RNG note
-        optimizer.safetensors                            AdamW moments per parameter name
-        rng.safetensors                                  torch RNG state
-    OUT/checkpoints/best.json                            {"step", "valid_loss"}
-    OUT/adapter/                                         the adapter to use (best, else last)
+The files of a checkpoint (`OUT/checkpoints/step-000120/`), `checkpoints/best.json` and
+`OUT/adapter/` are named, and drawn, in `tunesmith.runs`.
 
 A checkpoint is written into a temporary directory and renamed into place, so a kill in
 the middle of a save leaves the previous checkpoints as they were.
@@ -26,14 +20,12 @@ from typing import Any
 
 from tunesmith.errors import TunesmithError
 from tunesmith.fileio import write_atomically
-from tunesmith.models.adapters import ADAPTER_META
+from tunesmith.runs import (ADAPTER_DIR, ADAPTER_META_FILE, ADAPTER_WEIGHTS_FILE, BEST_FILE, CHECKPOINTS_DIR,
+                            OPTIMIZER_FILE, RNG_FILE, STATE_FILE, TRAINING_STATE_FILES, checkpoint_dir,
+                            list_checkpoints)
 
-STATE_FILE = "trainer_state.json"
-OPTIMIZER_FILE = "optimizer.safetensors"
-RNG_FILE = "rng.safetensors"
 KEEP_LAST = 2
 """Checkpoints kept besides the best one (older ones are deleted)."""
-TRAINING_STATE_FILES = (STATE_FILE, OPTIMIZER_FILE, RNG_FILE)
 ADAPTER_METHODS = ("lora", "qlora", "dpo")
 """Methods whose checkpoints hold a peft adapter (the others: a whole model)."""
 
@@ -46,21 +38,10 @@ class TrainingInterrupted(TrainingError):
     exit_code = 130
 
 
-def step_dir(out: Path, step: int) -> Path:
-    return out / "checkpoints" / f"step-{step:06d}"
-
-
-def list_checkpoints(out: Path) -> list[Path]:
-    root = Path(out) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.name.startswith("step-") and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
 def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint (the one --resume continues from), or None."""
     found = list_checkpoints(out)
-    return found[-1] if found else None
+    return found[-1][1] if found else None
 
 
 DISK_ERRNOS = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", -1))
@@ -102,7 +83,7 @@ def save_checkpoint(
     import torch
     from safetensors.torch import save_file
 
-    final = step_dir(out, step)
+    final = checkpoint_dir(out, step)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -114,7 +95,7 @@ def save_checkpoint(
             model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:  # full fine-tuning: the directory is a complete HF model
             tokenizer.save_pretrained(tmp)
-        (tmp / ADAPTER_META).write_text(json.dumps({**meta, "step": step}, indent=2) + "\n")
+        (tmp / ADAPTER_META_FILE).write_text(json.dumps({**meta, "step": step}, indent=2) + "\n")
         opt_tensors, steps = gathered[1] if gathered is not None else optimizer_tensors(optimizer, names)
         save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
         save_file({"torch": torch.get_rng_state()}, str(tmp / RNG_FILE))
@@ -190,7 +171,7 @@ def load_weights(model: Any, ckpt: Path, method: str) -> None:
     if method in ADAPTER_METHODS:
         from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
+        result = set_peft_model_state_dict(model, load_file(str(ckpt / ADAPTER_WEIGHTS_FILE)))
         bad = [k for k in result.unexpected_keys if "lora_" in k]
         if bad:
             raise TrainingError(f"checkpoint {ckpt} does not fit this model (unexpected weights {bad[:3]}); check --model")
@@ -213,7 +194,7 @@ def _load_sharded_weights(model: Any, ckpt: Path, method: str) -> None:
 
     from tunesmith.train.model import like, trainable_parameters
 
-    files = [ckpt / "adapter_model.safetensors"] if method in ADAPTER_METHODS else [
+    files = [ckpt / ADAPTER_WEIGHTS_FILE] if method in ADAPTER_METHODS else [
         f for f in sorted(ckpt.glob("*.safetensors")) if f.name not in (OPTIMIZER_FILE, RNG_FILE)]
     saved: dict[str, Any] = {}
     for f in files:
@@ -235,28 +216,27 @@ def read_state(ckpt: Path) -> dict[str, Any]:
 
 
 def mark_best(out: Path, step: int, valid_loss: float) -> None:
-    write_atomically(Path(out) / "checkpoints" / "best.json",
+    write_atomically(Path(out) / CHECKPOINTS_DIR / BEST_FILE,
                      json.dumps({"step": step, "valid_loss": valid_loss}) + "\n")
 
 
 def best_step(out: Path) -> int | None:
-    path = Path(out) / "checkpoints" / "best.json"
+    path = Path(out) / CHECKPOINTS_DIR / BEST_FILE
     return json.loads(path.read_text())["step"] if path.is_file() else None
 
 
 def prune_checkpoints(out: Path) -> None:
     """Keep the best checkpoint and the KEEP_LAST most recent ones."""
     keep_best = best_step(out)
-    found = list_checkpoints(out)
-    for p in found[:-KEEP_LAST]:
-        if int(p.name.split("-")[1]) != keep_best:
-            shutil.rmtree(p, ignore_errors=True)
+    for step, path in list_checkpoints(out)[:-KEEP_LAST]:
+        if step != keep_best:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def publish_adapter(out: Path, ckpt: Path) -> Path:
     """Copy a checkpoint's model files (not its training state) to OUT/adapter atomically."""
-    final = Path(out) / "adapter"
-    tmp = Path(out) / f".tmp-adapter-{os.getpid()}"
+    final = Path(out) / ADAPTER_DIR
+    tmp = Path(out) / f".tmp-{ADAPTER_DIR}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         shutil.copytree(ckpt, tmp, ignore=shutil.ignore_patterns(*TRAINING_STATE_FILES))

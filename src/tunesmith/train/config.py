@@ -16,6 +16,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from tunesmith.errors import ConfigError
+from tunesmith.models.registry import DEFAULT_MODEL
+from tunesmith.runs import RUN_FILE, read_run_json
 
 GROUPS = ("data", "model", "method", "optimisation", "evaluation", "output")
 # qlora trains the same adapter as lora (only the frozen base is stored differently), so the same rate.
@@ -46,7 +48,7 @@ class TrainConfig(BaseModel):
     max_seq_len: int = _field(2048, "data", "Longest example in tokens; longer ones keep their first tokens, and ones left with no answer token are dropped.")
     packing: bool = _field(True, "data", "Pack examples into one padding-free sequence per micro-batch (attention never crosses examples).")
     # model
-    model: str = _field("smollm2-135m-instruct", "model", "Base model: registry name, Hugging Face directory or .gguf file.")
+    model: str = _field(DEFAULT_MODEL, "model", "Base model: registry name, Hugging Face directory or .gguf file.")
     # method
     method: Literal["lora", "full", "qlora", "dpo"] = _field(
         "lora", "method", "lora (adapter), qlora (adapter on a 4-bit NF4 base: needs a CUDA GPU and "
@@ -211,10 +213,9 @@ def resolve_config(config_file: Path | None, overrides: dict[str, Any]) -> Train
     resume = resume or file_values.get("resume")
     source = str(config_file) if config_file else "options"
     if resume:
-        run_json = Path(resume) / "run.json"
-        if not run_json.is_file():
-            raise ConfigError(f"--resume '{resume}' is not a run directory (no run.json in it)")
-        values.update(json.loads(run_json.read_text())["config"])
+        if not (Path(resume) / RUN_FILE).is_file():
+            raise ConfigError(f"--resume '{resume}' is not a run directory (no {RUN_FILE} in it)")
+        values.update(read_run_json(resume)["config"])
         values["out"] = str(resume)
     values.update(file_values)
     values.update(overrides)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import UsageError
+from tunesmith.runs import ADAPTER_CONFIG_FILE, ADAPTER_DIR, ADAPTER_WEIGHTS_FILE
 
 PACKED_ATTENTION = "tunesmith_packed"
 # Model types whose attention is plain causal softmax attention over all earlier tokens,
@@ -409,7 +410,7 @@ def resolve_init_adapter(path: Path, base_identity: dict[str, Any]) -> Path:
     from tunesmith.models.adapters import check_base, resolve_adapter
 
     path = Path(path)
-    if (path / "adapter" / "config.json").is_file() or (path / "config.json").is_file():
+    if (path / ADAPTER_DIR / "config.json").is_file() or (path / "config.json").is_file():
         raise UsageError(f"--init-adapter {path} is a full fine-tuning run (a whole model, not an adapter); "
                          "--init-adapter continues a LoRA adapter: give the model itself as --model instead")
     try:
@@ -417,7 +418,7 @@ def resolve_init_adapter(path: Path, base_identity: dict[str, Any]) -> Path:
         check_base(adapter, base_identity)
     except UsageError as exc:
         raise UsageError(f"--init-adapter: {exc}") from None
-    peft_type = json.loads((adapter / "adapter_config.json").read_text()).get("peft_type")
+    peft_type = json.loads((adapter / ADAPTER_CONFIG_FILE).read_text()).get("peft_type")
     if peft_type != "LORA":
         raise UsageError(f"--init-adapter {path}: {adapter} is a {peft_type} adapter; "
                          "--init-adapter continues LoRA adapters")
@@ -427,7 +428,7 @@ def resolve_init_adapter(path: Path, base_identity: dict[str, Any]) -> Path:
 def with_adapter_shape(cfg: Any, adapter: Path) -> Any:
     """The config with the init adapter's LoRA rank, alpha and target modules (the adapter
     trained from it must have its shape); a different value given explicitly is refused."""
-    saved = json.loads((adapter / "adapter_config.json").read_text())
+    saved = json.loads((adapter / ADAPTER_CONFIG_FILE).read_text())
     targets = saved["target_modules"]
     shape = {"lora_rank": int(saved["r"]), "lora_alpha": float(saved["lora_alpha"]),
              "lora_target_modules": sorted(targets) if isinstance(targets, list) else targets}
@@ -450,7 +451,7 @@ def load_adapter_weights(model: Any, adapter: Path) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    result = set_peft_model_state_dict(model, load_file(str(adapter / "adapter_model.safetensors")))
+    result = set_peft_model_state_dict(model, load_file(str(adapter / ADAPTER_WEIGHTS_FILE)))
     lora = [n for n, _ in model.named_parameters() if "lora_" in n]
     bad = [k for k in result.unexpected_keys if "lora_" in k] + [k for k in result.missing_keys if k in lora]
     if bad:

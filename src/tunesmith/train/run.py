@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.fileio import write_atomically
+from tunesmith.runs import ADAPTER_DIR, RUN_FILE, TRAIN_METRICS_FILE, checkpoint_dir
 from tunesmith.train import checkpoint as ck
 from tunesmith.train.config import TrainConfig
 from tunesmith.train.progress import DPO_METRIC_KEYS, METRIC_KEYS, Reporter, say, truncate_metrics
@@ -187,8 +188,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     }
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "run.json", run_info)
-        truncate_metrics(out / "metrics.jsonl", start_step - 1 if pending else start_step)
+        _write_json(out / RUN_FILE, run_info)
+        truncate_metrics(out / TRAIN_METRICS_FILE, start_step - 1 if pending else start_step)
     log(f"run {out}: {cfg.method} on {cfg.model} ({n_trainable:,} trainable of {n_total:,} parameters, "
         f"{run_info['resolved']['precision']}, {dist.world_size} process(es)"
         + (", decoder layers compiled: the first step includes compiling them)" if compiled else ")"))
@@ -220,7 +221,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     # step is only abandoned by all of them together, at its end (see _sum_over_processes).
     stop = _StopFlag(abandon=dist.world_size == 1)
     add_stop_checks(model, stop.check)
-    reporter = Reporter(out / "metrics.jsonl", total_steps, start_step, dist.main, progress,
+    reporter = Reporter(out / TRAIN_METRICS_FILE, total_steps, start_step, dist.main, progress,
                         METRIC_KEYS + DPO_METRIC_KEYS if dpo else METRIC_KEYS)
     stopped = "finished"
     row: dict[str, Any] = {"step": start_step, "train_loss": None, "valid_loss": None, "token_accuracy": None}
@@ -334,7 +335,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     except OSError as exc:  # checkpoints handle their own; this is metrics.jsonl and friends
         if not ck.disk_error(exc):
             raise
-        raise ck.disk_full_error(out, exc.filename or out / "metrics.jsonl") from None
+        raise ck.disk_full_error(out, exc.filename or out / TRAIN_METRICS_FILE) from None
     finally:
         try:
             reporter.close()
@@ -343,18 +344,19 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
 
     # --- 8. the last step was evaluated and saved in the loop; publish OUT/adapter (the
     # best checkpoint by validation loss, else the last) and the final metrics.
-    adapter_dir, final = out / "adapter", {}
+    adapter_dir, final = out / ADAPTER_DIR, {}
     if dist.main:
-        chosen = ck.step_dir(out, best["step"]) if best else ck.step_dir(out, step)
+        adapter_step = best["step"] if best else step
+        chosen = checkpoint_dir(out, adapter_step)
         adapter_dir = ck.publish_adapter(out, chosen)
         final = {k: row.get(k) for k in ("train_loss", "valid_loss", "token_accuracy")
                  + (pref.REWARD_KEYS + pref.VALID_KEYS if dpo else ())}
         final.update({"steps": step, "best_step": best["step"] if best else None, "stopped": stopped,
                       "tokens_per_s": rate_tokens / rate_time if rate_steps else tokens_seen / max(train_time, 1e-9),
                       "train_time_s": train_time, "compile_s": compile_s,
-                      "adapter": str(adapter_dir), "adapter_step": int(chosen.name.split("-")[1])})
+                      "adapter": str(adapter_dir), "adapter_step": adapter_step})
         run_info.update({"status": "finished", "metrics": final})
-        _write_json(out / "run.json", run_info)
+        _write_json(out / RUN_FILE, run_info)
         log(f"done: {step} steps, adapter {adapter_dir} (step {final['adapter_step']}"
             + (f", validation loss {best['valid_loss']:.4f}" if best else "") + ")")
     if dist.world_size > 1:
