@@ -56,8 +56,11 @@ def _default_out(adapter: Optional[Path], kind: str) -> Path:
     """RUN/eval for a run directory, else a fresh timestamped folder here."""
     import time
 
-    if adapter is not None and kind == "eval" and ((adapter / "adapter").is_dir() or (adapter / "checkpoints").is_dir()):
-        return adapter / "eval"
+    from tunesmith import runs
+
+    if adapter is not None and kind == "eval" and (
+            (adapter / runs.ADAPTER_DIR).is_dir() or (adapter / runs.CHECKPOINTS_DIR).is_dir()):
+        return adapter / runs.EVAL_DIR
     return Path(f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
