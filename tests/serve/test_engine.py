@@ -11,6 +11,7 @@ from tunesmith.data.example import chat
 from tunesmith.data.render import IGNORE_INDEX, render_example
 from tunesmith.errors import UsageError
 from tunesmith.generate.engine import AdapterConflictError, LocalEngine, SamplingParams, UnknownModelError
+from tunesmith.models.inference import LoadedModel
 
 from serve_helpers import make_adapter, wait_until_idle
 
@@ -121,7 +122,7 @@ def test_end_of_turn_token_stops_generation(tiny_model_dir, tiny_tokenizer):
         emb = model.model.embed_tokens.weight
         newline = tiny_tokenizer("\n", add_special_tokens=False)["input_ids"][-1]
         emb[tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")] = 10 * emb[newline]
-    eng = LocalEngine(model, tiny_tokenizer, "eot")
+    eng = LocalEngine(LoadedModel(model, tiny_tokenizer, "eot", "eot"))
     try:
         ids = eng.render_chat([{"role": "user", "content": "hi"}])
         assert eng.generate(ids, "eot", GREEDY) == ("", "stop", 1)

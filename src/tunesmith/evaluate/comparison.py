@@ -27,9 +27,10 @@ from tunesmith.evaluate.evaluation import (
     EvalResult, evaluate_loaded, format_score, load_examples, run_system_prompt, with_system,
     write_eval,
 )
-from tunesmith.evaluate.generate import load_for_eval, split_example
+from tunesmith.evaluate.generate import split_example
 from tunesmith.evaluate.metrics import pick_metric
 from tunesmith.evaluate.retrieval import BM25
+from tunesmith.models.inference import load_for_inference
 from tunesmith.runs import COMPARE_FILE
 
 DEFAULT_SYSTEM = "You are a precise assistant. Reply with the answer only, without explanation."
@@ -196,7 +197,7 @@ def compare(
         labels = sorted({split_example(ex)[1].strip() for ex in list(train_ex) + list(test_ex)})
     system_prompt = base_system(system, labels)
 
-    loaded = load_for_eval(model, None)
+    loaded = load_for_inference(model, None)
     strategies = []
     for name in (ZERO_SHOT, FEW_SHOT, RETRIEVAL):
         log(f"{name}: base model, {shots if name != ZERO_SHOT else 0} examples in the prompt")
@@ -209,7 +210,7 @@ def compare(
         strategies.append(Strategy(name, result, price_per_million))
     if adapter is not None:
         log(f"{FINE_TUNED}: adapter {adapter}")
-        tuned = load_for_eval(model, adapter)
+        tuned = load_for_inference(model, adapter)
         tuned_system = system if system is not None else run_system_prompt(adapter)
         tuned_ex = [with_system(ex, tuned_system) for ex in test_ex] if tuned_system else list(test_ex)
         result = evaluate_loaded(

@@ -20,8 +20,9 @@ from typing import Any, Callable, Sequence
 from tunesmith.data.example import Example, Message
 from tunesmith.data.formats import ColumnMapping, read_data
 from tunesmith.errors import DataError, UsageError
-from tunesmith.evaluate.generate import LoadedModel, generate, load_for_eval, reference_loss, split_example
+from tunesmith.evaluate.generate import generate, reference_loss, split_example
 from tunesmith.evaluate.metrics import score
+from tunesmith.models.inference import LoadedModel, load_for_inference
 from tunesmith.runs import EVAL_METRICS_FILE, PREDICTIONS_FILE, RUN_FILE
 
 
@@ -138,7 +139,7 @@ def evaluate(
     system = system if system is not None else run_system_prompt(adapter)
     examples = load_examples(data, format, input_column, output_column, system, limit)
     log(f"evaluating on {len(examples)} examples from {data}")
-    loaded = load_for_eval(model, adapter)
+    loaded = load_for_inference(model, adapter)
     result = evaluate_loaded(
         loaded, examples, metric=metric, max_new_tokens=max_new_tokens,
         batch_size=batch_size, precision=precision, json_schema=json_schema, log=log,

@@ -6,23 +6,20 @@ trained on. Generation is greedy, batched with left padding and a KV cache, and 
 row at the template's end-of-turn token(s). Rows are sorted by length before batching,
 so padding stays small; results come back in the caller's order.
 
-    python -c "from tunesmith.evaluate.generate import load_for_eval; help(load_for_eval)"
+    python -c "from tunesmith.evaluate.generate import generate; help(generate)"
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from tunesmith.data.example import Example, Message
 from tunesmith.data.render import IGNORE_INDEX, end_of_turn_ids, render_examples, render_prompt
 from tunesmith.errors import DataError, UsageError
-
-PRECISIONS = ("auto", "fp32", "bf16")
+from tunesmith.models.inference import autocast, causal_lm, pad_id
 
 
 @dataclass
@@ -34,41 +31,6 @@ class Generation:
     """Wall time of the row's batch divided by the rows in it (amortised, batched)."""
 
 
-@dataclass
-class LoadedModel:
-    model: Any
-    tokenizer: Any
-    name: str
-    adapter: Path | None
-    base_identity: dict[str, Any]
-
-
-def load_for_eval(model: str | Path | None, adapter: str | Path | None = None) -> LoadedModel:
-    """Load a base model (registry name, HF dir or .gguf) and optionally a trained adapter.
-
-    adapter: a run directory or an adapter directory; refused when it was trained on a
-    different base model."""
-    from tunesmith.models.adapters import check_base, resolve_adapter
-    from tunesmith.models.registry import identity, load_model, load_tokenizer, resolve_model
-
-    ref = resolve_model(model)
-    tokenizer = load_tokenizer(ref)
-    if tokenizer.chat_template is None:
-        raise UsageError(f"model '{ref.name}' has no chat template; evaluation renders prompts with it")
-    ident = identity(ref)
-    adapter_dir = None
-    if adapter is not None:
-        adapter_dir = resolve_adapter(adapter)
-        check_base(adapter_dir, ident)
-    lm = load_model(ref)
-    if adapter_dir is not None:
-        from peft import PeftModel
-
-        lm = PeftModel.from_pretrained(lm, str(adapter_dir))
-    lm.eval()
-    return LoadedModel(lm, tokenizer, ref.name, adapter_dir, ident)
-
-
 def split_example(example: Example) -> tuple[list[Message], str]:
     """The conversation up to the last assistant turn (the prompt) and that turn (the reference)."""
     msgs = list(example.messages)
@@ -76,30 +38,6 @@ def split_example(example: Example) -> tuple[list[Message], str]:
     if last is None:
         raise DataError(f"line {example.line}: the example has no assistant answer to compare against")
     return msgs[:last], msgs[last].content
-
-
-def autocast(precision: str, device: str = "cpu") -> contextlib.AbstractContextManager:
-    """bf16 autocast where it is fast (auto: CPUs with AVX512-BF16/AMX, any CUDA GPU with bf16)."""
-    import torch
-
-    if precision not in PRECISIONS:
-        raise UsageError(f"unknown --precision '{precision}'; accepted: {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        if device == "cuda":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-        else:
-            fast = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-            precision = "bf16" if fast or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() else "fp32"
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device, dtype=torch.bfloat16)
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for tid in (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id):
-        if tid is not None:
-            return tid
-    return 0
 
 
 def generate(
@@ -158,7 +96,7 @@ def generate_ids(
             t0 = time.perf_counter()
             suffixes = [prompt_ids[i][len(prefix):] for i in rows]
             constrain = _json_constraint(tokenizer, factory, len(rows), stop) if factory is not None else None
-            outs = _greedy_batch(model, suffixes, max_new_tokens, stop, _pad_id(tokenizer), device, prefix_cache,
+            outs = _greedy_batch(model, suffixes, max_new_tokens, stop, pad_id(tokenizer), device, prefix_cache,
                                  len(prefix), constrain)
             per_row = (time.perf_counter() - t0) / len(rows) + prefix_share
             for i, new in zip(rows, outs):
@@ -276,11 +214,9 @@ def reference_loss(
     import torch
     import torch.nn.functional as F
 
-    from tunesmith.train.model import causal_lm
-
     rendered = render_examples(tokenizer, examples, max_seq_len)
     device = next(model.parameters()).device
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     lm = causal_lm(model)
     backbone = getattr(lm, lm.base_model_prefix)
     sums = [0.0] * len(rendered)

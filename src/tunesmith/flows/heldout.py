@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 from tunesmith.data.example import Example
 from tunesmith.evaluate.comparison import FINE_TUNED, ZERO_SHOT, Comparison, Strategy, verdict
 from tunesmith.evaluate.evaluation import EvalResult, evaluate_loaded, load_examples, run_system_prompt, write_eval
-from tunesmith.evaluate.generate import load_for_eval
+from tunesmith.models.inference import load_for_inference
 
 
 @dataclass
@@ -82,7 +82,7 @@ def evaluate_side(
     The demo calls it for the base before training and for the adapter after."""
     log(f"{'base model' if adapter is None else 'adapter ' + str(adapter)}: evaluating on {len(examples)} "
         f"examples from {data}")
-    loaded = load_for_eval(model, adapter)
+    loaded = load_for_inference(model, adapter)
     result = evaluate_loaded(loaded, examples, metric=metric, labels=labels, max_new_tokens=max_new_tokens,
                              with_loss=with_loss, log=log)
     result.metrics["data"] = str(data)

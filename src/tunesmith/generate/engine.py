@@ -1,4 +1,4 @@
-"""The inference engine: one base model, many LoRA adapters, dynamic batching.
+"""The inference engine every caller uses: one base model, many LoRA adapters, dynamic batching.
 
 One scheduler thread owns the model. Every loop it (1) prefills the requests that arrived
 since the last step, together, into a fresh KV cache and samples their first token, (2)
@@ -6,6 +6,12 @@ merges that cache into the running batch (left padding, so every row's newest to
 the last column), and (3) runs one decode step for all running rows at once, each row with
 its own adapter (peft's `adapter_names`, "__base__" for the bare model). So a new request
 waits at most one decode step of the others before its prefill, never for them to finish.
+
+The server streams single requests through `submit`; evaluation calls `generate_batch`,
+greedy at temperature 0, which submits every row and waits: rows that share a long
+beginning (a system prompt with a label list, few-shot examples) prefill it once and start
+from copies of its KV cache. Every forward runs at the one precision rule of
+`models.inference` (auto: bf16 autocast where the hardware is fast at it).
 
     python -c "from tunesmith.generate.engine import LocalEngine, SamplingParams; \
 e = LocalEngine.load('smollm2-135m-instruct'); \
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import re
 import threading
 import time
@@ -23,14 +30,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
-from tunesmith.errors import ModelNotFoundError, UsageError
+from tunesmith.data.example import Message
+from tunesmith.data.render import end_of_turn_ids, render_prompt
+from tunesmith.errors import ModelNotFoundError, TunesmithError, UsageError
+from tunesmith.generate import batch
+from tunesmith.generate.json_mode import JsonAnswer
+from tunesmith.generate.json_schema import Factory, compile_schema
+from tunesmith.models.adapters import adapter_meta
+from tunesmith.models.inference import LoadedModel, autocast, find_adapter, load_for_inference, pad_id, \
+    put_adapter, resolve_precision
 
-log = logging.getLogger("tunesmith.serve")
+log = logging.getLogger("tunesmith.generate")
 
 BASE_ROW = "__base__"
 """peft's adapter name for a row that uses the bare base model."""
 MAX_BATCH_ROWS = 32
-"""Rows decoded together; more requests wait in the queue (KV memory grows with this)."""
+"""Rows decoded together by default; more requests wait in the queue (KV memory grows with this)."""
 # ":" is allowed so fine-tuning jobs can serve their models as ft:<base>:<suffix>:<id>.
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_:-]{0,127}$")
 """No '.': peft keeps adapters in torch ModuleDicts, whose keys cannot contain one."""
@@ -66,6 +81,18 @@ class Event:
     """"stop" (end of turn or a stop string), "length" (max_tokens or context), "error"."""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One finished row of `generate_batch`."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    """Wall time of the whole batch divided by its rows (amortised: rows run together)."""
 
 
 @dataclass
@@ -105,6 +132,15 @@ class Handle:
         self.cancelled = True
 
 
+@dataclass(eq=False)
+class _Prefix:
+    """Leading tokens shared by the rows of one `generate_batch`, prefilled once."""
+
+    ids: list[int]
+    cache: Any = None
+    """Its KV cache, computed by the engine thread when the first of its rows is prefilled."""
+
+
 @dataclass
 class _Seq:
     prompt_ids: list[int]
@@ -120,27 +156,38 @@ class _Seq:
     done: bool = False
     json: Any = None
     """JSON mode: the answer's JsonAnswer (generate/json_mode.py)."""
+    prefix: _Prefix | None = None
 
 
 class LocalEngine:
-    """The one real Engine: a transformers model (+ peft adapters) in this process."""
+    """The one real Engine: a transformers model (+ peft adapters) in this process.
 
-    def __init__(self, model: Any, tokenizer: Any, base_id: str, base_identity: dict[str, Any] | None = None):
+    precision: every forward's precision (models.inference's rule; auto: bf16 autocast where
+    fast). max_batch_rows: the most rows decoded together in one step."""
+
+    def __init__(self, loaded: LoadedModel, precision: str = "auto", max_batch_rows: int = MAX_BATCH_ROWS):
         import torch
 
-        from tunesmith.data.render import end_of_turn_ids
-
-        self.base_id = base_id
-        self.max_context = int(getattr(model.config, "max_position_embeddings", 2048))
-        self._base = model.eval()
-        self._config = model.config
-        self._peft: Any = None
-        self._tok = tokenizer
-        self._identity = base_identity or {}
-        self._eot = set(end_of_turn_ids(tokenizer))
-        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self._eot)
+        if max_batch_rows < 1:
+            raise UsageError(f"max_batch_rows must be at least 1, got {max_batch_rows}")
+        self.base_id = loaded.base_id
+        self.max_context = int(getattr(loaded.model.config, "max_position_embeddings", 2048))
+        self._device = next(loaded.model.parameters()).device
+        self.precision = resolve_precision(precision, self._device.type)
+        self._max_rows = max_batch_rows
+        # A LoadedModel with an adapter arrives as a PeftModel: its adapters are served as loaded.
+        self._peft: Any = loaded.model if hasattr(loaded.model, "peft_config") else None
+        self._base = loaded.model.get_base_model() if self._peft is not None else loaded.model.eval()
+        self._config = self._base.config
+        self._tok = loaded.tokenizer
+        self._identity = loaded.base_identity
+        self._eot = set(end_of_turn_ids(loaded.tokenizer))
+        self._pad_id = pad_id(loaded.tokenizer)
         self._created = int(time.time())
-        self._adapters: dict[str, ModelCard] = {}
+        self._adapters: dict[str, ModelCard] = {
+            name: ModelCard(name, self._created, parent=self.base_id, path=str(loaded.adapter))
+            for name in (self._peft.peft_config if self._peft is not None else ())
+        }
         self._draining: set[str] = set()
         # _model_lock: held for a whole step and for adapter changes (peft mutates layers).
         # _queue_cv: guards the waiting list; the loop sleeps on it when idle.
@@ -160,16 +207,10 @@ class LocalEngine:
         self._thread.start()
 
     @classmethod
-    def load(cls, model: str, adapters: Sequence[tuple[str, str | Path]] = (), home: Path | None = None) -> "LocalEngine":
-        """Load a base model by registry name or path, then each (name, path) adapter."""
-        from tunesmith.models.registry import REGISTRY, identity, load_model, load_tokenizer, resolve_model
-
-        ref = resolve_model(model, home)
-        tokenizer = load_tokenizer(ref)
-        # A registry model is served under its name; a path under its last part ("my-model"),
-        # since a model id with slashes cannot be used in /v1/models/{id}.
-        base_id = ref.name if ref.name in REGISTRY else Path(ref.gguf_file or ref.path).name.removesuffix(".gguf")
-        engine = cls(load_model(ref), tokenizer, base_id, identity(ref))
+    def load(cls, model: str, adapters: Sequence[tuple[str, str | Path]] = (), home: Path | None = None,
+             precision: str = "auto") -> "LocalEngine":
+        """An engine on `load_for_inference(model)`, with each (name, path) adapter added."""
+        engine = cls(load_for_inference(model, home=home), precision)
         try:
             for name, path in adapters:
                 engine.add_adapter(name, path)
@@ -189,9 +230,6 @@ class LocalEngine:
 
     def render_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
         """The prompt for a conversation: exactly training's tokens plus the generation prompt."""
-        from tunesmith.data.example import Message
-        from tunesmith.data.render import render_prompt
-
         msgs = [Message(m["role"], m.get("content") or "", name=m.get("name")) for m in messages]
         return render_prompt(self._tok, msgs)
 
@@ -209,8 +247,6 @@ class LocalEngine:
 
     def add_adapter(self, name: str, path: str | Path) -> ModelCard:
         """Load a LoRA adapter (run dir or adapter dir) onto the shared base, servable at once."""
-        from tunesmith.models.adapters import adapter_meta, check_base, resolve_adapter
-
         if not ADAPTER_NAME.match(name or ""):
             raise UsageError(
                 f"adapter name '{name}' is not allowed; use 1-64 letters, digits, '_' or '-', "
@@ -220,30 +256,16 @@ class LocalEngine:
             raise UsageError(f"adapter name '{name}' clashes with peft's parameter names; choose a longer name")
         if name == self.base_id or name == BASE_ROW:
             raise AdapterConflictError(f"adapter name '{name}' is the base model's id; choose another name")
-        adapter_dir = resolve_adapter(path)
-        if not (adapter_dir / "adapter_model.safetensors").is_file():
-            raise UsageError(
-                f"adapter '{adapter_dir}' has no adapter_model.safetensors; only safetensors adapters are "
-                "loaded (re-save it with save_pretrained(..., safe_serialization=True))"
-            )
-        check_base(adapter_dir, self._identity)
+        adapter_dir = find_adapter(path, self._identity)
         with self._model_lock:
             if name in self._adapters:
                 state = "still finishing requests after removal" if name in self._draining else "already loaded"
                 raise AdapterConflictError(
                     f"adapter '{name}' is {state}; remove it first or choose another name"
                 )
-            try:
-                if self._peft is None:
-                    from peft import PeftModel
-
-                    self._peft = PeftModel.from_pretrained(self._base, str(adapter_dir), adapter_name=name)
-                else:
-                    self._peft.load_adapter(str(adapter_dir), adapter_name=name)
-            except (ValueError, KeyError, RuntimeError, OSError) as exc:
-                raise UsageError(f"could not load adapter '{adapter_dir}' onto {self.base_id}: {exc}") from exc
+            self._peft = put_adapter(self._peft if self._peft is not None else self._base, adapter_dir, name,
+                                     self.base_id)
             self._keep_active_adapter_valid()
-            self._peft.eval()
             card = ModelCard(name, int(time.time()), parent=self.base_id, path=str(adapter_dir))
             self._adapters[name] = card
         log.info("adapter %s loaded from %s", name, adapter_dir)
@@ -288,38 +310,84 @@ class LocalEngine:
         self, prompt_ids: list[int], model: str, params: SamplingParams, on_event: Callable[[Event], None]
     ) -> Handle:
         """Queue one generation; `on_event` is called from the engine thread, keep it quick."""
+        factory = compile_schema(params.json_schema) if params.json_schema is not None else None
+        seq = self._new_seq(prompt_ids, model, params, on_event, factory)
+        self._enqueue([seq])
+        return seq.handle
+
+    def generate_batch(
+        self, prompt_ids: Sequence[list[int]], model: str, params: SamplingParams,
+        on_done: Callable[[int], None] | None = None,
+    ) -> list[Completion]:
+        """Generate every prompt with `params` and wait for all (eval's greedy batch is this
+        at temperature 0); results in the prompts' order.
+
+        Rows are queued shortest first, so rows decoded together need little padding; when
+        all share at least MIN_SHARED_PREFIX leading tokens, those are prefilled once and each
+        row starts from a copy of their KV cache. `on_done(i)` is called in this thread as
+        row i finishes (progress)."""
+        if not prompt_ids:
+            return []
+        t0 = time.perf_counter()
+        common = batch.shared_prefix(prompt_ids) if len(prompt_ids) > 1 else []
+        prefix = _Prefix(common) if len(common) >= batch.MIN_SHARED_PREFIX else None
+        factory = compile_schema(params.json_schema) if params.json_schema is not None else None
+        finished: queue.Queue[tuple[int, Event]] = queue.Queue()
+        parts: list[list[str]] = [[] for _ in prompt_ids]
+
+        def collect(i: int) -> Callable[[Event], None]:
+            def on_event(ev: Event) -> None:  # engine thread: only append and hand over
+                parts[i].append(ev.text)
+                if ev.finish_reason:
+                    finished.put((i, ev))
+            return on_event
+
+        order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+        seqs = [self._new_seq(prompt_ids[i], model, params, collect(i), factory, prefix) for i in order]
+        ends: dict[int, Event] = {}
+        try:
+            self._enqueue(seqs)
+            while len(ends) < len(seqs):
+                i, ev = finished.get()
+                if ev.finish_reason == "error":
+                    raise TunesmithError(f"generation failed on prompt {i + 1} of {len(seqs)}; see the log above")
+                ends[i] = ev
+                if on_done is not None:
+                    on_done(i)
+        finally:
+            for s in seqs:  # on an error or Ctrl-C: free the rows still queued or running
+                s.handle.cancel()
+        latency_s = (time.perf_counter() - t0) / len(seqs)
+        return [Completion("".join(parts[i]), ends[i].finish_reason or "stop", ends[i].prompt_tokens,
+                           ends[i].completion_tokens, latency_s) for i in range(len(seqs))]
+
+    def generate(self, prompt_ids: list[int], model: str, params: SamplingParams) -> tuple[str, str, int]:
+        """Blocking helper for one prompt: (text, finish_reason, completion_tokens)."""
+        (c,) = self.generate_batch([prompt_ids], model, params)
+        return c.text, c.finish_reason, c.completion_tokens
+
+    def _new_seq(self, prompt_ids: Sequence[int], model: str, params: SamplingParams,
+                 on_event: Callable[[Event], None], factory: Factory | None, prefix: _Prefix | None = None) -> _Seq:
         if not self.has_model(model):
             served = ", ".join(c.id for c in self.models())
             raise UnknownModelError(f"model '{model}' is not served here; available: {served}")
         if not prompt_ids:
             raise UsageError("the prompt is empty")
-        seq = _Seq(list(prompt_ids), None if model == self.base_id else model, params, on_event, Handle())
-        if params.json_schema is not None:
-            from tunesmith.generate.json_mode import JsonAnswer
-
-            seq.json = JsonAnswer(params.json_schema)
+        seq = _Seq(list(prompt_ids), None if model == self.base_id else model, params, on_event, Handle(),
+                   prefix=prefix)
+        if factory is not None:
+            seq.json = JsonAnswer(factory=factory)
         if params.temperature > 0:
-            seq.generator = self._torch.Generator()
+            seq.generator = self._torch.Generator(device=self._device)
             seq.generator.manual_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "big"))
+        return seq
+
+    def _enqueue(self, seqs: list[_Seq]) -> None:
         with self._queue_cv:
             if self._closed:
                 raise UsageError("the engine is shut down")
-            self._waiting.append(seq)
+            self._waiting.extend(seqs)
             self._queue_cv.notify()
-        return seq.handle
-
-    def generate(self, prompt_ids: list[int], model: str, params: SamplingParams) -> tuple[str, str, int]:
-        """Blocking helper: (text, finish_reason, completion_tokens)."""
-        import queue
-
-        q: queue.Queue[Event] = queue.Queue()
-        self.submit(prompt_ids, model, params, q.put)
-        parts = []
-        while True:
-            ev = q.get()
-            parts.append(ev.text)
-            if ev.finish_reason:
-                return "".join(parts), ev.finish_reason, ev.completion_tokens
 
     def close(self) -> None:
         with self._queue_cv:
@@ -338,13 +406,13 @@ class LocalEngine:
                     self._queue_cv.wait()
                 if self._closed:
                     break
-                room = MAX_BATCH_ROWS - len(self._rows)
+                room = self._max_rows - len(self._rows)
                 new, self._waiting = self._waiting[:room], self._waiting[room:]
             try:
-                with self._model_lock, torch.inference_mode():
+                with self._model_lock, torch.inference_mode(), autocast(self.precision, self._device.type):
                     new = [s for s in new if not self._finish_if_cancelled(s)]
-                    if new:
-                        self._prefill(new)
+                    for prefix in dict.fromkeys(s.prefix for s in new):  # newcomers sharing a prefix together
+                        self._prefill([s for s in new if s.prefix is prefix], prefix)
                     if self._rows:
                         self._decode_step()
                     if self._draining:
@@ -371,20 +439,26 @@ class LocalEngine:
             return self._peft(adapter_names=[s.adapter or BASE_ROW for s in rows], use_cache=True, **kwargs)
         return self._base(use_cache=True, **kwargs)
 
-    def _prefill(self, new: list[_Seq]) -> None:
-        """Prefill newcomers together (left-padded), sample their first token, join the batch."""
+    def _prefill(self, new: list[_Seq], prefix: _Prefix | None) -> None:
+        """Prefill newcomers together (left-padded), sample their first token, join the batch.
+        With a prefix, only each row's own tokens are computed, after a copy of its cache."""
         import torch
         from transformers import DynamicCache
 
-        width = max(len(s.prompt_ids) for s in new)
-        ids = torch.full((len(new), width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(new), width), dtype=torch.long)
-        for i, s in enumerate(new):
-            ids[i, width - len(s.prompt_ids):] = torch.tensor(s.prompt_ids)
-            mask[i, width - len(s.prompt_ids):] = 1
+        offset = len(prefix.ids) if prefix is not None else 0
+        ids, mask, positions = batch.left_padded([s.prompt_ids[offset:] for s in new], self._pad_id, offset,
+                                                 self._device)
+        if prefix is None:
+            cache = DynamicCache(config=self._config)
+        else:
+            if prefix.cache is None:
+                prefix.cache = DynamicCache(config=self._config)
+                self._forward(new[:1], input_ids=torch.tensor([prefix.ids], device=self._device),
+                              cache=prefix.cache, logits_to_keep=1)
+            cache = batch.repeat_prefix(prefix.cache, len(new))
+            mask = torch.cat([torch.ones((len(new), offset), dtype=mask.dtype, device=self._device), mask], dim=1)
+        for s in new:
             s.n_cached = len(s.prompt_ids)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self._config)
         out = self._forward(
             new, input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=1
         )
@@ -397,8 +471,8 @@ class LocalEngine:
         rows = self._rows
         self._peak_rows = max(self._peak_rows, len(rows))
         self._steps += 1
-        self._mask = torch.cat([self._mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
-        positions = torch.tensor([[s.n_cached] for s in rows], dtype=torch.long)
+        self._mask = torch.cat([self._mask, torch.ones((len(rows), 1), dtype=torch.long, device=self._device)], dim=1)
+        positions = torch.tensor([[s.n_cached] for s in rows], dtype=torch.long, device=self._device)
         out = self._forward(
             rows,
             input_ids=self._next_ids[:, None],
@@ -414,20 +488,11 @@ class LocalEngine:
     def _merge(self, new: list[_Seq], cache: Any, mask: Any, next_ids: Any) -> None:
         """Append the prefilled rows to the running batch, left-padding the shorter side."""
         import torch
-        import torch.nn.functional as F
 
         if not self._rows:
             self._rows, self._cache, self._mask, self._next_ids = list(new), cache, mask, next_ids
         else:
-            old_len, new_len = self._mask.shape[1], mask.shape[1]
-            width = max(old_len, new_len)
-            for mine, theirs in zip(self._cache.layers, cache.layers):
-                for attr in ("keys", "values"):
-                    a, b = getattr(mine, attr), getattr(theirs, attr)
-                    a = F.pad(a, (0, 0, width - old_len, 0))
-                    b = F.pad(b, (0, 0, width - new_len, 0))
-                    setattr(mine, attr, torch.cat([a, b], dim=0))
-            self._mask = torch.cat([F.pad(self._mask, (width - old_len, 0)), F.pad(mask, (width - new_len, 0))])
+            self._mask = batch.join(self._cache, self._mask, cache, mask)
             self._next_ids = torch.cat([self._next_ids, next_ids])
             self._rows = self._rows + list(new)
         self._drop_done()
@@ -444,17 +509,10 @@ class LocalEngine:
         if not keep:
             self._rows, self._cache, self._mask, self._next_ids = [], None, None, None
             return
-        index = torch.tensor(keep, dtype=torch.long)
+        index = torch.tensor(keep, dtype=torch.long, device=self._device)
         self._rows = [self._rows[i] for i in keep]
-        self._cache.batch_select_indices(index)
-        self._mask = self._mask[index]
+        self._mask = batch.keep_rows(self._cache, self._mask, index)
         self._next_ids = self._next_ids[index]
-        first = int((self._mask.sum(0) > 0).nonzero()[0])
-        if first:
-            for layer in self._cache.layers:
-                layer.keys = layer.keys[:, :, first:]
-                layer.values = layer.values[:, :, first:]
-            self._mask = self._mask[:, first:]
 
     # ------------------------------------------------------------------ sampling and text
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import UsageError
+from tunesmith.models.inference import causal_lm
 from tunesmith.runs import ADAPTER_CONFIG_FILE, ADAPTER_DIR, ADAPTER_WEIGHTS_FILE
 
 PACKED_ATTENTION = "tunesmith_packed"
@@ -298,11 +299,6 @@ def set_input_casting(model: Any, enabled: bool) -> None:
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
             module.cast_input_dtype_enabled = enabled
-
-
-def causal_lm(model: Any) -> Any:
-    """The transformers CausalLM inside a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def forward_loss(model: Any, batch: dict[str, Any], compute_dtype: Any) -> tuple[Any, int, Any]:

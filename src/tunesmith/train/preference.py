@@ -35,6 +35,7 @@ from tunesmith.data.example import PreferenceExample
 from tunesmith.data.formats import read_data
 from tunesmith.data.render import IGNORE_INDEX, TokenizedExample, render_examples
 from tunesmith.errors import UsageError
+from tunesmith.models.inference import causal_lm
 from tunesmith.train import data as td
 
 REFERENCE_FILE = "reference_logps.safetensors"
@@ -126,8 +127,6 @@ def sequence_logps(model: Any, batch: dict[str, Any], compute_dtype: Any) -> Any
     """
     import torch
     import torch.nn.functional as F
-
-    from tunesmith.train.model import causal_lm
 
     lm = causal_lm(model)
     backbone = getattr(lm, lm.base_model_prefix)
