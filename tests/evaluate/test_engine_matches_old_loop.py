@@ -41,7 +41,10 @@ def _both(loaded, prompts, max_new_tokens, rows, schema=None):
 
 def _same(old, new):
     assert [g.text for g in old] == [c.text.strip() for c in new]
-    assert [g.completion_tokens for g in old] == [c.completion_tokens for c in new]
+    # The engine counts the end-of-turn token it generated (as OpenAI's usage does); the old
+    # loop did not.
+    assert [g.completion_tokens + (c.finish_reason == "stop") for g, c in zip(old, new)] == \
+        [c.completion_tokens for c in new]
     assert [g.prompt_tokens for g in old] == [c.prompt_tokens for c in new]
 
 
@@ -72,4 +75,30 @@ def test_with_a_json_schema(tiny_model_dir, tiny_tokenizer, tmp_path):
     prompts = [[Message("user", q)] for q in QUESTIONS]
     _, old, new = _both(loaded, prompts, 24, 4, SCHEMA)
     assert any(g.text.startswith("{") for g in old)
+    _same(old, new)
+
+
+def test_rows_that_end_their_turn_at_different_steps(tiny_tokenizer):
+    import torch
+    from collections import Counter
+
+    from tunesmith.data.render import end_of_turn_ids
+
+    model = build_varied_model(tiny_tokenizer, seed=2, tied=False)
+    loaded = LoadedModel(model, tiny_tokenizer, "tiny", "tiny")
+    prompts = [[Message("system", SYSTEM), Message("user", q)] for q in QUESTIONS]
+    ids = [render_prompt(tiny_tokenizer, p) for p in prompts]
+    with torch.no_grad():
+        greedy = [model.generate(torch.tensor([i]), max_new_tokens=12, do_sample=False)[0, len(i):].tolist()
+                  for i in ids]
+    # Make the token most rows generate the end of turn: rows now stop at different steps.
+    common = Counter(t for g in greedy for t in set(g[1:])).most_common(1)[0][0]
+    (stop,) = end_of_turn_ids(tiny_tokenizer)
+    with torch.no_grad():
+        w = model.lm_head.weight
+        w[[common, stop]] = w[[stop, common]]
+    _, old, new = _both(loaded, prompts, 12, 3)
+    finishes = [c.finish_reason for c in new]
+    print("finish reasons:", finishes, "completion tokens:", [c.completion_tokens for c in new])
+    assert "stop" in finishes and len({c.completion_tokens for c in new}) > 1
     _same(old, new)
