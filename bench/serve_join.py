@@ -1,7 +1,7 @@
 """How should a new request join a running batch? Two ways, timed on the real model:
 
   merge:      prefill the newcomer alone, then left-pad and concatenate its KV cache into
-              the batch's (what tunesmith.generate.engine does);
+              the batch's (what tunesmith.generate.engine does, with generate/batch.py's join);
   re-prefill: run a fresh prefill over every running row's tokens plus the newcomer.
 
     .venv/bin/python bench/serve_join.py --threads 1
@@ -26,11 +26,11 @@ def main() -> None:
     import torch.nn.functional as F
     from transformers import DynamicCache
 
-    from tunesmith.models.registry import load_model, resolve_model
+    from tunesmith.models.inference import load_for_inference
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(resolve_model(args.model)).eval()
+    model = load_for_inference(args.model).model
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     running = torch.randint(100, vocab, (args.running, args.context), generator=gen)

@@ -19,7 +19,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
 
-from tiny_model import CHATML_TEMPLATE, build_tiny_model, build_tiny_tokenizer, save_tiny_model  # noqa: F401,E402
+from tiny_model import (  # noqa: F401,E402
+    ADAPTERS, CHATML_TEMPLATE, build_tiny_model, build_tiny_tokenizer, make_adapter, save_tiny_model,
+)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -45,6 +47,22 @@ def tiny_tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def adapter_dirs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: make_adapter(tiny_model_dir, root / name, seed=i) for i, name in enumerate(ADAPTERS)}
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir, adapter_dirs):
+    """The engine on the tiny model with the adapters alpha, beta and gamma (engine and serve tests)."""
+    from tunesmith.generate.engine import LocalEngine
+
+    eng = LocalEngine.load(str(tiny_model_dir), [(n, p) for n, p in adapter_dirs.items()])
+    yield eng
+    eng.close()
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""A tiny random Llama and a ChatML tokenizer, built locally and offline for tests.
+"""A tiny random Llama, a ChatML tokenizer and LoRA adapters, built locally and offline for tests.
 
 Imported by tests as `from tiny_model import ...` (a plain module: a `conftest` import would
 find whichever conftest.py pytest loaded last).
@@ -6,7 +6,11 @@ find whichever conftest.py pytest loaded last).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+ADAPTERS = ("alpha", "beta", "gamma")
+"""The adapters the shared `engine` fixture serves on the tiny model."""
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -75,6 +79,28 @@ def build_tiny_model(tokenizer, seed: int = 0):
     return LlamaForCausalLM(config).eval()
 
 
+def build_varied_model(tokenizer, seed: int = 0, tied: bool = True):
+    """A 2-layer Llama with large random weights: greedy outputs differ from prompt to
+    prompt (the default 0.02 init repeats one token), which generation tests need."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=tied, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.5, generator=gen)
+    return model
+
+
 def save_tiny_model(path: Path, seed: int = 0) -> Path:
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_model(tokenizer, seed=seed)
@@ -96,3 +122,23 @@ def save_learnable_tiny_model(path: Path) -> Path:
     model.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
     return path
+
+
+def make_adapter(base_dir: Path, out: Path, seed: int, scale: float = 0.5, base_sha: str | None = None) -> Path:
+    """A LoRA adapter on base_dir with random non-zero lora_B (so adapters differ), saved by peft."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    torch.manual_seed(seed)  # lora_A's init draws from the global RNG: same adapter whatever ran before
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * scale)
+    peft_model.save_pretrained(str(out), safe_serialization=True)
+    if base_sha:
+        (out / "tunesmith_adapter.json").write_text(json.dumps({"base_model": {"name": "other", "sha256": base_sha}}))
+    return out

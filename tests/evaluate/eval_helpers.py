@@ -1,5 +1,6 @@
-"""Test helpers for the evaluation stage: a tiny model whose greedy outputs vary, adapters
-made directly with peft, small label data sets, and the real CLI in a subprocess."""
+"""Test helpers for the evaluation stage: adapters made directly with peft, small label data
+sets, and the real CLI in a subprocess (the tiny model whose greedy outputs vary is in
+tests/tiny_model.py)."""
 
 from __future__ import annotations
 
@@ -11,28 +12,6 @@ import sys
 from pathlib import Path
 
 LABELS = ["card_arrival", "exchange_rate", "card_linking"]
-
-
-def build_varied_model(tokenizer, seed: int = 0, tied: bool = True):
-    """A 2-layer Llama with large random weights: greedy outputs differ from prompt to
-    prompt (the default 0.02 init repeats one token), which generation tests need."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        tie_word_embeddings=tied, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.5, generator=gen)
-    return model
 
 
 def make_adapter(base_dir: Path, out: Path, seed: int = 1) -> Path:

@@ -1,28 +1,12 @@
-"""Fixtures for the serving tests: three peft adapters on the tiny model, an engine with
-them loaded, and a live uvicorn server on loopback for the official openai client."""
+"""Fixtures for the serving tests: a live uvicorn server on loopback, over the shared
+`engine` fixture (tests/conftest.py), for the official openai client."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterator
 
 import pytest
-from serve_helpers import ADAPTERS, live_server, make_adapter
-
-
-@pytest.fixture(scope="session")
-def adapter_dirs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("adapters")
-    return {name: make_adapter(tiny_model_dir, root / name, seed=i) for i, name in enumerate(ADAPTERS)}
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir, adapter_dirs):
-    from tunesmith.generate.engine import LocalEngine
-
-    eng = LocalEngine.load(str(tiny_model_dir), [(n, p) for n, p in adapter_dirs.items()])
-    yield eng
-    eng.close()
+from serve_helpers import live_server
 
 
 @pytest.fixture(scope="module")

@@ -1,37 +1,23 @@
-"""Helpers for the serving tests: LoRA adapters made with peft, a live uvicorn server on a
-free loopback port (in a thread), waiting for the engine to go idle."""
+"""Helpers for the serving tests: a live uvicorn server on a free loopback port (in a
+thread); the engine's helpers (adapters made with peft, waiting for the engine to go idle,
+a JSON schema) re-exported from tests/generate and tests/tiny_model.py."""
 
 from __future__ import annotations
 
-import json
 import socket
+import sys
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-ADAPTERS = ("alpha", "beta", "gamma")
+GENERATE_TESTS = Path(__file__).resolve().parent.parent / "generate"
+if str(GENERATE_TESTS) not in sys.path:  # imported by name, as tests/dashboard reuses these
+    sys.path.insert(0, str(GENERATE_TESTS))
 
-
-def make_adapter(base_dir: Path, out: Path, seed: int, scale: float = 0.5, base_sha: str | None = None) -> Path:
-    """A LoRA adapter on base_dir with random non-zero lora_B (so adapters differ), saved by peft."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    torch.manual_seed(seed)  # lora_A's init draws from the global RNG: same adapter whatever ran before
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * scale)
-    peft_model.save_pretrained(str(out), safe_serialization=True)
-    if base_sha:
-        (out / "tunesmith_adapter.json").write_text(json.dumps({"base_model": {"name": "other", "sha256": base_sha}}))
-    return out
+from generate_helpers import TICKET, wait_until_idle  # noqa: E402,F401
+from tiny_model import make_adapter  # noqa: E402,F401
 
 
 def free_port() -> int:
@@ -62,12 +48,3 @@ def live_server(app) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
-
-
-def wait_until_idle(engine, timeout_s: float = 20.0) -> dict:
-    deadline = time.time() + timeout_s
-    while True:
-        stats = engine.stats()
-        if (stats["running"] == 0 and stats["waiting"] == 0) or time.time() > deadline:
-            return stats
-        time.sleep(0.05)

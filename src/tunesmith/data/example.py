@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from tunesmith.errors import DataError
+
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -75,6 +77,15 @@ def chat(*turns: tuple[str, str], line: int = 0) -> Example:
         messages=tuple(Message(role, content, train=role == "assistant") for role, content in turns),
         line=line,
     )
+
+
+def split_example(example: Example) -> tuple[list[Message], str]:
+    """The conversation up to the last assistant turn (the prompt) and that turn (the reference)."""
+    msgs = list(example.messages)
+    last = max((i for i, m in enumerate(msgs) if m.role == "assistant"), default=None)
+    if last is None:
+        raise DataError(f"line {example.line}: the example has no assistant answer to compare against")
+    return msgs[:last], msgs[last].content
 
 
 @dataclass

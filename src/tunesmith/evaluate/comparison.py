@@ -21,13 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from tunesmith.data.example import Example, Message
+from tunesmith.data.example import Example, Message, split_example
 from tunesmith.errors import UsageError
 from tunesmith.evaluate.evaluation import (
     EvalResult, evaluate_loaded, format_score, load_examples, run_system_prompt, with_system,
     write_eval,
 )
-from tunesmith.evaluate.generate import split_example
 from tunesmith.evaluate.metrics import pick_metric
 from tunesmith.evaluate.retrieval import BM25
 from tunesmith.models.inference import load_for_inference

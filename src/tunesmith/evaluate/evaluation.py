@@ -13,15 +13,17 @@ import csv
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from tunesmith.data.example import Example, Message
+from tunesmith.data.example import Example, Message, split_example
 from tunesmith.data.formats import ColumnMapping, read_data
+from tunesmith.data.render import render_prompt
 from tunesmith.errors import DataError, UsageError
-from tunesmith.evaluate.generate import generate, reference_loss, split_example
+from tunesmith.evaluate.loss import reference_loss
 from tunesmith.evaluate.metrics import score
+from tunesmith.generate.engine import Completion, LocalEngine, SamplingParams
 from tunesmith.models.inference import LoadedModel, load_for_inference
 from tunesmith.runs import EVAL_METRICS_FILE, PREDICTIONS_FILE, RUN_FILE
 
@@ -166,14 +168,16 @@ def evaluate_loaded(
     log: Callable[[str], None] = print,
 ) -> EvalResult:
     """Score a loaded model on examples; prompts default to each example's own conversation
-    (as trained). `with_loss` also measures the loss on the reference answers."""
+    (as trained). `with_loss` also measures the loss on the reference answers.
+
+    Answers come from the serving engine, greedy: at most `batch_size` rows per step, and
+    with `json_schema` each held to one JSON value of it, as the server's JSON mode holds them."""
     split = [split_example(ex) for ex in examples]
     references = [ref for _, ref in split]
     prompts = prompts if prompts is not None else [p for p, _ in split]
     t0 = time.perf_counter()
-    progress = _progress(len(prompts), log)
-    gens = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens, batch_size, precision, progress,
-                    json_schema)
+    gens = generate_greedy(loaded, prompts, max_new_tokens, batch_size, precision, json_schema,
+                           _progress(len(prompts), log))
     gen_s = time.perf_counter() - t0
     predictions = [g.text for g in gens]
     scores = score(references, predictions, metric, labels)
@@ -216,6 +220,31 @@ def evaluate_loaded(
     return EvalResult(metrics, rows)
 
 
+def generate_greedy(
+    loaded: LoadedModel,
+    prompts: Sequence[Sequence[Message]],
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    precision: str = "auto",
+    json_schema: dict[str, Any] | None = None,
+    on_done: Callable[[int], None] | None = None,
+) -> list[Completion]:
+    """Greedy answers to chat prompts (rendered as in training), text stripped: one
+    `generate_batch` at temperature 0 on an engine over `loaded`."""
+    if max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    ids = [render_prompt(loaded.tokenizer, p) for p in prompts]
+    engine = LocalEngine(loaded, precision=precision, max_batch_rows=batch_size)
+    try:
+        gens = engine.generate_batch(ids, loaded.model_id, SamplingParams(max_new_tokens, 0.0, json_schema=json_schema),
+                                     on_done)
+    finally:
+        engine.close()
+    return [replace(g, text=g.text.strip()) for g in gens]
+
+
 def _last_user(prompt: Sequence[Message]) -> str:
     users = [m.content for m in prompt if m.role == "user"]
     return users[-1] if users else ""
@@ -226,18 +255,18 @@ def _num(x: float) -> float | None:
 
 
 def _progress(total: int, log: Callable[[str], None]) -> Callable[[int], None]:
-    """Log progress about every 10% of the rows."""
+    """Log progress about every 10% of the rows (called as each row finishes)."""
     done = [0, 0]
     t0 = time.perf_counter()
 
-    def on_batch(n: int) -> None:
-        done[0] += n
+    def on_done(_row: int) -> None:
+        done[0] += 1
         if done[0] * 10 // max(total, 1) > done[1] or done[0] == total:
             done[1] = done[0] * 10 // max(total, 1)
             rate = done[0] / max(time.perf_counter() - t0, 1e-9)
             log(f"  generated {done[0]}/{total} ({rate:.1f} examples/s)")
 
-    return on_batch
+    return on_done
 
 
 def write_eval(out: Path, result: EvalResult) -> None:

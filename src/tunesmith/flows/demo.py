@@ -24,12 +24,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
+from tunesmith.data.example import split_example
 from tunesmith.data.formats import ColumnMapping
 from tunesmith.data.validate import validate_data
 from tunesmith.errors import DataError, UsageError
 from tunesmith.evaluate.comparison import write_comparison
 from tunesmith.evaluate.evaluation import load_examples
-from tunesmith.evaluate.generate import split_example
 from tunesmith.evaluate.report import build_report
 from tunesmith.flows.heldout import HeldoutResult, evaluate_side
 from tunesmith.models.registry import DEFAULT_MODEL, pull_model

@@ -11,7 +11,8 @@ The server streams single requests through `submit`; evaluation calls `generate_
 greedy at temperature 0, which submits every row and waits: rows that share a long
 beginning (a system prompt with a label list, few-shot examples) prefill it once and start
 from copies of its KV cache. Every forward runs at the one precision rule of
-`models.inference` (auto: bf16 autocast where the hardware is fast at it).
+`models.inference` (auto: bf16 autocast where the hardware is fast at it). What callers
+pass and get back (SamplingParams, Event, Completion, ...) is in generate/requests.py.
 
     python -c "from tunesmith.generate.engine import LocalEngine, SamplingParams; \
 e = LocalEngine.load('smollm2-135m-instruct'); \
@@ -32,13 +33,17 @@ from typing import Any, Callable, Protocol, Sequence
 
 from tunesmith.data.example import Message
 from tunesmith.data.render import end_of_turn_ids, render_prompt
-from tunesmith.errors import ModelNotFoundError, TunesmithError, UsageError
+from tunesmith.errors import TunesmithError, UsageError
 from tunesmith.generate import batch
 from tunesmith.generate.json_mode import JsonAnswer
 from tunesmith.generate.json_schema import Factory, compile_schema
+from tunesmith.generate.requests import (
+    AdapterConflictError, Completion, Event, Handle, ModelCard, SamplingParams, UnknownModelError,
+)
 from tunesmith.models.adapters import adapter_meta
-from tunesmith.models.inference import LoadedModel, autocast, find_adapter, load_for_inference, pad_id, \
-    put_adapter, resolve_precision
+from tunesmith.models.inference import (
+    LoadedModel, autocast, find_adapter, load_for_inference, pad_id, put_adapter, resolve_precision,
+)
 
 log = logging.getLogger("tunesmith.generate")
 
@@ -49,59 +54,6 @@ MAX_BATCH_ROWS = 32
 # ":" is allowed so fine-tuning jobs can serve their models as ft:<base>:<suffix>:<id>.
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_:-]{0,127}$")
 """No '.': peft keeps adapters in torch ModuleDicts, whose keys cannot contain one."""
-
-
-class UnknownModelError(ModelNotFoundError):
-    """A request named a model id this engine does not serve."""
-
-
-class AdapterConflictError(UsageError):
-    """An adapter name that is already taken (or still draining)."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 1.0
-    """0 means greedy."""
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    json_schema: dict[str, Any] | None = None
-    """JSON mode: the answer is one JSON value of this schema ({"type": "object"}: any
-    object), see generate/json_mode.py; None: free text."""
-
-
-@dataclass(frozen=True)
-class Event:
-    """What one step produced for one request: new text, and the reason when it ends."""
-
-    text: str
-    finish_reason: str | None = None
-    """"stop" (end of turn or a stop string), "length" (max_tokens or context), "error"."""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-@dataclass(frozen=True)
-class Completion:
-    """One finished row of `generate_batch`."""
-
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    latency_s: float
-    """Wall time of the whole batch divided by its rows (amortised: rows run together)."""
-
-
-@dataclass
-class ModelCard:
-    id: str
-    created: int
-    parent: str | None = None
-    """The base model's id for an adapter; None for the base itself."""
-    path: str | None = None
 
 
 class Engine(Protocol):
@@ -120,16 +72,6 @@ class Engine(Protocol):
     def add_adapter(self, name: str, path: str | Path) -> ModelCard: ...
     def remove_adapter(self, name: str) -> None: ...
     def close(self) -> None: ...
-
-
-class Handle:
-    """A submitted request; `cancel()` frees its row at the next step (idempotent)."""
-
-    def __init__(self) -> None:
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
 
 
 @dataclass(eq=False)

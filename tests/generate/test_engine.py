@@ -1,5 +1,5 @@
 """The engine on the tiny model: training-identical prompts, batching without cross-talk,
-stop handling, adapters added and removed at run time."""
+stop handling, adapters added and removed at run time (generate_batch: test_engine_batch.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from tunesmith.errors import UsageError
 from tunesmith.generate.engine import AdapterConflictError, LocalEngine, SamplingParams, UnknownModelError
 from tunesmith.models.inference import LoadedModel
 
-from serve_helpers import make_adapter, wait_until_idle
+from generate_helpers import wait_until_idle
+from tiny_model import make_adapter
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 

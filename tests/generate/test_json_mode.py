@@ -1,6 +1,6 @@
 """JSON mode (`response_format` json_object and json_schema): the reader against json.loads
-and jsonschema, token picking with a real byte-level tokenizer, the engine and the HTTP API
-with the official openai client, and SmolLM2 (slow)."""
+and jsonschema, token picking with a real byte-level tokenizer, the engine, and SmolLM2
+(slow). Through the HTTP API: tests/serve/test_api_json_mode.py."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import json
 import random
 
 import jsonschema
-import openai
 import pytest
+from generate_helpers import TICKET
 
 from tunesmith.generate.engine import SamplingParams
 from tunesmith.generate.json_mode import ANY_OBJECT, MAX_WHITESPACE_RUN, JsonPrefix, pick
@@ -101,39 +101,6 @@ def test_the_engine_answers_one_json_object(engine):
     assert finish == "length" and n == 1 and text.startswith("{") and JsonPrefix().feed(text)
 
 
-def test_response_format_through_the_api(client, engine):
-    resp = client.chat.completions.create(model="beta", messages=[{"role": "user", "content": "Reply in JSON."}],
-                                          response_format={"type": "json_object"}, max_tokens=64, temperature=0)
-    choice = resp.choices[0]
-    assert choice.finish_reason == "length" or isinstance(json.loads(choice.message.content), dict), choice
-    stream = client.chat.completions.create(model="beta", messages=[{"role": "user", "content": "Reply in JSON."}],
-                                            response_format={"type": "json_object"}, max_tokens=64, temperature=0,
-                                            stream=True)
-    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == choice.message.content
-
-    with pytest.raises(openai.BadRequestError, match="must contain the word 'json'"):
-        client.chat.completions.create(model="beta", messages=[{"role": "user", "content": "hi"}],
-                                       response_format={"type": "json_object"})
-    plain = client.chat.completions.create(model="beta", messages=[{"role": "user", "content": "hi"}],
-                                           response_format={"type": "text"}, max_tokens=4, temperature=0)
-    assert plain.choices[0].finish_reason in ("stop", "length")
-
-
-TICKET = {
-    "type": "object",
-    "properties": {
-        "intent": {"type": "string", "enum": ["card_arrival", "lost_or_stolen_card", "refund"]},
-        "confidence": {"type": "number"},
-        "count": {"type": "integer"},
-        "tags": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 3},
-        "refund": {"type": ["boolean", "null"]},
-        "customer": {"$ref": "#/$defs/customer"},
-    },
-    "required": ["intent", "confidence", "count", "tags", "refund", "customer"],
-    "additionalProperties": False,
-    "$defs": {"customer": {"type": "object", "properties": {"name": {"type": "string"}, "vip": {"type": "boolean"}},
-                           "required": ["name"], "additionalProperties": False}},
-}
 TICKET_OK = {"intent": "card_arrival", "confidence": 0.75, "count": 2, "tags": ["late", "card"], "refund": None,
              "customer": {"name": "Ana", "vip": True}}
 
@@ -208,25 +175,6 @@ def test_schemas_the_reader_cannot_honour_are_named():
     ):
         with pytest.raises(SchemaError, match=message):
             compile_schema(schema)
-
-
-def test_json_schema_through_the_api(client, engine):
-    fmt = {"type": "json_schema", "json_schema": {"name": "ticket", "strict": True, "schema": TICKET}}
-    for model, seed in (("beta", 1), (engine.base_id, 2)):
-        resp = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Route this ticket."}],
-                                              response_format=fmt, max_tokens=120, temperature=1.0, seed=seed)
-        choice = resp.choices[0]
-        if choice.finish_reason == "stop":
-            jsonschema.validate(json.loads(choice.message.content), TICKET)
-        else:
-            assert JsonPrefix(TICKET).feed(choice.message.content), choice.message.content
-    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "not": {}}}}
-    with pytest.raises(openai.BadRequestError, match="not not supported") as err:
-        client.chat.completions.create(model="beta", messages=[{"role": "user", "content": "hi"}], response_format=bad)
-    assert err.value.code == "unsupported_schema" and err.value.param == "response_format.json_schema.schema"
-    with pytest.raises(openai.BadRequestError, match="needs 'json_schema'"):
-        client.chat.completions.create(model="beta", messages=[{"role": "user", "content": "hi"}],
-                                       response_format={"type": "json_schema"})
 
 
 @pytest.mark.slow

@@ -1,0 +1,75 @@
+"""What a caller gives the engine and gets back: sampling settings, streamed events, finished
+completions, model cards, a request's handle, and the two errors a request can meet.
+
+    python -c "from tunesmith.generate.requests import SamplingParams; print(SamplingParams(32, 0.0))"
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tunesmith.errors import ModelNotFoundError, UsageError
+
+
+class UnknownModelError(ModelNotFoundError):
+    """A request named a model id this engine does not serve."""
+
+
+class AdapterConflictError(UsageError):
+    """An adapter name that is already taken (or still draining)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    """0 means greedy."""
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    json_schema: dict[str, Any] | None = None
+    """JSON mode: the answer is one JSON value of this schema ({"type": "object"}: any
+    object), see generate/json_mode.py; None: free text."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """What one step produced for one request: new text, and the reason when it ends."""
+
+    text: str
+    finish_reason: str | None = None
+    """"stop" (end of turn or a stop string), "length" (max_tokens or context), "error"."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One finished row of `generate_batch`."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    """Wall time of the whole batch divided by its rows (amortised: rows run together)."""
+
+
+@dataclass
+class ModelCard:
+    id: str
+    created: int
+    parent: str | None = None
+    """The base model's id for an adapter; None for the base itself."""
+    path: str | None = None
+
+
+class Handle:
+    """A submitted request; `cancel()` frees its row at the next step (idempotent)."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
