@@ -46,8 +46,8 @@ def serve_cmd(
     import torch
     import uvicorn
 
-    from tunesmith.serve.app import create_app
     from tunesmith.generate.engine import LocalEngine
+    from tunesmith.serve.app import create_app
     from tunesmith.settings import Settings
 
     if threads:
@@ -105,8 +105,8 @@ def chat_cmd(
     import io
 
     from tunesmith.errors import UsageError
-    from tunesmith.serve.chat import run_chat
     from tunesmith.generate.engine import LocalEngine
+    from tunesmith.serve.chat import run_chat
 
     interactive = sys.stdin.isatty()
     stdin = sys.stdin

@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from tunesmith.data.example import (
-    ROLES, ColumnMapping, Example, Message, ParseResult, PreferenceExample, Problem, Record,
+    ROLES,
+    ColumnMapping,
+    Example,
+    Message,
+    ParseResult,
+    PreferenceExample,
+    Problem,
+    Record,
 )
 from tunesmith.data.tables import table_records
 from tunesmith.errors import UsageError

@@ -16,6 +16,7 @@ from typing import Any
 from tunesmith.data.example import Example, PreferenceExample, Problem
 from tunesmith.data.formats import ColumnMapping, check_path, iter_records, resolve_format
 from tunesmith.data.render import IGNORE_INDEX, TokenizedExample, render_examples, render_text
+from tunesmith.data.validate import load_tokenizer_quick
 from tunesmith.models.registry import DEFAULT_MODEL, resolve_model
 
 TRAINED_OPEN, TRAINED_CLOSE = "[[", "]]"
@@ -44,7 +45,6 @@ def inspect_data(
     tokenizer: Any = None,
 ) -> tuple[list[InspectedExample], list[Problem]]:
     """The first n usable examples, rendered; plus the problems of the lines skipped on the way."""
-    from tunesmith.data.validate import load_tokenizer_quick
 
     path = check_path(path)
     fmt = resolve_format(path, format)

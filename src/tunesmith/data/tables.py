@@ -20,7 +20,6 @@ from tunesmith.data.example import ColumnMapping, Example, Message, Problem, Rec
 from tunesmith.errors import UsageError
 
 
-
 def _has_bad_bytes(text: str) -> bool:
     # Undecodable bytes arrive as lone surrogates (errors="surrogateescape").
     try:

@@ -28,7 +28,7 @@ from tunesmith.data.formats import (
 from tunesmith.data.render import TemplateError, TokenizedExample, end_of_turn_ids, render_examples
 from tunesmith.data.stats import auto_epochs
 from tunesmith.errors import UsageError
-from tunesmith.models.registry import DEFAULT_MODEL, ModelRef, resolve_model
+from tunesmith.models.registry import DEFAULT_MODEL, ModelRef, load_tokenizer, resolve_model
 from tunesmith.models.speed import load_speed_entry, machine_busy
 
 MIN_EXAMPLES = 10
@@ -79,7 +79,6 @@ def load_tokenizer_quick(ref: ModelRef) -> Any:
         from transformers import PreTrainedTokenizerFast
 
         return PreTrainedTokenizerFast.from_pretrained(str(ref.path))
-    from tunesmith.models.registry import load_tokenizer
 
     return load_tokenizer(ref)
 

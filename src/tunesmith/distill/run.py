@@ -29,12 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, TextIO
 
+from tunesmith.data.validate import print_report, validate_data
 from tunesmith.distill.filters import AnswerFilter, build_filter
 from tunesmith.distill.order import sort_by_prompt
 from tunesmith.distill.prompts import Prompt, load_prompts
-from tunesmith.generate.remote import TeacherFailure, ask, build_client, run_coroutine
 from tunesmith.errors import UsageError
-from tunesmith.models.registry import DEFAULT_MODEL
+from tunesmith.generate.remote import TeacherFailure, ask, build_client, run_coroutine
+from tunesmith.models.registry import DEFAULT_MODEL, resolve_model
 
 
 @dataclass
@@ -203,8 +204,6 @@ def distill(
     if out.is_dir():
         raise UsageError(f"--out '{out}' is a directory; give a .jsonl file to write")
     if validate:  # a missing student model fails now, not after the teacher was paid
-        from tunesmith.models.registry import resolve_model
-
         resolve_model(model)
     loaded = load_prompts(prompts, format, input_column, system)
     if n > 1 and temperature == 0:
@@ -245,8 +244,6 @@ def distill(
     if rejected.is_file() and rejected.stat().st_size == 0:
         rejected.unlink()
     if validate and out.is_file() and out.stat().st_size:
-        from tunesmith.data.validate import validate_data
-
         result.report = validate_data(out, model=model, format="chat", estimate=False)
     return result
 
@@ -430,8 +427,6 @@ def print_summary(result: DistillResult, console: Any) -> None:
         for row in r.failed_prompts[:5]:
             console.print(f"  prompt line {row['prompt_line']}: {row['error']}", markup=False, highlight=False)
     if r.report is not None:
-        from tunesmith.data.validate import print_report
-
         console.print()
         print_report(r.report, console)
     elif not r.out.is_file() or not r.out.stat().st_size:

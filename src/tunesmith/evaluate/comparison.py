@@ -24,11 +24,18 @@ from typing import Any, Callable, Sequence
 from tunesmith.data.example import Example, Message, split_example
 from tunesmith.errors import UsageError
 from tunesmith.evaluate.evaluation import (
-    EvalResult, evaluate_loaded, format_score, load_examples, run_system_prompt, with_system,
+    EvalResult,
+    evaluate_loaded,
+    format_score,
+    load_examples,
+    run_system_prompt,
+    with_system,
     write_eval,
 )
-from tunesmith.evaluate.metrics import pick_metric
+from tunesmith.evaluate.metrics import pick_metric, score
 from tunesmith.evaluate.retrieval import BM25
+from tunesmith.generate.json_mode import response_format
+from tunesmith.generate.remote import TeacherFailure, ask, build_client, run_coroutine
 from tunesmith.models.inference import load_for_inference
 from tunesmith.runs import COMPARE_FILE
 
@@ -256,10 +263,6 @@ def teacher_result(
     import asyncio
     import time
 
-    from tunesmith.generate.remote import TeacherFailure, ask, build_client
-    from tunesmith.evaluate.metrics import score
-    from tunesmith.generate.json_mode import response_format
-
     split = [split_example(with_system(ex, system) if system else ex) for ex in test_ex]
     wires = [[m.to_template() for m in prompt] for prompt, _ in split]
 
@@ -279,8 +282,6 @@ def teacher_result(
 
     t0 = time.perf_counter()
     try:
-        from tunesmith.generate.remote import run_coroutine
-
         replies = run_coroutine(run_all())
     except TeacherFailure as exc:
         raise UsageError(f"the teacher {teacher_model!r} failed on the test set: {exc}; "

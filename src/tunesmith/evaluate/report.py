@@ -24,8 +24,17 @@ from typing import Any, Sequence
 
 from tunesmith.errors import UsageError
 from tunesmith.evaluate.evaluation import EvalResult, format_score, load_eval
-from tunesmith.runs import (COMPARE_DIR, COMPARE_FILE, EVAL_DIR, EVAL_METRICS_FILE, PREDICTIONS_FILE, REPORT_FILE,
-                            RUN_FILE, TRAIN_METRICS_FILE, read_run_json)
+from tunesmith.runs import (
+    COMPARE_DIR,
+    COMPARE_FILE,
+    EVAL_DIR,
+    EVAL_METRICS_FILE,
+    PREDICTIONS_FILE,
+    REPORT_FILE,
+    RUN_FILE,
+    TRAIN_METRICS_FILE,
+    read_run_json,
+)
 
 WORST_SHOWN = 20
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd")

@@ -24,6 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
+import tunesmith
 from tunesmith.data.example import split_example
 from tunesmith.data.formats import ColumnMapping
 from tunesmith.data.validate import validate_data
@@ -49,7 +50,6 @@ DEMO_TRAIN = {"epochs": 2, "max_steps": 290, "learning_rate": 1e-3, "lora_rank":
 
 def find_demo_data() -> Path:
     """The banking77 subset bundled with the repository (data/banking77/)."""
-    import tunesmith
 
     candidates = [Path(tunesmith.__file__).resolve().parents[2] / "data" / "banking77", Path.cwd() / "data" / "banking77"]
     for cand in candidates:

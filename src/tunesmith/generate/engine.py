@@ -38,11 +38,23 @@ from tunesmith.generate import batch
 from tunesmith.generate.json_mode import JsonAnswer
 from tunesmith.generate.json_schema import Factory, compile_schema
 from tunesmith.generate.requests import (
-    AdapterConflictError, Completion, Event, Handle, ModelCard, SamplingParams, UnknownModelError,
+    AdapterConflictError,
+    Completion,
+    Event,
+    Handle,
+    ModelCard,
+    SamplingParams,
+    UnknownModelError,
 )
 from tunesmith.models.adapters import adapter_meta
 from tunesmith.models.inference import (
-    LoadedModel, autocast, find_adapter, load_for_inference, pad_id, put_adapter, resolve_precision,
+    LoadedModel,
+    autocast,
+    find_adapter,
+    load_for_inference,
+    pad_id,
+    put_adapter,
+    resolve_precision,
 )
 
 log = logging.getLogger("tunesmith.generate")

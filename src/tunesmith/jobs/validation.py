@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunesmith.data.formats import read_data
+from tunesmith.data.validate import validate_data
+from tunesmith.errors import TunesmithError
+
 MIN_EXAMPLES = 10
 """Hosted fine-tuning refuses fewer; so does tunesmith's API."""
 
@@ -53,8 +57,6 @@ def check_file(path: str | Path, model: str | None = None, min_examples: int = M
     missing fields.
     """
     if model is not None:
-        from tunesmith.data.validate import validate_data
-
         report = validate_data(Path(path), model=model, validation=validation, estimate=False)
         check = FileCheck(
             examples=report.examples,
@@ -73,9 +75,6 @@ def check_file(path: str | Path, model: str | None = None, min_examples: int = M
 
 
 def _parse_only(path: Path) -> FileCheck:
-    from tunesmith.data.formats import read_data
-    from tunesmith.errors import TunesmithError
-
     try:
         result = read_data(path)
     except TunesmithError as exc:

@@ -32,13 +32,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from tunesmith.data.stats import auto_epochs
 from tunesmith.errors import TunesmithError
 from tunesmith.fileio import write_atomically
+from tunesmith.jobs.evaluation_stage import SUMMARY_FILE, summary_sentence
 from tunesmith.jobs.run_reader import MetricsTail, has_checkpoint, last_error, metrics_csv, trained_tokens
 from tunesmith.jobs.store import JobStore, new_id
 from tunesmith.jobs.validation import MIN_EXAMPLES, check_file, method_mismatch
-from tunesmith.runs import (ADAPTER_CONFIG_FILE, ADAPTER_DIR, ADAPTER_FILES, CHECKPOINTS_DIR, RUN_FILE, STATE_FILE,
-                            TRAIN_METRICS_FILE, list_checkpoints, read_run_json)
+from tunesmith.runs import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_DIR,
+    ADAPTER_FILES,
+    CHECKPOINTS_DIR,
+    RUN_FILE,
+    STATE_FILE,
+    TRAIN_METRICS_FILE,
+    list_checkpoints,
+    read_run_json,
+)
 from tunesmith.train.config import DEFAULT_BETA, DEFAULT_LEARNING_RATE
 from tunesmith.train.progress import DPO_METRIC_KEYS
 
@@ -228,7 +239,6 @@ class Worker:
     def _evaluate(self, job: dict[str, Any], run_dir: Path, root: Path, lock_fd: int,
                   stop: threading.Event) -> tuple[str, str | None]:
         """Base vs tuned on the validation file; returns (outcome, result file id or None)."""
-        from tunesmith.jobs.evaluation_stage import SUMMARY_FILE, summary_sentence
 
         job_id = job["id"]
         valid = self.store.get_file(job["validation_file"])
@@ -476,7 +486,6 @@ class Worker:
 
 def _resolve_hyperparameters(method: dict[str, Any], n_examples: int) -> dict[str, Any]:
     """Replace every "auto" with the value training will use (known once the data is read)."""
-    from tunesmith.data.stats import auto_epochs
 
     kind = method["type"]
     hp = dict(method[kind]["hyperparameters"])

@@ -16,8 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import UsageError
-from tunesmith.runs import (ADAPTER_CONFIG_FILE, ADAPTER_DIR, ADAPTER_META_FILE, CHECKPOINTS_DIR, STEP_PREFIX,
-                            list_checkpoints, parse_step)
+from tunesmith.runs import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_DIR,
+    ADAPTER_META_FILE,
+    CHECKPOINTS_DIR,
+    STEP_PREFIX,
+    list_checkpoints,
+    parse_step,
+)
 
 
 def resolve_adapter(path: str | Path, checkpoint: str = "best") -> Path:

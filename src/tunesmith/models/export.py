@@ -26,6 +26,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tunesmith.errors import UsageError
+from tunesmith.models.adapters import adapter_meta, check_base, resolve_adapter
+from tunesmith.models.gguf_writer import GGUF_DTYPES, check_gguf_exportable, write_gguf
+from tunesmith.models.ollama import build_modelfile
+from tunesmith.models.quantization import load_nf4_dequantized
+from tunesmith.models.registry import identity, load_model, load_tokenizer, resolve_model
 from tunesmith.runs import ADAPTER_CONFIG_FILE, ADAPTER_DIR, ADAPTER_META_FILE, ADAPTER_WEIGHTS_FILE, RUN_FILE
 
 FORMATS = ("hf", "gguf")
@@ -65,8 +70,6 @@ def export_run(
     """Merge the run's adapter into its base and write it to `out` as `format` ("hf" or "gguf").
 
     merge_base: for a QLoRA run, "nf4" (default) or "original" (see MERGE_BASES)."""
-    from tunesmith.models.adapters import adapter_meta, check_base, resolve_adapter
-    from tunesmith.models.registry import identity, resolve_model
 
     run, out = Path(run).expanduser(), Path(out).expanduser()
     dtype = _check_options(run, format, out, dtype, merge_base)
@@ -122,7 +125,6 @@ def export_run(
 
 def _check_options(run: Path, format: str, out: Path, dtype: str | None, merge_base: str | None = None) -> str:
     """The dtype to use; raises UsageError listing every problem with the options."""
-    from tunesmith.models.gguf_writer import GGUF_DTYPES
 
     problems = []
     if format not in FORMATS:
@@ -197,8 +199,6 @@ def load_training_tokenizer(adapter_dir: Path, ref: Any) -> Any:
     """The tokenizer (and chat template) training used: one saved with the adapter, else the base's."""
     from transformers import AutoTokenizer
 
-    from tunesmith.models.registry import load_tokenizer
-
     if (adapter_dir / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(str(adapter_dir))
     return load_tokenizer(ref)
@@ -211,9 +211,6 @@ def merge_adapter(ref: Any, adapter_dir: Path, base_quantization: dict[str, Any]
     saw it, dequantize(nf4(W)), so the merged model computes what the run trained."""
     from peft import PeftModel
 
-    from tunesmith.models.quantization import load_nf4_dequantized
-    from tunesmith.models.registry import load_model
-
     base = load_nf4_dequantized(ref, base_quantization) if base_quantization else load_model(ref)
     peft_model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
     # safe_merge checks the merged weights for NaNs before replacing the originals.
@@ -222,8 +219,6 @@ def merge_adapter(ref: Any, adapter_dir: Path, base_quantization: dict[str, Any]
 
 def _check_gguf(ref: Any, tokenizer: Any) -> None:
     from transformers import AutoConfig
-
-    from tunesmith.models.gguf_writer import check_gguf_exportable
 
     kwargs = {"gguf_file": ref.gguf_file} if ref.is_gguf else {}
     config = AutoConfig.from_pretrained(str(ref.path), **kwargs)
@@ -244,9 +239,6 @@ def _write_hf(merged: Any, tokenizer: Any, stage: Path, dtype: str) -> None:
 
 
 def _write_gguf(merged: Any, tokenizer: Any, stage: Path, dtype: str, name: str, log: Callable[[str], None]) -> list[str]:
-    from tunesmith.models.gguf_writer import write_gguf
-    from tunesmith.models.ollama import build_modelfile
-
     gguf_name = f"{name}-{dtype}.gguf"
     log(f"writing {gguf_name} ({dtype})")
     write_gguf(merged, tokenizer, stage / gguf_name, dtype, name=name, log=log)

@@ -24,6 +24,8 @@ from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunesmith.generate.engine import Engine, Event, SamplingParams, UnknownModelError
+from tunesmith.generate.json_mode import ANY_OBJECT
+from tunesmith.generate.json_schema import SchemaError, compile_schema
 from tunesmith.serve import protocol as p
 from tunesmith.serve.errors import APIError, add_error_handlers, require_api_key
 from tunesmith.settings import Settings
@@ -147,8 +149,6 @@ def _response_schema(req: p.ChatCompletionRequest) -> dict[str, Any] | None:
     (text). A 400 for what cannot be honoured: json_object without the word JSON in the
     messages (as OpenAI requires: a model not told to write JSON tends to fill its budget with
     whitespace), a json_schema without a schema or with keywords the reader does not know."""
-    from tunesmith.generate.json_mode import ANY_OBJECT
-    from tunesmith.generate.json_schema import SchemaError, compile_schema
 
     kind = req.response_format.type if req.response_format else "text"
     if kind == "json_object":

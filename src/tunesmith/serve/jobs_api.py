@@ -25,9 +25,13 @@ from typing import Any, AsyncIterator, Callable
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse
 
+from tunesmith.data.validate import validate_data
 from tunesmith.errors import TunesmithError, UsageError
-from tunesmith.jobs.store import ACTIVE, JobStore, new_id
+from tunesmith.jobs.store import ACTIVE, JobStore, new_id, open_store
+from tunesmith.jobs.validation import check_file
 from tunesmith.jobs.worker import Worker, WorkerConfig
+from tunesmith.models.registry import resolve_model
+from tunesmith.serve.errors import APIError, add_error_handlers, require_api_key
 from tunesmith.serve.jobs_protocol import (
     DpoHyperparameters,
     Hyperparameters,
@@ -38,7 +42,6 @@ from tunesmith.serve.jobs_protocol import (
     job_object,
     page,
 )
-from tunesmith.serve.errors import APIError, add_error_handlers, require_api_key
 from tunesmith.serve.uploads import receive_upload
 
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024 * 1024
@@ -180,7 +183,6 @@ class JobsService:
             if purpose != "fine-tune":
                 raise APIError(400, f"purpose '{purpose}' is not supported; tunesmith stores files with "
                                     "purpose=fine-tune", code="invalid_request", param="purpose")
-            from tunesmith.jobs.validation import check_file
 
             # The minimum example count is checked per job: a validation file may be small.
             check = await run_in_threadpool(check_file, upload["path"], None, 1)
@@ -245,7 +247,6 @@ class JobsService:
 
     def _base_model(self, model: str) -> str:
         """The base model a job on `model` trains (a fine-tuned model's base), checked to exist."""
-        from tunesmith.models.registry import resolve_model
 
         try:
             base, _ = self.store.base_and_adapter(model)
@@ -255,8 +256,6 @@ class JobsService:
         return base
 
     def _validate_with_model(self, path: Path, model: str, against: Path | None) -> dict[str, Any]:
-        from tunesmith.data.validate import validate_data
-
         with self._validation_lock:
             return validate_data(path, model=model, validation=against).to_dict()
 
@@ -416,7 +415,6 @@ def build_jobs_service(db: str | None, workers: int, engine: Any | None, max_upl
     The routes are meant to sit behind the server's own API key dependency, so the
     service checks none itself.
     """
-    from tunesmith.jobs.store import open_store
 
     if workers < 0:
         raise UsageError(f"--workers must be 0 (API only) or more, got {workers}")

@@ -20,9 +20,20 @@ from typing import Any
 
 from tunesmith.errors import TunesmithError
 from tunesmith.fileio import write_atomically
-from tunesmith.runs import (ADAPTER_DIR, ADAPTER_META_FILE, ADAPTER_WEIGHTS_FILE, BEST_FILE, CHECKPOINTS_DIR,
-                            OPTIMIZER_FILE, RNG_FILE, STATE_FILE, TRAINING_STATE_FILES, checkpoint_dir,
-                            list_checkpoints)
+from tunesmith.runs import (
+    ADAPTER_DIR,
+    ADAPTER_META_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    BEST_FILE,
+    CHECKPOINTS_DIR,
+    OPTIMIZER_FILE,
+    RNG_FILE,
+    STATE_FILE,
+    TRAINING_STATE_FILES,
+    checkpoint_dir,
+    list_checkpoints,
+)
+from tunesmith.train.model import full_tensor, like, trainable_parameters
 
 KEEP_LAST = 2
 """Checkpoints kept besides the best one (older ones are deleted)."""
@@ -122,7 +133,6 @@ def disk_full_error(out: Path, what: Any) -> TrainingError:
 def optimizer_tensors(optimizer: Any, names: list[str]) -> tuple[dict[str, Any], dict[str, float]]:
     """AdamW state as named tensors (safetensors) plus each parameter's step count (JSON).
     With a sharded model every process must call it (the shards are gathered)."""
-    from tunesmith.train.model import full_tensor
 
     sd = optimizer.state_dict()
     tensors: dict[str, Any] = {}
@@ -142,8 +152,6 @@ def optimizer_tensors(optimizer: Any, names: list[str]) -> tuple[dict[str, Any],
 def load_optimizer(optimizer: Any, names: list[str], ckpt: Path) -> None:
     import torch
     from safetensors.torch import load_file
-
-    from tunesmith.train.model import like
 
     tensors = load_file(str(ckpt / OPTIMIZER_FILE))
     steps = json.loads((ckpt / STATE_FILE).read_text())["optimizer_steps"]
@@ -191,8 +199,6 @@ def _load_sharded_weights(model: Any, ckpt: Path, method: str) -> None:
     """FSDP: every process reads the whole file and keeps its shard of each trained weight."""
     import torch
     from safetensors.torch import load_file
-
-    from tunesmith.train.model import like, trainable_parameters
 
     files = [ckpt / ADAPTER_WEIGHTS_FILE] if method in ADAPTER_METHODS else [
         f for f in sorted(ckpt.glob("*.safetensors")) if f.name not in (OPTIMIZER_FILE, RNG_FILE)]

@@ -14,7 +14,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tunesmith.data.stats import auto_epochs
+from tunesmith.models.registry import identity, load_tokenizer, resolve_model
+from tunesmith.train import data as td
 from tunesmith.train.config import TrainConfig, resolve_config
+from tunesmith.train.inputs import load_training_items
+from tunesmith.train.model import check_qlora, precision_dtype, resolve_init_adapter, with_adapter_shape
+from tunesmith.train.run import train
+
 
 def run_train_command(options: dict[str, Any]) -> None:
     config_file = options.pop("config", None)
@@ -25,9 +32,6 @@ def run_train_command(options: dict[str, Any]) -> None:
         overrides["epochs"] = int(overrides["epochs"])
     cfg = resolve_config(config_file, overrides)
     if cfg.method == "qlora" and nproc > 1 and not dry_run:  # once here, not once per launched process
-        from tunesmith.models.registry import resolve_model
-        from tunesmith.train.model import check_qlora
-
         check_qlora(cfg, resolve_model(cfg.model), nproc)
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         sys.exit(_launch(nproc))
@@ -37,8 +41,6 @@ def run_train_command(options: dict[str, Any]) -> None:
     import warnings
 
     from transformers.utils import logging as hf_logging
-
-    from tunesmith.train.run import train
 
     # The command's own progress is the report; library progress bars and deprecation
     # notices would bury it (this is the CLI process, so quieting them here is contained).
@@ -88,17 +90,10 @@ def _launch(nproc: int) -> int:
 
 def dry_run_report(cfg: TrainConfig) -> None:
     """Resolved config, data statistics and a compute estimate; loads no model weights."""
-    from tunesmith.data.stats import auto_epochs
-    from tunesmith.models.registry import identity, load_tokenizer, resolve_model
-    from tunesmith.train import data as td
-    from tunesmith.train.model import precision_dtype
-    from tunesmith.train.inputs import load_training_items
 
     ref = resolve_model(cfg.model)
     dpo = cfg.method == "dpo"
     if cfg.init_adapter:
-        from tunesmith.train.model import resolve_init_adapter, with_adapter_shape
-
         cfg = with_adapter_shape(cfg, resolve_init_adapter(cfg.init_adapter, identity(ref)))
     tokenizer = load_tokenizer(ref)
     train_ex, stats = load_training_items(tokenizer, cfg.data, cfg)

@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import UsageError
+from tunesmith.models.adapters import check_base, resolve_adapter
 from tunesmith.models.inference import causal_lm
+from tunesmith.models.quantization import gguf_refusal, load_nf4_model, nf4_problems
+from tunesmith.models.registry import load_model
 from tunesmith.runs import ADAPTER_CONFIG_FILE, ADAPTER_DIR, ADAPTER_WEIGHTS_FILE
 
 PACKED_ATTENTION = "tunesmith_packed"
@@ -145,8 +148,6 @@ def build_model(ref: Any, cfg: Any, compute_dtype: Any, *, qlora_needs_cuda: boo
     """
     import torch
 
-    from tunesmith.models.registry import load_model
-
     if cfg.method == "qlora":
         model = load_qlora_base(ref, cfg, compute_dtype, require_cuda=qlora_needs_cuda)
     else:
@@ -248,7 +249,6 @@ def compile_layers(model: Any) -> int:
 
 def check_qlora(cfg: Any, ref: Any, world_size: int = 1, require_cuda: bool = True) -> None:
     """Refuse, before anything is loaded or written, a QLoRA run that cannot work here."""
-    from tunesmith.models.quantization import gguf_refusal, nf4_problems
 
     problems = nf4_problems(require_cuda)
     if ref.is_gguf:
@@ -277,8 +277,6 @@ def load_qlora_base(ref: Any, cfg: Any, compute_dtype: Any, require_cuda: bool =
     thing only.
     """
     import torch
-
-    from tunesmith.models.quantization import load_nf4_model
 
     check_qlora(cfg, ref, require_cuda=require_cuda)
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
@@ -403,7 +401,6 @@ def like(full: Any, target: Any) -> Any:
 
 def resolve_init_adapter(path: Path, base_identity: dict[str, Any]) -> Path:
     """The LoRA adapter directory --init-adapter names, checked against the base model."""
-    from tunesmith.models.adapters import check_base, resolve_adapter
 
     path = Path(path)
     if (path / ADAPTER_DIR / "config.json").is_file() or (path / "config.json").is_file():

@@ -21,10 +21,34 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import tunesmith
+from tunesmith.data.stats import auto_epochs
 from tunesmith.fileio import write_atomically
+from tunesmith.models.adapters import check_base
+from tunesmith.models.quantization import nf4_record
+from tunesmith.models.registry import hash_files, identity, load_tokenizer, resolve_model
 from tunesmith.runs import ADAPTER_DIR, RUN_FILE, TRAIN_METRICS_FILE, checkpoint_dir
 from tunesmith.train import checkpoint as ck
+from tunesmith.train import data as td
+from tunesmith.train import preference as pref
 from tunesmith.train.config import TrainConfig
+from tunesmith.train.inputs import load_training_items
+from tunesmith.train.model import (
+    add_stop_checks,
+    build_model,
+    check_qlora,
+    compile_layers,
+    forward_loss,
+    full_tensor,
+    load_adapter_weights,
+    parameter_count,
+    precision_dtype,
+    resolve_init_adapter,
+    shard_model,
+    should_compile,
+    trainable_parameters,
+    with_adapter_shape,
+)
 from tunesmith.train.progress import DPO_METRIC_KEYS, METRIC_KEYS, Reporter, say, truncate_metrics
 
 
@@ -66,16 +90,6 @@ def lr_at(step: int, total_steps: int, peak: float, warmup_ratio: float) -> floa
 
 def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     import torch
-
-    from tunesmith.data.stats import auto_epochs
-    from tunesmith.models.adapters import check_base
-    from tunesmith.models.registry import hash_files, identity, load_tokenizer, resolve_model
-    from tunesmith.train import data as td
-    from tunesmith.train import preference as pref
-    from tunesmith.train.inputs import load_training_items
-    from tunesmith.train.model import (add_stop_checks, build_model, check_qlora, compile_layers,
-                                       load_adapter_weights, parameter_count, precision_dtype, resolve_init_adapter,
-                                       shard_model, should_compile, trainable_parameters, with_adapter_shape)
 
     # --- 1. resolve the config. Everything that can be wrong with the inputs is found
     # before the model loads, so a bad flag costs a second, not a minute.
@@ -165,8 +179,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     if init_adapter:  # provenance: the adapter this one continues
         meta["init_adapter"] = str(init_adapter)
     if cfg.method == "qlora":  # export rebuilds the NF4 base from this to merge into what was trained
-        from tunesmith.models.quantization import nf4_record
-
         meta["base_quantization"] = nf4_record(compute_dtype)
     run_info = {
         "config": {**cfg.to_json(), "out": str(out)},
@@ -374,8 +386,6 @@ def accumulate_gradients(model: Any, examples: list, step_targets: int, cfg: Tra
     FSDP gathers weights in every forward and backward, a collective all processes must
     join: a process with fewer micro-batches than `min_passes` runs `filler` with its loss
     times 0 until it has done as many."""
-    from tunesmith.train import data as td
-    from tunesmith.train.model import forward_loss
 
     loss_sum, tokens = 0.0, 0
     passes = td.micro_batches(list(range(len(examples))), cfg.micro_batch_size)
@@ -399,7 +409,6 @@ def _clip_grad_norm(params: list, max_norm: float, dist: Dist) -> None:
     if not dist.fsdp:
         torch.nn.utils.clip_grad_norm_(params, max_norm)
         return
-    from tunesmith.train.model import full_tensor
 
     total = torch.stack([full_tensor(p.grad.norm()).float() for p in params]).norm()
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
@@ -411,7 +420,6 @@ def _lockstep(indices: list[int], micro_batch_size: int | None, dist: Dist) -> i
     """With FSDP, the most micro-batches any process has in this step (all must do as many)."""
     if not dist.fsdp:
         return 0
-    from tunesmith.train import data as td
 
     return max(len(td.micro_batches(td.shard(indices, r, dist.world_size), micro_batch_size)) for r in range(dist.world_size))
 
@@ -421,9 +429,6 @@ def evaluate(model: Any, examples: list, cfg: TrainConfig, pad_id: int, compute_
     """Mean validation loss and token accuracy over every trained token (all processes).
     `check_stop()` runs between batches and may raise to abandon the pass."""
     import torch
-
-    from tunesmith.train import data as td
-    from tunesmith.train.model import forward_loss
 
     model.eval()
     everyone = list(range(len(examples)))
@@ -478,7 +483,6 @@ def _save(out, step, model, optimizer, names, cfg, meta, tokenizer, best, evals_
 
 def _param_groups(model: Any, weight_decay: float) -> tuple[list[dict], list[str]]:
     """AdamW groups (no decay on vectors: norms, biases) and the parameter names in order."""
-    from tunesmith.train.model import trainable_parameters
 
     decay, no_decay = [], []
     for name, p in trainable_parameters(model):
@@ -538,8 +542,6 @@ def _versions() -> dict[str, str]:
     import peft
     import torch
     import transformers
-
-    import tunesmith
 
     return {"tunesmith": tunesmith.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "python": platform.python_version()}
