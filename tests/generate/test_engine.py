@@ -158,6 +158,39 @@ def test_add_and_remove_adapter_at_run_time(engine, tiny_model_dir, tmp_path):
     engine.remove_adapter("delta")
 
 
+def test_the_only_adapter_removed_and_added_back_answers_as_itself(tiny_model_dir, adapter_dirs):
+    """With no other adapter left, peft's own note of the active adapter goes stale across a
+    remove and an add; a request on the adapter alone (the engine's one-model fast path) must
+    still run it, and answer as it does beside a base row (the per-row path)."""
+    engine = LocalEngine.load(str(tiny_model_dir))
+    try:
+        ids = engine.render_chat([{"role": "user", "content": "hi"}])
+        base = engine.generate(ids, engine.base_id, GREEDY)
+        engine.add_adapter("solo", adapter_dirs["alpha"])
+        alone = engine.generate(ids, "solo", GREEDY)
+        assert alone != base
+        engine.remove_adapter("solo")
+        engine.add_adapter("solo", adapter_dirs["alpha"])
+        assert engine.generate(ids, "solo", GREEDY) == alone
+        assert engine.generate(ids, engine.base_id, GREEDY) == base
+        texts = {engine.base_id: [], "solo": []}
+        done = threading.Semaphore(0)
+
+        def collect(model):
+            def on_event(ev):
+                texts[model].append(ev.text)
+                if ev.finish_reason:
+                    done.release()
+            return on_event
+
+        for model in texts:  # submitted together: usually one step holds both (peft's per-row path)
+            engine.submit(ids, model, GREEDY, collect(model))
+        assert done.acquire(timeout=60) and done.acquire(timeout=60)
+        assert "".join(texts[engine.base_id]) == base[0] and "".join(texts["solo"]) == alone[0]
+    finally:
+        engine.close()
+
+
 def test_adapter_refusals(engine, tiny_model_dir, tmp_path):
     other = make_adapter(tiny_model_dir, tmp_path / "other", seed=3, base_sha="f" * 64)
     with pytest.raises(UsageError, match="trained on base model 'other'"):

@@ -132,6 +132,8 @@ class LocalEngine:
         # A LoadedModel with an adapter arrives as a PeftModel: its adapters are served as loaded.
         self._peft: Any = loaded.model if hasattr(loaded.model, "peft_config") else None
         self._base = loaded.model.get_base_model() if self._peft is not None else loaded.model.eval()
+        self._activated: str | None = None
+        """The adapter the one-model fast path last set active (see _forward)."""
         self._config = self._base.config
         self._tok = loaded.tokenizer
         self._identity = loaded.base_identity
@@ -255,6 +257,9 @@ class LocalEngine:
     def _keep_active_adapter_valid(self) -> None:
         # peft keeps pointing at a deleted "active" adapter once the last one is gone, and
         # its forward looks that name up even when adapter_names picks each row's adapter.
+        # Its note of the active adapter can then name one its layers do not run (the last
+        # adapter removed and added back), so the one-model fast path forgets what it set.
+        self._activated = None
         if self._peft is not None and self._peft.peft_config and self._peft.active_adapter not in self._peft.peft_config:
             self._peft.set_adapter(next(iter(self._peft.peft_config)), inference_mode=True)
 
@@ -400,8 +405,9 @@ class LocalEngine:
         if name is None:
             with self._peft.disable_adapter():
                 return self._peft(use_cache=True, **kwargs)
-        if self._peft.active_adapter != name:
+        if self._activated != name:  # our own record: peft's can be stale (see above)
             self._peft.set_adapter(name, inference_mode=True)
+            self._activated = name
         return self._peft(use_cache=True, **kwargs)
 
     def _prefill(self, new: list[_Seq], prefix: _Prefix | None) -> None:
