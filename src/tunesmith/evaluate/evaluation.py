@@ -141,10 +141,34 @@ def evaluate(
     system = system if system is not None else run_system_prompt(adapter)
     examples = load_examples(data, format, input_column, output_column, system, limit)
     log(f"evaluating on {len(examples)} examples from {data}")
+    return evaluate_examples(
+        model, adapter, examples, data, out, system, metric=metric, max_new_tokens=max_new_tokens,
+        batch_size=batch_size, precision=precision, json_schema=json_schema, log=log,
+    )
+
+
+def evaluate_examples(
+    model: str | Path | None,
+    adapter: str | Path | None,
+    examples: Sequence[Example],
+    data: str | Path,
+    out: str | Path | None,
+    system: str | None,
+    metric: str = "auto",
+    labels: Sequence[str] | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    precision: str = "auto",
+    json_schema: dict[str, Any] | None = None,
+    with_loss: bool = True,
+    log: Callable[[str], None] = print,
+) -> EvalResult:
+    """Load the model (and adapter), score it on examples already read from `data`, record
+    where they came from and the system prompt they carry, and write the results to `out`."""
     loaded = load_for_inference(model, adapter)
     result = evaluate_loaded(
-        loaded, examples, metric=metric, max_new_tokens=max_new_tokens,
-        batch_size=batch_size, precision=precision, json_schema=json_schema, log=log,
+        loaded, examples, labels=labels, metric=metric, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        precision=precision, with_loss=with_loss, json_schema=json_schema, log=log,
     )
     result.metrics["data"] = str(data)
     if system:

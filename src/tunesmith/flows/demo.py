@@ -122,7 +122,7 @@ def run_demo(
     step(3, "zero-shot base model on the held-out set (the same prompt the adapter gets)")
     t0 = time.perf_counter()
     held = load_examples(heldout, output_column="category", system=SYSTEM)
-    base_res = evaluate_side(model, None, held, heldout, out / "base", "label", labels, MAX_NEW_TOKENS,
+    base_res = evaluate_side(model, None, held, heldout, out / "base", SYSTEM, "label", labels, MAX_NEW_TOKENS,
                              with_loss=False, log=log)
     timings["zero_shot_s"] = time.perf_counter() - t0
     log(f"zero-shot accuracy {100 * base_res.metrics['scores']['accuracy']:.1f}% ({timings['zero_shot_s']:.0f} s)")
@@ -134,7 +134,8 @@ def run_demo(
 
     step(5, "evaluate the adapter on the same held-out rows")
     t0 = time.perf_counter()
-    tuned_res = evaluate_side(model, run_dir, held, heldout, run_dir / EVAL_DIR, "label", labels, MAX_NEW_TOKENS, log=log)
+    tuned_res = evaluate_side(model, run_dir, held, heldout, run_dir / EVAL_DIR, SYSTEM, "label", labels,
+                              MAX_NEW_TOKENS, log=log)
     timings["eval_s"] = time.perf_counter() - t0
 
     step(6, "write the report")

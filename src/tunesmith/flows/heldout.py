@@ -17,8 +17,7 @@ from typing import Any, Callable, Sequence
 
 from tunesmith.data.example import Example
 from tunesmith.evaluate.comparison import FINE_TUNED, ZERO_SHOT, Comparison, Strategy, verdict
-from tunesmith.evaluate.evaluation import EvalResult, evaluate_loaded, load_examples, run_system_prompt, write_eval
-from tunesmith.models.inference import load_for_inference
+from tunesmith.evaluate.evaluation import EvalResult, evaluate_examples, load_examples, run_system_prompt
 
 
 @dataclass
@@ -61,8 +60,9 @@ def base_vs_tuned(
     each side's predictions and metrics to its folder."""
     system = system if system is not None else run_system_prompt(adapter)
     examples = load_examples(data, output_column=output_column, system=system)
-    base = evaluate_side(model, None, examples, data, base_out, metric, labels, max_new_tokens, True, log)
-    tuned = evaluate_side(model, adapter, examples, data, tuned_out, metric, labels, max_new_tokens, True, log)
+    base = evaluate_side(model, None, examples, data, base_out, system, metric, labels, max_new_tokens, True, log)
+    tuned = evaluate_side(model, adapter, examples, data, tuned_out, system, metric, labels, max_new_tokens, True,
+                          log)
     return HeldoutResult(base, tuned, system)
 
 
@@ -72,6 +72,7 @@ def evaluate_side(
     examples: Sequence[Example],
     data: str | Path,
     out: Path | None,
+    system: str | None,
     metric: str = "auto",
     labels: Sequence[str] | None = None,
     max_new_tokens: int = 64,
@@ -82,13 +83,5 @@ def evaluate_side(
     The demo calls it for the base before training and for the adapter after."""
     log(f"{'base model' if adapter is None else 'adapter ' + str(adapter)}: evaluating on {len(examples)} "
         f"examples from {data}")
-    loaded = load_for_inference(model, adapter)
-    result = evaluate_loaded(loaded, examples, metric=metric, labels=labels, max_new_tokens=max_new_tokens,
-                             with_loss=with_loss, log=log)
-    result.metrics["data"] = str(data)
-    system = next((m.content for m in examples[0].messages if m.role == "system"), None) if examples else None
-    if system:
-        result.metrics["system"] = system
-    if out is not None:
-        write_eval(Path(out), result)
-    return result
+    return evaluate_examples(model, adapter, examples, data, out, system, metric=metric, labels=labels,
+                             max_new_tokens=max_new_tokens, with_loss=with_loss, log=log)
