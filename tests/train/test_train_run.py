@@ -56,6 +56,11 @@ def test_cli_run_leaves_a_complete_run_dir(tiny_model_dir, chat_file, tmp_path):
     assert info["base_model"]["sha256"] and info["versions"]["torch"]
     assert list(info["data"]["hashes"].values())[0] and info["data"]["train"]["examples"] == 24
     assert info["metrics"]["steps"] == 6 and info["metrics"]["valid_loss"] > 0
+    # The machine and the precision are said, with why (issue 24).
+    machine = info["resolved"]["machine"]
+    assert machine["class"] in {"CUDA", "AMX", "AVX512-BF16", "AVX2", "other"} and machine["threads"] >= 1
+    assert info["resolved"]["precision"] == "float32" and info["resolved"]["precision_reason"] == "--precision fp32"
+    assert f"machine: {machine['class']} (" in proc.stderr and "precision float32 (--precision fp32)" in proc.stderr
 
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
@@ -532,6 +537,11 @@ def test_compile_setting_resolution(monkeypatch):
     with pytest.raises(UsageError, match="--compile on does not combine with --distributed-strategy fsdp"):
         tm.should_compile("on", 1, "cpu", fsdp=True)
     assert not tm.should_compile("auto", 10 * tm.COMPILE_MIN_TOKENS, "cpu", fsdp=False, quantized=True)
+    # fp32 on a CPU: compiled steps measured slower than eager (issue 24), so auto stays eager;
+    # on is still obeyed, and fp32 on CUDA is not affected.
+    assert not tm.should_compile("auto", 10 * tm.COMPILE_MIN_TOKENS, "cpu", fsdp=False, fp32=True)
+    assert tm.should_compile("on", 1, "cpu", fsdp=False, fp32=True)
+    assert tm.should_compile("auto", 10 * tm.COMPILE_MIN_TOKENS, "cuda:0", fsdp=False, fp32=True)
     with pytest.raises(UsageError, match="--compile on does not combine with --method qlora"):
         tm.should_compile("on", 1, "cpu", fsdp=False, quantized=True)
     monkeypatch.setattr(tm, "compile_toolchain_missing", lambda device: "no C++ compiler (g++ or clang++) on PATH")

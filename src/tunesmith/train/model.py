@@ -16,6 +16,7 @@ from typing import Any
 
 from tunesmith.errors import UsageError
 from tunesmith.models.adapters import check_base, resolve_adapter
+from tunesmith.models.hardware import detect_machine
 from tunesmith.models.inference import causal_lm
 from tunesmith.models.quantization import gguf_refusal, load_nf4_model, nf4_problems
 from tunesmith.models.registry import load_model
@@ -29,16 +30,9 @@ PACKABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def has_bf16() -> bool:
-    """Whether bf16 matmuls are fast here: CUDA with bf16, or a CPU with AVX512-BF16/AMX."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    """Whether bf16 matmuls are fast here: CUDA with bf16, or a CPU class with AVX512-BF16/AMX
+    (an ISA cap such as ONEDNN_MAX_CPU_ISA=AVX2 counts: the kernels follow it)."""
+    return detect_machine().bf16
 
 
 def precision_dtype(precision: str) -> Any:
@@ -187,7 +181,9 @@ COMPILE_MIN_TOKENS = 100_000
 """`--compile auto` compiles runs that train at least this many tokens: compiling SmolLM2's
 layers took 70-80 s on the 2-core CPU with an empty inductor cache (a few seconds with a warm
 one) and made steps 1.3-1.5x faster (bench/train_throughput.py), so it pays for itself after
-three to four minutes of eager training (~100,000 tokens at ~500 tokens/s)."""
+three to four minutes of eager training (~100,000 tokens at ~500 tokens/s). That gain is bf16's:
+in fp32 on an AVX2-only CPU compiled steps were slower than eager (73 against 86 tokens/s,
+issue 24), so auto never compiles fp32 training on a CPU."""
 
 COMPILED_PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
 
@@ -206,9 +202,11 @@ def compile_toolchain_missing(device: str) -> str | None:
     return "no C++ compiler (g++ or clang++) on PATH"
 
 
-def should_compile(setting: str, tokens_to_train: float, device: str, fsdp: bool, quantized: bool = False) -> bool:
+def should_compile(setting: str, tokens_to_train: float, device: str, fsdp: bool, quantized: bool = False,
+                   fp32: bool = False) -> bool:
     """Resolve --compile: on and off are obeyed (on refuses what can't work), auto decides.
-    Not with FSDP-sharded weights nor bitsandbytes 4-bit layers (qlora): untested there."""
+    Not with FSDP-sharded weights nor bitsandbytes 4-bit layers (qlora): untested there; not
+    auto for fp32 training on a CPU (`fp32`), where compiled steps measured slower."""
     if setting == "off":
         return False
     missing = compile_toolchain_missing(device)
@@ -220,6 +218,8 @@ def should_compile(setting: str, tokens_to_train: float, device: str, fsdp: bool
         if missing:
             raise UsageError(f"--compile on needs torch.compile's toolchain, and here {missing}; use --compile off")
         return True
+    if fp32 and not device.startswith("cuda"):
+        return False
     return not fsdp and not quantized and missing is None and tokens_to_train >= COMPILE_MIN_TOKENS
 
 

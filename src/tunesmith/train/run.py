@@ -25,6 +25,7 @@ import tunesmith
 from tunesmith.data.stats import auto_epochs
 from tunesmith.fileio import write_atomically
 from tunesmith.models.adapters import check_base
+from tunesmith.models.hardware import detect_machine, precision_reason
 from tunesmith.models.quantization import nf4_record
 from tunesmith.models.registry import hash_files, identity, load_tokenizer, resolve_model
 from tunesmith.runs import ADAPTER_DIR, RUN_FILE, TRAIN_METRICS_FILE, checkpoint_dir
@@ -105,6 +106,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
         check_qlora(cfg, ref, dist.world_size)
     base_identity = identity(ref)
     compute_dtype = precision_dtype(cfg.precision)
+    machine = detect_machine()
+    precision_why = precision_reason(machine, cfg.precision, "bf16" if compute_dtype == torch.bfloat16 else "fp32")
     log = say if dist.main else (lambda _msg: None)
     dpo = cfg.method == "dpo"  # preference pairs, DPO loss: see train/preference.py
     init_adapter = resolve_init_adapter(cfg.init_adapter, base_identity) if cfg.init_adapter else None
@@ -131,7 +134,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     lr_peak = cfg.lr
     tokens_per_step = train_stats.tokens / max(1, len(train_ex)) * min(cfg.batch_size, len(train_ex))
     dist.fsdp = dist.world_size > 1 and cfg.distributed_strategy == "fsdp"
-    compiled = should_compile(cfg.compile, tokens_per_step * total_steps, dist.device, dist.fsdp, cfg.method == "qlora")
+    compiled = should_compile(cfg.compile, tokens_per_step * total_steps, dist.device, dist.fsdp, cfg.method == "qlora",
+                              fp32=compute_dtype == torch.float32)
 
     # --- 5. model and adapter (base cast to the compute dtype once, trained weights fp32).
     model = build_model(ref, model_cfg, compute_dtype)
@@ -184,7 +188,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
         "config": {**cfg.to_json(), "out": str(out)},
         "resolved": {"epochs": epochs, "total_steps": total_steps, "steps_per_epoch": spe, "learning_rate": lr_peak,
                      "precision": str(compute_dtype).replace("torch.", ""), "world_size": dist.world_size,
-                     "compile": compiled,
+                     "compile": compiled, "machine": machine.to_dict(), "precision_reason": precision_why,
                      **({"init_adapter": str(init_adapter)} if init_adapter else {}),
                      **({"reference": str(init_adapter) if init_adapter else "base model (adapter disabled)"}
                         if dpo else {}),
@@ -202,6 +206,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / RUN_FILE, run_info)
         truncate_metrics(out / TRAIN_METRICS_FILE, start_step - 1 if pending else start_step)
+    log(f"machine: {machine.describe()}; precision {run_info['resolved']['precision']} ({precision_why})")
     log(f"run {out}: {cfg.method} on {cfg.model} ({n_trainable:,} trainable of {n_total:,} parameters, "
         f"{run_info['resolved']['precision']}, {dist.world_size} process(es)"
         + (", decoder layers compiled: the first step includes compiling them)" if compiled else ")"))
