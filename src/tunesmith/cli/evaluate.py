@@ -160,8 +160,13 @@ def report_cmd(
 
 def demo_cmd(
     out: Path = typer.Option(Path("demo-run"), "--out", help="Folder everything the demo writes goes under."),
+    budget_min: float = typer.Option(
+        13.0, "--budget-min", min=0.5,
+        help="Minutes the demo may take; it trains as many steps as fit (at most 290), from the speed it measures here."),
+    steps: Optional[int] = typer.Option(
+        None, "--steps", min=1, help="Train exactly this many steps instead of what fits the budget."),
 ) -> None:
     """The whole lifecycle on banking77: pull, validate, zero-shot, fine-tune, evaluate, report."""
     from tunesmith.flows.demo import run_demo
 
-    run_demo(out, log=typer.echo)
+    run_demo(out, log=typer.echo, budget_min=budget_min, steps=steps)

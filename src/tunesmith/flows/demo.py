@@ -13,14 +13,23 @@ goes under one output folder:
     OUT/run/report.html    the report
 
     tunesmith demo --out demo-run
+    tunesmith demo --budget-min 13      # the default: fits `make demo` in 15 min on 2 cores
+
+The demo fits a time budget on any machine: after the zero-shot step it knows how fast
+this machine evaluates, and the speed probe (cached by `tunesmith validate`) says how fast
+it trains; from those it picks how many training steps fit, and prints the accuracy that
+many steps reached when calibrated (docs/evaluation.md) before training, and what it got
+after.
 """
 
 from __future__ import annotations
 
+import bisect
 import csv
 import json
 import time
 from collections import defaultdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,19 +42,87 @@ from tunesmith.evaluate.comparison import write_comparison
 from tunesmith.evaluate.evaluation import load_examples
 from tunesmith.evaluate.report import build_report
 from tunesmith.flows.heldout import HeldoutResult, evaluate_side
-from tunesmith.models.registry import DEFAULT_MODEL, pull_model
+from tunesmith.data.validate import probe_shape
+from tunesmith.models.hardware import detect_machine
+from tunesmith.models.registry import DEFAULT_MODEL, pull_model, resolve_model
 from tunesmith.runs import COMPARE_DIR, EVAL_DIR
 from tunesmith.train.config import TrainConfig
+from tunesmith.train.model import COMPILE_MIN_TOKENS, precision_dtype
 from tunesmith.train.run import train
+from tunesmith.train.speed import measure_train_tokens_per_s
 
 SYSTEM = "Classify the banking customer query into its intent label."
 HELDOUT_PER_INTENT = 4
 MAX_NEW_TOKENS = 16
-# Training recipe for the demo; see docs/evaluation.md for how it was calibrated on the
-# held-out rows: 1 epoch (193 steps) 77.3%, 290 steps (1.5 epochs) 83.4%, 2 epochs (386) 86.0%.
-# 290 steps keep `make demo` near 11-12 min on the 2-core CPU, whose speed varies enough
-# (400-660 tokens/s measured) that two full epochs could pass the 15-minute budget.
+# Training recipe for the demo. Steps are chosen per machine (plan_steps), at most
+# DEMO_MAX_STEPS: 290 steps of batch 16 (1.5 epochs) reached 83.4% on the held-out rows.
 DEMO_TRAIN = {"epochs": 2, "max_steps": 290, "learning_rate": 1e-3, "lora_rank": 16, "batch_size": 16}
+DEMO_MAX_STEPS = 290
+DEMO_MIN_STEPS = 30
+"""Below this the adapter learns next to nothing (9% at 30 steps); the demo trains these
+even when they overrun the budget, and says so."""
+DEMO_BUDGET_MIN = 13.0
+"""The demo's default budget: `make demo` also pulls the model and runs `tunesmith validate`
+(with its speed probe) first, about 1-2 min, so 13 keeps the whole of it within 15."""
+CALIBRATION = ((30, 0.094), (60, 0.334), (100, 0.620), (150, 0.718), (193, 0.773), (290, 0.834), (386, 0.860))
+"""Held-out accuracy (308 rows) after N steps of DEMO_TRAIN with max_steps=N (its one-cycle
+schedule fitted to N), measured with bench/demo_calibration.py; docs/evaluation.md has the table."""
+TUNED_EVAL_RATIO = 1.7
+"""The adapter's evaluation takes this many times the zero-shot one: unmerged LoRA layers
+in every decode step, and the reference loss on top (measured 1.6-1.7 on the 2-core CPU)."""
+TRAIN_START_S = 25.0
+"""Loading the model and tokenizing the rows before the first step."""
+COMPILE_S = 90.0
+"""Compiling the decoder layers with an empty inductor cache (bf16 runs long enough compile)."""
+SAFETY_SHARE = 0.06
+"""Share of the training budget left unused: the probe takes the fastest of its steps."""
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How many steps fit, and what that many steps are expected to give."""
+
+    steps: int
+    step_s: float
+    compile_s: float
+    expected_accuracy: float
+    expected_train_s: float
+    over_budget: bool
+
+    def describe(self) -> str:
+        return (f"{self.steps} steps of batch {DEMO_TRAIN['batch_size']} at ~{self.step_s:.1f} s/step"
+                + (f" plus ~{self.compile_s:.0f} s compiling" if self.compile_s else "")
+                + f" (~{self.expected_train_s / 60:.1f} min); expected held-out accuracy ~"
+                + f"{100 * self.expected_accuracy:.0f}% (docs/evaluation.md, calibration curve)")
+
+
+def expected_accuracy(steps: int) -> float:
+    """The calibrated accuracy for `steps`, linear between measured points, flat beyond them."""
+    xs = [s for s, _ in CALIBRATION]
+    if steps <= xs[0]:
+        return CALIBRATION[0][1] * steps / xs[0]
+    if steps >= xs[-1]:
+        return CALIBRATION[-1][1]
+    i = bisect.bisect_right(xs, steps)
+    (x0, y0), (x1, y1) = CALIBRATION[i - 1], CALIBRATION[i]
+    return y0 + (y1 - y0) * (steps - x0) / (x1 - x0)
+
+
+def plan_steps(train_budget_s: float, step_s: float, tokens_per_step: float, can_compile: bool) -> StepPlan:
+    """The most steps (DEMO_MIN_STEPS..DEMO_MAX_STEPS) whose training fits `train_budget_s`.
+    A run long enough to compile (see train.model.should_compile) pays COMPILE_S once; its
+    faster compiled steps are not counted on, which keeps the plan on the safe side."""
+    usable = train_budget_s * (1 - SAFETY_SHARE) - TRAIN_START_S
+
+    def compile_cost(n: int) -> float:
+        return COMPILE_S if can_compile and n * tokens_per_step >= COMPILE_MIN_TOKENS else 0.0
+
+    steps = DEMO_MAX_STEPS
+    while steps > DEMO_MIN_STEPS and steps * step_s + compile_cost(steps) > usable:
+        steps -= 1
+    cost = compile_cost(steps)
+    total = TRAIN_START_S + steps * step_s + cost
+    return StepPlan(steps, step_s, cost, expected_accuracy(steps), total, total > train_budget_s)
 
 
 def find_demo_data() -> Path:
@@ -87,11 +164,18 @@ def run_demo(
     model: str | None = None,
     data: Path | None = None,
     train_overrides: dict[str, Any] | None = None,
+    budget_min: float = DEMO_BUDGET_MIN,
+    steps: int | None = None,
 ) -> dict[str, Any]:
     """Run every step; return the base and tuned metrics. Raises TunesmithError on failure.
 
-    model, data and train_overrides exist for the tests (a tiny model, a tiny data set,
-    a few steps); the demo itself runs with the defaults."""
+    The number of training steps is what fits `budget_min` minutes here (plan_steps), or
+    `steps` when given. model, data and train_overrides exist for the tests (a tiny model,
+    a tiny data set, a few steps); the demo itself runs with the defaults."""
+    if budget_min <= 0:
+        raise UsageError(f"--budget-min must be positive (got {budget_min})")
+    if steps is not None and steps < 1:
+        raise UsageError(f"--steps must be a positive integer (got {steps})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -111,7 +195,7 @@ def run_demo(
     bundled = data is None
     data = data or find_demo_data()
     train_csv, test_csv = data / "train.csv", data / "test.csv"
-    _validate(train_csv, test_csv, model, 77 if bundled else None, log)
+    train_stats = _validate(train_csv, test_csv, model, 77 if bundled else None, log)
     heldout, n_rows, n_intents = write_heldout(test_csv, out)
     labels = sorted({split_example(ex)[1] for ex in load_examples(train_csv, output_column="category")})
     log(f"held-out set: {n_rows} test rows over {n_intents} intents -> {heldout}")
@@ -128,9 +212,26 @@ def run_demo(
     log(f"zero-shot accuracy {100 * base_res.metrics['scores']['accuracy']:.1f}% ({timings['zero_shot_s']:.0f} s)")
 
     step(4, "LoRA fine-tune on the training rows")
+    machine = detect_machine()
+    settings = {**DEMO_TRAIN, **(train_overrides or {})}
+    # What fits: the budget left after what has run, less the adapter's evaluation (measured
+    # from the zero-shot one) and a little for the report.
+    left_s = budget_min * 60 - (time.perf_counter() - t_start) - TUNED_EVAL_RATIO * timings["zero_shot_s"] - 5
+    plan = _plan(model, train_stats, settings, left_s, machine.bf16, log)
+    settings["max_steps"] = steps or (train_overrides or {}).get("max_steps") or plan.steps
+    if settings["max_steps"] != plan.steps:
+        plan = StepPlan(settings["max_steps"], plan.step_s, plan.compile_s, expected_accuracy(settings["max_steps"]),
+                        TRAIN_START_S + settings["max_steps"] * plan.step_s + plan.compile_s,
+                        TRAIN_START_S + settings["max_steps"] * plan.step_s + plan.compile_s > left_s)
+    log(f"machine: {machine.describe()}; budget {budget_min:g} min, {max(0, left_s) / 60:.1f} min of it for training")
+    log(f"plan: {plan.describe()}")
+    if plan.over_budget:
+        log(f"note: {plan.steps} steps take longer than the budget leaves here; the demo will overrun it")
+    expected_total_s = time.perf_counter() - t_start + plan.expected_train_s + TUNED_EVAL_RATIO * timings["zero_shot_s"]
     t0 = time.perf_counter()
-    run_dir = _train(model, train_csv, out / "run", {**DEMO_TRAIN, **(train_overrides or {})}, log)
+    run_dir = _train(model, train_csv, out / "run", settings, log)
     timings["train_s"] = time.perf_counter() - t0
+    timings["step_s"] = _measured_step_s(run_dir)
 
     step(5, "evaluate the adapter on the same held-out rows")
     t0 = time.perf_counter()
@@ -148,17 +249,47 @@ def run_demo(
     report = build_report(run_dir)
     timings["total_s"] = time.perf_counter() - t_start
     (out / "demo.json").write_text(json.dumps({
-        "heldout_rows": n_rows, "intents": n_intents, "train": DEMO_TRAIN | (train_overrides or {}),
+        "heldout_rows": n_rows, "intents": n_intents, "train": settings, "budget_min": budget_min,
+        "machine": machine.to_dict(), "plan": asdict(plan), "expected_accuracy": plan.expected_accuracy,
+        "expected_total_s": expected_total_s,
         "base": base_res.metrics["scores"], "tuned": tuned_res.metrics["scores"], "timings": timings,
         "report": str(report),
     }, indent=2) + "\n")
     _print_side_by_side(base_res.metrics, tuned_res.metrics, comparison.verdict, report, timings, log)
-    return {"base": base_res.metrics, "tuned": tuned_res.metrics, "report": report, "timings": timings}
+    log(f"expected ~{100 * plan.expected_accuracy:.0f}% in ~{expected_total_s / 60:.1f} min; "
+        f"got {100 * tuned_res.metrics['scores']['accuracy']:.1f}% in {timings['total_s'] / 60:.1f} min"
+        f" ({plan.steps} steps on {machine.cpu_class})")
+    return {"base": base_res.metrics, "tuned": tuned_res.metrics, "report": report, "timings": timings, "plan": plan}
 
 
-def _validate(train_csv: Path, test_csv: Path, model: str, intents: int | None, log: Callable[[str], None]) -> None:
+def _plan(model: str, train_stats: dict[str, Any], settings: dict[str, Any], left_s: float, bf16: bool,
+          log: Callable[[str], None]) -> StepPlan:
+    """Steps that fit `left_s`, from the measured training speed (the probe `tunesmith
+    validate` runs and caches, in the shape of these rows)."""
+    seq_len, batch = probe_shape(train_stats)
+    tokens_per_s = measure_train_tokens_per_s(resolve_model(model), seq_len=seq_len, batch_size=batch, log=log)
+    tokens_per_row = train_stats["tokens_per_epoch"] / max(1, train_stats["examples"])
+    tokens_per_step = tokens_per_row * min(settings["batch_size"], train_stats["examples"])
+    log(f"measured training speed {tokens_per_s:.0f} tokens/s ({'bf16' if bf16 else 'fp32'}); "
+        f"{tokens_per_step:.0f} tokens per step")
+    return plan_steps(left_s, tokens_per_step / tokens_per_s, tokens_per_step, can_compile=bf16)
+
+
+def _measured_step_s(run_dir: Path) -> float | None:
+    """Mean seconds per step of the training run, from its metrics (compiling left out)."""
+    info = json.loads((run_dir / "run.json").read_text())
+    m = info.get("metrics") or {}
+    steps, spent, compiling = m.get("steps"), m.get("train_time_s"), m.get("compile_s")
+    if compiling:
+        steps, spent = steps - 1, spent - compiling
+    return round(spent / steps, 3) if steps and spent else None
+
+
+def _validate(train_csv: Path, test_csv: Path, model: str, intents: int | None,
+              log: Callable[[str], None]) -> dict[str, Any]:
     """The data stage's checks (as `tunesmith validate`), so a broken bundle stops the demo
-    before any compute is spent."""
+    before any compute is spent. Returns the training file's stats (token counts)."""
+    stats: dict[str, Any] = {}
     for path in (train_csv, test_csv):
         report = validate_data(path, model, columns=ColumnMapping("text", "category"), estimate=False)
         if not report.ok:
@@ -168,6 +299,8 @@ def _validate(train_csv: Path, test_csv: Path, model: str, intents: int | None, 
         log(f"{path}: {report.examples} rows, {len(labels)} intents, {len(report.warnings)} warning(s), no errors")
         if intents is not None and len(labels) != intents:
             raise DataError(f"{path} covers {len(labels)} intents, not the {intents} of banking77; restore data/banking77/")
+        stats = stats or report.stats
+    return stats
 
 
 def _train(model: str, train_csv: Path, run_dir: Path, settings: dict[str, Any], log: Callable[[str], None]) -> Path:
