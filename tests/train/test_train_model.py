@@ -162,3 +162,55 @@ def test_skipping_peft_input_cast_is_exact_under_bf16(tiny_model_dir, tiny_token
     assert torch.equal(loss_on, loss_off)
     assert all(torch.equal(a, b) for a, b in zip(grads_on, grads_off))
     assert any(g.abs().sum() > 0 for g in grads_off)
+
+
+@pytest.mark.parametrize("kernel", ["grouped", "sdpa"])
+def test_shared_prefix_equals_every_example_whole(tiny_tokenizer, kernel, monkeypatch):
+    """With a common system prompt, the prefix computed once (collate share_prefix) gives the
+    same logits at every kept position, loss and gradients as each example packed whole."""
+    import torch
+
+    from tiny_model import build_tiny_model
+    from tunesmith.train import model as tm
+
+    monkeypatch.setattr(tm, "GROUPED_ATTENTION_MAX_LEN", 512 if kernel == "grouped" else 0)
+    system = "Classify the banking customer query into its intent label."
+    examples, _ = td.render_and_filter(
+        tiny_tokenizer, [chat(("system", system), ("user", q), ("assistant", a)) for q, a in QUESTIONS], 512, "test")
+    model = build_tiny_model(tiny_tokenizer)
+    use_packed_attention(model, 512)
+    results = {}
+    for share in (False, True):
+        batch = td.collate(examples, True, 0, share_prefix=share)
+        loss, n, correct = forward_loss(model, batch, torch.float32)
+        loss.backward()
+        results[share] = (batch, loss.item(), n, int(correct),
+                          {k: p.grad.clone() for k, p in model.named_parameters()})
+        model.zero_grad(set_to_none=True)
+    whole, shared = results[False][0], results[True][0]
+    prefix = shared["shared_prefix"]
+    assert prefix == td.shared_prefix_len(examples) >= td.MIN_SHARED_PREFIX
+    assert shared["tokens"] == whole["tokens"] == sum(len(e) for e in examples)
+    assert shared["computed_tokens"] == whole["tokens"] - (len(examples) - 1) * prefix
+    assert results[True][2:4] == results[False][2:4]
+    assert abs(results[True][1] - results[False][1]) < 1e-4 * max(1.0, abs(results[False][1]))
+    for name, g in results[False][4].items():
+        assert torch.allclose(results[True][4][name], g, atol=1e-4, rtol=1e-4), name
+
+
+def test_shared_prefix_stops_at_the_first_target_and_difference():
+    from tunesmith.data.render import IGNORE_INDEX, TokenizedExample
+
+    def ex(ids, trained_from):
+        return TokenizedExample(ids, [IGNORE_INDEX] * trained_from + ids[trained_from:])
+
+    same = [ex([1, 2, 3, 4, 5, 6, 7, 8], 7), ex([1, 2, 3, 4, 5, 6, 9, 9, 9], 7)]
+    assert td.shared_prefix_len(same) == 6
+    # A target inside the common part cuts the prefix before the position that predicts it.
+    assert td.shared_prefix_len([ex([1, 2, 3, 4, 5, 6, 7, 8], 5), ex([1, 2, 3, 4, 5, 6, 9, 9], 7)]) == 4
+    # Too short, different from the first token, or one example: nothing shared.
+    assert td.shared_prefix_len([ex([1, 2, 3, 7], 3), ex([1, 2, 3, 8], 3)]) == 0
+    assert td.shared_prefix_len([ex([5, 2, 3, 4, 5, 6, 7], 6), ex([1, 2, 3, 4, 5, 6, 7], 6)]) == 0
+    assert td.shared_prefix_len(same[:1]) == 0
+    # Every example keeps at least one token of its own.
+    assert td.shared_prefix_len([ex([1, 2, 3, 4, 5, 6], 6), ex([1, 2, 3, 4, 5, 6, 7], 6)]) == 5

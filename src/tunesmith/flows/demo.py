@@ -44,8 +44,9 @@ from tunesmith.evaluate.report import build_report
 from tunesmith.flows.heldout import HeldoutResult, evaluate_side
 from tunesmith.data.validate import probe_shape
 from tunesmith.models.hardware import detect_machine
-from tunesmith.models.registry import DEFAULT_MODEL, pull_model, resolve_model
+from tunesmith.models.registry import DEFAULT_MODEL, load_tokenizer, pull_model, resolve_model
 from tunesmith.runs import COMPARE_DIR, EVAL_DIR
+from tunesmith.train import data as td
 from tunesmith.train.config import TrainConfig
 from tunesmith.train.model import COMPILE_MIN_TOKENS, precision_dtype
 from tunesmith.train.run import train
@@ -217,7 +218,7 @@ def run_demo(
     # What fits: the budget left after what has run, less the adapter's evaluation (measured
     # from the zero-shot one) and a little for the report.
     left_s = budget_min * 60 - (time.perf_counter() - t_start) - TUNED_EVAL_RATIO * timings["zero_shot_s"] - 5
-    plan = _plan(model, train_stats, settings, left_s, machine.bf16, log)
+    plan = _plan(model, train_csv, train_stats, settings, left_s, machine.bf16, log)
     settings["max_steps"] = steps or (train_overrides or {}).get("max_steps") or plan.steps
     if settings["max_steps"] != plan.steps:
         plan = StepPlan(settings["max_steps"], plan.step_s, plan.compile_s, expected_accuracy(settings["max_steps"]),
@@ -262,17 +263,25 @@ def run_demo(
     return {"base": base_res.metrics, "tuned": tuned_res.metrics, "report": report, "timings": timings, "plan": plan}
 
 
-def _plan(model: str, train_stats: dict[str, Any], settings: dict[str, Any], left_s: float, bf16: bool,
-          log: Callable[[str], None]) -> StepPlan:
+def _plan(model: str, train_csv: Path, train_stats: dict[str, Any], settings: dict[str, Any], left_s: float,
+          bf16: bool, log: Callable[[str], None]) -> StepPlan:
     """Steps that fit `left_s`, from the measured training speed (the probe `tunesmith
-    validate` runs and caches, in the shape of these rows)."""
+    validate` runs and caches, in the shape of these rows). Training computes the rows'
+    common prefix once per step (train.data.collate share_prefix), which the probe's random
+    rows don't have, so a step costs the tokens one batch of these rows really computes."""
     seq_len, batch = probe_shape(train_stats)
-    tokens_per_s = measure_train_tokens_per_s(resolve_model(model), seq_len=seq_len, batch_size=batch, log=log)
-    tokens_per_row = train_stats["tokens_per_epoch"] / max(1, train_stats["examples"])
-    tokens_per_step = tokens_per_row * min(settings["batch_size"], train_stats["examples"])
+    ref = resolve_model(model)
+    tokens_per_s = measure_train_tokens_per_s(ref, seq_len=seq_len, batch_size=batch, log=log)
+    size = min(settings["batch_size"], train_stats["examples"])
+    rows, _ = td.render_and_filter(load_tokenizer(ref), load_examples(train_csv, output_column="category", system=SYSTEM)[:size],
+                                   2048, str(train_csv))
+    one_step = td.collate(rows, True, 0, share_prefix=True)
+    tokens_per_step = train_stats["tokens_per_epoch"] / max(1, train_stats["examples"]) * size
+    computed = tokens_per_step * one_step["computed_tokens"] / one_step["tokens"]
     log(f"measured training speed {tokens_per_s:.0f} tokens/s ({'bf16' if bf16 else 'fp32'}); "
-        f"{tokens_per_step:.0f} tokens per step")
-    return plan_steps(left_s, tokens_per_step / tokens_per_s, tokens_per_step, can_compile=bf16)
+        f"{tokens_per_step:.0f} tokens per step, {computed:.0f} computed (a {one_step['shared_prefix']}-token "
+        "prefix shared by the batch is computed once)")
+    return plan_steps(left_s, computed / tokens_per_s, tokens_per_step, can_compile=bf16)
 
 
 def _measured_step_s(run_dir: Path) -> float | None:

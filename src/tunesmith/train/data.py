@@ -131,39 +131,83 @@ def micro_batches(indices: list[int], micro_batch_size: int | None) -> list[list
     return [indices[i : i + size] for i in range(0, len(indices), size)]
 
 
-def collate(examples: Sequence[TokenizedExample], packing: bool, pad_id: int) -> dict[str, Any]:
+MIN_SHARED_PREFIX = 4
+"""A common prefix shorter than this is not worth the bookkeeping (collate's share_prefix)."""
+
+
+def shared_prefix_len(examples: Sequence[TokenizedExample]) -> int:
+    """How many leading tokens every example has in common and computes alike: the longest
+    common prefix of their ids, cut where any example has a target (label) in it, and at
+    least one token short of the shortest example. 0 when below MIN_SHARED_PREFIX or for a
+    single example. Typically the chat template's system prompt and the user turn's header."""
+    if len(examples) < 2:
+        return 0
+    first = examples[0].input_ids
+    n = min(len(t) for t in examples) - 1
+    for t in examples[1:]:
+        ids = t.input_ids
+        k = 0
+        while k < n and ids[k] == first[k]:
+            k += 1
+        n = k
+    for t in examples:
+        # target at position p is labels[p + 1]: the prefix's positions carry none.
+        k = 0
+        while k < n and t.labels[k + 1] == IGNORE_INDEX:
+            k += 1
+        n = k
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
+def collate(examples: Sequence[TokenizedExample], packing: bool, pad_id: int, share_prefix: bool = False) -> dict[str, Any]:
     """Tensors for one forward pass. Targets are the labels shifted within each example,
     so no example ever predicts the first token of the next one.
 
     packing: one row [1, total] with per-example position ids, `cu_seq_lens` (cumulative
     lengths) and the gather indices the packed attention uses to keep examples apart.
     Otherwise: right-padded rows with an attention mask.
+
+    share_prefix (packing only): the examples' common untrained prefix (shared_prefix_len)
+    is in the row once, and every example's attention reads it as its own beginning (its
+    pack_index row starts with the prefix's positions). The result equals computing it per
+    example: the prefix's hidden states are the same in every example, and gradients from
+    all of them add up through the one copy; the linear layers, where the FLOPs are, run on
+    fewer tokens. `tokens` still counts every example's whole length (the data trained on);
+    `computed_tokens` is the row's length.
     """
     import torch
 
     shifted = [t.labels[1:] + [IGNORE_INDEX] for t in examples]
     if packing:
-        ids = [i for t in examples for i in t.input_ids]
-        pos = [p for t in examples for p in range(len(t))]
-        cu = [0]
-        for t in examples:
-            cu.append(cu[-1] + len(t))
+        shared = shared_prefix_len(examples) if share_prefix else 0
+        own = [t.input_ids[shared:] for t in examples]
+        ids = list(examples[0].input_ids[:shared]) + [i for o in own for i in o]
+        pos = list(range(shared)) + [p for t in examples for p in range(shared, len(t))]
+        targets = list(shifted[0][:shared]) + [x for s in shifted for x in s[shared:]]
+        cu = [shared]
+        for o in own:
+            cu.append(cu[-1] + len(o))
         longest = max(len(t) for t in examples)
         # pack_index[e, j]: position in the row of token j of example e (0 past its end);
-        # unpack_index[p]: where row position p sits in the [examples * longest] layout.
+        # unpack_index[p]: where row position p sits in the [examples * longest] layout
+        # (the shared prefix's outputs are taken from the first example's copy).
         pack_index = torch.zeros((len(examples), longest), dtype=torch.long)
         unpack_index = torch.empty(len(ids), dtype=torch.long)
+        unpack_index[:shared] = torch.arange(shared)
         for e, t in enumerate(examples):
-            pack_index[e, : len(t)] = torch.arange(cu[e], cu[e + 1])
-            unpack_index[cu[e] : cu[e + 1]] = torch.arange(e * longest, e * longest + len(t))
+            pack_index[e, :shared] = torch.arange(shared)
+            pack_index[e, shared : len(t)] = torch.arange(cu[e], cu[e + 1])
+            unpack_index[cu[e] : cu[e + 1]] = torch.arange(e * longest + shared, e * longest + len(t))
         return {
             "input_ids": torch.tensor([ids]),
             "position_ids": torch.tensor([pos]),
             "cu_seq_lens": torch.tensor(cu),
             "pack_index": pack_index,
             "unpack_index": unpack_index,
-            "targets": torch.tensor([[x for s in shifted for x in s]]),
-            "tokens": len(ids),
+            "targets": torch.tensor([targets]),
+            "tokens": sum(len(t) for t in examples),
+            "computed_tokens": len(ids),
+            "shared_prefix": shared,
         }
     width = max(len(t) for t in examples)
     ids = torch.full((len(examples), width), pad_id)

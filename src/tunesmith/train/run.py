@@ -395,7 +395,7 @@ def accumulate_gradients(model: Any, examples: list, step_targets: int, cfg: Tra
     loss_sum, tokens = 0.0, 0
     passes = td.micro_batches(list(range(len(examples))), cfg.micro_batch_size)
     for mb in passes:
-        batch = td.to_device(td.collate([examples[i] for i in mb], cfg.packing, pad_id), device)
+        batch = td.to_device(td.collate([examples[i] for i in mb], cfg.packing, pad_id, share_prefix=True), device)
         mb_loss, _, _ = forward_loss(model, batch, compute_dtype)
         (mb_loss / step_targets).backward()
         loss_sum += mb_loss.item()
@@ -447,7 +447,7 @@ def evaluate(model: Any, examples: list, cfg: TrainConfig, pad_id: int, compute_
             for mb in mine:
                 if check_stop is not None:
                     check_stop()
-                batch = td.to_device(td.collate([examples[i] for i in mb], cfg.packing, pad_id), dist.device)
+                batch = td.to_device(td.collate([examples[i] for i in mb], cfg.packing, pad_id, share_prefix=True), dist.device)
                 loss, n, correct = forward_loss(model, batch, compute_dtype)
                 sums += torch.tensor([loss.item(), n, correct.item()], dtype=torch.float64)
             for _ in range(_lockstep(everyone, size, dist) - len(mine)):  # FSDP: join the others' gathers
