@@ -25,8 +25,11 @@ Tokens/s counts the non-padding input tokens trained per second over every step 
 first (steady speed); the first step's seconds are shown apart, since tunesmith compiles
 its layers there (torch.compile, once per run) and both libraries allocate buffers. MFU = model
 FLOPs (4 x parameters per token for frozen-base LoRA, plus attention: 12 x layers x width x
-the mean causal context) x tokens/s, divided by the bf16 matmul peak measured at the start
-of this same invocation. tunesmith runs the LM head only where there are labels, so it does
+the mean causal context) x tokens/s, divided by the matmul peak measured at the start
+of this same invocation in the precision training runs in (bf16 with bf16 hardware, else
+fp32; at most ~3 s, so a CPU that would emulate bf16 never stalls it). The first line says
+the machine (CPU class as `tunesmith train` detects it); without bf16 hardware the TRL bf16
+contenders are left out (emulated bf16 is slower than fp32, which TRL runs too). tunesmith runs the LM head only where there are labels, so it does
 fewer FLOPs than this model count: MFU is model FLOPs, not the FLOPs executed.
 """
 
@@ -48,16 +51,25 @@ SEED = 42
 LR = 1e-3
 
 
-def bf16_peak_gflops(n: int = 2048, reps: int = 10) -> float:
+def matmul_peak_gflops(dtype_name: str, budget_s: float = 3.0) -> float:
+    """Best of repeated n x n matmuls in `dtype_name`, n halved until one takes < budget/10."""
     import torch
 
-    a = torch.randn(n, n, dtype=torch.bfloat16)
-    b = torch.randn(n, n, dtype=torch.bfloat16)
-    a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    n = 2048
+    while True:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        t = time.perf_counter()
         a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+        if time.perf_counter() - t < budget_s / 10 or n <= 256:
+            break
+        n //= 2
+    best, end = float("inf"), time.perf_counter() + budget_s
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
 
 
 def write_rows(n: int, path: Path) -> Path:
@@ -185,11 +197,17 @@ def main() -> None:
     if args.worker:
         child(args)
         return
-    peak = bf16_peak_gflops()
-    contenders = [("tunesmith", "auto", False, "on"), ("tunesmith", "auto", False, "off"), ("trl", "fp32", False, "off"),
-                  ("trl", "bf16", False, "off"), ("trl", "bf16", True, "off")]
+    from tunesmith.models.hardware import detect_machine
+
+    machine = detect_machine()
+    trained_in = "bf16" if machine.bf16 else "fp32"
+    peak = matmul_peak_gflops(trained_in)
+    contenders = [("tunesmith", "auto", False, "on"), ("tunesmith", "auto", False, "off"), ("trl", "fp32", False, "off")]
+    if machine.bf16:
+        contenders += [("trl", "bf16", False, "off"), ("trl", "bf16", True, "off")]
     k = min(args.last_k, args.steps)
-    print(f"bf16 matmul peak: {peak:.0f} GFLOP/s; steps {args.steps}, batch {args.batch_size}, "
+    print(f"machine: {machine.describe()}; tunesmith trains in {trained_in}")
+    print(f"{trained_in} matmul peak: {peak:.0f} GFLOP/s; steps {args.steps}, batch {args.batch_size}, "
           f"max length {args.max_seq_len}, loss = mean of the last {k} steps")
     print("| contender | precision | tokens/s | first step (s) | peak RSS (GB) | first-step loss | loss | vs tunesmith "
           "| MFU |\n|---|---|---|---|---|---|---|---|---|")
