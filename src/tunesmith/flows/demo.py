@@ -16,8 +16,8 @@ goes under one output folder:
     tunesmith demo --budget-min 13      # the default: fits `make demo` in 15 min on 2 cores
 
 The demo fits a time budget on any machine: after the zero-shot step it knows how fast
-this machine evaluates, and the speed probe (cached by `tunesmith validate`) says how fast
-it trains; from those it picks how many training steps fit, and prints the accuracy that
+this machine evaluates, and a few training steps on one batch of its rows say how fast it
+trains; from those it picks how many training steps fit, and prints the accuracy that
 many steps reached when calibrated (docs/evaluation.md) before training, and what it got
 after.
 """
@@ -42,7 +42,6 @@ from tunesmith.evaluate.comparison import write_comparison
 from tunesmith.evaluate.evaluation import load_examples
 from tunesmith.evaluate.report import build_report
 from tunesmith.flows.heldout import HeldoutResult, evaluate_side
-from tunesmith.data.validate import probe_shape
 from tunesmith.models.hardware import detect_machine
 from tunesmith.models.registry import DEFAULT_MODEL, load_tokenizer, pull_model, resolve_model
 from tunesmith.runs import COMPARE_DIR, EVAL_DIR
@@ -50,7 +49,7 @@ from tunesmith.train import data as td
 from tunesmith.train.config import TrainConfig
 from tunesmith.train.model import COMPILE_MIN_TOKENS, precision_dtype
 from tunesmith.train.run import train
-from tunesmith.train.speed import measure_train_tokens_per_s
+from tunesmith.train.speed import measure_step_s
 
 SYSTEM = "Classify the banking customer query into its intent label."
 HELDOUT_PER_INTENT = 4
@@ -76,7 +75,7 @@ TRAIN_START_S = 25.0
 COMPILE_S = 90.0
 """Compiling the decoder layers with an empty inductor cache (bf16 runs long enough compile)."""
 SAFETY_SHARE = 0.06
-"""Share of the training budget left unused: the probe takes the fastest of its steps."""
+"""Share of the training budget left unused: the machine's speed drifts while it trains."""
 
 
 @dataclass(frozen=True)
@@ -265,23 +264,18 @@ def run_demo(
 
 def _plan(model: str, train_csv: Path, train_stats: dict[str, Any], settings: dict[str, Any], left_s: float,
           bf16: bool, log: Callable[[str], None]) -> StepPlan:
-    """Steps that fit `left_s`, from the measured training speed (the probe `tunesmith
-    validate` runs and caches, in the shape of these rows). Training computes the rows'
-    common prefix once per step (train.data.collate share_prefix), which the probe's random
-    rows don't have, so a step costs the tokens one batch of these rows really computes."""
-    seq_len, batch = probe_shape(train_stats)
+    """Steps that fit `left_s`, from a few training steps on one batch of the demo's own rows,
+    timed now (train.speed.measure_step_s): the same packing and shared prefix training
+    uses, under whatever else this machine is doing at the moment."""
     ref = resolve_model(model)
-    tokens_per_s = measure_train_tokens_per_s(ref, seq_len=seq_len, batch_size=batch, log=log)
     size = min(settings["batch_size"], train_stats["examples"])
     rows, _ = td.render_and_filter(load_tokenizer(ref), load_examples(train_csv, output_column="category", system=SYSTEM)[:size],
                                    2048, str(train_csv))
-    one_step = td.collate(rows, True, 0, share_prefix=True)
+    step_s = measure_step_s(ref, rows)
     tokens_per_step = train_stats["tokens_per_epoch"] / max(1, train_stats["examples"]) * size
-    computed = tokens_per_step * one_step["computed_tokens"] / one_step["tokens"]
-    log(f"measured training speed {tokens_per_s:.0f} tokens/s ({'bf16' if bf16 else 'fp32'}); "
-        f"{tokens_per_step:.0f} tokens per step, {computed:.0f} computed (a {one_step['shared_prefix']}-token "
-        "prefix shared by the batch is computed once)")
-    return plan_steps(left_s, computed / tokens_per_s, tokens_per_step, can_compile=bf16)
+    log(f"measured {step_s:.2f} s per training step of {size} rows here ({'bf16' if bf16 else 'fp32'}, "
+        f"{tokens_per_step / step_s:.0f} tokens/s)")
+    return plan_steps(left_s, step_s, tokens_per_step, can_compile=bf16)
 
 
 def _measured_step_s(run_dir: Path) -> float | None:

@@ -78,10 +78,11 @@ def evaluate_side(
     max_new_tokens: int = 64,
     with_loss: bool = True,
     log: Callable[[str], None] = print,
+    batch_size: int = 16,
 ) -> EvalResult:
     """One side (adapter None: the base model) on the held-out examples, written to `out`.
     The demo calls it for the base before training and for the adapter after."""
     log(f"{'base model' if adapter is None else 'adapter ' + str(adapter)}: evaluating on {len(examples)} "
         f"examples from {data}")
     return evaluate_examples(model, adapter, examples, data, out, system, metric=metric, labels=labels,
-                             max_new_tokens=max_new_tokens, with_loss=with_loss, log=log)
+                             max_new_tokens=max_new_tokens, with_loss=with_loss, log=log, batch_size=batch_size)

@@ -95,3 +95,35 @@ def _measure(model_ref: ModelRef, seq_len: int, batch_size: int, steps: int) -> 
         fastest = min(fastest, time.perf_counter() - t0)
     name = torch.cuda.get_device_name(0) if device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     return batch_size * seq_len / fastest, "bf16" if compute_dtype == torch.bfloat16 else "fp32", name
+
+
+def measure_step_s(model_ref: ModelRef, examples: list[TokenizedExample], steps: int = 3) -> float:
+    """Seconds per optimizer step on exactly these examples (one batch), as `tunesmith train`
+    runs it: packed, the batch's shared prefix computed once, the compute dtype --precision
+    auto picks, eager. The median of `steps` steps after a warm-up one, so a single step
+    slowed by another process does not decide. Not cached: the demo measures its own rows."""
+    import statistics
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    compute_dtype = precision_dtype("auto")
+    cfg = TrainConfig(data=Path("speed-probe"), model=model_ref.name, lora_rank=LORA_RANK)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model = build_model(model_ref, cfg, compute_dtype).to(device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    batch = td.to_device(td.collate(examples, cfg.packing, 0, share_prefix=True), device)
+    times = []
+    for _ in range(steps + 1):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss, n, _ = forward_loss(model, batch, compute_dtype)
+        (loss / n).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
