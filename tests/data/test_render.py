@@ -82,3 +82,46 @@ def test_smollm2_masking(smollm2):
     te = render_example(tok, chat(("user", "What is the capital of France?"), ("assistant", "Paris.")))
     assert trained_text(tok, te) == ["Paris.<|im_end|>"]
     assert te.input_ids[0] == tok.bos_token_id and te.input_ids[1] != tok.bos_token_id
+
+
+class CountingTemplate:
+    """The tiny tokenizer, counting how many times its chat template is rendered."""
+
+    def __init__(self, tok):
+        self.tok, self.renders = tok, 0
+
+    def apply_chat_template(self, *args, **kwargs):
+        self.renders += 1
+        return self.tok.apply_chat_template(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        return self.tok(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+@pytest.mark.parametrize("n_turns", [3, 300])
+def test_rendering_a_long_conversation_renders_the_template_a_fixed_number_of_times(tiny_tokenizer, n_turns):
+    """Issue 19: rendering each assistant turn's prefix made 2,001 short messages take 46 s on
+    the server's event loop. Now the renders per conversation do not grow with its length, and
+    the tokens are those the prefix-by-prefix way gives."""
+    from tunesmith.data import render
+
+    messages = []
+    for k in range(n_turns):
+        messages += [Message("user", f"question {k}"), Message("assistant", f" answer {k}", train=True)]
+    messages.append(Message("user", "last"))
+    counting = CountingTemplate(tiny_tokenizer)
+    render._marking_works(counting)  # the once-per-tokenizer probe, not counted below
+    counting.renders = 0
+    ids = render_prompt(counting, messages)
+    assert counting.renders <= 4
+    dicts = [m.to_template() for m in messages]
+    full = render._apply(tiny_tokenizer, dicts, None, True)
+    specials = render._special_tokens(tiny_tokenizer)
+    exact = [render._rendered_span(tiny_tokenizer, messages, dicts, None, True, full, specials, i)
+             for i, m in enumerate(messages) if m.role == "assistant"]
+    assert render._marked_spans(tiny_tokenizer, messages, dicts, None, True, full, specials) == exact
+    assert ids == render_prompt(tiny_tokenizer, messages)
+

@@ -17,6 +17,8 @@ so the model learns to stop; the whitespace after that token is not trained.
 
 from __future__ import annotations
 
+import re
+import secrets
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -118,48 +120,161 @@ def conversation_segments(
 
     Returns the segments and whether every trained turn ends in a special token.
     With add_generation_prompt the text ends with the assistant prompt (for inference).
+    Linear in the number of messages where the template allows it (see _marked_spans);
+    otherwise every assistant turn renders its prefix (quadratic, bounded by the server's
+    message limit).
     """
     dicts = [m.to_template() for m in messages]
     full = _apply(tokenizer, dicts, tools, add_generation_prompt)
     specials = _special_tokens(tokenizer)
+    spans = None
+    if _marking_works(tokenizer):
+        spans = _marked_spans(tokenizer, messages, dicts, tools, add_generation_prompt, full, specials)
+    if spans is None:
+        spans = [_rendered_span(tokenizer, messages, dicts, tools, add_generation_prompt, full, specials, i)
+                 for i, m in enumerate(messages) if m.role == "assistant"]
     segments: list[Segment] = []
     cursor = 0
     eos_ok = True
-    for i, msg in enumerate(messages):
-        if msg.role != "assistant":
-            continue
-        start = len(_apply(tokenizer, dicts[:i], tools, True))
-        # The conversation up to its last message is `full` itself: one render fewer per
-        # example for the common single-answer case (validate's speed budget counts it).
-        last = i + 1 == len(dicts) and not add_generation_prompt
-        end = len(full) if last else len(_apply(tokenizer, dicts[: i + 1], tools, False))
-        if start < cursor or end > len(full) or end < start:
-            raise TemplateError(
-                "the model's chat template renders earlier turns differently once later turns "
-                "are added, so assistant turns cannot be located; use a template without "
-                "history-dependent rendering"
-            )
-        turn = full[start:end]
-        content = msg.content
-        if not content or turn.startswith(content):
-            content_at = 0
-        else:
-            content_at = turn.rfind(content)
-        if content_at < 0:  # the template rewrote the content (trim, reformatting): keep it whole
-            body_end = len(turn.rstrip())
-        else:
-            body_end = content_at + len(content)
-        eot = _end_of_turn(turn[body_end:], specials)
-        if eot == 0 and msg.train:
+    for i, start, trained_end, has_eot in spans:
+        if start < cursor:
+            raise TemplateError(_NOT_PREFIX_STABLE)
+        if not has_eot and messages[i].train:
             eos_ok = False
-        trained_end = start + body_end + eot
         if start > cursor:
             segments.append(Segment(full[cursor:start], False))
-        segments.append(Segment(full[start:trained_end], msg.train))
+        segments.append(Segment(full[start:trained_end], messages[i].train))
         cursor = trained_end
     if cursor < len(full):
         segments.append(Segment(full[cursor:], False))
     return [s for s in segments if s.text], eos_ok
+
+
+_NOT_PREFIX_STABLE = ("the model's chat template renders earlier turns differently once later turns are added, so "
+                      "assistant turns cannot be located; use a template without history-dependent rendering")
+
+
+def _rendered_span(tokenizer: Any, messages: Sequence[Message], dicts: list[dict], tools: Any,
+                   add_generation_prompt: bool, full: str, specials: Sequence[str], i: int) -> tuple[int, int, int, bool]:
+    """Assistant turn i by rendering the conversation up to it (with the generation prompt)
+    and up to its end: (i, start, trained end, ends in a special token). Exact for any
+    template, and as costly as the turn's prefix."""
+    start = len(_apply(tokenizer, dicts[:i], tools, True))
+    # The conversation up to its last message is `full` itself: one render fewer per
+    # example for the common single-answer case (validate's speed budget counts it).
+    last = i + 1 == len(dicts) and not add_generation_prompt
+    end = len(full) if last else len(_apply(tokenizer, dicts[: i + 1], tools, False))
+    if end > len(full) or end < start:
+        raise TemplateError(_NOT_PREFIX_STABLE)
+    turn = full[start:end]
+    content = messages[i].content
+    if not content or turn.startswith(content):
+        content_at = 0
+    else:
+        content_at = turn.rfind(content)
+    if content_at < 0:  # the template rewrote the content (trim, reformatting): keep it whole
+        body_end = len(turn.rstrip())
+    else:
+        body_end = content_at + len(content)
+    eot = _end_of_turn(turn[body_end:], specials)
+    return i, start, start + body_end + eot, eot > 0
+
+
+def _marked_spans(tokenizer: Any, messages: Sequence[Message], dicts: list[dict], tools: Any,
+                  add_generation_prompt: bool, full: str, specials: Sequence[str]) -> list[tuple[int, int, int, bool]] | None:
+    """Every assistant turn's span from one more render, in which each message's content
+    starts with a unique marker: a turn starts where its content does and is trained through
+    the special tokens that follow it. None when that render, markers removed, differs from
+    `full` (the template looks at the content), or when the last turn's span differs from
+    the exact one (_rendered_span, checked once per conversation): the caller renders each
+    prefix instead."""
+    if not any(m.role == "assistant" for m in messages):
+        return []
+    nonce = secrets.token_hex(6)
+    markers = [f"\ue000{nonce}:{i}\ue001" for i in range(len(dicts))]
+    marked = [{**d, "content": markers[i] + (d.get("content") or "")} for i, d in enumerate(dicts)]
+    try:
+        text = _apply(tokenizer, marked, tools, add_generation_prompt)
+    except TemplateError:
+        return None
+    # Marker i's position in `full` is its position in `text` less the markers before it.
+    pieces = re.split("(\ue000" + nonce + ":[0-9]+\ue001)", text)
+    at: dict[int, int] = {}
+    plain: list[str] = []
+    length = 0
+    for k, piece in enumerate(pieces):
+        if k % 2:
+            index = int(piece[len(nonce) + 2:-1])
+            if index in at:
+                return None
+            at[index] = length
+        else:
+            plain.append(piece)
+            length += len(piece)
+    if len(at) != len(dicts) or "".join(plain) != full:
+        return None
+    bounds = sorted(at.values()) + [len(full)]
+    spans = []
+    for i, m in enumerate(messages):
+        if m.role != "assistant":
+            continue
+        start = at[i]
+        body_end = start + len(m.content)
+        if full[start:body_end] != m.content:
+            return None
+        limit = next(b for b in bounds if b > body_end) if body_end < len(full) else len(full)
+        eot = _first_special_run(full, body_end, limit, specials)
+        spans.append((i, start, body_end + eot, eot > 0))
+    last = spans[-1][0]
+    if _rendered_span(tokenizer, messages, dicts, tools, add_generation_prompt, full, specials, last) != spans[-1]:
+        return None
+    return spans
+
+
+def _first_special_run(text: str, start: int, stop: int, specials: Sequence[str]) -> int:
+    """Characters from `start` through the first run of adjacent special tokens before `stop`
+    (0 if there is none): an assistant turn's end-of-turn token(s)."""
+    i, end = start, 0
+    while i < stop:
+        hit = next((s for s in specials if text.startswith(s, i)), None)
+        if hit is not None:
+            i += len(hit)
+            end = i - start
+        elif end:
+            break
+        else:
+            i += 1
+    return end
+
+
+_PROBE = [Message("system", "s"), Message("user", "u1"), Message("assistant", "a1", train=True),
+          Message("user", "u2"), Message("assistant", "a2", train=True), Message("user", "u3")]
+
+
+def _marking_works(tokenizer: Any) -> bool:
+    """Whether the one-render way finds the same spans as rendering each prefix, on a probe
+    conversation (checked once per tokenizer)."""
+    cached = getattr(tokenizer, "_tunesmith_marking", None)
+    if cached is None:
+        cached = True
+        specials = _special_tokens(tokenizer)
+        for msgs in (_PROBE, _PROBE[:-1]):
+            for gen in (False, True):
+                dicts = [m.to_template() for m in msgs]
+                try:
+                    full = _apply(tokenizer, dicts, None, gen)
+                    exact = [_rendered_span(tokenizer, msgs, dicts, None, gen, full, specials, i)
+                             for i, m in enumerate(msgs) if m.role == "assistant"]
+                except TemplateError:
+                    cached = False
+                    break
+                if _marked_spans(tokenizer, msgs, dicts, None, gen, full, specials) != exact:
+                    cached = False
+        try:
+            tokenizer._tunesmith_marking = cached
+        except AttributeError:
+            pass
+    return cached
 
 
 def _tokenize_segments(tokenizer: Any, batch: list[list[Segment]]) -> list[tuple[list[int], list[int]]]:
