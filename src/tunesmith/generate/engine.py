@@ -40,6 +40,7 @@ from tunesmith.generate.json_schema import Factory, compile_schema
 from tunesmith.generate.requests import (
     AdapterConflictError,
     Completion,
+    EngineOverloaded,
     Event,
     Handle,
     ModelCard,
@@ -62,8 +63,17 @@ log = logging.getLogger("tunesmith.generate")
 BASE_ROW = "__base__"
 """peft's adapter name for a row that uses the bare base model."""
 MAX_BATCH_ROWS = 32
-"""Rows decoded together by default; more requests wait in the queue (KV memory grows with this)."""
+"""Rows decoded together by default; more requests wait in the queue."""
+MAX_BATCH_TOKENS = 65_536
+"""Token budget of one step: rows decoded together times the longest row's prompt plus
+max_tokens (the KV cache is left-padded to it), so 32 long prompts cannot exhaust memory.
+A row alone is always admitted (its length is bounded by the context)."""
+MAX_WAITING_ROWS = 512
+"""Rows `submit` lets wait for a place in the batch; beyond, EngineOverloaded (the server's 429)."""
 # ":" is allowed so fine-tuning jobs can serve their models as ft:<base>:<suffix>:<id>.
+MIN_TEMPERATURE = 1e-4
+"""Below it a row samples greedily, the limit as the temperature goes to 0: dividing the
+logits by less can overflow them, and the probabilities would be NaN."""
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_:-]{0,127}$")
 """No '.': peft keeps adapters in torch ModuleDicts, whose keys cannot contain one."""
 
@@ -79,7 +89,8 @@ class Engine(Protocol):
     def render_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]: ...
     def encode(self, text: str) -> list[int]: ...
     def submit(
-        self, prompt_ids: list[int], model: str, params: SamplingParams, on_event: Callable[[Event], None]
+        self, prompt_ids: list[int], model: str, params: SamplingParams, on_event: Callable[[Event], None],
+        group: Any = None,
     ) -> "Handle": ...
     def add_adapter(self, name: str, path: str | Path) -> ModelCard: ...
     def remove_adapter(self, name: str) -> None: ...
@@ -111,15 +122,21 @@ class _Seq:
     json: Any = None
     """JSON mode: the answer's JsonAnswer (generate/json_mode.py)."""
     prefix: _Prefix | None = None
+    group: Any = None
+    """The request this row belongs to (its n choices, its prompts): admission takes rows
+    from the waiting requests in turn, so one big request cannot starve small ones."""
 
 
 class LocalEngine:
     """The one real Engine: a transformers model (+ peft adapters) in this process.
 
     precision: every forward's precision (models.inference's rule; auto: bf16 autocast where
-    fast). max_batch_rows: the most rows decoded together in one step."""
+    fast). max_batch_rows: the most rows decoded together in one step; max_batch_tokens: their
+    token budget (MAX_BATCH_TOKENS); max_waiting_rows: the rows `submit` queues before
+    refusing more (`generate_batch`, a caller's own batch, is not bounded)."""
 
-    def __init__(self, loaded: LoadedModel, precision: str = "auto", max_batch_rows: int = MAX_BATCH_ROWS):
+    def __init__(self, loaded: LoadedModel, precision: str = "auto", max_batch_rows: int = MAX_BATCH_ROWS,
+                 max_batch_tokens: int = MAX_BATCH_TOKENS, max_waiting_rows: int = MAX_WAITING_ROWS):
         import torch
 
         if max_batch_rows < 1:
@@ -129,6 +146,8 @@ class LocalEngine:
         self._device = next(loaded.model.parameters()).device
         self.precision = resolve_precision(precision, self._device.type)
         self._max_rows = max_batch_rows
+        self._max_tokens = max_batch_tokens
+        self._max_waiting = max_waiting_rows
         # A LoadedModel with an adapter arrives as a PeftModel: its adapters are served as loaded.
         self._peft: Any = loaded.model if hasattr(loaded.model, "peft_config") else None
         self._base = loaded.model.get_base_model() if self._peft is not None else loaded.model.eval()
@@ -266,12 +285,16 @@ class LocalEngine:
     # ------------------------------------------------------------------ requests
 
     def submit(
-        self, prompt_ids: list[int], model: str, params: SamplingParams, on_event: Callable[[Event], None]
+        self, prompt_ids: list[int], model: str, params: SamplingParams, on_event: Callable[[Event], None],
+        group: Any = None,
     ) -> Handle:
-        """Queue one generation; `on_event` is called from the engine thread, keep it quick."""
+        """Queue one generation; `on_event` is called from the engine thread, keep it quick.
+        Rows submitted with the same `group` (one HTTP request's) share one turn in admission.
+        EngineOverloaded when max_waiting_rows rows already wait."""
         factory = compile_schema(params.json_schema) if params.json_schema is not None else None
         seq = self._new_seq(prompt_ids, model, params, on_event, factory)
-        self._enqueue([seq])
+        seq.group = group
+        self._enqueue([seq], bounded=True)
         return seq.handle
 
     def generate_batch(
@@ -338,13 +361,21 @@ class LocalEngine:
             seq.json = JsonAnswer(factory=factory)
         if params.temperature > 0:
             seq.generator = self._torch.Generator(device=self._device)
-            seq.generator.manual_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "big"))
+            # torch takes seeds of at most 64 bits; larger ones (OpenAI's is any integer) wrap.
+            seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "big")
+            seq.generator.manual_seed(seed % 2**64)
         return seq
 
-    def _enqueue(self, seqs: list[_Seq]) -> None:
+    def _enqueue(self, seqs: list[_Seq], bounded: bool = False) -> None:
         with self._queue_cv:
             if self._closed:
                 raise UsageError("the engine is shut down")
+            if bounded and sum(not s.handle.cancelled for s in self._waiting) + len(seqs) > self._max_waiting:
+                raise EngineOverloaded(f"the server is overloaded: {len(self._waiting)} requests are waiting for "
+                                       "a place in the batch; retry shortly")
+            for s in seqs:
+                if s.group is None:
+                    s.group = s.handle
             self._waiting.extend(seqs)
             self._queue_cv.notify()
 
@@ -365,8 +396,7 @@ class LocalEngine:
                     self._queue_cv.wait()
                 if self._closed:
                     break
-                room = self._max_rows - len(self._rows)
-                new, self._waiting = self._waiting[:room], self._waiting[room:]
+                new = self._admit()
             try:
                 with self._model_lock, torch.inference_mode(), autocast(self.precision, self._device.type):
                     new = [s for s in new if not self._finish_if_cancelled(s)]
@@ -386,6 +416,40 @@ class LocalEngine:
         for s in self._rows + self._waiting:
             if not s.done:
                 s.on_event(Event("", "error", len(s.prompt_ids), len(s.out_ids)))
+
+    def _row_tokens(self, s: _Seq) -> int:
+        """The most KV positions a row can need: its prompt and its whole max_tokens."""
+        return min(len(s.prompt_ids) + s.params.max_tokens, self.max_context)
+
+    def _admit(self) -> list[_Seq]:
+        """The waiting rows that join the batch now (call with _queue_cv held): one row per
+        waiting request in turn (oldest request first) while the step stays within
+        max_batch_rows and, padded to its longest row, max_batch_tokens. Stops at the first
+        row that does not fit, so a long row waits its turn instead of being passed forever."""
+        running = [s for s in self._rows if not s.done]
+        rows, widest = len(running), max((self._row_tokens(s) for s in running), default=0)
+        turns: dict[Any, list[_Seq]] = {}
+        for s in self._waiting:
+            turns.setdefault(s.group, []).append(s)
+        queues = list(turns.values())
+        taken: list[_Seq] = []
+        full = False
+        while queues and not full:
+            later = []
+            for q in queues:
+                wide = max(widest, self._row_tokens(q[0]))
+                if rows >= self._max_rows or (rows and (rows + 1) * wide > self._max_tokens):
+                    full = True
+                    break
+                taken.append(q.pop(0))
+                rows, widest = rows + 1, wide
+                if q:
+                    later.append(q)
+            queues = later
+        if taken:
+            chosen = set(map(id, taken))
+            self._waiting = [s for s in self._waiting if id(s) not in chosen]
+        return taken
 
     def _finish_if_cancelled(self, s: _Seq) -> bool:
         if s.handle.cancelled and not s.done:
@@ -488,28 +552,44 @@ class LocalEngine:
     # ------------------------------------------------------------------ sampling and text
 
     def _sample(self, rows: list[_Seq], logits: Any) -> Any:
-        import torch
-
+        """Each row's next token. A row whose sampling fails (a bug, a grammar with no way on)
+        fails alone: its request gets the error and leaves the batch, the others go on."""
         logits = logits.float()
         chosen = logits.argmax(dim=-1)
         for i, s in enumerate(rows):
-            p = s.params
-            probs = None
-            if p.temperature > 0:
-                probs = torch.softmax(logits[i] / p.temperature, dim=-1)
-                if p.top_p < 1.0:
-                    sorted_p, order = probs.sort(descending=True)
-                    # keep the smallest prefix whose mass reaches top_p (at least one token)
-                    drop = (sorted_p.cumsum(0) - sorted_p) >= p.top_p
-                    sorted_p[drop] = 0.0
-                    probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-                chosen[i] = torch.multinomial(probs, 1, generator=s.generator)[0]
-            if s.json is not None and not s.done:
-                chosen[i] = s.json.next_token(int(chosen[i]), logits[i], probs, s.generator, s.out_ids, self._eot,
-                                              self._text)
+            if s.done:
+                continue
+            try:
+                chosen[i] = self._sample_row(s, logits[i], int(chosen[i]))
+            except Exception:
+                log.exception("sampling failed for one request; failing it alone")
+                s.done = True
+                s.on_event(Event("", "error", len(s.prompt_ids), len(s.out_ids)))
         for s, tok in zip(rows, chosen.tolist()):
             self._advance(s, tok)
         return chosen
+
+    def _sample_row(self, s: _Seq, logits: Any, greedy: int) -> int:
+        import torch
+
+        p = s.params
+        probs = None
+        token = greedy
+        if p.temperature >= MIN_TEMPERATURE:
+            probs = torch.softmax(logits / p.temperature, dim=-1)
+            if p.top_p < 1.0:
+                sorted_p, order = probs.sort(descending=True)
+                # keep the smallest prefix whose mass reaches top_p (at least one token)
+                drop = (sorted_p.cumsum(0) - sorted_p) >= p.top_p
+                sorted_p[drop] = 0.0
+                probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+            if bool(torch.isfinite(probs).all()) and float(probs.sum()) > 0:
+                token = int(torch.multinomial(probs, 1, generator=s.generator)[0])
+            else:  # logits that overflow at this temperature: its limit, the greedy token
+                probs = None
+        if s.json is not None:
+            token = s.json.next_token(token, logits, probs, s.generator, s.out_ids, self._eot, self._text)
+        return token
 
     def _text(self, ids: list[int]) -> str:
         """The text of generated tokens, as streamed (special tokens left out)."""

@@ -1,5 +1,5 @@
 """What a caller gives the engine and gets back: sampling settings, streamed events, finished
-completions, model cards, a request's handle, and the two errors a request can meet.
+completions, model cards, a request's handle, and the errors a request can meet.
 
     python -c "from tunesmith.generate.requests import SamplingParams; print(SamplingParams(32, 0.0))"
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tunesmith.errors import ModelNotFoundError, UsageError
+from tunesmith.errors import ModelNotFoundError, TunesmithError, UsageError
 
 
 class UnknownModelError(ModelNotFoundError):
@@ -18,6 +18,12 @@ class UnknownModelError(ModelNotFoundError):
 
 class AdapterConflictError(UsageError):
     """An adapter name that is already taken (or still draining)."""
+
+
+class EngineOverloaded(TunesmithError):
+    """The engine's waiting queue is full; the request may be sent again shortly."""
+
+    retry_after_s = 1
 
 
 @dataclass(frozen=True)

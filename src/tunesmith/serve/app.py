@@ -26,8 +26,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tunesmith.generate.engine import Engine, Event, SamplingParams, UnknownModelError
 from tunesmith.generate.json_mode import ANY_OBJECT
 from tunesmith.generate.json_schema import SchemaError, compile_schema
+from tunesmith.serve import limits as lim
 from tunesmith.serve import protocol as p
-from tunesmith.serve.errors import APIError, add_error_handlers, require_api_key
+from tunesmith.serve.errors import APIError, KeyGate, add_error_handlers, require_api_key
 from tunesmith.settings import Settings
 
 log = logging.getLogger("tunesmith.serve")
@@ -39,14 +40,18 @@ DISCONNECT_POLL_S = 0.5
 GENERATION_FAILED = "generation failed; see the server log"
 
 
-def create_app(engine: Engine, settings: Settings | None = None, routers: Sequence[APIRouter] = ()) -> FastAPI:
-    """A new FastAPI app serving `engine`; `routers` are mounted behind the same API key."""
+def create_app(engine: Engine, settings: Settings | None = None, routers: Sequence[APIRouter] = (),
+               limits: lim.Limits = lim.Limits()) -> FastAPI:
+    """A new FastAPI app serving `engine`; `routers` are mounted behind the same API key;
+    `limits` bound each request's work (serve/limits.py)."""
     settings = settings or Settings.from_env()
     app = FastAPI(title="tunesmith", version="0.1.0", docs_url=None, redoc_url=None)
     app.state.engine = engine
     app.state.api_key = settings.api_key
+    app.state.limits = limits
     add_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(KeyGate, api_key=settings.api_key)  # added last: runs first
     app.include_router(health_router)
     for router in (models_router, completions_router, adapters_router, *routers):
         app.include_router(router, dependencies=[Depends(require_api_key)])
@@ -102,9 +107,10 @@ class Generation:
         self.handles = []
         self.pending = len(jobs)
         self._checked_at = time.monotonic()
+        group = object()  # this request's rows take one turn together in the engine's admission
         try:
             for i, (ids, params) in enumerate(jobs):
-                self.handles.append(engine.submit(ids, model, params, self._sender(loop, i)))
+                self.handles.append(engine.submit(ids, model, params, self._sender(loop, i), group=group))
         except BaseException:
             self.cancel()
             raise
@@ -144,7 +150,7 @@ def _sampling(req: p.ChatCompletionRequest | p.CompletionRequest, max_tokens: in
     return SamplingParams(max_tokens, req.temperature, req.top_p, p.stop_list(req.stop), seed, schema)
 
 
-def _response_schema(req: p.ChatCompletionRequest) -> dict[str, Any] | None:
+def _response_schema(req: p.ChatCompletionRequest, limits: lim.Limits) -> dict[str, Any] | None:
     """The schema an answer is held to: json_object's any object, json_schema's own, or None
     (text). A 400 for what cannot be honoured: json_object without the word JSON in the
     messages (as OpenAI requires: a model not told to write JSON tends to fill its budget with
@@ -162,6 +168,7 @@ def _response_schema(req: p.ChatCompletionRequest) -> dict[str, Any] | None:
         if not isinstance(schema, dict):
             raise APIError(400, "response_format json_schema needs 'json_schema': {\"name\": ..., \"schema\": {...}}",
                            param="response_format.json_schema")
+        lim.check_schema(schema, limits)  # its size, on the raw dict, before the reader walks it
         try:
             compile_schema(schema)
         except SchemaError as exc:
@@ -260,6 +267,10 @@ def get_engine(request: Request) -> Engine:
     return request.app.state.engine
 
 
+def get_limits(request: Request) -> lim.Limits:
+    return request.app.state.limits
+
+
 @health_router.get("/health")
 async def health(engine: Engine = Depends(get_engine)) -> dict[str, Any]:
     return {"status": "ok", "models": [c.id for c in engine.models()], **engine.stats()}
@@ -281,12 +292,16 @@ async def get_model(model_id: str, engine: Engine = Depends(get_engine)) -> p.Mo
 
 
 @completions_router.post("/chat/completions", response_model=None)
-async def chat_completions(req: p.ChatCompletionRequest, request: Request, engine: Engine = Depends(get_engine)):
+async def chat_completions(req: p.ChatCompletionRequest, request: Request, engine: Engine = Depends(get_engine),
+                           limits: lim.Limits = Depends(get_limits)):
     _check_model(engine, req.model)
-    schema = _response_schema(req)  # a bad response_format is a 400 before any work
+    lim.check_messages(len(req.messages), limits)
+    schema = _response_schema(req, limits)  # a bad response_format is a 400 before any work
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(), "name": m.name}
                 for m in req.messages]
-    prompt = engine.render_chat(messages)
+    lim.check_length([m["content"] for m in messages], engine.max_context, "messages", limits)
+    # Rendering and tokenizing take time in the length of the conversation: off the event loop.
+    prompt = await run_in_threadpool(engine.render_chat, messages)
     limit, limit_param = req.token_limit()
     max_tokens = _budget(engine, len(prompt), limit, limit_param, "messages")
     gen = Generation(engine, req.model, [(prompt, _sampling(req, max_tokens, i, schema)) for i in range(req.n)])
@@ -333,9 +348,14 @@ def _stream_chat(gen: Generation, request: Request, req: p.ChatCompletionRequest
 
 
 @completions_router.post("/completions", response_model=None)
-async def completions(req: p.CompletionRequest, request: Request, engine: Engine = Depends(get_engine)):
+async def completions(req: p.CompletionRequest, request: Request, engine: Engine = Depends(get_engine),
+                      limits: lim.Limits = Depends(get_limits)):
     _check_model(engine, req.model)
-    prompts = [engine.encode(text) for text in req.prompts()]
+    texts = req.prompts()
+    lim.check_prompts(len(texts), req.n, limits)
+    for text in texts:
+        lim.check_length([text], engine.max_context, "prompt", limits)
+    prompts = await run_in_threadpool(lambda: [engine.encode(text) for text in texts])
     if not prompts:
         raise APIError(400, "'prompt' is an empty list; give a string or a list of strings", param="prompt")
     jobs = []

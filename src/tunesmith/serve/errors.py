@@ -7,6 +7,7 @@ Routes raise `APIError` (or let a `TunesmithError` through); the handlers that
 jobs routes answer the same exception with the same status:
 
 - a request body or query that does not validate: 400 naming the first bad `param`;
+- the engine's queue full (`EngineOverloaded`): 429 `server_overloaded` with `Retry-After`;
 - `ModelNotFoundError`: 404 `model_not_found`; an adapter name already taken: 409;
   any other `UsageError` or `DataError`: 400 with its sentence;
 - anything else (a `TunesmithError` that is not the request's fault, a bug): 500 with a
@@ -28,7 +29,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunesmith.errors import DataError, ModelNotFoundError, TunesmithError, UsageError
-from tunesmith.generate.engine import AdapterConflictError
+from tunesmith.generate.engine import AdapterConflictError, EngineOverloaded
 from tunesmith.serve.protocol import ErrorBody, ErrorResponse
 
 log = logging.getLogger("tunesmith.serve")
@@ -38,22 +39,26 @@ NO_KEY = ("You didn't provide an API key. You need to provide your API key in an
           "Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
 WRONG_KEY = ("Incorrect API key provided. The key is the one this server was started with "
              "(--api-key or $TUNESMITH_API_KEY).")
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+_HTTP_CODES = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
 class APIError(Exception):
     """An error response: the HTTP status and OpenAI's {message, type, param, code}."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 retry_after_s: int | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.retry_after_s = retry_after_s
         self.type = "invalid_request_error" if status < 500 else "server_error"
 
     def body(self) -> ErrorResponse:
         return ErrorResponse(error=ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code))
 
     def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else {}
+        if self.retry_after_s is not None:
+            headers["Retry-After"] = str(self.retry_after_s)
         return JSONResponse(self.body().model_dump(), status_code=self.status, headers=headers)
 
 
@@ -93,6 +98,8 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 
 def error_from_tunesmith(exc: TunesmithError) -> APIError:
     """The response for a TunesmithError: the request's fault (usage, data) or the server's."""
+    if isinstance(exc, EngineOverloaded):
+        return APIError(429, str(exc), code="server_overloaded", retry_after_s=exc.retry_after_s)
     if isinstance(exc, ModelNotFoundError):
         return APIError(404, str(exc), param="model", code="model_not_found")
     if isinstance(exc, AdapterConflictError):
@@ -156,6 +163,27 @@ def check_api_key(authorization: str | None, expected: str | None) -> None:
         raise APIError(401, NO_KEY, code="invalid_api_key")
     if not secrets.compare_digest(token.encode(), expected.encode()):
         raise APIError(401, WRONG_KEY, code="invalid_api_key")
+
+
+class KeyGate:
+    """ASGI middleware: the API key checked on /v1/* and /openapi.json before anything
+    reads the body, so a malformed body without a key is a 401 (not a 400 that shows the
+    parser ran) and the API's schema is not served to strangers. /health and the
+    dashboard's static files stay open."""
+
+    PROTECTED = ("/v1/", "/openapi.json")
+
+    def __init__(self, app: Any, api_key: str | None):
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if self.api_key and scope["type"] == "http" and scope.get("path", "").startswith(self.PROTECTED):
+            headers = dict(scope.get("headers") or [])
+            try:
+                check_api_key(headers.get(b"authorization", b"").decode("latin-1"), self.api_key)
+            except APIError as exc:
+                return await exc.response()(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 async def require_api_key(request: Request) -> None:

@@ -31,7 +31,7 @@ from tunesmith.jobs.store import ACTIVE, JobStore, new_id, open_store
 from tunesmith.jobs.validation import check_file
 from tunesmith.jobs.worker import Worker, WorkerConfig
 from tunesmith.models.registry import resolve_model
-from tunesmith.serve.errors import APIError, add_error_handlers, require_api_key
+from tunesmith.serve.errors import APIError, KeyGate, add_error_handlers, require_api_key
 from tunesmith.serve.jobs_protocol import (
     DpoHyperparameters,
     Hyperparameters,
@@ -404,6 +404,7 @@ def create_jobs_app(service: JobsService, api_key: str | None = None) -> FastAPI
     app = FastAPI(title="tunesmith jobs")
     app.state.api_key = api_key
     add_error_handlers(app)
+    app.add_middleware(KeyGate, api_key=api_key)
     app.include_router(service.router, dependencies=[Depends(require_api_key)])
     return app
 

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tunesmith.serve.protocol import Text
+
 Auto = Literal["auto"]
 
 
@@ -61,14 +63,14 @@ class JobCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model: str = Field(description="Base model: registry name (smollm2-135m-instruct) or a model directory on the server.")
-    training_file: str = Field(description="Id of an uploaded file with purpose fine-tune.")
+    model: Text = Field(description="Base model: registry name (smollm2-135m-instruct) or a model directory on the server.")
+    training_file: Text = Field(description="Id of an uploaded file with purpose fine-tune.")
     hyperparameters: Hyperparameters | None = Field(None, description="Deprecated by OpenAI in favour of method; still accepted.")
     method: Method | None = None
     suffix: Annotated[str, Field(max_length=64, pattern=r"^[A-Za-z0-9_.-]*$")] | None = Field(
         None, description="Up to 64 letters, digits, '-', '_' or '.', put into fine_tuned_model."
     )
-    validation_file: str | None = None
+    validation_file: Text | None = None
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
     metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
         None, max_length=16, description="Up to 16 string pairs, kept with the job."

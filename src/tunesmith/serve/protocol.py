@@ -8,12 +8,27 @@ rather than a parameter silently ignored.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 MAX_N = 8
 MAX_STOP = 4
+
+
+def _no_lone_surrogates(v: str) -> str:
+    # JSON's "\ud800" escape decodes to a string that is not valid Unicode: no tokenizer
+    # takes it and no response naming it can be encoded, so it is refused here, by name.
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the string holds a lone surrogate (an unpaired \\ud800-\\udfff escape); send valid Unicode")
+    return v
+
+
+Text = Annotated[str, AfterValidator(_no_lone_surrogates)]
+"""Every string a client sends: valid Unicode."""
+INT64_MAX = 2**63 - 1
 
 
 class _Strict(BaseModel):
@@ -25,13 +40,13 @@ class _Strict(BaseModel):
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[TextPart], None] = None
-    name: Optional[str] = None
+    content: Union[Text, list[TextPart], None] = None
+    name: Optional[Text] = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -63,7 +78,7 @@ def stop_list(stop: Union[str, list[str], None]) -> tuple[str, ...]:
 
 class ChatCompletionRequest(_Strict):
     messages: list[ChatMessage] = Field(min_length=1)
-    model: str
+    model: Text
     logprobs: Optional[Literal[False]] = None
     max_completion_tokens: Optional[int] = Field(None, ge=1, description="Most tokens to generate.")
     max_tokens: Optional[int] = Field(None, ge=1, description="Most tokens to generate (older name).")
@@ -71,13 +86,14 @@ class ChatCompletionRequest(_Strict):
     response_format: Optional[ResponseFormat] = Field(
         None, description='{"type": "json_object"}: one JSON object; {"type": "json_schema", "json_schema": '
                           '{"name", "schema"}}: one value of the schema (structured outputs).')
-    seed: Optional[int] = Field(None, description="Seed for sampling; same seed, same output.")
-    stop: Union[str, list[str], None] = Field(None, description="Up to 4 strings that end generation.")
+    seed: Optional[int] = Field(None, ge=-INT64_MAX - 1, le=INT64_MAX,
+                                description="Seed for sampling (a 64-bit integer); same seed, same output.")
+    stop: Union[Text, list[Text], None] = Field(None, description="Up to 4 strings that end generation.")
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    user: Optional[str] = None
+    user: Optional[Text] = None
 
     @field_validator("stop")
     @classmethod
@@ -91,18 +107,19 @@ class ChatCompletionRequest(_Strict):
 
 
 class CompletionRequest(_Strict):
-    model: str
-    prompt: Union[str, list[str]]
+    model: Text
+    prompt: Union[Text, list[Text]]
     echo: Literal[False] = False
     max_tokens: Optional[int] = Field(16, ge=1, description="Most tokens to generate (OpenAI's default: 16).")
     n: int = Field(1, ge=1, le=MAX_N, description="Completions to generate for each prompt.")
-    seed: Optional[int] = Field(None, description="Seed for sampling; same seed, same output.")
-    stop: Union[str, list[str], None] = Field(None, description="Up to 4 strings that end generation.")
+    seed: Optional[int] = Field(None, ge=-INT64_MAX - 1, le=INT64_MAX,
+                                description="Seed for sampling (a 64-bit integer); same seed, same output.")
+    stop: Union[Text, list[Text], None] = Field(None, description="Up to 4 strings that end generation.")
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    user: Optional[str] = None
+    user: Optional[Text] = None
 
     @field_validator("stop")
     @classmethod
@@ -114,8 +131,8 @@ class CompletionRequest(_Strict):
 
 
 class AdapterRequest(_Strict):
-    name: str
-    path: str
+    name: Text
+    path: Text
 
 
 # ----------------------------------------------------------------------------- responses

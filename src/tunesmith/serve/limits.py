@@ -1,0 +1,81 @@
+"""The work one HTTP request may ask of the server, checked before any rendering or generation.
+
+Every limit is refused with OpenAI's error shape, a 400 whose `param` names the part of the
+request and whose `code` names the limit (docs/serving.md lists them). The engine's own
+bounds (a token budget per step, a bounded waiting queue answered with 429
+`server_overloaded`, one turn per request in admission) are in generate/engine.py.
+
+    python -c "from tunesmith.serve.limits import Limits, check_schema; check_schema({'type': 'object'}, Limits())"
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from tunesmith.serve.errors import APIError
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request bounds. Generous for honest clients (OpenAI's own limits fit inside)."""
+
+    max_prompts: int = 64
+    """Prompts in one /v1/completions request (`prompt` as a list)."""
+    max_choices: int = 128
+    """Rows one request may start: prompts x `n`."""
+    max_messages: int = 2048
+    """Messages in one chat request (OpenAI's limit too)."""
+    max_chars_per_token: int = 32
+    """The cheap length check: a prompt of more characters than the context times this
+    cannot fit (no tokenizer packs that many into one token), so it is refused unrendered."""
+    max_schema_nodes: int = 100_000
+    """JSON values in a response_format schema (OpenAI: at most 5,000 properties, 1,000
+    enum values, 15,000 enum characters; such a schema has far fewer nodes)."""
+    max_schema_depth: int = 64
+    """Nesting of a response_format schema, in JSON levels (OpenAI's 10 object levels are
+    about 20-30 JSON levels)."""
+
+
+def check_prompts(n_prompts: int, n: int, limits: Limits) -> None:
+    if n_prompts > limits.max_prompts:
+        raise APIError(400, f"'prompt' has {n_prompts} prompts; this server takes at most {limits.max_prompts} per "
+                            "request: split them over several requests", param="prompt", code="too_many_prompts")
+    if n_prompts * n > limits.max_choices:
+        raise APIError(400, f"{n_prompts} prompts x n={n} is {n_prompts * n} completions; this server makes at most "
+                            f"{limits.max_choices} per request: lower n or split the prompts",
+                       param="n", code="too_many_choices")
+
+
+def check_messages(n_messages: int, limits: Limits) -> None:
+    if n_messages > limits.max_messages:
+        raise APIError(400, f"'messages' has {n_messages} messages; this server takes at most {limits.max_messages}",
+                       param="messages", code="too_many_messages")
+
+
+def check_length(texts: Sequence[str], max_context: int, param: str, limits: Limits) -> None:
+    """Refuse, before any rendering or tokenizing, text that cannot fit the context."""
+    chars = sum(len(t) for t in texts)
+    if chars > max_context * limits.max_chars_per_token:
+        raise APIError(400, f"'{param}' is {chars:,} characters, far more than the model's context of {max_context} "
+                            "tokens can hold; shorten it", param=param, code="context_length_exceeded")
+
+
+def check_schema(schema: Any, limits: Limits, param: str = "response_format.json_schema.schema") -> None:
+    """Refuse a schema with more than max_schema_nodes values or nested deeper than
+    max_schema_depth, walking the raw dict without recursion (so depth itself is safe)."""
+    nodes = 0
+    stack: list[tuple[Any, int]] = [(schema, 1)]
+    while stack:
+        value, depth = stack.pop()
+        nodes += 1
+        if depth > limits.max_schema_depth:
+            raise APIError(400, f"the schema is nested more than {limits.max_schema_depth} levels deep; flatten it",
+                           param=param, code="schema_too_deep")
+        if nodes > limits.max_schema_nodes:
+            raise APIError(400, f"the schema has more than {limits.max_schema_nodes:,} values; make it smaller",
+                           param=param, code="schema_too_large")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
