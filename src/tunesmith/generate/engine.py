@@ -169,6 +169,9 @@ class LocalEngine:
         self._model_lock = threading.RLock()
         self._queue_cv = threading.Condition()
         self._waiting: list[_Seq] = []
+        self._turns = 0
+        self._last_turn: dict[Any, int] = {}
+        """Per waiting request, when it last had a row admitted (fair admission, see _admit)."""
         self._rows: list[_Seq] = []
         self._cache: Any = None
         self._mask: Any = None
@@ -424,14 +427,16 @@ class LocalEngine:
     def _admit(self) -> list[_Seq]:
         """The waiting rows that join the batch now (call with _queue_cv held): one row per
         waiting request in turn (oldest request first) while the step stays within
-        max_batch_rows and, padded to its longest row, max_batch_tokens. Stops at the first
+        max_batch_rows and, padded to its longest row, max_batch_tokens; requests that had a
+        row admitted least recently go first. Stops at the first
         row that does not fit, so a long row waits its turn instead of being passed forever."""
         running = [s for s in self._rows if not s.done]
         rows, widest = len(running), max((self._row_tokens(s) for s in running), default=0)
         turns: dict[Any, list[_Seq]] = {}
         for s in self._waiting:
             turns.setdefault(s.group, []).append(s)
-        queues = list(turns.values())
+        # Requests not yet served first (in arrival order), then the one served longest ago.
+        queues = sorted(turns.values(), key=lambda q: self._last_turn.get(q[0].group, -1))
         taken: list[_Seq] = []
         full = False
         while queues and not full:
@@ -442,6 +447,8 @@ class LocalEngine:
                     full = True
                     break
                 taken.append(q.pop(0))
+                self._turns += 1
+                self._last_turn[taken[-1].group] = self._turns
                 rows, widest = rows + 1, wide
                 if q:
                     later.append(q)
@@ -449,6 +456,8 @@ class LocalEngine:
         if taken:
             chosen = set(map(id, taken))
             self._waiting = [s for s in self._waiting if id(s) not in chosen]
+            still = {s.group for s in self._waiting}
+            self._last_turn = {g: t for g, t in self._last_turn.items() if g in still}
         return taken
 
     def _finish_if_cancelled(self, s: _Seq) -> bool:

@@ -1,0 +1,271 @@
+"""Issue 19: hostile requests on a live loopback server. Each test sends the hostile request
+while a normal streamed chat is in flight, and checks the status, the error's param and
+code, and that the normal chat still gets its whole answer."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from contextlib import contextmanager
+
+import httpx
+import pytest
+from serve_helpers import live_server, wait_until_idle
+
+from tunesmith.generate.engine import SamplingParams
+
+NORMAL = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@contextmanager
+def normal_chat(server: str, model: str = "alpha"):
+    """A normal streamed chat running in a thread; on exit, asserts it finished with text."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=120)
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            chunks = list(client.chat.completions.create(model=model, messages=NORMAL, max_tokens=24, temperature=0,
+                                                         stream=True))
+            result["finish"] = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+            result["text"] = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        except Exception as exc:  # reported by the assertion below
+            result["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join(timeout=120)
+    assert "error" not in result, result
+    assert result["finish"] in ("stop", "length") and (result["text"] or result["finish"] == "stop")
+
+
+def post(server: str, path: str, body, headers: dict | None = None, timeout: float = 120) -> httpx.Response:
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(server + path, content=content, timeout=timeout,
+                      headers={"content-type": "application/json", **(headers or {})})
+
+
+def error_of(resp: httpx.Response, status: int) -> dict:
+    assert resp.status_code == status, resp.text
+    return resp.json()["error"]
+
+
+def chat_body(engine, **extra) -> dict:
+    return {"model": engine.base_id, "messages": NORMAL, "max_tokens": 4, **extra}
+
+
+def test_a_near_zero_temperature_samples_greedily_and_fails_no_one(server, engine):
+    with normal_chat(server):
+        resp = post(server, "/v1/chat/completions", chat_body(engine, temperature=1e-300, n=2, max_tokens=6))
+    assert resp.status_code == 200, resp.text
+    greedy = post(server, "/v1/chat/completions", chat_body(engine, temperature=0, max_tokens=6)).json()
+    answers = [c["message"]["content"] for c in resp.json()["choices"]]
+    assert answers == [greedy["choices"][0]["message"]["content"]] * 2
+
+
+def test_a_bad_temperature_is_a_400_naming_it(server, engine):
+    with normal_chat(server):
+        err = error_of(post(server, "/v1/chat/completions", '{"model": "x", "messages": [], "temperature": NaN}'), 400)
+    assert err["param"] in ("messages", "temperature") and err["code"] == "invalid_parameter"
+    err = error_of(post(server, "/v1/chat/completions", chat_body(engine, temperature=float("inf"))), 400)
+    assert err["param"] == "temperature"
+
+
+def test_a_row_whose_sampling_fails_fails_alone(engine):
+    """A row whose sampling raises gets "error"; the other rows of the same step finish
+    normally. (HTTP validation lets no bad parameter through; a temperature that raises
+    when compared stands in for whatever bug might.)"""
+
+    class ExplodingTemperature(float):
+        def __ge__(self, other):
+            raise RuntimeError("a bug in sampling")
+
+    import queue
+
+    events: queue.Queue = queue.Queue()
+    ids = engine.render_chat(NORMAL)
+    bad = SamplingParams(8, ExplodingTemperature(1.0))
+    with engine._model_lock:  # both rows join the same step
+        engine.submit(ids, "alpha", SamplingParams(8, 0.0), lambda ev: events.put(("good", ev)))
+        engine.submit(ids, "alpha", bad, lambda ev: events.put(("bad", ev)))
+    ends = {}
+    while len(ends) < 2:
+        who, ev = events.get(timeout=60)
+        if ev.finish_reason:
+            ends[who] = ev.finish_reason
+    assert ends == {"good": "length", "bad": "error"}
+
+
+def test_many_short_messages_render_quickly_and_off_the_event_loop(server, engine):
+    messages = [{"role": "user" if k % 2 == 0 else "assistant", "content": f"m{k}"} for k in range(2001)]
+    health: list[int] = []
+
+    def poll_health() -> None:
+        health.append(httpx.get(server + "/health", timeout=30).status_code)
+
+    with normal_chat(server):
+        poller = threading.Thread(target=poll_health)
+        poller.start()
+        resp = post(server, "/v1/chat/completions", {"model": engine.base_id, "messages": messages, "max_tokens": 1})
+        poller.join()
+    # 2,001 messages are ~15k tokens, far over the tiny model's 512: refused after rendering
+    err = error_of(resp, 400)
+    assert err["code"] == "context_length_exceeded" and health == [200]
+    too_many = [{"role": "user", "content": "x"}] * 2049
+    with normal_chat(server):
+        err = error_of(post(server, "/v1/chat/completions", {"model": engine.base_id, "messages": too_many}), 400)
+    assert (err["param"], err["code"]) == ("messages", "too_many_messages")
+
+
+def test_prompts_and_prompts_times_n_are_bounded(server, engine):
+    with normal_chat(server):
+        err = error_of(post(server, "/v1/completions", {"model": engine.base_id, "prompt": ["a"] * 4096, "n": 8}), 400)
+        assert (err["param"], err["code"]) == ("prompt", "too_many_prompts")
+        err = error_of(post(server, "/v1/completions", {"model": engine.base_id, "prompt": ["a"] * 64, "n": 8}), 400)
+        assert (err["param"], err["code"]) == ("n", "too_many_choices")
+
+
+def test_text_too_long_for_the_context_is_refused_before_rendering(server, engine):
+    long = "a" * (engine.max_context * 32 + 1)
+    with normal_chat(server):
+        err = error_of(post(server, "/v1/chat/completions",
+                            {"model": engine.base_id, "messages": [{"role": "user", "content": long}]}), 400)
+        assert (err["param"], err["code"]) == ("messages", "context_length_exceeded")
+        err = error_of(post(server, "/v1/completions", {"model": engine.base_id, "prompt": long}), 400)
+        assert (err["param"], err["code"]) == ("prompt", "context_length_exceeded")
+
+
+def _nested(depth: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
+
+
+def _json_schema(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+
+
+def test_schema_size_and_depth_are_bounded(server, engine):
+    messages = [{"role": "user", "content": "Answer in JSON."}]
+    with normal_chat(server):
+        err = error_of(post(server, "/v1/chat/completions", {"model": engine.base_id, "messages": messages,
+                                                            "response_format": _json_schema(_nested(300))}), 400)
+        assert (err["param"], err["code"]) == ("response_format.json_schema.schema", "schema_too_deep")
+        huge = {"type": "string", "enum": [f"v{k}" for k in range(100_001)]}
+        err = error_of(post(server, "/v1/chat/completions", {"model": engine.base_id, "messages": messages,
+                                                            "response_format": _json_schema(huge)}), 400)
+        assert (err["param"], err["code"]) == ("response_format.json_schema.schema", "schema_too_large")
+
+
+def test_openai_sized_schemas_pass_the_size_check():
+    """OpenAI's documented limits (5,000 properties, 10 levels, 1,000 enum values of 15,000
+    characters in all) fit inside ours."""
+    from tunesmith.serve.limits import Limits, check_schema
+
+    wide = {"type": "object", "properties": {f"p{k}": {"type": "string", "description": "d"} for k in range(4000)}}
+    wide["properties"]["deep"] = _nested(9)
+    wide["properties"]["choice"] = {"type": "string", "enum": ["x" * 15 for _ in range(1000)]}
+    check_schema(wide, Limits())
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": [{"role": "user", "content": "caf\ud800"}]}, "messages[0].content"),
+    ({"model": "base\udfff"}, "model"),
+    ({"seed": 2**70}, "seed"),
+])
+def test_invalid_unicode_and_huge_seeds_are_400s(server, engine, body, param):
+    payload = {**chat_body(engine), **body}
+    with normal_chat(server):
+        # json.dumps writes the lone surrogate as its \ud800 escape, as a hostile client would
+        err = error_of(post(server, "/v1/chat/completions", payload), 400)
+    assert (err["param"], err["code"]) == (param, "invalid_parameter")
+
+
+def test_bodies_the_parser_refuses_are_400s(server, engine):
+    deep = '{"model": "x", "messages": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    number = '{"model": "x", "messages": [], "seed": 1' + "0" * 5000 + "}"
+    with normal_chat(server):
+        for body in (deep, number):
+            err = error_of(post(server, "/v1/chat/completions", body), 400)
+            assert err["code"] in ("invalid_body", "invalid_json", "invalid_parameter")
+
+
+@pytest.fixture(scope="module")
+def keyed_server(engine, tmp_path_factory):
+    from tunesmith.serve.app import create_app
+    from tunesmith.settings import Settings
+
+    with live_server(create_app(engine, Settings(home=tmp_path_factory.mktemp("home"), api_key="k"))) as url:
+        yield url
+
+
+def test_the_key_is_checked_before_the_body_and_on_the_schema(keyed_server):
+    err = error_of(post(keyed_server, "/v1/chat/completions", "{not json"), 401)
+    assert err["code"] == "invalid_api_key"
+    assert httpx.get(keyed_server + "/openapi.json").status_code == 401
+    assert httpx.get(keyed_server + "/openapi.json", headers={"Authorization": "Bearer k"}).status_code == 200
+    assert httpx.get(keyed_server + "/health").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def small_engine(tiny_model_dir):
+    """An engine that decodes one row at a time and lets two rows wait."""
+    from tunesmith.generate.engine import LocalEngine
+    from tunesmith.models.inference import load_for_inference
+
+    eng = LocalEngine(load_for_inference(str(tiny_model_dir)), max_batch_rows=1, max_waiting_rows=2)
+    yield eng
+    eng.close()
+
+
+def test_a_full_queue_is_a_429_with_retry_after(small_engine, tmp_path):
+    from tunesmith.serve.app import create_app
+    from tunesmith.settings import Settings
+
+    ids = small_engine.render_chat(NORMAL)
+    handles = []
+    with live_server(create_app(small_engine, Settings(home=tmp_path, api_key=None))) as url:
+        with small_engine._model_lock:  # hold the step: what is queued stays queued
+            handles.append(small_engine.submit(ids, small_engine.base_id, SamplingParams(4, 0.0), lambda ev: None))
+            while small_engine.stats()["waiting"]:  # the first row is taken into the held step
+                time.sleep(0.01)
+            for _ in range(2):
+                handles.append(small_engine.submit(ids, small_engine.base_id, SamplingParams(4, 0.0), lambda ev: None))
+            resp = post(url, "/v1/chat/completions", chat_body(small_engine))
+            err = error_of(resp, 429)
+            assert err["code"] == "server_overloaded" and resp.headers["retry-after"] == "1"
+        for h in handles:
+            h.cancel()
+        wait_until_idle(small_engine)
+        with normal_chat(url, model=small_engine.base_id):
+            pass
+
+
+def test_admission_takes_turns_between_requests(small_engine):
+    """Six rows of one request queued before one row of another: the small request is
+    admitted after the first big row, not after all six."""
+    import queue
+
+    ends: queue.Queue = queue.Queue()
+    ids = small_engine.render_chat(NORMAL)
+    big, small = object(), object()
+    eng = small_engine
+    eng._max_waiting = 100
+    try:
+        with eng._model_lock:
+            for k in range(6):
+                eng.submit(ids, eng.base_id, SamplingParams(3, 0.0), lambda ev, k=k: ev.finish_reason and ends.put(f"big{k}"),
+                           group=big)
+            eng.submit(ids, eng.base_id, SamplingParams(3, 0.0), lambda ev: ev.finish_reason and ends.put("small"),
+                       group=small)
+        order = [ends.get(timeout=60) for _ in range(7)]
+    finally:
+        eng._max_waiting = 2
+    assert order.index("small") <= 2, order
