@@ -37,7 +37,7 @@ class Server:
 
 
 @pytest.fixture
-def dashboard_server(_isolated_home, tiny_model_dir):
+def dashboard_server(_isolated_home, tiny_model_dir, tmp_path_factory):
     """Factory: `tunesmith serve`'s app (inference + jobs + dashboard) on the tiny model."""
     import openai
 
@@ -55,6 +55,7 @@ def dashboard_server(_isolated_home, tiny_model_dir):
         engine = LocalEngine.load(str(tiny_model_dir), list(adapters))
         cleanups.append(engine.close)
         service = JobsService(open_store(None), workers=workers, engine=engine,
+                              path_roots=(_isolated_home, tmp_path_factory.getbasetemp()),
                               worker_config=WorkerConfig(poll_interval_s=0.3, lease_s=10, stop_timeout_s=20))
         app = create_app(engine, Settings(home=_isolated_home, api_key=api_key), routers=[service.router])
         mount_dashboard(app)

@@ -14,7 +14,9 @@ def server(engine, tmp_path_factory) -> Iterator[str]:
     from tunesmith.serve.app import create_app
     from tunesmith.settings import Settings
 
-    settings = Settings(home=tmp_path_factory.mktemp("home"), api_key=None)
+    # Tests add adapters they make in their own tmp_path: all of pytest's temporary folders are allowed.
+    settings = Settings(home=tmp_path_factory.mktemp("home"), api_key=None,
+                        allowed_paths=(tmp_path_factory.getbasetemp(),))
     with live_server(create_app(engine, settings)) as url:
         yield url
 

@@ -216,7 +216,7 @@ def test_add_and_remove_adapter_over_http(client, server, engine, tiny_model_dir
     dup = httpx.post(server + "/v1/adapters", json={"name": "epsilon", "path": str(run_dir)})
     assert dup.status_code == 409 and _error(dup)["param"] == "name"
     bad = httpx.post(server + "/v1/adapters", json={"name": "zeta", "path": str(tmp_path / "missing")})
-    assert bad.status_code == 400 and "does not exist" in _error(bad)["message"]
+    assert bad.status_code == 400 and _error(bad)["code"] == "path_not_allowed"
     assert httpx.delete(server + "/v1/adapters/epsilon").json()["deleted"] is True
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="epsilon", messages=QUESTION, max_tokens=4)

@@ -107,3 +107,11 @@ def test_serve_rejects_a_bad_adapter_flag(tiny_model_dir):
     proc = subprocess.run(TUNESMITH + ["serve", "--model", str(tiny_model_dir), "--adapter", "no-equals-sign"],
                           capture_output=True, text=True, env=_env(), timeout=60)
     assert proc.returncode == 2 and "--adapter expects NAME=PATH" in proc.stderr
+
+
+def test_serve_refuses_a_network_host_without_a_key(tiny_model_dir):
+    env = {k: v for k, v in _env().items() if k != "TUNESMITH_API_KEY"}
+    proc = subprocess.run(TUNESMITH + ["serve", "--model", str(tiny_model_dir), "--host", "0.0.0.0"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2 and "TUNESMITH_API_KEY" in proc.stderr and "--insecure-no-key" in proc.stderr
+    assert "Traceback" not in proc.stderr and "loading" not in proc.stderr

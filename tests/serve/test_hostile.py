@@ -5,6 +5,7 @@ code, and that the normal chat still gets its whole answer."""
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from contextlib import contextmanager
@@ -269,3 +270,70 @@ def test_admission_takes_turns_between_requests(small_engine):
     finally:
         eng._max_waiting = 2
     assert order.index("small") <= 2, order
+
+
+@pytest.fixture(scope="module")
+def confined_server(engine, tmp_path_factory):
+    """A server whose clients may name paths only under its home."""
+    from tunesmith.serve.app import create_app
+    from tunesmith.settings import Settings
+
+    home = tmp_path_factory.mktemp("confined-home")
+    with live_server(create_app(engine, Settings(home=home, api_key=None))) as url:
+        yield url, home
+
+
+def test_adapter_paths_are_confined_with_one_message_for_missing_or_not_allowed(confined_server, adapter_dirs):
+    url, home = confined_server
+    (home / "escape").symlink_to(adapter_dirs["alpha"], target_is_directory=True)
+    messages = []
+    with normal_chat(url):
+        for path in (str(adapter_dirs["alpha"]), str(home / "escape"), str(home / "missing"), str(home / ".." / ".."),
+                     "/etc"):
+            err = error_of(post(url, "/v1/adapters", {"name": "intruder", "path": path}), 400)
+            assert (err["param"], err["code"]) == ("path", "path_not_allowed")
+            messages.append(err["message"].replace(path, "PATH"))
+    assert len(set(messages)) == 1
+
+
+def test_the_ft_namespace_is_reserved_for_jobs(confined_server, adapter_dirs):
+    url, home = confined_server
+    shutil.copytree(adapter_dirs["alpha"], home / "mine")
+    with normal_chat(url):
+        err = error_of(post(url, "/v1/adapters", {"name": "ft:base:team:ftjob-1", "path": str(home / "mine")}), 400)
+    assert (err["param"], err["code"]) == ("name", "reserved_name")
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda d: _edit_config(d, r=10**9), "rank"),
+    (lambda d: (d / "tunesmith_adapter.json").write_text("{not json"), "not valid JSON"),
+    (lambda d: (d / "adapter_model.safetensors").write_bytes((10**12).to_bytes(8, "little") + b"{}"),
+     "not a readable safetensors"),
+])
+def test_adapter_files_are_checked_before_any_allocation(confined_server, adapter_dirs, change, words):
+    url, home = confined_server
+    target = home / ("bad-" + words.replace(" ", "-"))
+    shutil.copytree(adapter_dirs["alpha"], target)
+    change(target)
+    with normal_chat(url):
+        err = error_of(post(url, "/v1/adapters", {"name": "bad", "path": str(target)}), 400)
+    assert words in err["message"]
+
+
+def _edit_config(adapter_dir, **changes) -> None:
+    path = adapter_dir / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_a_job_model_path_outside_the_roots_is_refused(engine, _isolated_home):
+    from tunesmith.jobs.store import open_store
+    from tunesmith.serve.app import create_app
+    from tunesmith.serve.jobs_api import JobsService
+    from tunesmith.settings import Settings
+
+    service = JobsService(open_store(), workers=0)
+    with live_server(create_app(engine, Settings(home=_isolated_home, api_key=None), routers=[service.router])) as url:
+        with normal_chat(url):
+            for model in ("/etc", str(_isolated_home / "nothing-here")):
+                err = error_of(post(url, "/v1/fine_tuning/jobs", {"model": model, "training_file": "file-x"}), 400)
+                assert (err["param"], err["code"]) == ("model", "path_not_allowed")

@@ -37,11 +37,26 @@ def serve_cmd(
     db: Optional[str] = typer.Option(None, "--db", help=DB_HELP),
     workers: int = typer.Option(1, "--workers", help="Fine-tuning job workers in this process (0: API only)."),
     max_upload_mb: float = typer.Option(512.0, "--max-upload-mb", help="Largest file /v1/files accepts, in MB."),
+    allow_path: Optional[list[Path]] = typer.Option(
+        None, "--allow-path", help="A folder besides $TUNESMITH_HOME whose models and adapters clients may name "
+        "over HTTP (repeatable)."
+    ),
+    insecure_no_key: bool = typer.Option(
+        False, "--insecure-no-key", help="Serve a non-loopback --host without an API key (anyone who reaches it "
+        "can use it)."
+    ),
 ) -> None:
     """OpenAI-compatible server for a base model and many adapters, with the fine-tuning jobs API."""
     import dataclasses
+    import os
+
+    from tunesmith.errors import UsageError
 
     pairs = _adapter_pairs(adapter or [])  # before the heavy imports: a typo fails at once
+    key = api_key or os.environ.get("TUNESMITH_API_KEY") or None
+    if not key and not insecure_no_key and not _is_loopback(host):
+        raise UsageError(f"--host {host} reaches beyond this machine, and no API key is set: set $TUNESMITH_API_KEY "
+                         "(kept out of `ps`, unlike --api-key), or pass --insecure-no-key to serve it open")
 
     import torch
     import uvicorn
@@ -55,6 +70,8 @@ def serve_cmd(
     settings = Settings.from_env()
     if api_key:
         settings = dataclasses.replace(settings, api_key=api_key)
+    if allow_path:
+        settings = dataclasses.replace(settings, allowed_paths=tuple(p.expanduser().resolve() for p in allow_path))
     typer.echo(f"loading {model} and {len(pairs)} adapter(s) ...", err=True)
     engine = LocalEngine.load(model, pairs)
     from tunesmith.serve.jobs_api import build_jobs_service
@@ -76,6 +93,17 @@ def serve_cmd(
         uvicorn.run(server_app, host=host, port=port, log_level="info")
     finally:
         engine.close()
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 def _adapter_pairs(specs: list[str]) -> list[tuple[str, str]]:

@@ -47,7 +47,7 @@ from tunesmith.generate.requests import (
     SamplingParams,
     UnknownModelError,
 )
-from tunesmith.models.adapters import adapter_meta
+from tunesmith.models.adapters import adapter_meta, check_shapes
 from tunesmith.models.inference import (
     LoadedModel,
     autocast,
@@ -235,6 +235,7 @@ class LocalEngine:
         if name == self.base_id or name == BASE_ROW:
             raise AdapterConflictError(f"adapter name '{name}' is the base model's id; choose another name")
         adapter_dir = find_adapter(path, self._identity)
+        check_shapes(adapter_dir, self._config)  # before peft allocates the adapter's weights
         with self._model_lock:
             if name in self._adapters:
                 state = "still finishing requests after removal" if name in self._draining else "already loaded"

@@ -12,6 +12,7 @@ records the base model's name and content hash.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from tunesmith.runs import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_DIR,
     ADAPTER_META_FILE,
+    ADAPTER_WEIGHTS_FILE,
     CHECKPOINTS_DIR,
     STEP_PREFIX,
     list_checkpoints,
@@ -58,7 +60,47 @@ def resolve_adapter(path: str | Path, checkpoint: str = "best") -> Path:
 
 def adapter_meta(adapter_dir: Path) -> dict[str, Any]:
     meta = adapter_dir / ADAPTER_META_FILE
-    return json.loads(meta.read_text()) if meta.is_file() else {}
+    return _json_object(meta) if meta.is_file() else {}
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """A JSON object file, or a UsageError saying what is wrong with it."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise UsageError(f"'{path}' is not valid JSON ({str(exc)[:120]}); re-save the adapter") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"'{path}' must hold a JSON object, not {type(value).__name__}; re-save the adapter")
+    return value
+
+
+def check_shapes(adapter_dir: Path, base_config: Any) -> None:
+    """Refuse, before peft allocates anything, an adapter whose shapes cannot belong to this
+    base: a rank wider than the model, or a tensor bigger than the base's largest weight
+    (its adapter_config.json and safetensors header are read, never the weights)."""
+    width = max(int(getattr(base_config, k, 0) or 0) for k in ("hidden_size", "intermediate_size"))
+    largest = width * max(width, int(getattr(base_config, "vocab_size", 0) or 0))
+    config = _json_object(adapter_dir / ADAPTER_CONFIG_FILE)
+    ranks = [config.get("r", 8), *dict(config.get("rank_pattern") or {}).values()]
+    for r in ranks:
+        if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= width:
+            raise UsageError(f"adapter '{adapter_dir}': rank {r!r} in {ADAPTER_CONFIG_FILE} does not fit a base "
+                             f"{width} wide; it was not trained on this base")
+    weights = adapter_dir / ADAPTER_WEIGHTS_FILE
+    try:
+        with open(weights, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            if size > 100_000_000:
+                raise ValueError(f"header of {size} bytes")
+            header = json.loads(fh.read(size))
+        shapes = [t["shape"] for name, t in header.items() if name != "__metadata__"]
+        numels = [math.prod(int(d) for d in shape) for shape in shapes]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise UsageError(f"adapter '{adapter_dir}': {ADAPTER_WEIGHTS_FILE} is not a readable safetensors file "
+                         f"({str(exc)[:120]})") from None
+    if any(n > largest for n in numels):
+        raise UsageError(f"adapter '{adapter_dir}' holds a tensor of {max(numels):,} values, more than this base's "
+                         f"largest weight ({largest:,}); it was not trained on this base")
 
 
 def check_base(adapter_dir: Path, base_identity: dict[str, Any]) -> None:

@@ -49,6 +49,7 @@ def create_app(engine: Engine, settings: Settings | None = None, routers: Sequen
     app.state.engine = engine
     app.state.api_key = settings.api_key
     app.state.limits = limits
+    app.state.path_roots = settings.path_roots()
     add_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     app.add_middleware(KeyGate, api_key=settings.api_key)  # added last: runs first
@@ -392,9 +393,13 @@ async def completions(req: p.CompletionRequest, request: Request, engine: Engine
 
 
 @adapters_router.post("/adapters", status_code=201)
-async def add_adapter(req: p.AdapterRequest, engine: Engine = Depends(get_engine)) -> p.ModelObject:
+async def add_adapter(req: p.AdapterRequest, request: Request, engine: Engine = Depends(get_engine)) -> p.ModelObject:
+    if req.name.startswith("ft:"):
+        raise APIError(400, f"adapter name '{req.name}': names starting with 'ft:' are reserved for the models "
+                            "fine-tuning jobs publish; choose another name", param="name", code="reserved_name")
+    path = lim.confined_path(req.path, request.app.state.path_roots, "path", "adapter")
     # Loading reads files and waits for the current step: keep it off the event loop.
-    card = await run_in_threadpool(engine.add_adapter, req.name, req.path)
+    card = await run_in_threadpool(engine.add_adapter, req.name, path)
     return _model_object(card)
 
 

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Sequence
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse
@@ -30,7 +30,7 @@ from tunesmith.errors import TunesmithError, UsageError
 from tunesmith.jobs.store import ACTIVE, JobStore, new_id, open_store
 from tunesmith.jobs.validation import check_file
 from tunesmith.jobs.worker import Worker, WorkerConfig
-from tunesmith.models.registry import resolve_model
+from tunesmith.models.registry import REGISTRY, resolve_model
 from tunesmith.serve.errors import APIError, KeyGate, add_error_handlers, require_api_key
 from tunesmith.serve.jobs_protocol import (
     DpoHyperparameters,
@@ -42,6 +42,7 @@ from tunesmith.serve.jobs_protocol import (
     job_object,
     page,
 )
+from tunesmith.serve.limits import confined_path
 from tunesmith.serve.uploads import receive_upload
 
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024 * 1024
@@ -95,8 +96,10 @@ class JobsService:
 
     def __init__(self, store: JobStore, workers: int = 1, worker_config: WorkerConfig = WorkerConfig(),
                  engine: Any | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, path_roots: Sequence[Path] | None = None):
         self.store = store
+        self.path_roots = tuple(path_roots) if path_roots is not None else (store.storage_root,)
+        """Where a job's `model`, given as a folder, must resolve (Settings.path_roots)."""
         self.n_workers = workers
         self.worker_config = worker_config
         self.max_upload_bytes = max_upload_bytes
@@ -246,8 +249,10 @@ class JobsService:
         return _validation_object(file_id, model, report)
 
     def _base_model(self, model: str) -> str:
-        """The base model a job on `model` trains (a fine-tuned model's base), checked to exist."""
-
+        """The base model a job on `model` trains (a fine-tuned model's base), checked to exist;
+        a folder only under the server's allowed roots (one answer for missing or not allowed)."""
+        if model not in REGISTRY and not model.startswith("ft:"):
+            model = str(confined_path(model, self.path_roots, "model", "model"))
         try:
             base, _ = self.store.base_and_adapter(model)
             resolve_model(base, home=self.store.storage_root)
@@ -422,4 +427,6 @@ def build_jobs_service(db: str | None, workers: int, engine: Any | None, max_upl
     if max_upload_mb <= 0:
         raise UsageError(f"--max-upload-mb must be positive, got {max_upload_mb}")
     store = open_store(db, settings)
-    return JobsService(store, workers=workers, engine=engine, max_upload_bytes=int(max_upload_mb * 1e6), log=log)
+    roots = settings.path_roots() if settings is not None else None
+    return JobsService(store, workers=workers, engine=engine, max_upload_bytes=int(max_upload_mb * 1e6), log=log,
+                       path_roots=roots)

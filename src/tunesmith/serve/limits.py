@@ -10,7 +10,9 @@ bounds (a token budget per step, a bounded waiting queue answered with 429
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 from tunesmith.serve.errors import APIError
@@ -79,3 +81,28 @@ def check_schema(schema: Any, limits: Limits, param: str = "response_format.json
             stack.extend((v, depth + 1) for v in value.values())
         elif isinstance(value, list):
             stack.extend((v, depth + 1) for v in value)
+
+
+# ----------------------------------------------------------------------------- paths from clients
+
+
+def confined_path(path: str, roots: Sequence[Path], param: str, what: str) -> Path:
+    """The real path of a client-named file or folder, if it exists under one of `roots`
+    ($TUNESMITH_HOME and the server's --allow-path folders), after every symlink and '..'.
+    Otherwise one 400 for both "missing" and "not allowed", so a client cannot learn
+    which paths exist on the server."""
+    try:
+        real = Path(os.path.realpath(Path(path).expanduser()))
+        allowed = any(real.is_relative_to(Path(os.path.realpath(r))) for r in roots) and real.exists()
+    except (OSError, ValueError):  # a NUL byte, a name too long: no such path either
+        allowed = False
+    if not allowed:
+        raise APIError(400, f"no {what} at '{path}' that this server may load (it is missing or outside the folders "
+                            "the server allows: $TUNESMITH_HOME and its --allow-path folders)",
+                       param=param, code="path_not_allowed")
+    return real
+
+
+def looks_like_path(spec: str) -> bool:
+    """Whether a model spec names a path rather than a registry name or an `ft:` model."""
+    return not spec.startswith("ft:") and ("/" in spec or "\\" in spec or spec.startswith((".", "~")))
