@@ -337,3 +337,37 @@ def test_a_job_model_path_outside_the_roots_is_refused(engine, _isolated_home):
             for model in ("/etc", str(_isolated_home / "nothing-here")):
                 err = error_of(post(url, "/v1/fine_tuning/jobs", {"model": model, "training_file": "file-x"}), 400)
                 assert (err["param"], err["code"]) == ("model", "path_not_allowed")
+
+
+def test_a_name_with_dots_is_served(confined_server, engine, adapter_dirs):
+    url, home = confined_server
+    shutil.copytree(adapter_dirs["beta"], home / "dotted")
+    with normal_chat(url):
+        resp = post(url, "/v1/adapters", {"name": "ft:Qwen2.5-0.5B-Instruct:v1.2:abc", "path": str(home / "dotted")})
+        assert resp.status_code == 400  # ft: is the publisher's; the engine takes the name itself:
+    engine.add_adapter("ft:Qwen2.5-0.5B-Instruct:v1.2:abc", home / "dotted")
+    try:
+        with normal_chat(url):
+            answer = post(url, "/v1/chat/completions", {"model": "ft:Qwen2.5-0.5B-Instruct:v1.2:abc",
+                                                        "messages": NORMAL, "max_tokens": 6, "temperature": 0})
+        beta = post(url, "/v1/chat/completions", {"model": "beta", "messages": NORMAL, "max_tokens": 6,
+                                                  "temperature": 0})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["message"]["content"] == beta.json()["choices"][0]["message"]["content"]
+    finally:
+        engine.remove_adapter("ft:Qwen2.5-0.5B-Instruct:v1.2:abc")
+
+
+def test_a_job_whose_model_name_could_not_be_served_is_refused_at_creation(engine, _isolated_home, tiny_model_dir):
+    from tunesmith.jobs.store import open_store
+    from tunesmith.serve.app import create_app
+    from tunesmith.serve.jobs_api import JobsService
+    from tunesmith.settings import Settings
+
+    shutil.copytree(tiny_model_dir, _isolated_home / "tiny model")
+    service = JobsService(open_store(), workers=0)
+    with live_server(create_app(engine, Settings(home=_isolated_home, api_key=None), routers=[service.router])) as url:
+        with normal_chat(url):
+            err = error_of(post(url, "/v1/fine_tuning/jobs", {"model": str(_isolated_home / "tiny model"),
+                                                              "training_file": "file-x"}), 400)
+    assert (err["param"], err["code"]) == ("model", "invalid_model_name")

@@ -70,12 +70,19 @@ max_tokens (the KV cache is left-padded to it), so 32 long prompts cannot exhaus
 A row alone is always admitted (its length is bounded by the context)."""
 MAX_WAITING_ROWS = 512
 """Rows `submit` lets wait for a place in the batch; beyond, EngineOverloaded (the server's 429)."""
-# ":" is allowed so fine-tuning jobs can serve their models as ft:<base>:<suffix>:<id>.
 MIN_TEMPERATURE = 1e-4
 """Below it a row samples greedily, the limit as the temperature goes to 0: dividing the
 logits by less can overflow them, and the probabilities would be NaN."""
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_:-]{0,127}$")
-"""No '.': peft keeps adapters in torch ModuleDicts, whose keys cannot contain one."""
+# ":" is allowed so fine-tuning jobs can serve their models as ft:<base>:<suffix>:<id>, and
+# "." for names such as Qwen2.5-0.5B-Instruct or a suffix v1.2.
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_:.-]{0,127}$")
+"""An adapter's public name; peft knows it by _peft_name."""
+
+
+def _peft_name(name: str) -> str:
+    """The name peft keeps an adapter under: torch's ModuleDict keys cannot hold '.', so it
+    becomes '~', a character public names never have (the mapping stays one to one)."""
+    return name.replace(".", "~")
 
 
 class Engine(Protocol):
@@ -227,7 +234,7 @@ class LocalEngine:
         """Load a LoRA adapter (run dir or adapter dir) onto the shared base, servable at once."""
         if not ADAPTER_NAME.match(name or ""):
             raise UsageError(
-                f"adapter name '{name}' is not allowed; use 1-64 letters, digits, '_' or '-', "
+                f"adapter name '{name}' is not allowed; use 1-128 letters, digits, '_', '-', '.' or ':', "
                 "starting with a letter or digit"
             )
         if name in "lora_":  # peft matches adapter names inside parameter names: "a" would hit "lora_A"
@@ -242,7 +249,7 @@ class LocalEngine:
                 raise AdapterConflictError(
                     f"adapter '{name}' is {state}; remove it first or choose another name"
                 )
-            self._peft = put_adapter(self._peft if self._peft is not None else self._base, adapter_dir, name,
+            self._peft = put_adapter(self._peft if self._peft is not None else self._base, adapter_dir, _peft_name(name),
                                      self.base_id)
             self._keep_active_adapter_valid()
             card = ModelCard(name, int(time.time()), parent=self.base_id, path=str(adapter_dir))
@@ -271,7 +278,7 @@ class LocalEngine:
         with self._queue_cv:
             in_use = {s.adapter for s in self._rows} | {s.adapter for s in self._waiting}
         for name in sorted(self._draining - in_use):
-            self._peft.delete_adapter(name)
+            self._peft.delete_adapter(_peft_name(name))
             del self._adapters[name]
             self._draining.discard(name)
             log.info("adapter %s removed", name)
@@ -472,7 +479,8 @@ class LocalEngine:
             return self._base(use_cache=True, **kwargs)
         names = {s.adapter for s in rows}
         if len(names) > 1:  # a mixed batch: peft splits each LoRA layer's input by row
-            return self._peft(adapter_names=[s.adapter or BASE_ROW for s in rows], use_cache=True, **kwargs)
+            return self._peft(adapter_names=[_peft_name(s.adapter) if s.adapter else BASE_ROW for s in rows],
+                              use_cache=True, **kwargs)
         # Every row on one model (eval's batches, one client's traffic): the plain forward,
         # without peft's per-row split, which made eval's adapter steps about 1.9x the base's.
         (name,) = names
@@ -480,7 +488,7 @@ class LocalEngine:
             with self._peft.disable_adapter():
                 return self._peft(use_cache=True, **kwargs)
         if self._activated != name:  # our own record: peft's can be stale (see above)
-            self._peft.set_adapter(name, inference_mode=True)
+            self._peft.set_adapter(_peft_name(name), inference_mode=True)
             self._activated = name
         return self._peft(use_cache=True, **kwargs)
 

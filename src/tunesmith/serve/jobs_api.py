@@ -27,9 +27,10 @@ from fastapi.responses import FileResponse
 
 from tunesmith.data.validate import validate_data
 from tunesmith.errors import TunesmithError, UsageError
+from tunesmith.generate.engine import ADAPTER_NAME
 from tunesmith.jobs.store import ACTIVE, JobStore, new_id, open_store
 from tunesmith.jobs.validation import check_file
-from tunesmith.jobs.worker import Worker, WorkerConfig
+from tunesmith.jobs.worker import Worker, WorkerConfig, ft_model_name
 from tunesmith.models.registry import REGISTRY, resolve_model
 from tunesmith.serve.errors import APIError, KeyGate, add_error_handlers, require_api_key
 from tunesmith.serve.jobs_protocol import (
@@ -284,6 +285,12 @@ class JobsService:
             raise APIError(400, "integrations are not supported by tunesmith; leave 'integrations' out",
                            param="integrations")
         self._base_model(body.model)  # a base model, or an earlier job's fine-tuned model to continue
+        job_id = new_id("ftjob")
+        name = ft_model_name(body.model, body.suffix, job_id)
+        if not ADAPTER_NAME.match(name):  # refused now, not once trained, when it could not be served
+            raise APIError(400, f"the fine-tuned model would be named '{name}', which cannot be served: a name takes "
+                                "letters, digits, '_', '-', '.' and ':' (at most 128); rename the model's folder or "
+                                "shorten the suffix", param="model", code="invalid_model_name")
         for param, file_id in (("training_file", body.training_file), ("validation_file", body.validation_file)):
             if file_id is None:
                 continue
@@ -294,7 +301,6 @@ class JobsService:
             if row["purpose"] != "fine-tune":
                 raise APIError(400, f"{param} '{file_id}' has purpose {row['purpose']}, not fine-tune",
                                code="invalid_file", param=param)
-        job_id = new_id("ftjob")
         row = self.store.create_job({
             "id": job_id, "model": body.model, "training_file": body.training_file,
             "validation_file": body.validation_file, "method": method, "suffix": body.suffix,
