@@ -288,3 +288,17 @@ def test_bundled_examples_are_valid(name, fmt, n):
     assert result.format == fmt and not result.errors and not result.warnings
     assert len(result.examples) + len(result.preferences) == n >= 10
     assert all(isinstance(e, (Example, PreferenceExample)) for e in result.examples + result.preferences)
+
+
+def test_hostile_lines_are_errors_at_their_line_not_tracebacks(tmp_path, monkeypatch):
+    """Issue 19: a 5,000-digit number, 100,000-deep nesting and a line longer than the reader
+    holds are each an error at their line; the good lines around them still parse."""
+    from tunesmith.data import formats
+
+    monkeypatch.setattr(formats, "MAX_LINE_BYTES", 300_000)  # the limit, small enough for a test
+    lines = [GOOD, '{"messages": ' + "1" * 5000 + "}", "[" * 100_000 + "]" * 100_000,
+             '{"messages": "' + "x" * 400_000 + '"}', GOOD]
+    result = read_data(write_lines(tmp_path / "d.jsonl", lines))
+    codes = {p.line: p.code for p in result.errors}
+    assert codes == {2: "invalid_json", 3: "invalid_json", 4: "line_too_long"}
+    assert [ex.line for ex in result.examples] == [1, 5]

@@ -371,3 +371,54 @@ def test_a_job_whose_model_name_could_not_be_served_is_refused_at_creation(engin
             err = error_of(post(url, "/v1/fine_tuning/jobs", {"model": str(_isolated_home / "tiny model"),
                                                               "training_file": "file-x"}), 400)
     assert (err["param"], err["code"]) == ("model", "invalid_model_name")
+
+
+@pytest.fixture(scope="module")
+def files_server(engine, tmp_path_factory):
+    """The inference API and the files API (1 MB upload limit) on one loopback server."""
+    from tunesmith.jobs.store import open_store
+    from tunesmith.serve.app import create_app
+    from tunesmith.serve.jobs_api import JobsService
+    from tunesmith.settings import Settings
+
+    home = tmp_path_factory.mktemp("files-home")
+    service = JobsService(open_store(f"sqlite:///{home / 'jobs.db'}"), workers=0, max_upload_bytes=1_000_000)
+    with live_server(create_app(engine, Settings(home=home, api_key=None), routers=[service.router])) as url:
+        yield url
+
+
+def _multipart(parts: list[tuple[str, bytes, str | None]], boundary: str = "bnd") -> bytes:
+    out = b""
+    for name, data, filename in parts:
+        disp = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        out += f"--{boundary}\r\nContent-Disposition: {disp}\r\n\r\n".encode() + data + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+def _upload(url: str, body: bytes, chunked: bool = False) -> httpx.Response:
+    # chunked: no Content-Length, so only the count while streaming can stop it
+    content = iter([body[i:i + 65536] for i in range(0, len(body), 65536)]) if chunked else body
+    return httpx.post(url + "/v1/files", content=content, timeout=120,
+                      headers={"content-type": "multipart/form-data; boundary=bnd"})
+
+
+def test_every_form_field_counts_toward_the_upload_limit(files_server):
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    fields = [(f"field{k}", b"x" * 60_000, None) for k in range(40)]  # 2.4 MB of fields, 1 MB limit
+    body = _multipart([("purpose", b"fine-tune", None), *fields, ("file", good.encode(), "t.jsonl")])
+    with normal_chat(files_server):
+        resp = _upload(files_server, body, chunked=True)
+        assert error_of(_upload(files_server, body), 413)["code"] == "file_too_large"  # as declared
+    err = error_of(resp, 413)
+    assert (err["param"], err["code"]) == ("file", "file_too_large")
+
+
+def test_a_hostile_upload_line_is_a_line_error_not_a_500(files_server):
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    lines = [good, '{"messages": ' + "1" * 5000 + "}", "[" * 100_000 + "]" * 100_000, good]
+    body = _multipart([("purpose", b"fine-tune", None), ("file", "\n".join(lines).encode(), "t.jsonl")])
+    with normal_chat(files_server):
+        resp = _upload(files_server, body)
+    assert resp.status_code == 200, resp.text
+    report = httpx.get(files_server + f"/v1/files/{resp.json()['id']}/validation").json()
+    assert {(e["line"], e["code"]) for e in report["errors"]} == {(2, "invalid_json"), (3, "invalid_json")}

@@ -56,13 +56,28 @@ DPO_INPUT_KEYS = ("messages", "tools", "parallel_tool_calls")
 # ----------------------------------------------------------------------------- lines
 
 
-def iter_lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
-    """Yield (line_no, text, decode_error) for each non-blank line, streaming.
+MAX_LINE_BYTES = 8 * 1024 * 1024
+"""Longest line read: far above any example that fits a context, and a one-line file of
+gigabytes is refused line by line instead of being read whole into memory."""
+LINE_TOO_LONG = f"the line is longer than {MAX_LINE_BYTES:,} bytes; one example per line, each far shorter"
 
-    Handles a UTF-8 BOM and CRLF endings; a line that is not UTF-8 yields its error.
+
+def iter_lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
+    """Yield (line_no, text, error) for each non-blank line, streaming, never holding more
+    than MAX_LINE_BYTES of one line.
+
+    Handles a UTF-8 BOM and CRLF endings; a line that is not UTF-8, or longer than
+    MAX_LINE_BYTES (LINE_TOO_LONG), yields its error.
     """
     with open(path, "rb") as fh:
-        for line_no, raw in enumerate(fh, start=1):
+        line_no = 0
+        while raw := fh.readline(MAX_LINE_BYTES + 1):
+            line_no += 1
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                while (more := fh.readline(1 << 20)) and not more.endswith(b"\n"):
+                    pass  # the rest of the line, read and dropped
+                yield line_no, None, LINE_TOO_LONG
+                continue
             if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
             raw = raw.rstrip(b"\r\n")
@@ -72,6 +87,19 @@ def iter_lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
                 yield line_no, raw.decode("utf-8"), None
             except UnicodeDecodeError as exc:
                 yield line_no, None, f"byte {exc.start + 1} of the line is not valid UTF-8 ({raw[exc.start:exc.start + 1]!r})"
+
+
+def load_json_line(text: str) -> Any:
+    """json.loads for one line, with every way it can fail as a json.JSONDecodeError: numbers
+    of thousands of digits and nesting deeper than Python's recursion raise others."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", text, 0) from None
+    except json.JSONDecodeError:
+        raise
+    except ValueError as exc:  # e.g. an integer over Python's 4,300-digit limit
+        raise json.JSONDecodeError(str(exc).split(";")[0], text, 0) from None
 
 
 def check_path(path: str | Path) -> Path:
@@ -100,7 +128,7 @@ def detect_format(path: Path) -> str:
         if err is not None:
             continue
         try:
-            obj = json.loads(text)
+            obj = load_json_line(text)
         except json.JSONDecodeError:
             continue
         if isinstance(obj, dict):
@@ -168,11 +196,14 @@ def _jsonl_records(path: Path, fmt: str) -> Iterator[Record]:
     for line_no, text, err in iter_lines(path):
         rec = Record(line_no, None)
         if err is not None:
-            rec.errors.append(Problem(line_no, "", "invalid_encoding", err + "; save the file as UTF-8"))
+            if err == LINE_TOO_LONG:
+                rec.errors.append(Problem(line_no, "", "line_too_long", err))
+            else:
+                rec.errors.append(Problem(line_no, "", "invalid_encoding", err + "; save the file as UTF-8"))
             yield rec
             continue
         try:
-            obj = json.loads(text)
+            obj = load_json_line(text)
         except json.JSONDecodeError as exc:
             hint = ""
             if line_no == 1 and text.lstrip().startswith("["):

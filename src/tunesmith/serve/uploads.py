@@ -22,6 +22,8 @@ from starlette.requests import Request
 from tunesmith.serve.errors import APIError
 
 MAX_FORM_FIELD_BYTES = 64 * 1024
+MAX_FORM_BYTES = 4 * MAX_FORM_FIELD_BYTES
+"""All of a body besides the file's bytes: the other fields, boundaries and part headers."""
 
 
 def clean_filename(raw: bytes | None) -> str:
@@ -35,7 +37,8 @@ async def receive_upload(request: Request, tmp_dir: Path, max_bytes: int) -> tup
     """Stream a multipart body: form fields into memory, the `file` part into a temp file.
 
     The size limit is checked on every chunk, so an oversized upload is refused (413) after
-    at most `max_bytes` were written, whatever Content-Length claimed; a malformed body is a 400.
+    at most `max_bytes` were written, whatever Content-Length claimed; the whole body, every
+    field included, may exceed it by MAX_FORM_BYTES at most. A malformed body is a 400.
     """
     from python_multipart.multipart import MultipartParser, parse_options_header
 
@@ -47,7 +50,7 @@ async def receive_upload(request: Request, tmp_dir: Path, max_bytes: int) -> tup
     too_large = APIError(413, f"the file is larger than this server's upload limit of {max_bytes:,} bytes; "
                               "split it or raise --max-upload-mb", param="file", code="file_too_large")
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_bytes + MAX_FORM_FIELD_BYTES:
+    if declared and declared.isdigit() and int(declared) > max_bytes + MAX_FORM_BYTES:
         raise too_large
 
     fields: dict[str, str] = {}
@@ -106,8 +109,14 @@ async def receive_upload(request: Request, tmp_dir: Path, max_bytes: int) -> tup
         "on_header_field": on_header_field, "on_header_value": on_header_value,
         "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
     })
+    received = 0
     try:
         async for chunk in request.stream():
+            # Every part counts: the file, the other fields and their headers (no more than
+            # MAX_FORM_BYTES besides the file), whatever Content-Length said.
+            received += len(chunk)
+            if received > max_bytes + MAX_FORM_BYTES:
+                raise too_large
             parser.write(chunk)
         parser.finalize()
     except BaseException:
