@@ -353,6 +353,23 @@ def render_prompt(tokenizer: Any, messages: Sequence[Message], tools: Any = None
     return _tokenize_segments(tokenizer, [segs])[0][0]
 
 
+def tokens_per_message(tokenizer: Any) -> dict[str, int]:
+    """The tokens the template adds around a user and an assistant message, measured with
+    empty content: a lower bound on what each such message costs a prompt, so that a
+    conversation that cannot fit the context is known without rendering it. A role the
+    template renders as nothing, or a template that cannot be probed, counts 0."""
+    def length(roles: str) -> int:
+        msgs = [Message("user" if r == "u" else "assistant", "") for r in roles]
+        return len(tokenizer(render_text(tokenizer, msgs), add_special_tokens=False)["input_ids"])
+
+    try:
+        user = length("uau") - length("ua")
+        assistant = length("uaua") - length("uau")
+    except (TemplateError, ValueError, TypeError):
+        return {}
+    return {"user": max(0, user), "assistant": max(0, assistant)}
+
+
 def end_of_turn_ids(tokenizer: Any) -> list[int]:
     """Token ids that end an assistant turn: the template's closing special token and EOS."""
     probe = [Message("user", "x"), Message("assistant", "y", train=True)]

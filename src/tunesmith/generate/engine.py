@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 from tunesmith.data.example import Message
-from tunesmith.data.render import end_of_turn_ids, render_prompt
+from tunesmith.data.render import end_of_turn_ids, render_prompt, tokens_per_message
 from tunesmith.errors import TunesmithError, UsageError
 from tunesmith.generate import batch
 from tunesmith.generate.json_mode import JsonAnswer
@@ -90,6 +90,7 @@ class Engine(Protocol):
 
     base_id: str
     max_context: int
+    message_tokens: dict[str, int]
 
     def models(self) -> list[ModelCard]: ...
     def stats(self) -> dict[str, int]: ...
@@ -164,6 +165,8 @@ class LocalEngine:
         self._tok = loaded.tokenizer
         self._identity = loaded.base_identity
         self._eot = set(end_of_turn_ids(loaded.tokenizer))
+        self.message_tokens = tokens_per_message(loaded.tokenizer)
+        """Per role, the fewest tokens a message adds to a prompt (the server's cheap length check)."""
         self._pad_id = pad_id(loaded.tokenizer)
         self._created = int(time.time())
         self._adapters: dict[str, ModelCard] = {

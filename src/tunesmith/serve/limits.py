@@ -63,6 +63,15 @@ def check_length(texts: Sequence[str], max_context: int, param: str, limits: Lim
                             "tokens can hold; shorten it", param=param, code="context_length_exceeded")
 
 
+def check_message_tokens(roles: Sequence[str], per_role: dict[str, int], max_context: int) -> None:
+    """Refuse, before rendering, a conversation whose messages alone (each at least what the
+    template wraps it in, `Engine.message_tokens`) cannot fit the context."""
+    floor = sum(per_role.get(r, 0) for r in roles)
+    if floor > max_context:
+        raise APIError(400, f"the {len(roles)} messages take at least {floor:,} tokens, more than the model's context "
+                            f"of {max_context}; send fewer", param="messages", code="context_length_exceeded")
+
+
 def check_schema(schema: Any, limits: Limits, param: str = "response_format.json_schema.schema") -> None:
     """Refuse a schema with more than max_schema_nodes values or nested deeper than
     max_schema_depth, walking the raw dict without recursion (so depth itself is safe)."""
