@@ -384,7 +384,8 @@ def files_server(engine, tmp_path_factory):
     home = tmp_path_factory.mktemp("files-home")
     service = JobsService(open_store(f"sqlite:///{home / 'jobs.db'}"), workers=0, max_upload_bytes=1_000_000)
     with live_server(create_app(engine, Settings(home=home, api_key=None), routers=[service.router])) as url:
-        yield url
+        service.url = url
+        yield service
 
 
 def _multipart(parts: list[tuple[str, bytes, str | None]], boundary: str = "bnd") -> bytes:
@@ -403,6 +404,7 @@ def _upload(url: str, body: bytes, chunked: bool = False) -> httpx.Response:
 
 
 def test_every_form_field_counts_toward_the_upload_limit(files_server):
+    files_server = files_server.url
     good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
     fields = [(f"field{k}", b"x" * 60_000, None) for k in range(40)]  # 2.4 MB of fields, 1 MB limit
     body = _multipart([("purpose", b"fine-tune", None), *fields, ("file", good.encode(), "t.jsonl")])
@@ -414,6 +416,7 @@ def test_every_form_field_counts_toward_the_upload_limit(files_server):
 
 
 def test_a_hostile_upload_line_is_a_line_error_not_a_500(files_server):
+    files_server = files_server.url
     good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
     lines = [good, '{"messages": ' + "1" * 5000 + "}", "[" * 100_000 + "]" * 100_000, good]
     body = _multipart([("purpose", b"fine-tune", None), ("file", "\n".join(lines).encode(), "t.jsonl")])
@@ -422,3 +425,54 @@ def test_a_hostile_upload_line_is_a_line_error_not_a_500(files_server):
     assert resp.status_code == 200, resp.text
     report = httpx.get(files_server + f"/v1/files/{resp.json()['id']}/validation").json()
     assert {(e["line"], e["code"]) for e in report["errors"]} == {(2, "invalid_json"), (3, "invalid_json")}
+
+
+GOOD_LINE = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+
+
+def _job_held_by_a_worker(service, model: str) -> str:
+    """A job created over HTTP, then running under worker "w1" (as a live worker holds it)."""
+    body = _multipart([("purpose", b"fine-tune", None), ("file", ("\n".join([GOOD_LINE] * 12)).encode(), "t.jsonl")])
+    file_id = _upload(service.url, body).json()["id"]
+    job = post(service.url, "/v1/fine_tuning/jobs", {"model": model, "training_file": file_id}).json()
+    claimed = service.store.claim_job("w1", lease_s=60)
+    assert claimed["id"] == job["id"]
+    service.store.transition(job["id"], ["validating_files"], "running", "Fine-tuning job started")
+    return job["id"]
+
+
+def test_pause_then_resume_before_the_worker_looks_does_not_run_the_job_twice(files_server, tiny_model_dir):
+    service = files_server
+    service.path_roots = (*service.path_roots, tiny_model_dir.parent)
+    job_id = _job_held_by_a_worker(service, str(tiny_model_dir))
+    with normal_chat(service.url):
+        assert post(service.url, f"/v1/fine_tuning/jobs/{job_id}/pause", {}).json()["status"] == "paused"
+        resumed = post(service.url, f"/v1/fine_tuning/jobs/{job_id}/resume", {}).json()
+    # Its worker, heartbeating next, finds it running and goes on; no other worker can claim it.
+    assert resumed["status"] == "running"
+    assert service.store.heartbeat(job_id, "w1") == "running"
+    assert service.store.claim_job("w2", lease_s=60) is None
+    service.store.transition(job_id, ["running"], "cancelled", "Job cancelled")
+
+
+def test_a_model_published_for_a_job_cancelled_before_it_succeeded_is_withdrawn(files_server, tiny_model_dir,
+                                                                                adapter_dirs, engine):
+    """The worker publishes before marking the job succeeded (so the model answers as soon as
+    the job says so); a cancel in between must not leave the cancelled job's model served."""
+    from tunesmith.jobs.worker import Worker
+
+    service = files_server
+    service.path_roots = (*service.path_roots, tiny_model_dir.parent)
+    job_id = _job_held_by_a_worker(service, str(tiny_model_dir))
+    publisher = service.publisher
+    publisher.engine = engine
+    name = f"ft:tiny::{job_id}"
+    worker = Worker(service.store, worker_id="w1", on_model_ready=publisher.publish, on_model_gone=publisher.unpublish)
+    with normal_chat(service.url):
+        publisher.publish(name, adapter_dirs["gamma"])  # what _finish does first ...
+        assert name in [m["id"] for m in httpx.get(service.url + "/v1/models").json()["data"]]
+        assert post(service.url, f"/v1/fine_tuning/jobs/{job_id}/cancel", {}).json()["status"] == "cancelled"
+        _, done = service.store.transition(job_id, ["running"], "succeeded", "done")  # ... then this, too late
+        assert not done
+        worker.on_model_gone(name)  # what _finish does when the transition did not happen
+    assert name not in [m["id"] for m in httpx.get(service.url + "/v1/models").json()["data"]]

@@ -91,11 +91,15 @@ class Worker:
     """One job at a time; `run(stop)` loops until `stop` is set."""
 
     def __init__(self, store: JobStore, config: WorkerConfig = WorkerConfig(), worker_id: str | None = None,
-                 on_model_ready: ModelReady | None = None, log: Callable[[str], None] | None = None):
+                 on_model_ready: ModelReady | None = None, log: Callable[[str], None] | None = None,
+                 on_model_gone: Callable[[str], None] | None = None):
         self.store = store
         self.config = config
         self.worker_id = worker_id or default_worker_id()
         self.on_model_ready = on_model_ready
+        self.on_model_gone = on_model_gone
+        """Called with a model's name when it was published but its job did not succeed
+        (cancelled between the publish and the status change): it must not stay served."""
         self.log = log or (lambda msg: print(f"[worker {self.worker_id}] {msg}", file=sys.stderr, flush=True))
 
     def run(self, stop: threading.Event) -> None:
@@ -152,8 +156,9 @@ class Worker:
                 vrow = self.store.get_file(job["validation_file"])
                 against = self.store.storage_root / vrow["path"] if vrow else None
             try:
-                check = check_file(self.store.storage_root / row["path"], model=base,
-                                   min_examples=MIN_EXAMPLES if param == "training_file" else 1, validation=against)
+                check = self._heartbeating(job["id"], check_file, self.store.storage_root / row["path"], model=base,
+                                           min_examples=MIN_EXAMPLES if param == "training_file" else 1,
+                                           validation=against)
             except TunesmithError as exc:  # e.g. the model is gone, or the file cannot be read at all
                 self._fail(job["id"], f"invalid_{param}", f"{param} {file_id}: {exc}", param)
                 return
@@ -182,6 +187,28 @@ class Worker:
             + (f", beta={hp['beta']}" if "beta" in hp else ""),
             method=method, worker_id=None, heartbeat_at=None,
         )
+
+    def _heartbeating(self, job_id: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """fn(*args, **kwargs) in a thread while this worker renews its lease on the job every
+        poll interval (validating a large file through a model can outlast the lease, and
+        another worker would then take the job over)."""
+        result: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                result["value"] = fn(*args, **kwargs)
+            except BaseException as exc:  # re-raised in the worker's thread below
+                result["error"] = exc
+
+        thread = threading.Thread(target=run, name=f"validate-{job_id}", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(self.config.poll_interval_s)
+            if thread.is_alive():
+                self.store.heartbeat(job_id, self.worker_id)
+        if "error" in result:
+            raise result["error"]
+        return result["value"]
 
     # ------------------------------------------------------------------ training
 
@@ -457,6 +484,8 @@ class Worker:
         )
         if done:
             self.store.add_event(job_id, "The job has successfully completed")
+        elif self.on_model_ready and self.on_model_gone:  # cancelled meanwhile: no model of it is served
+            self.on_model_gone(name)
 
     def _metrics_file(self, job_id: str, run_dir: Path) -> str:
         return self._store_result_file(job_id, "step_metrics.csv", metrics_csv(run_dir))

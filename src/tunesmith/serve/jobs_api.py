@@ -76,6 +76,20 @@ class ModelPublisher:
                 self.published.add(name)
                 self.log(f"could not load {name} from {path}: {exc}")
 
+    def unpublish(self, name: str) -> None:
+        """Stop serving a model published for a job that then did not succeed."""
+        if self.engine is None:
+            return
+        with self.lock:
+            if name not in self.published:
+                return
+            self.published.discard(name)
+            try:
+                self.engine.remove_adapter(name)
+                self.log(f"model {name} is no longer served: its job did not succeed")
+            except Exception as exc:
+                self.log(f"could not remove {name}: {exc}")
+
     def sync(self) -> None:
         for job in self.store.succeeded_jobs():
             self.publish_job(job)
@@ -119,7 +133,8 @@ class JobsService:
         self._stop.clear()
         self.publisher.sync()
         for i in range(self.n_workers):
-            worker = Worker(self.store, self.worker_config, on_model_ready=self.publisher.publish)
+            worker = Worker(self.store, self.worker_config, on_model_ready=self.publisher.publish,
+                            on_model_gone=self.publisher.unpublish)
             t = threading.Thread(target=worker.run, args=(self._stop,), name=f"jobs-worker-{i}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -349,9 +364,11 @@ class JobsService:
         return job_object(self._job(job_id))
 
     def resume_job(self, job_id: str) -> dict[str, Any]:
-        """Queue a paused job again; the next free worker continues it from its last checkpoint."""
-        self._job(job_id)
-        job, changed = self.store.transition(job_id, ("paused",), "queued", "Job resumed")
+        """Queue a paused job again; the next free worker continues it from its last checkpoint.
+        A job its worker still holds (resumed before the worker saw the pause) goes back to
+        running under that worker, instead of being queued for a second run of it."""
+        held = self._job(job_id)["worker_id"] is not None
+        job, changed = self.store.transition(job_id, ("paused",), "running" if held else "queued", "Job resumed")
         if not changed:
             raise APIError(400, f"job {job_id} is {job['status']}; only paused jobs can be resumed",
                            code="invalid_state")
