@@ -26,6 +26,7 @@ class RaisingEngine:
 
     base_id = "base"
     max_context = 64
+    message_tokens: dict = {}
 
     def __init__(self) -> None:
         self.error: Exception = RuntimeError("no error set")

@@ -301,7 +301,7 @@ async def chat_completions(req: p.ChatCompletionRequest, request: Request, engin
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(), "name": m.name}
                 for m in req.messages]
     lim.check_length([m["content"] for m in messages], engine.max_context, "messages", limits)
-    lim.check_message_tokens([m["role"] for m in messages], getattr(engine, "message_tokens", {}), engine.max_context)
+    lim.check_message_tokens([m["role"] for m in messages], engine.message_tokens, engine.max_context)
     # Rendering and tokenizing take time in the length of the conversation: off the event loop.
     prompt = await run_in_threadpool(engine.render_chat, messages)
     limit, limit_param = req.token_limit()
