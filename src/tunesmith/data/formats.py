@@ -56,7 +56,7 @@ DPO_INPUT_KEYS = ("messages", "tools", "parallel_tool_calls")
 # ----------------------------------------------------------------------------- lines
 
 
-MAX_LINE_BYTES = 8 * 1024 * 1024
+MAX_LINE_BYTES = 64 * 1024 * 1024
 """Longest line read: far above any example that fits a context, and a one-line file of
 gigabytes is refused line by line instead of being read whole into memory."""
 LINE_TOO_LONG = f"the line is longer than {MAX_LINE_BYTES:,} bytes; one example per line, each far shorter"
