@@ -48,7 +48,9 @@ def _stop(proc: subprocess.Popen) -> str:
 
 def test_serve_runs_jobs_and_a_restart_keeps_everything(_isolated_home, tiny_model_dir, tmp_path):
     port = _free_port()
-    proc = _start(["--model", str(tiny_model_dir), "--api-key", "k"], port)
+    # The jobs name the tiny model by its folder, outside the home: the operator allows it.
+    allow = ["--allow-path", str(tiny_model_dir.parent)]
+    proc = _start(["--model", str(tiny_model_dir), "--api-key", "k"] + allow, port)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0, timeout=60)
     try:
         f = client.files.create(file=open(write_chat_jsonl(tmp_path / "t.jsonl", n=12), "rb"), purpose="fine-tune")
@@ -69,7 +71,7 @@ def test_serve_runs_jobs_and_a_restart_keeps_everything(_isolated_home, tiny_mod
     assert "worker" in first_output.lower(), first_output  # the default --workers 1 started one
 
     # The same home, an API-only node this time: nothing is lost, the tuned model is served.
-    proc = _start(["--model", str(tiny_model_dir), "--api-key", "k", "--workers", "0"], port)
+    proc = _start(["--model", str(tiny_model_dir), "--api-key", "k", "--workers", "0"] + allow, port)
     try:
         assert sorted(x.id for x in client.files.list().data) == files_before
         assert client.files.content(f.id).text == (tmp_path / "t.jsonl").read_text()

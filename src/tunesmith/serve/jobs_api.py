@@ -43,7 +43,7 @@ from tunesmith.serve.jobs_protocol import (
     job_object,
     page,
 )
-from tunesmith.serve.limits import confined_path
+from tunesmith.serve.limits import confined_path, looks_like_path
 from tunesmith.serve.uploads import receive_upload
 
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024 * 1024
@@ -268,6 +268,10 @@ class JobsService:
         """The base model a job on `model` trains (a fine-tuned model's base), checked to exist;
         a folder only under the server's allowed roots (one answer for missing or not allowed)."""
         if model not in REGISTRY and not model.startswith("ft:"):
+            if not looks_like_path(model):  # never looked up relative to the server's directory
+                raise APIError(400, f"model '{model}' is neither a registry name ({', '.join(sorted(REGISTRY))}), a "
+                                    "fine-tuned model (ft:...) nor a folder path (with a '/')",
+                               code="model_not_found", param="model")
             model = str(confined_path(model, self.path_roots, "model", "model"))
         try:
             base, _ = self.store.base_and_adapter(model)

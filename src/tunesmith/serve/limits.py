@@ -114,4 +114,4 @@ def confined_path(path: str, roots: Sequence[Path], param: str, what: str) -> Pa
 
 def looks_like_path(spec: str) -> bool:
     """Whether a model spec names a path rather than a registry name or an `ft:` model."""
-    return not spec.startswith("ft:") and ("/" in spec or "\\" in spec or spec.startswith((".", "~")))
+    return not spec.startswith("ft:") and ("/" in spec or os.sep in spec)
