@@ -262,8 +262,8 @@ def test_admission_takes_turns_between_requests(small_engine):
     try:
         with eng._model_lock:
             for k in range(6):
-                eng.submit(ids, eng.base_id, SamplingParams(3, 0.0), lambda ev, k=k: ev.finish_reason and ends.put(f"big{k}"),
-                           group=big)
+                eng.submit(ids, eng.base_id, SamplingParams(3, 0.0),
+                           lambda ev, k=k: ev.finish_reason and ends.put(f"big{k}"), group=big)
             eng.submit(ids, eng.base_id, SamplingParams(3, 0.0), lambda ev: ev.finish_reason and ends.put("small"),
                        group=small)
         order = [ends.get(timeout=60) for _ in range(7)]

@@ -154,8 +154,12 @@ _NOT_PREFIX_STABLE = ("the model's chat template renders earlier turns different
                       "assistant turns cannot be located; use a template without history-dependent rendering")
 
 
+Span = tuple[int, int, int, bool]
+"""An assistant turn: (message index, start, trained end, ends in a special token)."""
+
+
 def _rendered_span(tokenizer: Any, messages: Sequence[Message], dicts: list[dict], tools: Any,
-                   add_generation_prompt: bool, full: str, specials: Sequence[str], i: int) -> tuple[int, int, int, bool]:
+                   add_generation_prompt: bool, full: str, specials: Sequence[str], i: int) -> Span:
     """Assistant turn i by rendering the conversation up to it (with the generation prompt)
     and up to its end: (i, start, trained end, ends in a special token). Exact for any
     template, and as costly as the turn's prefix."""
@@ -181,7 +185,7 @@ def _rendered_span(tokenizer: Any, messages: Sequence[Message], dicts: list[dict
 
 
 def _marked_spans(tokenizer: Any, messages: Sequence[Message], dicts: list[dict], tools: Any,
-                  add_generation_prompt: bool, full: str, specials: Sequence[str]) -> list[tuple[int, int, int, bool]] | None:
+                  add_generation_prompt: bool, full: str, specials: Sequence[str]) -> list[Span] | None:
     """Every assistant turn's span from one more render, in which each message's content
     starts with a unique marker: a turn starts where its content does and is trained through
     the special tokens that follow it. None when that render, markers removed, differs from
