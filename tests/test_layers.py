@@ -4,7 +4,7 @@ Floors (docs/architecture.md explains each package's role):
 
     0  errors, settings, fileio, runs   the run directory's layout, named once
     1  models                           registry, loading, adapters, export
-    2  data                             formats, templates, validation
+    2  data | graders                   formats, templates, validation | graders (OpenAI's shapes)
     3  generate | train                 the one engine | the training loop (never each other)
     4  evaluate | distill               metrics, reports, strategies | teacher data (never each
                                         other; both generate through generate/, never train)
@@ -34,7 +34,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "tunesmith"
 FLOORS = {
     "errors": 0, "settings": 0, "fileio": 0, "runs": 0, "__init__": 0,
     "models": 1,
-    "data": 2,
+    "data": 2, "graders": 2,
     "generate": 3, "train": 3,
     "evaluate": 4, "distill": 4,
     "flows": 5,
@@ -42,7 +42,7 @@ FLOORS = {
     "serve": 7, "dashboard": 7,
     "cli": 8, "__main__": 8,
 }
-SIBLINGS_APART = [{"generate", "train"}, {"evaluate", "distill"}]
+SIBLINGS_APART = [{"generate", "train"}, {"evaluate", "distill"}, {"data", "graders"}]
 """Packages on the same floor that must not import each other."""
 NEVER = {"evaluate": "train", "distill": "train", "dashboard": "serve"}
 """Packages a package must not use although its floor allows it: evaluation and
