@@ -39,12 +39,13 @@ def _default_key() -> str:
     return os.environ.get("OPENAI_API_KEY") or "unused"
 
 
-class JudgeAnswerError(Exception):
-    """The judge answered, but not a usable score or label (OpenAI's model_grader_parse_error)."""
-
-
-class JudgeRefusal(JudgeAnswerError):
-    """The judge refused to answer (model_grader_refusal_error)."""
+@dataclass
+class JudgeAnswer:
+    score: float | None
+    """None: the answer is not a usable score or label (`problem` says why)."""
+    tokens: dict[str, int]
+    problem: str | None = None
+    refused: bool = False
 
 
 def score_schema() -> dict[str, Any]:
@@ -58,14 +59,16 @@ def label_schema(labels: list[str]) -> dict[str, Any]:
 
 
 def ask_judge(client: Any, grader: ScoreModelGrader | LabelModelGrader, sample: dict[str, Any],
-              item: Any) -> tuple[float, dict[str, int]]:
+              item: Any) -> JudgeAnswer:
     """The judge's score (score_model: within `range`; label_model: 1 for a passing label, else
-    0) and its token usage. Raises TemplateError, JudgeAnswerError, or the openai client's errors."""
+    0) and its token usage, or what is wrong with its answer. Raises TemplateError or the openai
+    client's errors (the endpoint failed)."""
     messages = [{"role": m.role, "content": render(m.text(), sample, item)} for m in grader.input]
     if isinstance(grader, ScoreModelGrader):
         schema, kwargs = score_schema(), _sampling(grader)
     else:
-        schema, kwargs = label_schema(grader.labels), {}
+        # label_model has no sampling_params: asked greedily, the same answer gives the same label.
+        schema, kwargs = label_schema(grader.labels), {"temperature": 0}
     response = client.chat.completions.create(
         model=grader.model, messages=messages,
         response_format={"type": "json_schema", "json_schema": {"name": "grade", "schema": schema, "strict": True}},
@@ -76,19 +79,19 @@ def ask_judge(client: Any, grader: ScoreModelGrader | LabelModelGrader, sample: 
               "total_tokens": usage.total_tokens} if usage else {}
     message = response.choices[0].message
     if getattr(message, "refusal", None):
-        raise JudgeRefusal(f"the judge refused: {message.refusal}")
+        return JudgeAnswer(None, tokens, f"the judge refused: {message.refusal}", refused=True)
     try:
         result = json.loads(message.content or "")["result"]
     except (ValueError, KeyError, TypeError):
-        raise JudgeAnswerError(f"the judge's answer is not {{\"result\": ...}}: {(message.content or '')[:200]!r}") from None
+        return JudgeAnswer(None, tokens, f"the judge's answer is not {{\"result\": ...}}: {(message.content or '')[:200]!r}")
     if isinstance(grader, LabelModelGrader):
         if result not in grader.labels:
-            raise JudgeAnswerError(f"the judge's label {result!r} is not one of {grader.labels}")
-        return float(result in grader.passing_labels), tokens
+            return JudgeAnswer(None, tokens, f"the judge's label {result!r} is not one of {grader.labels}")
+        return JudgeAnswer(float(result in grader.passing_labels), tokens)
     low, high = grader.range or [0.0, 1.0]
     if isinstance(result, bool) or not isinstance(result, (int, float)) or not low <= result <= high:
-        raise JudgeAnswerError(f"the judge's score {result!r} is not a number in [{low:g}, {high:g}]")
-    return float(result), tokens
+        return JudgeAnswer(None, tokens, f"the judge's score {result!r} is not a number in [{low:g}, {high:g}]")
+    return JudgeAnswer(float(result), tokens)
 
 
 def _sampling(grader: ScoreModelGrader) -> dict[str, Any]:

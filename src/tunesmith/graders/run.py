@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tunesmith.graders.formula import FormulaError, evaluate, parse_formula
-from tunesmith.graders.judge import Endpoint, JudgeAnswerError, JudgeRefusal, ask_judge
+from tunesmith.graders.judge import Endpoint, ask_judge
 from tunesmith.graders.python_sandbox import PythonLimits, PythonSandbox
 from tunesmith.graders.similarity import similarity
 from tunesmith.graders.templates import TemplateError, build_sample, check_template, render
@@ -43,7 +43,7 @@ def validate_grader(grader: Any, param: str = "grader", limits: PythonLimits = P
         try:
             parse_formula(grader.calculate_output, frozenset(grader.graders))
         except FormulaError as exc:
-            raise GraderError(str(exc), f"{param}.calculate_output") from None
+            raise GraderError(f"{param}.{exc}", f"{param}.calculate_output") from None  # exc starts "calculate_output"
         for name, sub in grader.graders.items():
             validate_grader(sub, f"{param}.graders.{name}", limits)
         return
@@ -197,23 +197,20 @@ class Grading:
         if self._client is None:
             self._client = self.endpoint.client()
         try:
-            score, tokens = ask_judge(self._client, grader, sample, item)
-        except JudgeRefusal as exc:
-            result.errors["model_grader_refusal_error"] = True
-            result.errors["model_grader_refusal_details"] = str(exc)
-            return 0.0
-        except JudgeAnswerError as exc:
-            result.errors["model_grader_parse_error"] = True
-            result.errors["model_grader_parse_details"] = str(exc)
-            return 0.0
+            answer = ask_judge(self._client, grader, sample, item)
         except openai.OpenAIError as exc:
             result.errors["model_grader_server_error"] = True
             result.errors["model_grader_server_error_details"] = f"{grader.model}: {type(exc).__name__}: {exc}"[:500]
             return 0.0
         usage = result.token_usage.setdefault(grader.model, {})
-        for k, v in tokens.items():
+        for k, v in answer.tokens.items():
             usage[k] = usage.get(k, 0) + v
-        return score
+        if answer.score is None:
+            kind = "model_grader_refusal" if answer.refused else "model_grader_parse"
+            result.errors[f"{kind}_error"] = True
+            result.errors[f"{kind}_details"] = answer.problem
+            return 0.0
+        return answer.score
 
     def close(self) -> None:
         for sandbox in self._sandboxes.values():

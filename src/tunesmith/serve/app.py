@@ -29,6 +29,7 @@ from tunesmith.generate.json_schema import SchemaError, compile_schema
 from tunesmith.serve import limits as lim
 from tunesmith.serve import protocol as p
 from tunesmith.serve.errors import APIError, KeyGate, add_error_handlers, require_api_key
+from tunesmith.serve.graders_api import build_graders_router
 from tunesmith.settings import Settings
 
 log = logging.getLogger("tunesmith.serve")
@@ -54,7 +55,7 @@ def create_app(engine: Engine, settings: Settings | None = None, routers: Sequen
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     app.add_middleware(KeyGate, api_key=settings.api_key)  # added last: runs first
     app.include_router(health_router)
-    for router in (models_router, completions_router, adapters_router, *routers):
+    for router in (models_router, completions_router, adapters_router, build_graders_router(), *routers):
         app.include_router(router, dependencies=[Depends(require_api_key)])
     return app
 

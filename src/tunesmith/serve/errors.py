@@ -8,6 +8,7 @@ jobs routes answer the same exception with the same status:
 
 - a request body or query that does not validate: 400 naming the first bad `param`;
 - the engine's queue full (`EngineOverloaded`): 429 `server_overloaded` with `Retry-After`;
+- a malformed grader (`GraderError`): 400 whose `param` names the field;
 - `ModelNotFoundError`: 404 `model_not_found`; an adapter name already taken: 409;
   any other `UsageError` or `DataError`: 400 with its sentence;
 - anything else (a `TunesmithError` that is not the request's fault, a bug): 500 with a
@@ -30,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunesmith.errors import DataError, ModelNotFoundError, TunesmithError, UsageError
 from tunesmith.generate.engine import AdapterConflictError, EngineOverloaded
+from tunesmith.graders.types import GraderError
 from tunesmith.serve.protocol import ErrorBody, ErrorResponse
 
 log = logging.getLogger("tunesmith.serve")
@@ -102,6 +104,8 @@ def error_from_tunesmith(exc: TunesmithError) -> APIError:
         return APIError(429, str(exc), code="server_overloaded", retry_after_s=exc.retry_after_s)
     if isinstance(exc, ModelNotFoundError):
         return APIError(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, GraderError):  # param names the grader's field, as OpenAI's does
+        return APIError(400, str(exc), param=exc.param, code="invalid_grader")
     if isinstance(exc, AdapterConflictError):
         return APIError(409, str(exc), param="name", code="conflict")
     if isinstance(exc, (UsageError, DataError)):  # e.g. a chat template refusing the conversation

@@ -225,3 +225,21 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+# ----------------------------------------------------------------------------- graders
+
+
+class GraderValidateRequest(_Strict):
+    """POST /v1/fine_tuning/alpha/graders/validate. The grader is read by graders.types, so
+    that an error names its field as `grader.<field>`."""
+
+    grader: dict[str, Any]
+
+
+class GraderRunRequest(_Strict):
+    """POST /v1/fine_tuning/alpha/graders/run."""
+
+    grader: dict[str, Any]
+    model_sample: str = Field(description="The answer graded: sample.output_text, and sample.output_json when it is JSON.")
+    item: Any = Field(None, description="The dataset row: the item namespace of templates and python graders.")
