@@ -13,6 +13,7 @@ from typing import Optional
 import typer
 
 from tunesmith.cli.common import log
+from tunesmith.cli.graders import JUDGE_API_KEY_HELP, JUDGE_BASE_URL_HELP
 from tunesmith.models.registry import DEFAULT_MODEL
 
 # eval and compare share these options, so they say the same thing on both.
@@ -81,11 +82,21 @@ def eval_cmd(
     report: bool = typer.Option(False, "--report", help=REPORT_HELP),
     json_mode: bool = typer.Option(False, "--json-mode", help=JSON_MODE_HELP),
     json_schema: Optional[Path] = typer.Option(None, "--json-schema", help=JSON_SCHEMA_HELP),
+    grader: Optional[Path] = typer.Option(
+        None, "--grader", help="Also score each answer with this grader (JSON, OpenAI's shape); the item is "
+                               "{input, reference, line}. Reports the mean and per-row scores."),
+    judge_base_url: Optional[str] = typer.Option(None, "--judge-base-url", help=JUDGE_BASE_URL_HELP),
+    judge_api_key: Optional[str] = typer.Option(None, "--judge-api-key", help=JUDGE_API_KEY_HELP),
 ) -> None:
     """Evaluate a model or adapter on held-out data."""
-    from tunesmith.evaluate.evaluation import evaluate, print_eval
+    from tunesmith.evaluate.evaluation import evaluate, print_eval, write_eval
 
     schema = _answer_schema(json_mode, json_schema)
+    spec = None
+    if grader is not None:  # a bad grader fails before the model loads
+        from tunesmith.graders.files import load_grader
+
+        spec = load_grader(grader)
     out = out or _default_out(adapter, "eval")
     result = evaluate(
         model, data, adapter=adapter, metric=metric, out=out, max_new_tokens=max_new_tokens,
@@ -93,6 +104,17 @@ def eval_cmd(
         output_column=output_column, system=system, limit=limit, json_schema=schema, log=log,
     )
     print_eval(result)
+    if spec is not None:
+        from tunesmith.evaluate.grading import grade_eval
+        from tunesmith.graders.files import format_summary
+        from tunesmith.graders.judge import Endpoint
+
+        summary = grade_eval(result, spec, Endpoint(judge_base_url, judge_api_key))
+        for row in result.predictions:
+            why = f"  grader error: {row['grader_error']}" if row["grader_error"] else ""
+            typer.echo(f"line {row['line']}: {row['grader_reward']:.4f}{why}")
+        typer.echo(format_summary(summary))
+        write_eval(out, result)
     log(f"wrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}")
     if report:
         from tunesmith.evaluate.report import build_report
