@@ -37,6 +37,12 @@ def grade(sample, item):
         os._exit(3)
     if kind == "pid":
         return float(os.getpid())
+    if kind == "burn":
+        import time
+        end = time.process_time() + item["cpu_s"]
+        while time.process_time() < end:
+            pass
+        return 1.0
     print("graders may print; it never reaches the protocol")
     return 1.0 if sample["output_text"] == item["answer"] else 0.0
 '''
@@ -78,6 +84,13 @@ def test_the_cpu_limit_is_the_kernels():
     with grading(limits) as g:
         failed = g.run("x", {"kind": "hang"})
         assert "SIGXCPU" in failed.errors["python_grader_runtime_error_details"]
+
+
+def test_a_child_is_retired_before_earlier_samples_use_up_its_cpu_budget():
+    limits = PythonLimits(timeout_s=30, cpu_s=2, memory_bytes=1024**3, start_timeout_s=30)
+    with grading(limits) as g:
+        results = [g.run("x", {"kind": "burn", "cpu_s": 0.6}) for _ in range(5)]  # 3 s of CPU in all
+        assert [r.reward for r in results] == [1.0] * 5, [r.errors for r in results]
 
 
 def test_the_grader_has_no_network():

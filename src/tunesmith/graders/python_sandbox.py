@@ -5,7 +5,7 @@ empty temporary folder with a bare environment; the child (`sandbox_child.py`) e
 user and network namespace and lowers its rlimits before the grader's code runs, so no code
 it runs can reach a network or raise them back. Here the parent keeps a wall-clock timeout
 per sample. One child grades many samples (starting Python per sample costs more than most
-graders); a sample that raises, hangs past the timeout, crashes the child, or returns NaN or
+graders) until it has used half its CPU budget; a sample that raises, hangs past the timeout, crashes the child, or returns NaN or
 a non-number scores nothing and says why, and the next sample gets a fresh child.
 
 Where user namespaces are not allowed (some containers), a python grader fails with that
@@ -40,7 +40,8 @@ class PythonLimits:
     timeout_s: float = 120.0
     """Wall-clock time for one sample (the parent kills the child past it)."""
     cpu_s: int = 120
-    """CPU seconds for one child's life (RLIMIT_CPU); it grades samples until it runs out."""
+    """CPU seconds for one child's life (RLIMIT_CPU); a child that has used half is replaced, so
+    every sample has at least half of it."""
     memory_bytes: int = 2 * 1024**3
     """Address space (RLIMIT_AS)."""
     file_bytes: int = 1024**3
@@ -81,6 +82,10 @@ class PythonSandbox:
         reply = self._read(self.limits.timeout_s)
         if reply is None:
             return self._fail(self._why_gone(f"timed out after {self.limits.timeout_s:g} s"))
+        if reply.get("cpu_s", 0) > self.limits.cpu_s / 2:
+            # RLIMIT_CPU counts a child's whole life: retire it while every sample still has
+            # at least half the budget, rather than let a later sample die of earlier ones.
+            self.close()
         if "error" in reply:
             return Outcome(None, reply["error"])
         score = reply.get("score")

@@ -56,11 +56,14 @@ def main():
         try:
             score = grade(request["sample"], request["item"])
             if isinstance(score, bool) or not isinstance(score, (int, float)):
-                send({"error": "grade() returned %s, not a number" % type(score).__name__})
+                reply = {"error": "grade() returned %s, not a number" % type(score).__name__}
             else:
-                send({"score": float(score)})
+                reply = {"score": float(score)}
         except BaseException:
-            send({"error": traceback.format_exc(limit=-3)[-2000:]})
+            reply = {"error": traceback.format_exc(limit=-3)[-2000:]}
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        reply["cpu_s"] = usage.ru_utime + usage.ru_stime  # the parent retires a child past half its budget
+        send(reply)
 
 
 main()
