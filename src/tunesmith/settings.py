@@ -15,6 +15,10 @@ class Settings:
     """Key the server requires when set ($TUNESMITH_API_KEY)."""
     allowed_paths: tuple[Path, ...] = ()
     """Folders besides `home` whose models and adapters HTTP clients may name (--allow-path)."""
+    python_graders: bool = False
+    """Whether HTTP clients may run python graders (--allow-python-graders): their code runs
+    without network and within CPU and memory limits, but can read what the server's user
+    can read (docs/rft.md), so a server runs them only when its operator says so."""
 
     def path_roots(self) -> tuple[Path, ...]:
         """Where paths that HTTP clients name must resolve: home, then the allowed folders."""

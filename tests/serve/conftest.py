@@ -14,9 +14,10 @@ def server(engine, tmp_path_factory) -> Iterator[str]:
     from tunesmith.serve.app import create_app
     from tunesmith.settings import Settings
 
-    # Tests add adapters they make in their own tmp_path: all of pytest's temporary folders are allowed.
+    # Tests add adapters they make in their own tmp_path: all of pytest's temporary folders are
+    # allowed; the graders tests run python graders, which a server runs only when allowed.
     settings = Settings(home=tmp_path_factory.mktemp("home"), api_key=None,
-                        allowed_paths=(tmp_path_factory.getbasetemp(),))
+                        allowed_paths=(tmp_path_factory.getbasetemp(),), python_graders=True)
     with live_server(create_app(engine, settings)) as url:
         yield url
 

@@ -135,3 +135,39 @@ def test_an_unreachable_judge_is_a_grader_error(client):
     result = client.fine_tuning.alpha.graders.run(grader=grader, model_sample="x", item={})
     assert result.reward == 0.0 and result.metadata.errors.model_grader_server_error is True
     assert "no-such-model" in result.metadata.errors.model_grader_server_error_details
+
+
+def test_python_graders_are_off_unless_the_operator_allows_them(engine, tmp_path):
+    """Their code could read the server's files: a default server refuses them (also inside
+    multi), with a 400 naming the grader; other graders still run there."""
+    from openai import OpenAI
+    from serve_helpers import live_server
+
+    from tunesmith.serve.app import create_app
+    from tunesmith.settings import Settings
+
+    with live_server(create_app(engine, Settings(home=tmp_path, api_key=None))) as url:
+        plain = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        with pytest.raises(openai.BadRequestError) as exc:
+            plain.fine_tuning.alpha.graders.run(grader=PYTHON, model_sample=SAMPLE, item=ITEM)
+        assert exc.value.body["param"] == "grader.type" and "--allow-python-graders" in exc.value.body["message"]
+        multi = {"type": "multi", "name": "both", "graders": {"label": LABEL, "short": PYTHON},
+                 "calculate_output": "label * short"}
+        with pytest.raises(openai.BadRequestError) as exc:
+            plain.fine_tuning.alpha.graders.validate(grader=multi)
+        assert exc.value.body["param"] == "grader.graders.short.type"
+        assert plain.fine_tuning.alpha.graders.run(grader=LABEL, model_sample=SAMPLE, item=ITEM).reward == 1.0
+
+
+def test_the_judge_is_asked_at_the_servers_own_address_not_the_host_header(server, engine):
+    """A client's Host header must not send the judge call (with the server's key) elsewhere."""
+    import httpx
+
+    grader = {"type": "label_model", "name": "judge", "model": engine.base_id,
+              "input": [{"role": "user", "content": "Is {{sample.output_text}} a fruit?"}],
+              "labels": ["yes", "no"], "passing_labels": ["yes"]}
+    response = httpx.post(server + "/v1/fine_tuning/alpha/graders/run", headers={"Host": "judge.invalid:9"},
+                          json={"grader": grader, "model_sample": "apple", "item": {}}, timeout=120)
+    assert response.status_code == 200, response.text
+    errors = response.json()["metadata"]["errors"]
+    assert errors["model_grader_server_error"] is False, errors

@@ -45,6 +45,10 @@ def serve_cmd(
         False, "--insecure-no-key", help="Serve a non-loopback --host without an API key (anyone who reaches it "
         "can use it)."
     ),
+    allow_python_graders: bool = typer.Option(
+        False, "--allow-python-graders", help="Let API clients run python graders: no network, CPU and memory "
+        "limited, but their code can read the files this server's user can (docs/rft.md)."
+    ),
 ) -> None:
     """OpenAI-compatible server for a base model and many adapters, with the fine-tuning jobs API."""
     import dataclasses
@@ -72,6 +76,8 @@ def serve_cmd(
         settings = dataclasses.replace(settings, api_key=api_key)
     if allow_path:
         settings = dataclasses.replace(settings, allowed_paths=tuple(p.expanduser().resolve() for p in allow_path))
+    if allow_python_graders:
+        settings = dataclasses.replace(settings, python_graders=True)
     typer.echo(f"loading {model} and {len(pairs)} adapter(s) ...", err=True)
     engine = LocalEngine.load(model, pairs)
     from tunesmith.serve.jobs_api import build_jobs_service
