@@ -57,8 +57,8 @@ def load_for_inference(
     """Load a base model (registry name, HF directory or .gguf; None: the default) and
     optionally a trained adapter (a run directory or an adapter directory).
 
-    weights="int8" stores every linear layer of the base, the LM head included, as int8
-    before any adapter goes on it (models/int8.py); the embeddings, norms and adapters stay fp32.
+    weights="int8" stores every linear layer of the base but the LM head as int8 before any
+    adapter goes on it (models/int8.py); the LM head, embeddings, norms and adapters stay fp32.
 
     Refused before any weights load: a model without a chat template (every prompt is
     rendered with it, as in training), an adapter trained on another base, an adapter not
