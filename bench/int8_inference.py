@@ -3,6 +3,7 @@ decode speed (issue 24, part 4).
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python bench/int8_inference.py --rows 48
     .venv/bin/python bench/int8_inference.py --rows 48 --adapter runs/demo/run   # with an adapter
+    OMP_NUM_THREADS=1 .venv/bin/python bench/int8_inference.py --kernels   # the matmul kernels alone
 
 The rows are the demo's held-out rows (the first 4 test rows of every intent,
 flows.demo.write_heldout), `--rows` of them taken evenly over the intents, asked with the
@@ -63,6 +64,41 @@ def decode_rates(models: dict, prompt_ids: list[list[int]], rows: int, steps: in
     return {name: rows * steps / spent[name] for name in models}
 
 
+def kernels(rows_list=(1, 8, 16, 32, 720), out_features: int = 1536, in_features: int = 576) -> None:
+    """ms per matmul of each candidate kernel for one weight shape (SmolLM2's gate/up)."""
+    import torch
+    import torch.nn.functional as F
+
+    from tunesmith.models.int8 import quantize_weight
+
+    def ms(fn, n: int = 20) -> float:
+        fn()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t) / n * 1e3
+
+    torch.manual_seed(0)
+    w = torch.randn(out_features, in_features) * 0.05
+    q, scale = quantize_weight(w)
+    q_t = q.t().contiguous()
+    print(f"[{out_features} x {in_features}], ms per matmul\n| rows | fp32 | int8pack, fp32 x | dequantize + fp32 | "
+          "int8pack, bf16 x | _int_mm (W8A8) |\n|---|---|---|---|---|---|")
+    for rows in rows_list:
+        x = torch.randn(rows, in_features)
+
+        def w8a8():
+            x_scale = x.abs().amax(1, keepdim=True) / 127
+            x_q = torch.round(x / x_scale).clamp(-127, 127).to(torch.int8)
+            return torch._int_mm(x_q, q_t).float() * x_scale * scale
+
+        cells = [ms(lambda: F.linear(x, w)), ms(lambda: torch.ops.aten._weight_int8pack_mm(x, q, scale)),
+                 ms(lambda: F.linear(x, q.float()) * scale),
+                 ms(lambda: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q, scale.bfloat16()))]
+        cells.append(ms(w8a8) if rows > 16 else float("nan"))  # _int_mm wants more than 16 rows
+        print(f"| {rows} | " + " | ".join(f"{c:.3f}" for c in cells) + " |", flush=True)
+
+
 def main() -> None:
     import torch
 
@@ -76,7 +112,11 @@ def main() -> None:
     p.add_argument("--adapter", default=None)
     p.add_argument("--batch-sizes", default="1,16")
     p.add_argument("--steps", type=int, default=16, help="Decode steps timed per batch size.")
+    p.add_argument("--kernels", action="store_true", help="Only time the candidate matmul kernels.")
     args = p.parse_args()
+    if args.kernels:
+        kernels()
+        return
     prompts = heldout_prompts(args.rows)
     print(f"{len(prompts)} held-out rows, {torch.get_num_threads()} torch thread(s), "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}", flush=True)
