@@ -11,7 +11,7 @@ The matmul y = x W^T runs two ways, chosen by what the call needs:
   weight gets no gradient; the LoRA path beside it is ordinary fp32 autograd.
 - for inference (no autograd): up to PACKED_MAX_ROWS rows (decode steps), torch's int8
   weight kernel `_weight_int8pack_mm`, which reads a quarter of fp32's bytes; its
-  activations are bf16 (its fp32 form was 4-30x slower than fp32 itself, measured in
+  activations are bf16 (its fp32 form was 4-60x slower than fp32 itself, measured in
   docs/benchmarks.md). Above that (prefill, eval's loss), the same sum written as
   dequantize + fp32 matmul with x and y rounded to bf16 as the kernel rounds them, so an
   answer does not depend on how many rows were decoded beside it.
