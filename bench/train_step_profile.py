@@ -3,6 +3,7 @@
     HF_HUB_OFFLINE=1 nice .venv/bin/python bench/train_step_profile.py --profile
     HF_HUB_OFFLINE=1 nice .venv/bin/python bench/train_step_profile.py --ab rows16,rows64 --rounds 4
     HF_HUB_OFFLINE=1 nice .venv/bin/python bench/train_step_profile.py --compile --ab rows16 --rounds 200  # drift?
+    HF_HUB_OFFLINE=1 nice .venv/bin/python bench/train_step_profile.py --precision fp32 --ab rows16,int8 --parity 20
 
 --compile compiles the layers first (as `tunesmith train --compile on`; the warm-up step
 compiles). --profile runs torch.profiler over one LoRA step (SmolLM2-135M, r=16 all linear, packed
@@ -17,10 +18,15 @@ every variant alike) and prints trained-sequence tokens/s per variant:
              the explicit grouped one (train.model.GROUPED_ATTENTION_MAX_LEN = 0)
   noprefix   the same 16 rows with the common prefix (system prompt, template header)
              computed once per example instead of once per step (collate share_prefix=False)
+  int8       the same 16 rows on a copy of the model whose frozen base linear layers (the LM head
+             stays fp32) are int8 (models/int8.py: dequantized in forward and input-gradient)
 Every variant counts the tokens of the rows it trains on (what TRL's tokens/s counts too),
 so a variant that computes fewer of them shows as faster. --system demo gives every row the
 demo's system prompt (as `tunesmith demo` trains); without it the template's default one.
 Prints the machine (CPU class, threads) and the precision first.
+--parity N trains N AdamW steps (lr 1e-3, 16 rows each, the same rows for both) on the model and on
+its int8 copy from the same LoRA initialisation and prints both losses at every step.
+--precision fp32|bf16 overrides the run's automatic choice (bf16 where the CPU has it).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from pathlib import Path
 DATA = Path(__file__).resolve().parents[1] / "data" / "banking77" / "train.csv"
 
 
-def setup(n_rows: int, system: str | None = None):
+def setup(n_rows: int, system: str | None = None, precision: str = "auto"):
     import torch
 
     from tunesmith.data.formats import ColumnMapping
@@ -51,7 +57,7 @@ def setup(n_rows: int, system: str | None = None):
         w = csv.DictWriter(fh, fieldnames=["text", "category"])
         w.writeheader()
         w.writerows({"text": r["text"], "category": r["category"]} for r in rows)
-    cfg = TrainConfig(data=path, output_column="category", max_seq_len=128, system=system)
+    cfg = TrainConfig(data=path, output_column="category", max_seq_len=128, system=system, precision=precision)
     ref = resolve_model(cfg.model)
     tok = load_tokenizer(ref)
     examples, _ = td.render_and_filter(tok, td.load_examples(path, None, ColumnMapping("text", "category", system)), 128, str(path))
@@ -84,7 +90,18 @@ def profile(model, examples, dtype, pad_id) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
 
 
-def ab(model, examples, dtype, pad_id, variants: list[str], rounds: int) -> None:
+def int8_copy(model):
+    """The model with its frozen base linear layers in int8, LoRA weights as they are now."""
+    import copy
+
+    from tunesmith.models.int8 import quantize_frozen_linears
+
+    twin = copy.deepcopy(model)
+    print(f"int8: {quantize_frozen_linears(twin)} linear layers quantized", flush=True)
+    return twin
+
+
+def ab(model, examples, dtype, pad_id, variants: list[str], rounds: int, twin=None) -> None:
     import torch
 
     from tunesmith.train import model as tm
@@ -104,7 +121,7 @@ def ab(model, examples, dtype, pad_id, variants: list[str], rounds: int) -> None
             chunk = [examples[(offset + i) % len(examples)] for i in range(n)]
             offset += n
             t = time.perf_counter()
-            tokens = step(model, chunk, dtype, pad_id, share_prefix=v != "noprefix")
+            tokens = step(twin if v == "int8" else model, chunk, dtype, pad_id, share_prefix=v != "noprefix")
             rates[v].append(tokens / (time.perf_counter() - t))
         print(f"round {r + 1}: " + ", ".join(f"{v} {rates[v][-1]:.0f}" for v in variants), flush=True)
     torch.set_num_threads(default_threads)
@@ -115,20 +132,54 @@ def ab(model, examples, dtype, pad_id, variants: list[str], rounds: int) -> None
         print(f"| {v} | {statistics.median(rates[v]):.0f} | {len(rates[v])} |")
 
 
+def parity(models: dict, examples, dtype, pad_id, steps: int) -> None:
+    """Train each model `steps` AdamW steps on the same rows; print the losses side by side."""
+    import torch
+
+    from tunesmith.train import data as td
+    from tunesmith.train.model import forward_loss
+
+    losses: dict[str, list[float]] = {}
+    rates: dict[str, float] = {}
+    for name, m in models.items():
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+        losses[name], tokens, t = [], 0, time.perf_counter()
+        for s in range(steps):
+            batch = td.collate(examples[16 * s:16 * (s + 1)], True, pad_id, share_prefix=True)
+            loss, n, _ = forward_loss(m, batch, dtype)
+            (loss / n).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses[name].append(loss.item() / n)
+            tokens += batch["tokens"]
+        rates[name] = tokens / (time.perf_counter() - t)
+        print(f"{name}: {steps} steps at {rates[name]:.0f} tokens/s (one after the other, not interleaved)", flush=True)
+    names = list(models)
+    print("| step | " + " | ".join(f"{n} loss" for n in names) + " | difference |\n|---|" + "---|" * (len(names) + 1))
+    for s in range(steps):
+        row = [losses[n][s] for n in names]
+        print(f"| {s + 1} | " + " | ".join(f"{x:.4f}" for x in row) + f" | {row[-1] - row[0]:+.4f} |")
+    diffs = [abs(losses[names[-1]][s] - losses[names[0]][s]) for s in range(steps)]
+    print(f"largest |difference| {max(diffs):.4f}, mean {statistics.mean(diffs):.4f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--profile", action="store_true")
-    p.add_argument("--ab", default="", help="Comma-separated variants: rowsN, threads1, peftcast, sdpa, noprefix.")
+    p.add_argument("--ab", default="", help="Comma-separated variants: rowsN, threads1, peftcast, sdpa, noprefix, int8.")
     p.add_argument("--system", choices=["default", "demo"], default="default",
                    help="The rows' system prompt: the template's default one, or the demo's.")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--compile", action="store_true", help="Compile the layers first, as --compile on does.")
+    p.add_argument("--parity", type=int, default=0, help="Train this many steps on fp32 and int8 bases; print losses.")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     args = p.parse_args()
     from tunesmith.flows.demo import SYSTEM
     from tunesmith.models.hardware import detect_machine
 
-    model, examples, dtype, pad_id = setup(1000, SYSTEM if args.system == "demo" else None)
+    model, examples, dtype, pad_id = setup(1000, SYSTEM if args.system == "demo" else None, args.precision)
     print(f"machine: {detect_machine().describe()}; precision {str(dtype).replace('torch.', '')}", flush=True)
+    twin = int8_copy(model) if args.parity or "int8" in args.ab.split(",") else None
     if args.compile:
         from tunesmith.train.model import compile_layers
 
@@ -136,7 +187,10 @@ def main() -> None:
     if args.profile:
         profile(model, examples, dtype, pad_id)
     if args.ab:
-        ab(model, examples, dtype, pad_id, args.ab.split(","), args.rounds)
+        ab(model, examples, dtype, pad_id, args.ab.split(","), args.rounds, twin)
+    if args.parity:
+        parity({f"{str(dtype).replace('torch.', '')} base": model, "int8 base": twin}, examples, dtype, pad_id,
+               args.parity)
 
 
 if __name__ == "__main__":

@@ -206,3 +206,30 @@ def test_eval_and_compare_hold_answers_to_a_json_schema(tiny_model_dir, tmp_path
     schema_file.write_text("label: card_arrival\n")  # YAML, not JSON
     bad = run_cli("eval", "--model", tiny_model_dir, "--data", test, "--json-schema", schema_file)
     assert bad.returncode == 2 and "is not JSON" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_eval_and_compare_with_int8_weights_say_so(tiny_model_dir, tmp_path):
+    test = write_label_csv(tmp_path / "test.csv", 4, "t")
+    proc = run_cli("eval", "--model", tiny_model_dir, "--data", test, "--out", tmp_path / "ev",
+                   "--max-new-tokens", "3", "--weights", "int8")
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["weights"] == "int8" and m["n_examples"] == 4 and m["loss"] > 0
+    train = write_label_csv(tmp_path / "train.csv", 6, "q")
+    proc = run_cli("compare", "--model", tiny_model_dir, "--train", train, "--test", test, "--shots", "1",
+                   "--adapter", make_adapter(tiny_model_dir, tmp_path / "adapter"), "--max-new-tokens", "2",
+                   "--out", tmp_path / "cmp", "--weights", "int8")
+    assert proc.returncode == 0, proc.stderr
+    c = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    folders = [tmp_path / "cmp" / s["folder"] for s in c["strategies"]]
+    assert len(folders) == 4
+    assert all(json.loads((f / "metrics.json").read_text())["weights"] == "int8" for f in folders)
+
+
+def test_unknown_weights_are_one_sentence(tiny_model_dir, tmp_path):
+    test = write_label_csv(tmp_path / "test.csv", 2, "t")
+    for cmd in (["eval", "--data", test], ["compare", "--train", test, "--test", test, "--train-adapter"]):
+        proc = run_cli(*cmd, "--model", tiny_model_dir, "--weights", "int4", "--out", tmp_path / "x")
+        assert proc.returncode == 2, proc.stderr
+        assert "unknown --weights 'int4'; accepted: fp32, int8" in proc.stderr and "Traceback" not in proc.stderr
+        assert not (tmp_path / "x").exists()  # refused before any work (compare would have trained first)

@@ -37,6 +37,28 @@ def test_chat_with_a_pipe_prints_the_answer(tiny_model_dir, adapter_dirs, engine
     assert "Loading weights" not in proc.stderr  # transformers' load bar is not tunesmith's output
 
 
+def test_chat_with_int8_weights_answers_as_the_int8_engine(tiny_model_dir, adapter_dirs):
+    from tunesmith.generate.engine import LocalEngine
+
+    question = "What is the capital of France?"
+    proc = subprocess.run(
+        TUNESMITH + ["chat", "--model", str(tiny_model_dir), "--adapter", str(adapter_dirs["beta"]),
+                     "--temperature", "0", "--max-tokens", "12", "--weights", "int8"],
+        input=question + "\n", capture_output=True, text=True, env=_env(), timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    engine = LocalEngine.load(str(tiny_model_dir), [("beta", adapter_dirs["beta"])], weights="int8")
+    try:
+        ids = engine.render_chat([{"role": "user", "content": question}])
+        want, _, _ = engine.generate(ids, "beta", SamplingParams(12, 0.0))
+    finally:
+        engine.close()
+    assert proc.stdout == want + "\n"
+    bad = subprocess.run(TUNESMITH + ["chat", "--model", str(tiny_model_dir), "--weights", "fp16"], input="hi\n",
+                         capture_output=True, text=True, env=_env(), timeout=120)
+    assert bad.returncode == 2 and "unknown --weights 'fp16'" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_chat_without_input_says_so(tiny_model_dir):
     proc = subprocess.run(TUNESMITH + ["chat", "--model", str(tiny_model_dir)], input="", capture_output=True,
                           text=True, env=_env(), timeout=120)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import typer
 
 PROMPT_COLUMN_HELP = "CSV/TSV column holding the prompt."
+WEIGHTS_HELP = ("How the base's linear layers are stored: fp32, or int8 (one scale per output channel; the LM head "
+                "and adapters stay fp32; decode reads less than half the bytes, an answer may differ from fp32's).")
 
 
 def log(msg: str) -> None:

@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from tunesmith.cli.common import log
+from tunesmith.cli.common import WEIGHTS_HELP, log
 from tunesmith.cli.graders import JUDGE_API_KEY_HELP, JUDGE_BASE_URL_HELP
 from tunesmith.models.registry import DEFAULT_MODEL
 
@@ -74,6 +74,7 @@ def eval_cmd(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help=MAX_NEW_TOKENS_HELP),
     batch_size: int = typer.Option(16, "--batch-size", help=BATCH_SIZE_HELP),
     precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
+    weights: str = typer.Option("fp32", "--weights", help=WEIGHTS_HELP),
     format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
     input_column: str = typer.Option("text", "--input-column", help=INPUT_COLUMN_HELP),
     output_column: Optional[str] = typer.Option(None, "--output-column", help=OUTPUT_COLUMN_HELP),
@@ -101,7 +102,7 @@ def eval_cmd(
     result = evaluate(
         model, data, adapter=adapter, metric=metric, out=out, max_new_tokens=max_new_tokens,
         batch_size=batch_size, precision=precision, format=format, input_column=input_column,
-        output_column=output_column, system=system, limit=limit, json_schema=schema, log=log,
+        output_column=output_column, system=system, limit=limit, json_schema=schema, weights=weights, log=log,
     )
     print_eval(result)
     if spec is not None:
@@ -135,6 +136,7 @@ def compare_cmd(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help=MAX_NEW_TOKENS_HELP),
     batch_size: int = typer.Option(16, "--batch-size", help=BATCH_SIZE_HELP),
     precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
+    weights: str = typer.Option("fp32", "--weights", help=WEIGHTS_HELP),
     format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
     input_column: str = typer.Option("text", "--input-column", help=INPUT_COLUMN_HELP),
     output_column: Optional[str] = typer.Option(None, "--output-column", help=OUTPUT_COLUMN_HELP),
@@ -160,7 +162,7 @@ def compare_cmd(
         batch_size=batch_size, precision=precision, format=format, input_column=input_column,
         output_column=output_column, system=system, limit=limit, teacher_model=teacher_model,
         teacher_base_url=teacher_base_url, teacher_api_key=teacher_api_key,
-        teacher_price_per_million=teacher_price_per_million, json_schema=schema, log=log,
+        teacher_price_per_million=teacher_price_per_million, json_schema=schema, weights=weights, log=log,
     )
     print_comparison(result)
     log(f"wrote {out / 'compare.json'}")

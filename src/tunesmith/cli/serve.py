@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 
+from tunesmith.cli.common import WEIGHTS_HELP
 from tunesmith.models.registry import DEFAULT_MODEL
 
 MODEL_HELP = "Base model: registry name or path."
@@ -34,6 +35,7 @@ def serve_cmd(
         None, "--threads", min=1, help="CPU threads for generation (default: torch's, one per core); "
         "1 is often faster on a CPU shared with other work."
     ),
+    weights: str = typer.Option("fp32", "--weights", help=WEIGHTS_HELP),
     db: Optional[str] = typer.Option(None, "--db", help=DB_HELP),
     workers: int = typer.Option(1, "--workers", help="Fine-tuning job workers in this process (0: API only)."),
     max_upload_mb: float = typer.Option(512.0, "--max-upload-mb", help="Largest file /v1/files accepts, in MB."),
@@ -61,6 +63,7 @@ def serve_cmd(
     if not key and not insecure_no_key and not _is_loopback(host):
         raise UsageError(f"--host {host} reaches beyond this machine, and no API key is set: set $TUNESMITH_API_KEY "
                          "(kept out of `ps`, unlike --api-key), or pass --insecure-no-key to serve it open")
+    _check_weights(weights)
 
     import torch
     import uvicorn
@@ -78,8 +81,8 @@ def serve_cmd(
         settings = dataclasses.replace(settings, allowed_paths=tuple(p.expanduser().resolve() for p in allow_path))
     if allow_python_graders:
         settings = dataclasses.replace(settings, python_graders=True)
-    typer.echo(f"loading {model} and {len(pairs)} adapter(s) ...", err=True)
-    engine = LocalEngine.load(model, pairs)
+    typer.echo(f"loading {model} ({weights} weights) and {len(pairs)} adapter(s) ...", err=True)
+    engine = LocalEngine.load(model, pairs, weights=weights)
     from tunesmith.serve.jobs_api import build_jobs_service
 
     jobs = build_jobs_service(db, workers, engine, max_upload_mb, settings)
@@ -127,6 +130,12 @@ def _adapter_pairs(specs: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def _check_weights(weights: str) -> None:
+    from tunesmith.models.inference import check_weights
+
+    check_weights(weights)
+
+
 def chat_cmd(
     model: str = typer.Option(DEFAULT_MODEL, "--model", help=MODEL_HELP),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="Run or adapter directory to chat with."),
@@ -134,6 +143,7 @@ def chat_cmd(
     max_tokens: Optional[int] = typer.Option(
         None, "--max-tokens", min=1, help="Most tokens per answer (default: up to the context length)."
     ),
+    weights: str = typer.Option("fp32", "--weights", help=WEIGHTS_HELP),
 ) -> None:
     """Chat with a model or adapter in the terminal (or answer one piped question)."""
     import io
@@ -142,6 +152,7 @@ def chat_cmd(
     from tunesmith.generate.engine import LocalEngine
     from tunesmith.serve.chat import run_chat
 
+    _check_weights(weights)
     interactive = sys.stdin.isatty()
     stdin = sys.stdin
     if interactive:
@@ -151,7 +162,7 @@ def chat_cmd(
         if not stdin.getvalue().strip():
             raise UsageError("no question on standard input; pipe one in (echo 'question' | tunesmith chat)")
     adapters = [("adapter", str(adapter))] if adapter else []
-    engine = LocalEngine.load(model, adapters)
+    engine = LocalEngine.load(model, adapters, weights=weights)
     try:
         run_chat(engine, "adapter" if adapter else engine.base_id, stdin, sys.stdout, interactive, temperature,
                  max_tokens)

@@ -36,7 +36,7 @@ from tunesmith.evaluate.metrics import pick_metric, score
 from tunesmith.evaluate.retrieval import BM25
 from tunesmith.generate.json_mode import response_format
 from tunesmith.generate.remote import TeacherFailure, ask, build_client, run_coroutine
-from tunesmith.models.inference import load_for_inference
+from tunesmith.models.inference import check_weights, load_for_inference
 from tunesmith.runs import COMPARE_FILE
 
 DEFAULT_SYSTEM = "You are a precise assistant. Reply with the answer only, without explanation."
@@ -156,10 +156,11 @@ def _query(prompt: Sequence[Message]) -> str:
 # ----------------------------------------------------------------------------- compare
 
 
-def check_options(shots: int) -> None:
+def check_options(shots: int, weights: str = "fp32") -> None:
     """What compare refuses before any work (and before flows.compare trains an adapter)."""
     if shots < 1:
         raise UsageError(f"--shots must be at least 1, got {shots}")
+    check_weights(weights)
 
 
 def compare(
@@ -184,6 +185,7 @@ def compare(
     teacher_api_key: str | None = None,
     teacher_price_per_million: float | None = None,
     json_schema: dict[str, Any] | None = None,
+    weights: str = "fp32",
     log: Callable[[str], None] = print,
 ) -> Comparison:
     """Measure the strategies on `test`; write compare.json and one folder each to `out`.
@@ -191,8 +193,9 @@ def compare(
     teacher_model: also ask this model at teacher_base_url (OpenAI-compatible) each test
     example's own prompt (with `system` when given), priced at teacher_price_per_million
     (default: price_per_million). json_schema: every strategy's answers are held to one JSON
-    value of it (JSON mode; the teacher gets it as response_format)."""
-    check_options(shots)
+    value of it (JSON mode; the teacher gets it as response_format). weights: how the base's
+    linear layers are stored (models.inference.WEIGHTS), for every local strategy."""
+    check_options(shots, weights)
     out = Path(out) if out is not None else None
     train_ex = load_examples(train, format, input_column, output_column)
     test_ex = load_examples(test, format, input_column, output_column, limit=limit)
@@ -203,7 +206,7 @@ def compare(
         labels = sorted({split_example(ex)[1].strip() for ex in list(train_ex) + list(test_ex)})
     system_prompt = base_system(system, labels)
 
-    loaded = load_for_inference(model, None)
+    loaded = load_for_inference(model, None, weights=weights)
     strategies = []
     for name in (ZERO_SHOT, FEW_SHOT, RETRIEVAL):
         log(f"{name}: base model, {shots if name != ZERO_SHOT else 0} examples in the prompt")
@@ -216,7 +219,7 @@ def compare(
         strategies.append(Strategy(name, result, price_per_million))
     if adapter is not None:
         log(f"{FINE_TUNED}: adapter {adapter}")
-        tuned = load_for_inference(model, adapter)
+        tuned = load_for_inference(model, adapter, weights=weights)
         tuned_system = system if system is not None else run_system_prompt(adapter)
         tuned_ex = [with_system(ex, tuned_system) for ex in test_ex] if tuned_system else list(test_ex)
         result = evaluate_loaded(

@@ -132,18 +132,20 @@ def evaluate(
     system: str | None = None,
     limit: int | None = None,
     json_schema: dict[str, Any] | None = None,
+    weights: str = "fp32",
     log: Callable[[str], None] = print,
 ) -> EvalResult:
     """Evaluate a model (and adapter) on a data file; write predictions and metrics to `out`.
 
     system: the system prompt; by default the one the adapter's run trained with.
-    json_schema: hold each answer to one JSON value of this schema (the server's JSON mode)."""
+    json_schema: hold each answer to one JSON value of this schema (the server's JSON mode).
+    weights: how the base's linear layers are stored (models.inference.WEIGHTS)."""
     system = system if system is not None else run_system_prompt(adapter)
     examples = load_examples(data, format, input_column, output_column, system, limit)
     log(f"evaluating on {len(examples)} examples from {data}")
     return evaluate_examples(
         model, adapter, examples, data, out, system, metric=metric, max_new_tokens=max_new_tokens,
-        batch_size=batch_size, precision=precision, json_schema=json_schema, log=log,
+        batch_size=batch_size, precision=precision, json_schema=json_schema, weights=weights, log=log,
     )
 
 
@@ -161,11 +163,12 @@ def evaluate_examples(
     precision: str = "auto",
     json_schema: dict[str, Any] | None = None,
     with_loss: bool = True,
+    weights: str = "fp32",
     log: Callable[[str], None] = print,
 ) -> EvalResult:
     """Load the model (and adapter), score it on examples already read from `data`, record
     where they came from and the system prompt they carry, and write the results to `out`."""
-    loaded = load_for_inference(model, adapter)
+    loaded = load_for_inference(model, adapter, weights=weights)
     result = evaluate_loaded(
         loaded, examples, labels=labels, metric=metric, max_new_tokens=max_new_tokens, batch_size=batch_size,
         precision=precision, with_loss=with_loss, json_schema=json_schema, log=log,
@@ -238,6 +241,7 @@ def evaluate_loaded(
         "generation_s": gen_s,
         "max_new_tokens": max_new_tokens,
         "precision": precision,
+        "weights": loaded.weights,
         "json_schema": json_schema,
     }
     metrics.update(scores.extra)

@@ -35,7 +35,7 @@ def compare(
     `measure` takes compare's other options (shots, metric, teacher_model, ...)."""
     if adapter is not None and train_adapter:
         raise UsageError("give either --adapter or --train-adapter, not both")
-    comparison.check_options(measure.get("shots", 5))  # before any training is spent
+    comparison.check_options(measure.get("shots", 5), measure.get("weights", "fp32"))  # before any training is spent
     if train_adapter:
         if output_column is None and (format or Path(train).suffix.lower().lstrip(".")) in ("csv", "tsv", "tab"):
             output_column = other_column(Path(train), input_column)  # the column compare itself uses

@@ -196,9 +196,9 @@ class LocalEngine:
 
     @classmethod
     def load(cls, model: str, adapters: Sequence[tuple[str, str | Path]] = (), home: Path | None = None,
-             precision: str = "auto") -> "LocalEngine":
-        """An engine on `load_for_inference(model)`, with each (name, path) adapter added."""
-        engine = cls(load_for_inference(model, home=home), precision)
+             precision: str = "auto", weights: str = "fp32") -> "LocalEngine":
+        """An engine on `load_for_inference(model, weights=weights)`, with each (name, path) adapter added."""
+        engine = cls(load_for_inference(model, home=home, weights=weights), precision)
         try:
             for name, path in adapters:
                 engine.add_adapter(name, path)

@@ -1,9 +1,10 @@
 """Load a model for inference, the one way eval, compare, the demo, serve and chat all do,
 and the rules every inference forward pass shares: which token pads a batch, at which
-precision it runs, and where the CausalLM sits inside a peft wrapper.
+precision it runs, how the base's weights are stored (fp32, or int8 with `weights="int8"`),
+and where the CausalLM sits inside a peft wrapper.
 
     python -c "from tunesmith.models.inference import load_for_inference; \
-m = load_for_inference('smollm2-135m-instruct'); print(m.name, m.base_id, m.model_id)"
+m = load_for_inference('smollm2-135m-instruct', weights='int8'); print(m.name, m.base_id, m.weights)"
 """
 
 from __future__ import annotations
@@ -15,10 +16,14 @@ from typing import Any
 
 from tunesmith.errors import UsageError
 from tunesmith.models.adapters import check_base, resolve_adapter
+from tunesmith.models.int8 import quantize_frozen_linears
 from tunesmith.models.registry import REGISTRY, identity, load_model, load_tokenizer, resolve_model
 from tunesmith.runs import ADAPTER_WEIGHTS_FILE
 
 PRECISIONS = ("auto", "fp32", "bf16")
+WEIGHTS = ("fp32", "int8")
+"""How the base's linear layers are stored for inference: fp32 as loaded, or int8 with one
+scale per output channel (models/int8.py; adapters on it stay fp32)."""
 ADAPTER = "adapter"
 """The name the adapter given to `load_for_inference` is loaded (and served) under."""
 
@@ -37,6 +42,8 @@ class LoadedModel:
     """Name and content hash, checked against every adapter put on this base."""
     adapter: Path | None = None
     """The adapter directory loaded under ADAPTER, if any."""
+    weights: str = "fp32"
+    """How the base's linear layers are stored: one of WEIGHTS."""
 
     @property
     def model_id(self) -> str:
@@ -45,14 +52,18 @@ class LoadedModel:
 
 
 def load_for_inference(
-    model: str | Path | None, adapter: str | Path | None = None, home: Path | None = None
+    model: str | Path | None, adapter: str | Path | None = None, home: Path | None = None, weights: str = "fp32"
 ) -> LoadedModel:
     """Load a base model (registry name, HF directory or .gguf; None: the default) and
     optionally a trained adapter (a run directory or an adapter directory).
 
+    weights="int8" stores every linear layer of the base but the LM head as int8 before any
+    adapter goes on it (models/int8.py); the LM head, embeddings, norms and adapters stay fp32.
+
     Refused before any weights load: a model without a chat template (every prompt is
     rendered with it, as in training), an adapter trained on another base, an adapter not
     saved as safetensors."""
+    check_weights(weights)
     ref = resolve_model(model, home)
     tokenizer = load_tokenizer(ref)
     if tokenizer.chat_template is None:
@@ -62,10 +73,17 @@ def load_for_inference(
     ident = identity(ref)
     adapter_dir = find_adapter(adapter, ident) if adapter is not None else None
     base_id = ref.name if ref.name in REGISTRY else Path(ref.gguf_file or ref.path).name.removesuffix(".gguf")
-    lm = load_model(ref).eval()
+    lm = load_model(ref).eval().requires_grad_(False)
+    if weights == "int8":
+        quantize_frozen_linears(lm)
     if adapter_dir is not None:
         lm = put_adapter(lm, adapter_dir, ADAPTER, base_id)
-    return LoadedModel(lm, tokenizer, ref.name, base_id, ident, adapter_dir)
+    return LoadedModel(lm, tokenizer, ref.name, base_id, ident, adapter_dir, weights)
+
+
+def check_weights(weights: str) -> None:
+    if weights not in WEIGHTS:
+        raise UsageError(f"unknown --weights '{weights}'; accepted: {', '.join(WEIGHTS)}")
 
 
 def find_adapter(path: str | Path, base_identity: dict[str, Any]) -> Path:
