@@ -40,6 +40,7 @@ def audit_cmd(
 
     from tunesmith.data.audit import audit_data, print_audit
     from tunesmith.data.audit_fix import LABEL_ACTIONS, print_fix, write_fixed
+    from tunesmith.data.near_duplicates import require_audit_packages
     from tunesmith.data.validate import load_tokenizer_quick
     from tunesmith.errors import UsageError
     from tunesmith.models.registry import resolve_model
@@ -47,6 +48,7 @@ def audit_cmd(
 
     if fix_labels is not None and (fix is None or fix_labels not in LABEL_ACTIONS):
         raise UsageError(f"--fix-labels takes {' or '.join(LABEL_ACTIONS)} and needs --fix OUT, got {fix_labels!r}")
+    require_audit_packages()
     columns = build_columns(input_column, output_column, system)
     tokenizer = load_tokenizer_quick(resolve_model(model))
     result = audit_data(train, test=test, validation=validation, format=format, columns=columns,

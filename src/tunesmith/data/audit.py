@@ -23,7 +23,14 @@ from typing import Any, Callable
 from tunesmith.data.example import ColumnMapping, Example, PreferenceExample, Problem
 from tunesmith.data.formats import check_path, iter_records, resolve_format
 from tunesmith.data.label_issues import find_suspect_labels
-from tunesmith.data.near_duplicates import DEFAULT_THRESHOLD, NearIndex, chunked, jaccard_normalized, normalize
+from tunesmith.data.near_duplicates import (
+    DEFAULT_THRESHOLD,
+    NearIndex,
+    chunked,
+    jaccard_normalized,
+    normalize,
+    require_audit_packages,
+)
 from tunesmith.data.pii import find_pii
 from tunesmith.data.render import render_examples
 from tunesmith.data.validate import MAX_LABELS
@@ -130,6 +137,7 @@ def audit_data(
     With a tokenizer, lengths are tokens through its chat template; without, characters.
     `labels=False` skips the classifier (the jobs API's quick check).
     """
+    require_audit_packages()
     if not 0.5 <= threshold <= 1.0:
         raise UsageError(f"--threshold is a Jaccard similarity between 0.5 and 1.0, got {threshold}")
     log = log or (lambda _msg: None)
@@ -214,8 +222,14 @@ def _read_file(role: str, path: Path, fmt: str, columns: ColumnMapping | None, t
             f.lengths.extend(te.full_length for te in render_examples(tokenizer, pending))
             pending.clear()
 
+    prompt_fields = {"prompt", "instruction", columns.input_column if columns else "text"}
     for rec in iter_records(path, fmt, columns):
         f.problems += rec.errors
+        # The readers refuse an empty answer (validate reports it as an error); the audit
+        # lists them too, as the rows its other checks could not see.
+        findings += [Finding("empty_answer", path.name, p.line, f"{p.message} (the row is skipped in training)",
+                             details={"field": p.field})
+                     for p in rec.errors if p.code == "empty_content" and p.field not in prompt_fields]
         ex = rec.example
         if ex is None:
             continue

@@ -34,6 +34,18 @@ INSTALL_HINT = ("tunesmith audit needs the audit extra (datasketch, cleanlab, sc
                 "pip install 'tunesmith[audit]'")
 
 
+AUDIT_PACKAGES = {"datasketch": "datasketch", "cleanlab": "cleanlab", "sklearn": "scikit-learn"}
+
+
+def require_audit_packages() -> None:
+    """A UsageError that says how to install the audit extra, when any of it is missing."""
+    import importlib.util
+
+    missing = [pkg for mod, pkg in AUDIT_PACKAGES.items() if importlib.util.find_spec(mod) is None]
+    if missing:
+        raise UsageError(f"{INSTALL_HINT} ({', '.join(missing)} not installed)")
+
+
 def normalize(text: str) -> str:
     return _SPACE.sub(" ", _PUNCT.sub(" ", text.lower())).strip()
 
