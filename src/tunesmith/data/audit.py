@@ -159,15 +159,16 @@ def audit_data(
     index = NearIndex(threshold)
     train_file = files[0]
     reps: list[int] = []
+    signatures: dict[int, Any] = {}
     for f in files:
         log(f"looking for duplicates in {f.name}")
-        found, file_reps = _within_file(f, index if f is train_file else NearIndex(threshold))
+        found, file_reps, file_signatures = _within_file(f, index if f is train_file else NearIndex(threshold))
         report.findings += found
         if f is train_file:
-            reps = file_reps
+            reps, signatures = file_reps, file_signatures
     for other in files[1:]:
         log(f"looking for {other.name} rows in {train_file.name}")
-        report.findings += _leakage(train_file, reps, other, threshold)
+        report.findings += _leakage(train_file, reps, signatures, other, threshold)
     report.stats["lengths"] = _length_findings(train_file, tokenizer is not None, report.findings)
     report.findings += _answer_findings(train_file)
     label_counts = _label_counts(train_file)
@@ -212,17 +213,49 @@ def _parts(ex: Example | PreferenceExample) -> tuple[str, str, list[tuple[str, s
     return prompt, answer, fields
 
 
+class _TokenLengths:
+    """Tokens of examples with the chat template, fast: each message's tokens come from one
+    batched tokenizer call, and the template's own tokens (role markers, a default system
+    prompt) are rendered once per sequence of roles and added. Exact for templates that put
+    special tokens between messages (ChatML, Llama 3); examples with tools render whole."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.overhead: dict[tuple[str, ...], int] = {}
+
+    def __call__(self, examples: list[Example]) -> list[int]:
+        contents = [m.content for ex in examples for m in ex.messages]
+        # A system prompt repeated on every row is tokenized once.
+        distinct = list(dict.fromkeys(contents))
+        ids = self.tokenizer(distinct, add_special_tokens=False)["input_ids"]
+        size = {text: len(t) for text, t in zip(distinct, ids)}
+        counts = [size[text] for text in contents]
+        out, k = [], 0
+        for ex in examples:
+            body, k = sum(counts[k:k + len(ex.messages)]), k + len(ex.messages)
+            if ex.tools or any(m.tool_calls for m in ex.messages):
+                out.append(render_examples(self.tokenizer, [ex])[0].full_length)
+                continue
+            roles = tuple(m.role for m in ex.messages)
+            if roles not in self.overhead:
+                self.overhead[roles] = render_examples(self.tokenizer, [ex])[0].full_length - body
+            out.append(body + self.overhead[roles])
+        return out
+
+
 def _read_file(role: str, path: Path, fmt: str, columns: ColumnMapping | None, tokenizer: Any,
                findings: list[Finding]) -> _File:
     f = _File(role, path, fmt)
     pending: list[Example] = []
+    measure = _TokenLengths(tokenizer) if tokenizer is not None else None
 
     def flush() -> None:
-        if pending:
-            f.lengths.extend(te.full_length for te in render_examples(tokenizer, pending))
+        if pending and measure is not None:
+            f.lengths.extend(measure(pending))
             pending.clear()
 
     prompt_fields = {"prompt", "instruction", columns.input_column if columns else "text"}
+    last_pii: dict[str, str] = {}
     for rec in iter_records(path, fmt, columns):
         f.problems += rec.errors
         # The readers refuse an empty answer (validate reports it as an error); the audit
@@ -240,18 +273,21 @@ def _read_file(role: str, path: Path, fmt: str, columns: ColumnMapping | None, t
         f.answers.append(answer.strip())
         f.keys.append(hash(ex.key()))
         for name, text in fields:
+            if text == last_pii.get(name):
+                continue  # the same text as the row before (a shared system prompt) was checked
+            last_pii[name] = text
             for m in find_pii(text):
                 findings.append(Finding("pii", path.name, rec.line, f"{m.kind.replace('_', ' ')} {m.masked()}",
                                         details={"kind": m.kind, "field": name, "span": [m.start, m.end]}))
-        if tokenizer is None:
+        if measure is None:
             f.lengths.append(sum(len(t) for _, t in fields))
         else:
             pending += list(ex.sequences()) if isinstance(ex, PreferenceExample) else [ex]
             if len(pending) >= RENDER_CHUNK:
                 flush()
     flush()
-    if tokenizer is not None and len(f.lengths) != len(f.lines):
-        # A preference pair rendered as two sequences: add each pair's two lengths.
+    if measure is not None and len(f.lengths) != len(f.lines):
+        # A preference pair is measured as two sequences: add each pair's two lengths.
         pairs = f.lengths
         f.lengths = array("l", (pairs[2 * i] + pairs[2 * i + 1] for i in range(len(f.lines))))
     return f
@@ -267,7 +303,7 @@ def _answers_match(a: str, b: str, threshold: float) -> bool:
     return bool(na and nb) and jaccard_normalized(na, nb) >= threshold
 
 
-def _within_file(f: _File, index: NearIndex) -> tuple[list[Finding], list[int]]:
+def _within_file(f: _File, index: NearIndex) -> tuple[list[Finding], list[int], dict[int, Any]]:
     """Exact and near duplicates and conflicting answers inside one file. Each row is
     compared with the rows before it, so the first of a cluster is the one kept."""
     found: list[Finding] = []
@@ -313,10 +349,11 @@ def _within_file(f: _File, index: NearIndex) -> tuple[list[Finding], list[int]]:
                 f"differs: {_short(f.answers[i])!r} here, {_short(f.answers[j])!r} there",
                 other_file=f.name, other_line=f.lines[j], similarity=sim,
                 details={"answer": _short(f.answers[i], 200), "other_answer": _short(f.answers[j], 200)}))
-    return found, rep_rows
+    return found, rep_rows, signatures
 
 
-def _leakage(train: _File, reps: list[int], other: _File, threshold: float) -> list[Finding]:
+def _leakage(train: _File, reps: list[int], signatures: dict[int, Any], other: _File,
+             threshold: float) -> list[Finding]:
     """Training rows whose prompt is the same as, or near, a row of the other file. Reported
     at the training row (the copy to drop), with the other file's line."""
     index = NearIndex(threshold)
@@ -329,14 +366,14 @@ def _leakage(train: _File, reps: list[int], other: _File, threshold: float) -> l
             ids.append(row)
     found: list[Finding] = []
     matched: dict[str, tuple[int, float]] = {}
-    for start, batch in chunked([train.norm[i] for i in reps]):
-        for norm, sig in zip(batch, index.signatures(batch)):
-            if norm in by_norm:
-                matched[norm] = (by_norm[norm], 1.0)
-            else:
-                m = index.best_match(norm, sig)
-                if m is not None:
-                    matched[norm] = (ids[m[0]], round(m[1], 3))
+    for rep in reps:
+        norm = train.norm[rep]
+        if norm in by_norm:
+            matched[norm] = (by_norm[norm], 1.0)
+        else:
+            m = index.best_match(norm, signatures[rep])
+            if m is not None:
+                matched[norm] = (ids[m[0]], round(m[1], 3))
     for i in range(len(train.lines)):
         hit = matched.get(train.norm[i])
         if hit is None:
