@@ -48,13 +48,15 @@ def embed(texts: list[str], batch: int = 64) -> np.ndarray:
     ref = resolve_model(DEFAULT_MODEL)
     tok, model = load_tokenizer(ref), load_model(ref, dtype=torch.bfloat16)
     tok.padding_side = "right"
-    out = []
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # little padding per batch
+    out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
     for i in range(0, len(texts), batch):
-        enc = tok(texts[i:i + batch], return_tensors="pt", padding=True)
-        hidden = model(**enc, output_hidden_states=True).hidden_states[-1].float()
+        rows = order[i:i + batch]
+        enc = tok([texts[r] for r in rows], return_tensors="pt", padding=True)
+        hidden = model.model(**enc).last_hidden_state.float()
         mask = enc["attention_mask"].unsqueeze(-1).float()
-        out.append(((hidden * mask).sum(1) / mask.sum(1)).numpy())
-    return np.concatenate(out)
+        out[rows] = ((hidden * mask).sum(1) / mask.sum(1)).numpy()
+    return out
 
 
 def main() -> None:
@@ -65,6 +67,7 @@ def main() -> None:
     results["tfidf_linear_svm"] = {**score({s.index for s in suspects}, flipped),
                                    "out_of_fold_accuracy": info["out_of_fold_accuracy"],
                                    "seconds": round(time.perf_counter() - start, 1)}
+    print(json.dumps(results), flush=True)
     start = time.perf_counter()
     x = embed(texts)
     embed_s = time.perf_counter() - start
