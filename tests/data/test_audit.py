@@ -184,3 +184,17 @@ def test_missing_extra_says_how_to_install(tmp_path, monkeypatch):
     path = write_csv(tmp_path / "t.csv", single_line(banking77("train.csv")[:20]))
     with pytest.raises(UsageError, match=r"pip install 'tunesmith\[audit\]' \(datasketch not installed\)"):
         audit_data(path, columns=COLUMNS)
+
+
+def test_files_with_the_same_name_are_told_apart(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    rows = single_line(banking77("train.csv")[::40])
+    test = single_line(banking77("test.csv")[::40])
+    train_path = write_csv(tmp_path / "a" / "data.csv", rows + [test[2]])
+    test_path = write_csv(tmp_path / "b" / "data.csv", test)
+    report = audit_data(train_path, test=test_path, columns=COLUMNS, labels=False)
+    (leak,) = [f for f in report.of("leakage") if f.similarity == 1.0]
+    assert (leak.file, leak.line, leak.other_file, leak.other_line) == (str(train_path), len(rows) + 2, str(test_path), 4)
+    result = write_fixed(report, tmp_path / "clean.csv", COLUMNS)
+    assert len(rows) + 2 in result.dropped["leakage"]

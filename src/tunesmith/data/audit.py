@@ -115,10 +115,8 @@ class _File:
     keys: list[int] = field(default_factory=list)
     lengths: array = field(default_factory=lambda: array("l"))
     problems: list[Problem] = field(default_factory=list)
-
-    @property
-    def name(self) -> str:
-        return self.path.name
+    name: str = ""
+    """How findings name the file: its file name, or its path when two files share a name."""
 
 
 def audit_data(
@@ -143,17 +141,17 @@ def audit_data(
     log = log or (lambda _msg: None)
     report = AuditReport(threshold=threshold)
     files = []
-    for role, path in (("train", train), ("test", test), ("validation", validation)):
-        if path is None:
-            continue
-        path = check_path(path)
+    given = [(role, check_path(p)) for role, p in (("train", train), ("test", test), ("validation", validation))
+             if p is not None]
+    shared = len({p.name for _, p in given}) < len(given)
+    for role, path in given:
         fmt = resolve_format(path, format)
         if fmt in ("csv", "tsv") and (columns is None or columns.output_column is None):
             raise UsageError(f"{path} is a {fmt.upper()} file: say which columns hold the prompt and the answer "
                              "with --input-column and --output-column")
         log(f"reading {path}")
-        f = _read_file(role, path, fmt, columns, tokenizer, report.findings)
-        report.files[role] = {"path": str(path), "format": fmt, "examples": len(f.lines),
+        f = _read_file(role, path, str(path) if shared else path.name, fmt, columns, tokenizer, report.findings)
+        report.files[role] = {"path": str(path), "name": f.name, "format": fmt, "examples": len(f.lines),
                               "unreadable_rows": len(f.problems)}
         files.append(f)
     index = NearIndex(threshold)
@@ -243,9 +241,9 @@ class _TokenLengths:
         return out
 
 
-def _read_file(role: str, path: Path, fmt: str, columns: ColumnMapping | None, tokenizer: Any,
+def _read_file(role: str, path: Path, name: str, fmt: str, columns: ColumnMapping | None, tokenizer: Any,
                findings: list[Finding]) -> _File:
-    f = _File(role, path, fmt)
+    f = _File(role, path, fmt, name=name)
     pending: list[Example] = []
     measure = _TokenLengths(tokenizer) if tokenizer is not None else None
 
@@ -260,7 +258,7 @@ def _read_file(role: str, path: Path, fmt: str, columns: ColumnMapping | None, t
         f.problems += rec.errors
         # The readers refuse an empty answer (validate reports it as an error); the audit
         # lists them too, as the rows its other checks could not see.
-        findings += [Finding("empty_answer", path.name, p.line, f"{p.message} (the row is skipped in training)",
+        findings += [Finding("empty_answer", name, p.line, f"{p.message} (the row is skipped in training)",
                              details={"field": p.field})
                      for p in rec.errors if p.code == "empty_content" and p.field not in prompt_fields]
         ex = rec.example
@@ -277,7 +275,7 @@ def _read_file(role: str, path: Path, fmt: str, columns: ColumnMapping | None, t
                 continue  # the same text as the row before (a shared system prompt) was checked
             last_pii[name] = text
             for m in find_pii(text):
-                findings.append(Finding("pii", path.name, rec.line, f"{m.kind.replace('_', ' ')} {m.masked()}",
+                findings.append(Finding("pii", name, rec.line, f"{m.kind.replace('_', ' ')} {m.masked()}",
                                         details={"kind": m.kind, "field": name, "span": [m.start, m.end]}))
         if measure is None:
             f.lengths.append(sum(len(t) for _, t in fields))

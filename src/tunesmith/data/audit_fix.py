@@ -56,7 +56,7 @@ def write_fixed(report: AuditReport, out: Path, columns: ColumnMapping | None = 
     drop: dict[int, str] = {}
     for check in DROPPED_CHECKS:
         for f in report.of(check):
-            if f.file == src.name and f.line not in drop:
+            if f.file == train["name"] and f.line not in drop:
                 drop[f.line] = check
     relabel: dict[int, str] = {}
     if labels is not None:

@@ -110,7 +110,7 @@ def audit_problems(path: Path, validation: str | Path | None) -> tuple[list[dict
         return [], f"content audit skipped: {exc}"
     report = audit_data(path, validation=validation, labels=False)
     problems = [{"line": f.line, "field": "", "code": f.check, "message": f.message}
-                for f in report.findings if f.check in AUDIT_CHECKS and f.file == path.name]
+                for f in report.findings if f.check in AUDIT_CHECKS and f.file == report.files["train"]["name"]]
     counts = report.counts()
     found = ", ".join(f"{counts[c]} {c.replace('_', ' ')}" for c in AUDIT_CHECKS if counts[c])
     return problems, (f"content audit: {found or 'no near duplicates, conflicting answers or leakage'}; "
