@@ -15,6 +15,7 @@ exact check then keeps only pairs at or above the threshold.
 from __future__ import annotations
 
 import re
+import zlib
 from typing import Any, Iterable
 
 from tunesmith.errors import UsageError
@@ -69,10 +70,11 @@ def jaccard_normalized(a: str, b: str) -> float:
 
 
 def _hash32(shingle: str) -> int:
-    # Python's own string hash, in C: datasketch's default (SHA-1 per shingle, in Python)
-    # took half of the audit's time on 100,000 rows. It differs between processes unless
-    # PYTHONHASHSEED is set, which is fine: signatures never leave the process.
-    return hash(shingle) & 0xFFFFFFFF
+    # CRC-32, in C: datasketch's default (SHA-1 per shingle, in Python) took half of the
+    # audit's time on 100,000 rows. Python's own str hash is as fast but changes between
+    # processes, and with it which pairs LSH proposes: an audit must give the same findings
+    # on every run.
+    return zlib.crc32(shingle.encode("utf-8"))
 
 
 class NearIndex:
