@@ -38,7 +38,8 @@ def audit_cmd(
 
     from rich.console import Console
 
-    from tunesmith.data.audit import audit_data, print_audit
+    from tunesmith.data.audit import audit_data
+    from tunesmith.data.audit_summary import print_audit
     from tunesmith.data.audit_fix import LABEL_ACTIONS, print_fix, write_fixed
     from tunesmith.data.near_duplicates import require_audit_packages
     from tunesmith.data.validate import load_tokenizer_quick
