@@ -21,6 +21,7 @@
         compare/                         a comparison (as `flows/demo.py` writes it)
             compare.json                 plus one eval folder per strategy
         report.html                      `tunesmith report RUN`
+        audit.json                       `tunesmith audit --report RUN` (a section of the report)
 
 A checkpoint folder name is `step-` and the step, zero-padded to six digits when written;
 the lister also accepts unpadded names (`step-12`).
@@ -45,6 +46,8 @@ ADAPTER_DIR = "adapter"
 EVAL_DIR = "eval"
 COMPARE_DIR = "compare"
 REPORT_FILE = "report.html"
+AUDIT_FILE = "audit.json"
+"""`tunesmith audit --report RUN`'s findings, shown by `tunesmith report RUN`."""
 
 # --- a checkpoint's training state (left out of RUN/adapter)
 STATE_FILE = "trainer_state.json"

@@ -48,6 +48,9 @@ def test_upload_with_errors_lists_them_by_line(dashboard_server, page, tmp_path,
     # The report went through the model: token stats and a measured estimate are shown too.
     page.wait_for_selector("#report-stats")
     assert "Tokens per epoch" in page.inner_text("#report-stats")
+    # The content audit's line (the rows repeat exactly: validate's duplicates, not near ones).
+    audit = page.inner_text("#report-audit")
+    assert audit.startswith("content audit: no near duplicates") and "tunesmith audit" in audit, audit
     screenshot(page, "new-job-errors")
 
 

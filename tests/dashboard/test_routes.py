@@ -45,7 +45,7 @@ def test_validation_report_of_an_uploaded_file(dashboard_server, tmp_path, tiny_
     r = httpx.get(f"{server.url}/v1/files/{bad.id}/validation").json()
     assert r["object"] == "file.validation" and r["ok"] is False and r["model"] is None
     assert sorted(e["line"] for e in r["errors"]) == [4, 9]
-    assert r["stats"] is None and r["estimate"] is None
+    assert r["stats"] is None and r["estimate"] is None and r["audit"] is None
 
     # With a model: the full report and token stats; overlap with the validation file (whose
     # examples repeat the training ones) is a warning on the lines. The server never runs
@@ -57,6 +57,9 @@ def test_validation_report_of_an_uploaded_file(dashboard_server, tmp_path, tiny_
     assert r["estimate"]["epochs"] >= 1 and r["estimate"]["train_tokens_per_s"] is None
     assert not (_isolated_home / "speed.json").exists()
     assert any(w["code"] == "validation_overlap" for w in r["warnings"])
+    # The content audit adds its leakage findings (prompt-level) and one line for the page.
+    assert r["audit"].startswith("content audit: ") and "tunesmith audit" in r["audit"]
+    assert {w["line"] for w in r["warnings"] if w["code"] == "leakage"} == set(range(1, 13))
 
     # Once `tunesmith validate` measured this shape here, the server reads the cached speed.
     from tunesmith.data.validate import probe_shape

@@ -33,6 +33,42 @@ def test_invalid_file_fails_in_validation_with_line_numbers(jobs_server, tmp_pat
     assert any("line 17" in m and "role" in m for m in messages)
 
 
+def _banking_chat(path, rows):
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+                            + "\n" for q, a in rows))
+    return path
+
+
+BANKING = [("I am still waiting on my card?", "card_arrival"), ("How do I reset my password?", "passcode_forgotten"),
+           ("What is the capital of France?", "other"), ("My card was charged twice", "card_payment_fee_charged"),
+           ("Can I get a refund for this purchase?", "request_refund"), ("Where is my transfer?", "pending_transfer"),
+           ("How do I top up with a bank transfer?", "top_up_by_bank_transfer_charge"),
+           ("Which currencies do you support?", "fiat_currency_support"), ("Close my account please", "terminate_account"),
+           ("I forgot my passcode", "passcode_forgotten"), ("Is there a fee for ATM withdrawals?", "cash_withdrawal_charge"),
+           ("Why was my card declined?", "declined_card_payment")]
+
+
+@pytest.mark.parametrize("leakage_error", [False, True])
+def test_leakage_is_a_warning_event_and_with_the_option_an_error(jobs_server, tmp_path, tiny_model_dir, leakage_error):
+    # The validation file repeats one training prompt in other case and punctuation: not the
+    # same example (validate's exact overlap check misses it), but the audit's leakage.
+    train = _banking_chat(tmp_path / "train.jsonl", BANKING)
+    valid = _banking_chat(tmp_path / "valid.jsonl", [("i am STILL waiting on my card", "card_arrival"),
+                                                     ("What does the exchange rate look like today?", "exchange_rate")])
+    live = jobs_server(workers=1, leakage_error=leakage_error)
+    jobs = live.client.fine_tuning.jobs
+    job = jobs.create(model=str(tiny_model_dir), training_file=_upload(live, train), validation_file=_upload(live, valid))
+    if leakage_error:
+        job = wait_for(lambda: (j := jobs.retrieve(job.id)).status == "failed" and j, 120, "the job to fail")
+        assert job.error.param == "training_file" and "line 1 (leakage)" in job.error.message
+    else:
+        wait_for(lambda: jobs.retrieve(job.id).status != "validating_files", 120, "validation to pass")
+        jobs.cancel(job.id)
+    messages = [e.message for e in jobs.list_events(job.id, limit=50)]
+    assert any("content audit: 1 leakage" in m and "tunesmith audit" in m for m in messages), messages
+    assert any("line 1 (leakage): the same prompt as line 1 of the validation file" in m for m in messages), messages
+
+
 def test_too_few_examples_fails_the_job(jobs_server, tmp_path, tiny_model_dir):
     live = jobs_server(workers=1)
     small = write_chat_jsonl(tmp_path / "small.jsonl", n=4)

@@ -13,7 +13,7 @@ from typing import Callable, Union
 
 import typer
 
-from tunesmith.cli import data, distill, evaluate, export, graders, models, serve, train
+from tunesmith.cli import audit, data, distill, evaluate, export, graders, models, serve, train
 from tunesmith.errors import TunesmithError
 
 HELP = ("Fine-tune open-weight language models on your own data: validate, train (LoRA, full, DPO, QLoRA), "
@@ -23,6 +23,7 @@ HELP = ("Fine-tune open-weight language models on your own data: validate, train
 COMMANDS: dict[str, Union[Callable, dict[str, Callable]]] = {
     "validate": data.validate_cmd,
     "inspect": data.inspect_cmd,
+    "audit": audit.audit_cmd,
     "train": train.train_cmd,
     "eval": evaluate.eval_cmd,
     "grade": graders.grade_cmd,

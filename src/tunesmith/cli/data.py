@@ -20,7 +20,7 @@ ANSWER_COLUMN_HELP = "CSV/TSV column holding the answer."
 SYSTEM_HELP = "System message added to every CSV/TSV example."
 
 
-def _columns(input_column: Optional[str], output_column: Optional[str], system: Optional[str]):
+def build_columns(input_column: Optional[str], output_column: Optional[str], system: Optional[str]):
     from tunesmith.data.formats import ColumnMapping
 
     return ColumnMapping(input_column=input_column or "text", output_column=output_column, system=system)
@@ -46,7 +46,7 @@ def validate_cmd(
 
     report = validate_data(
         path, model=model, max_seq_len=max_seq_len, validation=validation, format=format,
-        columns=_columns(input_column, output_column, system), price_per_million=price_per_million,
+        columns=build_columns(input_column, output_column, system), price_per_million=price_per_million,
         log=log, measure_speed=measure_train_tokens_per_s,
     )
     if json_out:
@@ -73,7 +73,7 @@ def inspect_cmd(
 
     items, problems = inspect_data(
         path, model=model, n=n, max_seq_len=max_seq_len, format=format,
-        columns=_columns(input_column, output_column, system),
+        columns=build_columns(input_column, output_column, system),
     )
     console = Console(highlight=False, soft_wrap=True)
     print_inspection(items, problems, console, plain=not console.is_terminal)

@@ -18,6 +18,8 @@ from tunesmith.cli.common import WEIGHTS_HELP
 from tunesmith.models.registry import DEFAULT_MODEL
 
 MODEL_HELP = "Base model: registry name or path."
+LEAKAGE_HELP = ("Fail a job whose training file repeats validation rows (exact or near duplicates) instead of "
+                "warning (needs the audit extra for near duplicates).")
 DB_HELP = "Jobs database: sqlite:///PATH or postgresql://USER@HOST/DB (default: $TUNESMITH_HOME/tunesmith.db)."
 
 
@@ -51,6 +53,7 @@ def serve_cmd(
         False, "--allow-python-graders", help="Let API clients run python graders: no network, CPU and memory "
         "limited, but their code can read the files this server's user can (docs/rft.md)."
     ),
+    leakage_error: bool = typer.Option(False, "--leakage-error", help=LEAKAGE_HELP),
 ) -> None:
     """OpenAI-compatible server for a base model and many adapters, with the fine-tuning jobs API."""
     import dataclasses
@@ -85,7 +88,7 @@ def serve_cmd(
     engine = LocalEngine.load(model, pairs, weights=weights)
     from tunesmith.serve.jobs_api import build_jobs_service
 
-    jobs = build_jobs_service(db, workers, engine, max_upload_mb, settings)
+    jobs = build_jobs_service(db, workers, engine, max_upload_mb, settings, leakage_error=leakage_error)
     try:
         url = f"http://{host}:{port}/v1"
         typer.echo(f"serving at {url} (OpenAI-compatible; key {'required' if settings.api_key else 'not required'})",
@@ -174,6 +177,7 @@ def worker_cmd(
     db: Optional[str] = typer.Option(None, "--db", help=DB_HELP),
     poll_interval_s: float = typer.Option(1.0, "--poll-interval-s", help="Seconds between looks for work and heartbeats."),
     lease_s: float = typer.Option(30.0, "--lease-s", help="A job whose worker sent no heartbeat for this long is taken over."),
+    leakage_error: bool = typer.Option(False, "--leakage-error", help=LEAKAGE_HELP),
 ) -> None:
     """Run one fine-tuning jobs worker (no API) against a shared jobs database."""
     import signal
@@ -187,4 +191,4 @@ def worker_cmd(
     for sig in (signal.SIGTERM, signal.SIGINT):
         # Stop cleanly: the running trainer checkpoints and the job is queued again.
         signal.signal(sig, lambda *_: stop.set())
-    Worker(store, WorkerConfig(poll_interval_s=poll_interval_s, lease_s=lease_s)).run(stop)
+    Worker(store, WorkerConfig(poll_interval_s=poll_interval_s, lease_s=lease_s, leakage_error=leakage_error)).run(stop)

@@ -459,6 +459,7 @@ def print_report(report: ValidationReport, console: Any) -> None:
                 console.print(f"  {where}" + (f" {p.field}" if p.field else "") + f": {p.message}", markup=False, highlight=False)
             if len(group) > SHOWN_PER_CODE:
                 console.print(f"  ... and {len(group) - SHOWN_PER_CODE} more (all of them with --json)")
+    console.print("\n" + audit_hint(report), markup=False, highlight=False)
     s = report.stats
     if s.get("tokens_per_example"):
         table = Table("tokens (chat template)", "min", "p50", "p95", "max", "per epoch", box=None, pad_edge=False)
@@ -498,6 +499,15 @@ def print_report(report: ValidationReport, console: Any) -> None:
                           "it is measured again once the machine is idle)")
         if e.get("hosted_cost") is not None:
             console.print(f"hosted cost at ${e['price_per_million']}/M tokens: ${e['hosted_cost']:,.2f}")
+
+
+def audit_hint(report: ValidationReport) -> str:
+    """The one line on duplicates and leakage, naming the command that looks further."""
+    dups = sum(p.code == "duplicate_example" for p in report.warnings)
+    overlap = sum(p.code == "validation_overlap" for p in report.warnings)
+    found = f"{dups} exact duplicate(s), {overlap} example(s) also in the validation file"
+    return (f"{found}; `tunesmith audit {report.path}` also finds near duplicates, test/validation leakage, "
+            "conflicting and suspect labels and personal data")
 
 
 def _duration(seconds: float | None) -> str:

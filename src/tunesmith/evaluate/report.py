@@ -8,7 +8,8 @@ What it looks for in the folder given (each part optional, at least one needed):
 - `metrics.jsonl` (+ `run.json`): a training run -> loss curves;
 - `metrics.json` + `predictions.jsonl`, or `eval/`: an evaluation -> metric table,
   confusion matrix, worst examples;
-- `compare.json` (+ one folder per strategy), or `compare/`: a comparison table.
+- `compare.json` (+ one folder per strategy), or `compare/`: a comparison table;
+- `audit.json` (`tunesmith audit --report RUN`): the data audit's counts and worst findings.
 
     tunesmith report runs/first
 """
@@ -25,6 +26,7 @@ from typing import Any, Sequence
 from tunesmith.errors import UsageError
 from tunesmith.evaluate.evaluation import EvalResult, format_score, load_eval
 from tunesmith.runs import (
+    AUDIT_FILE,
     COMPARE_DIR,
     COMPARE_FILE,
     EVAL_DIR,
@@ -72,10 +74,12 @@ def gather(folder: Path) -> dict[str, Any]:
                     data["eval"] = _eval_data(load_eval(sub))
                     data["eval"]["strategy"] = pick["name"]
             break
+    if (folder / AUDIT_FILE).is_file():
+        data["audit"] = json.loads((folder / AUDIT_FILE).read_text())
     if len(data) == 1:
         raise UsageError(
             f"'{folder}' holds nothing to report: no {TRAIN_METRICS_FILE} (training run), "
-            f"{EVAL_METRICS_FILE} + {PREDICTIONS_FILE} (eval) or {COMPARE_FILE} (compare)"
+            f"{EVAL_METRICS_FILE} + {PREDICTIONS_FILE} (eval), {COMPARE_FILE} (compare) or {AUDIT_FILE} (audit)"
         )
     return data
 
@@ -119,6 +123,8 @@ def build_report(folder: str | Path, out: str | Path | None = None) -> Path:
 
 def render_html(data: dict[str, Any]) -> str:
     parts = [f"<h1>tunesmith report</h1><p class=sub>{_e(data['folder'])} &middot; {time.strftime('%Y-%m-%d %H:%M')}</p>"]
+    if "audit" in data:
+        parts.append(_audit_section(data["audit"]))
     if "training" in data:
         parts.append(_training_section(data["training"], data.get("run")))
     if "eval" in data:
@@ -172,6 +178,30 @@ def _training_section(rows: list[dict[str, Any]], run: dict[str, Any] | None) ->
             facts.update({f"config.{k}": v for k, v in cfg.items() if isinstance(v, (str, int, float, bool))})
     if facts:
         out.append(_table(["", "value"], [[k, _fmt(v)] for k, v in facts.items()]))
+    return "".join(out)
+
+
+AUDIT_SHOWN = 5
+
+
+def _audit_section(audit: dict[str, Any]) -> str:
+    """The data audit: one row per check with its count, then its first findings."""
+    files = ", ".join(f"{role} {_e(f['path'])} ({f['examples']:,} examples)" for role, f in audit["files"].items())
+    verdict = ("<span class=ok>no leakage</span>" if audit["ok"]
+               else f"<span class=bad>{audit['counts'].get('leakage', 0)} training rows leak evaluation rows</span>")
+    out = [f"<h2 id=audit>Data audit</h2><p>{files}</p><p class=verdict>{verdict}</p>"]
+    out.append(_table(["check", "findings"], [[c.replace("_", " "), n] for c, n in audit["counts"].items()]))
+    by_check: dict[str, list[dict[str, Any]]] = {}
+    for f in audit["findings"]:
+        by_check.setdefault(f["check"], []).append(f)
+    rows = []
+    for check, found in by_check.items():
+        for f in sorted(found, key=lambda f: -(f.get("confidence") or f.get("similarity") or 0))[:AUDIT_SHOWN]:
+            where = f"{f['file']}:{f['line']}" + (f" / {f['other_file']}:{f['other_line']}" if f.get("other_line") else "")
+            rows.append([check.replace("_", " "), where, f["message"]])
+    if rows:
+        out.append(f"<p>First {AUDIT_SHOWN} findings of each check (all of them in audit.json):</p>")
+        out.append(_table(["check", "where", "finding"], rows))
     return "".join(out)
 
 

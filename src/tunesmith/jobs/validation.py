@@ -12,12 +12,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunesmith.data.audit import audit_data
 from tunesmith.data.formats import read_data
+from tunesmith.data.near_duplicates import require_audit_packages
 from tunesmith.data.validate import validate_data
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import TunesmithError, UsageError
 
 MIN_EXAMPLES = 10
 """Hosted fine-tuning refuses fewer; so does tunesmith's API."""
+
+
+AUDIT_CHECKS = ("near_duplicate", "conflicting_answer", "leakage")
+"""What a job's validation adds from `tunesmith audit` (validate already finds exact
+duplicates and exact overlap); suspect labels are left to the CLI (a classifier per job)."""
 
 
 PAIR_FORMAT = "preference"
@@ -31,6 +38,8 @@ class FileCheck:
     warnings: list[dict[str, Any]] = field(default_factory=list)
     format: str | None = None
     """chat, prompt_completion, alpaca or preference (None when the file could not be read)."""
+    audit: str | None = None
+    """One line: what the content audit found, with the command that shows all of it."""
 
     @property
     def ok(self) -> bool:
@@ -47,7 +56,7 @@ class FileCheck:
 
 
 def check_file(path: str | Path, model: str | None = None, min_examples: int = MIN_EXAMPLES,
-               validation: str | Path | None = None) -> FileCheck:
+               validation: str | Path | None = None, leakage_error: bool = False) -> FileCheck:
     """Errors and warnings for one JSONL file.
 
     With a model: `tunesmith validate`'s checks (`validate_data`: rendering through the
@@ -55,6 +64,10 @@ def check_file(path: str | Path, model: str | None = None, min_examples: int = M
     Without one (at upload, when the model is not known yet): the shared readers' parse
     checks, which give the same line-numbered codes for broken JSON, unknown roles and
     missing fields.
+
+    With a model, the content audit's duplicate and leakage checks run too (when the audit
+    extra is installed): near duplicates, conflicting answers and training rows that repeat a
+    validation row are warnings, or, for leakage with `leakage_error`, errors.
     """
     if model is not None:
         report = validate_data(Path(path), model=model, validation=validation, estimate=False)
@@ -64,6 +77,7 @@ def check_file(path: str | Path, model: str | None = None, min_examples: int = M
             warnings=[p.to_dict() for p in report.warnings],
             format=report.format,
         )
+        _add_audit(check, Path(path), validation, leakage_error)
     else:
         check = _parse_only(Path(path))
     if check.ok and check.examples < min_examples:
@@ -72,6 +86,36 @@ def check_file(path: str | Path, model: str | None = None, min_examples: int = M
             "message": f"the file holds {check.examples} example(s); this needs at least {min_examples}",
         })
     return check
+
+
+def _add_audit(check: FileCheck, path: Path, validation: str | Path | None, leakage_error: bool) -> None:
+    if check.format not in ("chat", "prompt_completion", "alpaca", PAIR_FORMAT) or not check.examples:
+        return
+    if leakage_error:
+        for w in [w for w in check.warnings if w["code"] == "validation_overlap"]:
+            check.warnings.remove(w)
+            check.errors.append(w)
+    problems, check.audit = audit_problems(path, validation)
+    for p in problems:
+        (check.errors if p["code"] == "leakage" and leakage_error else check.warnings).append(p)
+
+
+def audit_problems(path: Path, validation: str | Path | None) -> tuple[list[dict[str, Any]], str]:
+    """The content audit's near duplicates, conflicting answers and leaked rows of a training
+    file, as line-numbered problems, and one line saying what it found and which command
+    shows everything (or why it was skipped)."""
+    try:
+        require_audit_packages()
+    except UsageError as exc:
+        return [], f"content audit skipped: {exc}"
+    report = audit_data(path, validation=validation, labels=False)
+    problems = [{"line": f.line, "field": "", "code": f.check, "message": f.message}
+                for f in report.findings if f.check in AUDIT_CHECKS and f.file == report.files["train"]["name"]]
+    counts = report.counts()
+    found = ", ".join(f"{counts[c]} {c.replace('_', ' ')}" for c in AUDIT_CHECKS if counts[c])
+    return problems, (f"content audit: {found or 'no near duplicates, conflicting answers or leakage'}; "
+                      "`tunesmith audit TRAIN --validation VAL` shows every finding, suspect labels and personal "
+                      "data, and writes a cleaned copy")
 
 
 def _parse_only(path: Path) -> FileCheck:

@@ -38,7 +38,7 @@ from tunesmith.fileio import write_atomically
 from tunesmith.jobs.evaluation_stage import SUMMARY_FILE, summary_sentence
 from tunesmith.jobs.run_reader import MetricsTail, has_checkpoint, last_error, metrics_csv, trained_tokens
 from tunesmith.jobs.store import JobStore, new_id
-from tunesmith.jobs.validation import MIN_EXAMPLES, check_file, method_mismatch
+from tunesmith.jobs.validation import AUDIT_CHECKS, MIN_EXAMPLES, check_file, method_mismatch
 from tunesmith.runs import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_DIR,
@@ -67,6 +67,9 @@ class WorkerConfig:
     """After SIGTERM, how long the trainer may take to save its checkpoint before SIGKILL."""
     save_every_steps: int | None = None
     """Checkpoint interval; default once per epoch (as hosted fine-tuning does)."""
+    leakage_error: bool = False
+    """A training row that repeats a validation row (exactly, or as a near duplicate) fails the
+    job in validating_files, instead of a warning event."""
 
 
 def job_dir(store: JobStore, job_id: str) -> Path:
@@ -158,7 +161,7 @@ class Worker:
             try:
                 check = self._heartbeating(job["id"], check_file, self.store.storage_root / row["path"], model=base,
                                            min_examples=MIN_EXAMPLES if param == "training_file" else 1,
-                                           validation=against)
+                                           validation=against, leakage_error=self.config.leakage_error)
             except TunesmithError as exc:  # e.g. the model is gone, or the file cannot be read at all
                 self._fail(job["id"], f"invalid_{param}", f"{param} {file_id}: {exc}", param)
                 return
@@ -166,7 +169,13 @@ class Worker:
             if wrong_kind:
                 self._fail(job["id"], f"invalid_{param}", f"{param} {file_id} ({row['filename']}): {wrong_kind}", param)
                 return
-            for w in check.warnings[:10]:
+            if check.audit:
+                self.store.add_event(job["id"], f"{param} {file_id}: {check.audit}",
+                                     level="warn" if any(w["code"] in AUDIT_CHECKS for w in check.warnings) else "info")
+            # Duplicates and leakage first: they change what the job's scores mean.
+            shown = sorted(check.warnings, key=lambda w: w["code"] not in (*AUDIT_CHECKS, "duplicate_example",
+                                                                          "validation_overlap"))
+            for w in shown[:10]:
                 self.store.add_event(job["id"], f"{param} {file_id} line {w['line']} ({w['code']}): {w['message']}",
                                      level="warn")
             if not check.ok:

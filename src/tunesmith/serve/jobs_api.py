@@ -29,7 +29,7 @@ from tunesmith.data.validate import validate_data
 from tunesmith.errors import TunesmithError, UsageError
 from tunesmith.generate.engine import ADAPTER_NAME
 from tunesmith.jobs.store import ACTIVE, JobStore, new_id, open_store
-from tunesmith.jobs.validation import check_file
+from tunesmith.jobs.validation import audit_problems, check_file
 from tunesmith.jobs.worker import Worker, WorkerConfig, ft_model_name
 from tunesmith.models.registry import REGISTRY, resolve_model
 from tunesmith.serve.errors import APIError, KeyGate, add_error_handlers, require_api_key
@@ -282,7 +282,11 @@ class JobsService:
 
     def _validate_with_model(self, path: Path, model: str, against: Path | None) -> dict[str, Any]:
         with self._validation_lock:
-            return validate_data(path, model=model, validation=against).to_dict()
+            report = validate_data(path, model=model, validation=against).to_dict()
+            if report["examples"]:
+                problems, report["audit"] = audit_problems(path, against)
+                report["warnings"] += problems
+            return report
 
     def delete_file(self, file_id: str) -> dict[str, Any]:
         self._file(file_id)
@@ -392,7 +396,8 @@ class JobsService:
 def _validation_object(file_id: str, model: str | None, report: dict[str, Any]) -> dict[str, Any]:
     return {"object": "file.validation", "file_id": file_id, "model": model, "ok": report["ok"],
             "format": report["format"], "examples": report["examples"], "errors": report["errors"],
-            "warnings": report["warnings"], "stats": report["stats"], "estimate": report["estimate"]}
+            "warnings": report["warnings"], "stats": report["stats"], "estimate": report["estimate"],
+            "audit": report.get("audit")}
 
 
 def _limit(limit: int, most: int) -> int:
@@ -442,8 +447,9 @@ def create_jobs_app(service: JobsService, api_key: str | None = None) -> FastAPI
 
 
 def build_jobs_service(db: str | None, workers: int, engine: Any | None, max_upload_mb: float,
-                       settings: Any = None, log: Callable[[str], None] | None = None) -> JobsService:
-    """What `tunesmith serve --db --workers --max-upload-mb` mounts: checks the options, opens the store.
+                       settings: Any = None, log: Callable[[str], None] | None = None,
+                       leakage_error: bool = False) -> JobsService:
+    """What `tunesmith serve --db --workers --max-upload-mb --leakage-error` mounts: checks the options, opens the store.
 
     The routes are meant to sit behind the server's own API key dependency, so the
     service checks none itself.
@@ -456,4 +462,4 @@ def build_jobs_service(db: str | None, workers: int, engine: Any | None, max_upl
     store = open_store(db, settings)
     roots = settings.path_roots() if settings is not None else None
     return JobsService(store, workers=workers, engine=engine, max_upload_bytes=int(max_upload_mb * 1e6), log=log,
-                       path_roots=roots)
+                       path_roots=roots, worker_config=WorkerConfig(leakage_error=leakage_error))

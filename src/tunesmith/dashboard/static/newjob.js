@@ -226,6 +226,11 @@ function reportNodes(r, note, epochsOverride) {
     nodes.push(h("details", { class: "warnings", open: r.warnings.length <= 5 },
       h("summary", {}, `${r.warnings.length} warning(s)`), problemTable(r.warnings, "warnings")));
   }
+  if (r.audit) {
+    // The content audit's one line (near duplicates, conflicting answers, leakage).
+    const found = r.warnings.some((w) => ["near_duplicate", "conflicting_answer", "leakage"].includes(w.code));
+    nodes.push(h("div", { class: `callout ${found ? "callout-warn" : ""}`, id: "report-audit" }, r.audit));
+  }
   if (r.stats) nodes.push(statsGrid(r.stats));
   if (r.estimate) nodes.push(estimateBox(r.estimate, r.stats, epochsOverride));
   return nodes;

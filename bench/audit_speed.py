@@ -1,0 +1,80 @@
+"""How long `tunesmith audit` takes on 100,000 chat rows, and how its memory grows.
+
+The rows are banking77 queries (the bundled copy) made distinct: each gets six words drawn
+from the copy's vocabulary and a random order number (so that two rows from the same query
+are not near duplicates), keeps its intent as the answer, and carries one system message;
+1% are exact copies of earlier rows and 1% copies with a typo. Wall time on a shared
+machine depends on its load, so the CPU time of the process is printed too.
+Lengths are counted with SmolLM2's chat template (pulled), as `tunesmith audit` does.
+
+    OMP_NUM_THREADS=1 python bench/audit_speed.py --rows 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+from tunesmith.data.audit import audit_data
+from tunesmith.data.validate import load_tokenizer_quick
+from tunesmith.models.registry import DEFAULT_MODEL, resolve_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_rows(n: int, seed: int = 0) -> list[dict]:
+    with open(REPO / "data" / "banking77" / "train.csv", newline="", encoding="utf-8") as fh:
+        base = [(r["text"].replace("\n", " "), r["category"]) for r in csv.DictReader(fh)]
+    vocab = sorted({w for t, _ in base for w in t.split()})
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        roll = rng.random()
+        if i > 100 and roll < 0.01:
+            rows.append(rows[rng.randrange(len(rows))])
+            continue
+        if i > 100 and roll < 0.02:
+            src = rows[rng.randrange(len(rows))]
+            text = src["messages"][1]["content"]
+            k = rng.randrange(len(text))
+            rows.append({"messages": [src["messages"][0], {"role": "user", "content": text[:k] + "x" + text[k + 1:]},
+                                      src["messages"][2]]})
+            continue
+        text, label = rng.choice(base)
+        words = " ".join(rng.choice(vocab) for _ in range(6))
+        text = f"{text} {words} (order {rng.randrange(10**8):08d})"
+        rows.append({"messages": [{"role": "system", "content": "You sort banking questions into intents."},
+                                  {"role": "user", "content": text}, {"role": "assistant", "content": label}]})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=100_000)
+    args = parser.parse_args()
+    tokenizer = load_tokenizer_quick(resolve_model(DEFAULT_MODEL))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "rows.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in make_rows(args.rows)))
+        start, cpu_start = time.perf_counter(), time.process_time()
+        marks = []
+        report = audit_data(path, tokenizer=tokenizer, log=lambda m: marks.append((time.perf_counter() - start, m)))
+        total, cpu_end = time.perf_counter() - start, time.process_time()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    for t, m in marks:
+        print(f"  {t:6.1f} s  {m}")
+    print(f"audited {args.rows:,} chat rows in {total:.1f} s wall, {cpu_end - cpu_start:.1f} s CPU; "
+          f"peak RSS {usage.ru_maxrss / 1024:.0f} MB; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(json.dumps(report.counts()))
+    print(json.dumps(report.stats.get("label_model")))
+
+
+if __name__ == "__main__":
+    main()
