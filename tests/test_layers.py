@@ -3,6 +3,7 @@
 Floors (docs/architecture.md explains each package's role):
 
     0  errors, settings, fileio, runs   the run directory's layout, named once
+       tracking                         the metric sinks (W&B, MLflow, TensorBoard, trackio)
     1  models                           registry, loading, adapters, export
     2  data | graders                   formats, templates, validation | graders (OpenAI's shapes)
     3  generate | train                 the one engine | the training loop (never each other)
@@ -32,7 +33,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "tunesmith"
 
 FLOORS = {
-    "errors": 0, "settings": 0, "fileio": 0, "runs": 0, "__init__": 0,
+    "errors": 0, "settings": 0, "fileio": 0, "runs": 0, "tracking": 0, "__init__": 0,
     "models": 1,
     "data": 2, "graders": 2,
     "generate": 3, "train": 3,

@@ -5,6 +5,8 @@
     RUN/
         run.json                         config, resolved plan, base model, data, final metrics
         metrics.jsonl                    one row per logged step (loss, lr, tokens/s, ...)
+        tracking.json                    with --report-to: each tracker's run id, and any that failed
+        tensorboard/, wandb/             with --report-to tensorboard, wandb: the trackers' own files
         checkpoints/
             step-000120/                 one per save, zero-padded; complete once renamed into place
                 adapter_config.json      peft format (full fine-tuning: a whole HF model dir)
@@ -39,6 +41,8 @@ from typing import Any
 # --- the run directory
 RUN_FILE = "run.json"
 TRAIN_METRICS_FILE = "metrics.jsonl"
+TRACKING_FILE = "tracking.json"
+"""The trackers a run reports to (--report-to): {"runs": {tracker: run id}, "failed": {tracker: message}}."""
 CHECKPOINTS_DIR = "checkpoints"
 BEST_FILE = "best.json"
 """In CHECKPOINTS_DIR: the step with the best validation loss."""

@@ -19,14 +19,14 @@ import typer
 from tunesmith.train.config import TrainConfig, field_groups
 
 PANELS = {"data": "Data", "model": "Model", "method": "Method", "optimisation": "Optimisation",
-          "evaluation": "Evaluation", "output": "Output"}
+          "evaluation": "Evaluation", "output": "Output", "tracking": "Tracking"}
 
 
 def _option_type(name: str, annotation: Any) -> Any:
     if name == "packing":
         return Optional[bool]
     text = str(annotation)
-    if name in ("epochs", "lora_target_modules", "method", "precision"):
+    if name in ("epochs", "lora_target_modules", "method", "precision", "report_to", "tracking_tags"):
         return Optional[str]
     for typ in (Path, float, int, str):
         if annotation is typ or typ.__name__ in text and "Literal" not in text:

@@ -19,7 +19,9 @@ from tunesmith.errors import ConfigError
 from tunesmith.models.registry import DEFAULT_MODEL
 from tunesmith.runs import RUN_FILE, read_run_json
 
-GROUPS = ("data", "model", "method", "optimisation", "evaluation", "output")
+GROUPS = ("data", "model", "method", "optimisation", "evaluation", "output", "tracking")
+Tracker = Literal["wandb", "mlflow", "tensorboard", "trackio"]
+"""The trackers --report-to takes (tunesmith.tracking.base.TRACKERS), each an extra: pip install 'tunesmith[wandb]'."""
 # qlora trains the same adapter as lora (only the frozen base is stored differently), so the same rate.
 DEFAULT_LEARNING_RATE = {"lora": 1e-3, "qlora": 1e-3, "full": 2e-5, "dpo": 1e-4}
 """dpo: LoRA DPO moves the policy away from the reference only by a little, so it gets a tenth
@@ -90,6 +92,17 @@ class TrainConfig(BaseModel):
     out: Path | None = _field(None, "output", "Run directory; default runs/<data name>-<time>.")
     save_every_steps: int | None = _field(None, "output", "Checkpoint every N steps (and always at the end, and on Ctrl-C).")
     resume: Path | None = _field(None, "output", "Continue the run in this run directory from its last checkpoint.")
+    # tracking
+    report_to: list[Tracker] = _field([], "tracking", "Trackers that get the config, every metrics row, the final "
+                                      "metrics and the adapter, comma-separated: wandb, mlflow, tensorboard, trackio "
+                                      "(each an extra: pip install 'tunesmith[wandb]').")
+    tracking_project: str = _field("tunesmith", "tracking", "W&B project, MLflow experiment and trackio project of the run.")
+    run_name: str | None = _field(None, "tracking", "The run's name in the trackers; default the run directory's name.")
+    tracking_tags: list[str] = _field([], "tracking", "Tags on the run in W&B and MLflow, comma-separated.")
+    wandb_entity: str | None = _field(None, "tracking", "W&B team or user; default your W&B default entity.")
+    mlflow_tracking_uri: str | None = _field(None, "tracking", "MLflow tracking URI (sqlite:///mlflow.db, http://host:5000); "
+                                             "default MLflow's own (MLFLOW_TRACKING_URI).")
+    tensorboard_dir: Path | None = _field(None, "tracking", "TensorBoard log directory; default RUN/tensorboard.")
 
     @field_validator("val_split")
     @classmethod
@@ -135,6 +148,18 @@ class TrainConfig(BaseModel):
         if isinstance(v, str) and v != "all-linear":
             return [s.strip() for s in v.split(",") if s.strip()]
         return v
+
+    @field_validator("report_to", "tracking_tags", mode="before")
+    @classmethod
+    def _split_list(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+    @field_validator("report_to")
+    @classmethod
+    def _once_each(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(v))
 
     @property
     def lr(self) -> float:

@@ -1,5 +1,6 @@
-"""Where a run reports to: metrics.jsonl always, a rich progress bar on a terminal, plain
-lines otherwise (what the jobs worker captures). Only rank 0 reports.
+"""Where a run reports to: metrics.jsonl always (each row also to the --report-to trackers), a
+rich progress bar on a terminal, plain lines otherwise (what the jobs worker captures). Only
+rank 0 reports.
 
     tail -f runs/first/metrics.jsonl
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 METRIC_KEYS = ("step", "epoch", "train_loss", "valid_loss", "token_accuracy", "lr", "tokens_per_s", "elapsed")
 DPO_METRIC_KEYS = ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy",
@@ -33,8 +34,10 @@ class Reporter:
     """metrics.jsonl plus a progress display; `enabled=False` for ranks other than 0."""
 
     def __init__(self, metrics_path: Path, total_steps: int, start_step: int, enabled: bool, progress: bool,
-                 keys: tuple[str, ...] = METRIC_KEYS):
+                 keys: tuple[str, ...] = METRIC_KEYS, on_row: Callable[[dict[str, Any]], None] | None = None):
         self.enabled = enabled
+        self.on_row = on_row
+        """Also given each row written (the run's trackers)."""
         self.keys = keys
         self.total = total_steps
         self.fh = open(metrics_path, "a") if enabled else None
@@ -58,6 +61,8 @@ class Reporter:
         line = {k: row.get(k) for k in self.keys}
         self.fh.write(json.dumps(line) + "\n")
         self.fh.flush()
+        if self.on_row is not None:
+            self.on_row(line)
         if row.get("valid_loss") is not None:
             self.last_valid = row["valid_loss"]
             self.last_valid_acc = row.get("valid_reward_accuracy")

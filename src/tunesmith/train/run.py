@@ -29,6 +29,8 @@ from tunesmith.models.hardware import detect_machine, precision_reason
 from tunesmith.models.quantization import nf4_record
 from tunesmith.models.registry import hash_files, identity, load_tokenizer, resolve_model
 from tunesmith.runs import ADAPTER_DIR, RUN_FILE, TRAIN_METRICS_FILE, checkpoint_dir
+from tunesmith.tracking.base import TrackingSettings, check_trackers
+from tunesmith.tracking.sinks import Tracking, read_tracking_file
 from tunesmith.train import checkpoint as ck
 from tunesmith.train import data as td
 from tunesmith.train import preference as pref
@@ -101,6 +103,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
         raise ck.TrainingError(f"--resume {out}: the run has no checkpoint yet; start it again without --resume")
     if not cfg.resume and ck.latest_checkpoint(out) is not None:
         raise ck.TrainingError(f"run directory {out} already holds checkpoints; continue it with --resume {out} or pick another --out")
+    check_trackers(cfg.report_to)  # a tracker whose extra is missing: say so before loading anything
     ref = resolve_model(cfg.model)
     if cfg.method == "qlora":  # needs a CUDA GPU and bitsandbytes: say so before loading anything
         check_qlora(cfg, ref, dist.world_size)
@@ -226,6 +229,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     non_default = {k: v for k, v in cfg.non_defaults().items() if k not in ("data", "out")}
     if non_default:
         log("settings: " + ", ".join(f"{k}={v}" for k, v in non_default.items()))
+    # Trackers get what run.json holds, then every metrics.jsonl row (through the reporter),
+    # then the final metrics and the adapter. Only rank 0 reports.
+    tracking = Tracking(cfg.report_to if dist.main else [], _tracking_settings(cfg, out, resume_from is not None),
+                        {k: v for k, v in run_info.items() if k != "status"}, warn=log)
 
     # --- 7. the loop. One optimizer step = cfg.batch_size examples over all processes,
     # loss = sum of token losses / the step's trained tokens, whatever the micro-batching
@@ -239,7 +246,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     stop = _StopFlag(abandon=dist.world_size == 1)
     add_stop_checks(model, stop.check)
     reporter = Reporter(out / TRAIN_METRICS_FILE, total_steps, start_step, dist.main, progress,
-                        METRIC_KEYS + DPO_METRIC_KEYS if dpo else METRIC_KEYS)
+                        METRIC_KEYS + DPO_METRIC_KEYS if dpo else METRIC_KEYS, on_row=tracking.log_metrics)
     stopped = "finished"
     row: dict[str, Any] = {"step": start_step, "train_loss": None, "valid_loss": None, "token_accuracy": None}
     # Rates leave out this process's first step when it compiled the layers (a one-off
@@ -349,8 +356,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
                     raise interrupted(f"at step {step}/{total_steps}")
                 if stopped != "finished":
                     break
-    except OSError as exc:  # checkpoints handle their own; this is metrics.jsonl and friends
-        if not ck.disk_error(exc):
+    except BaseException as exc:  # stopped, failed: the trackers' runs end too (--resume continues them)
+        tracking.finish(failed=True)
+        # checkpoints handle their own disk errors; this is metrics.jsonl and friends
+        if not isinstance(exc, OSError) or not ck.disk_error(exc):
             raise
         raise ck.disk_full_error(out, exc.filename or out / TRAIN_METRICS_FILE) from None
     finally:
@@ -374,12 +383,24 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
                       "adapter": str(adapter_dir), "adapter_step": adapter_step})
         run_info.update({"status": "finished", "metrics": final})
         _write_json(out / RUN_FILE, run_info)
+        tracking.log_summary(final)
+        tracking.log_artifact(adapter_dir, ADAPTER_DIR)
+        tracking.finish()
         log(f"done: {step} steps, adapter {adapter_dir} (step {final['adapter_step']}"
             + (f", validation loss {best['valid_loss']:.4f}" if best else "") + ")")
     if dist.world_size > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return RunResult(out_dir=out, adapter_dir=adapter_dir, metrics=final, steps=step, stopped=stopped)
+
+
+def _tracking_settings(cfg: TrainConfig, out: Path, resuming: bool) -> TrackingSettings:
+    """What the trackers need; a resumed run continues the trackers' runs of its first attempt."""
+    return TrackingSettings(
+        run_dir=out, project=cfg.tracking_project, run_name=cfg.run_name or out.name, tags=tuple(cfg.tracking_tags),
+        wandb_entity=cfg.wandb_entity, mlflow_tracking_uri=cfg.mlflow_tracking_uri, tensorboard_dir=cfg.tensorboard_dir,
+        resume_ids=read_tracking_file(out).get("runs", {}) if resuming else {},
+    )
 
 
 def accumulate_gradients(model: Any, examples: list, step_targets: int, cfg: TrainConfig, pad_id: int,
