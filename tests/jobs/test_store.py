@@ -116,3 +116,18 @@ def test_unreachable_database_is_a_sentence():
         open_store("postgresql://nobody@127.0.0.1:1/none")
     with pytest.raises(UsageError, match="not supported"):
         open_store("mysql://x/y")
+
+
+def test_a_database_from_before_integrations_gains_the_columns(tmp_path):
+    """A database made by the first schema (no integrations, no overrides) is migrated in place."""
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    store = open_store(url)
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE jobs DROP COLUMN integrations"))
+        conn.execute(sa.text("ALTER TABLE jobs DROP COLUMN overrides"))
+        conn.execute(sa.text("DELETE FROM schema_version WHERE version > 1"))
+    store.close()
+    store = open_store(url)
+    columns = {c["name"] for c in sa.inspect(store.engine).get_columns("jobs")}
+    assert {"integrations", "overrides"} <= columns
+    store.close()

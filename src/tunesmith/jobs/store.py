@@ -80,6 +80,8 @@ jobs = sa.Table(
     sa.Column("worker_id", sa.String(128)),
     sa.Column("heartbeat_at", sa.Float),
     sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("integrations", sa.JSON),
+    sa.Column("overrides", sa.JSON),
 )
 
 events = sa.Table(
@@ -116,8 +118,18 @@ def _migration_1(conn: Connection) -> None:
         table.create(conn, checkfirst=True)
 
 
+def _migration_2(conn: Connection) -> None:
+    """Trackers and tunesmith's own training settings per job: `integrations` (OpenAI's shape,
+    as the job was created) and `overrides` (TrainConfig keys a sweep trial sets, such as
+    lora_rank). A fresh database already has them from _migration_1's create."""
+    have = {c["name"] for c in sa.inspect(conn).get_columns("jobs")}
+    for name in ("integrations", "overrides"):
+        if name not in have:
+            conn.exec_driver_sql(f"ALTER TABLE jobs ADD COLUMN {name} JSON")
+
+
 # Ordered; never edit an applied step, append a new one.
-MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1]
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2]
 
 
 def new_id(prefix: str) -> str:

@@ -50,6 +50,7 @@ from tunesmith.runs import (
     list_checkpoints,
     read_run_json,
 )
+from tunesmith.tracking.sinks import read_tracking_file
 from tunesmith.train.config import DEFAULT_BETA, DEFAULT_LEARNING_RATE
 from tunesmith.train.progress import DPO_METRIC_KEYS
 
@@ -236,6 +237,7 @@ class Worker:
         if lock_fd is None:
             return
         seen_ckpts: set[int] = set()
+        warned: set[str] = set()  # trackers already reported as failed (one warning event each)
         evaluation = None
         try:
             cmd = self._train_command(job, run_dir)
@@ -244,7 +246,7 @@ class Worker:
             # A job taken over from a lost worker already has events up to some step.
             tail = MetricsTail(run_dir / TRAIN_METRICS_FILE, last_step=self.store.last_metrics_step(job_id))
             outcome, rc = self._run_child(job_id, cmd, root / "train.log", lock_fd, stop,
-                                          tick=lambda: self._publish_progress(job, run_dir, tail, seen_ckpts),
+                                          tick=lambda: self._publish_progress(job, run_dir, tail, seen_ckpts, warned),
                                           eta=lambda: tail.eta(run_dir))
             if outcome == "finished" and rc != 0:
                 self._fail(job_id, "training_failed", last_error(root / "train.log", rc))
@@ -332,6 +334,7 @@ class Worker:
             cmd += ["--init-adapter", str(init_adapter)]
         if hp["learning_rate_multiplier"] != 1.0:
             cmd += ["--learning-rate", repr(_default_learning_rate(kind) * float(hp["learning_rate_multiplier"]))]
+        cmd += _tracking_flags(job)
         every = self.config.save_every_steps or hp.get("steps_per_epoch")
         if every:
             cmd += ["--save-every-steps", str(every)]
@@ -388,7 +391,8 @@ class Worker:
         except subprocess.TimeoutExpired:
             child.kill()
 
-    def _publish_progress(self, job: dict[str, Any], run_dir: Path, tail: MetricsTail, seen: set[int]) -> None:
+    def _publish_progress(self, job: dict[str, Any], run_dir: Path, tail: MetricsTail, seen: set[int],
+                          warned: set[str]) -> None:
         total = tail.total_steps(run_dir)
         for row in tail.new_rows():
             step = row.get("step")
@@ -409,6 +413,11 @@ class Worker:
                     "epoch": row.get("epoch"), "learning_rate": row.get("lr"), "tokens_per_s": row.get("tokens_per_s")}
             data.update({k: row[k] for k in DPO_METRIC_KEYS if row.get(k) is not None})
             self.store.add_event(job["id"], ", ".join(parts), type="metrics", data=data)
+        for tracker, message in read_tracking_file(run_dir).get("failed", {}).items():
+            if tracker not in warned:
+                warned.add(tracker)
+                self.store.add_event(job["id"], f"Tracker {message}", level="warn",
+                                     data={"tracker": tracker})
         for step, path in list_checkpoints(run_dir, require=(ADAPTER_CONFIG_FILE, STATE_FILE)):
             if step in seen:
                 continue
@@ -520,6 +529,34 @@ class Worker:
             error={"code": code, "message": message, "param": param}, finished_at=int(time.time()),
             estimated_finish=None,
         )
+
+
+DEFAULT_TAGS = ("tunesmith/finetune", "tunesmith/{base}", "tunesmith/{job_id}")
+"""Tags every tracker's run of a job carries (OpenAI's openai/finetune, openai/<base>, openai/<job>)."""
+
+
+def _tracking_flags(job: dict[str, Any]) -> list[str]:
+    """`tunesmith train` flags for the job's integrations (checked when the job was created)."""
+    integrations = job.get("integrations") or []
+    if not integrations:
+        return []
+    settings = [{**(i.get(i["type"]) or {})} for i in integrations]
+    project = next((s["project"] for s in settings if s.get("project")), None)
+    name = next((s["name"] for s in settings if s.get("name")), None) or job["id"]
+    base = job["model"].split(":")[1] if job["model"].startswith("ft:") else Path(job["model"]).name
+    tags = [t.format(base=base, job_id=job["id"]) for t in DEFAULT_TAGS]
+    for s in settings:
+        tags += [t for t in s.get("tags") or [] if t not in tags]
+    flags = ["--report-to", ",".join(i["type"] for i in integrations), "--run-name", name,
+             "--tracking-tags", ",".join(t.replace(",", " ") for t in tags)]
+    if project:
+        flags += ["--tracking-project", project]
+    for s in settings:
+        if s.get("entity"):
+            flags += ["--wandb-entity", s["entity"]]
+        if s.get("tracking_uri"):
+            flags += ["--mlflow-tracking-uri", s["tracking_uri"]]
+    return flags
 
 
 def _resolve_hyperparameters(method: dict[str, Any], n_examples: int) -> dict[str, Any]:

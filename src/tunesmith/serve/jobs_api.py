@@ -45,6 +45,7 @@ from tunesmith.serve.jobs_protocol import (
 )
 from tunesmith.serve.limits import confined_path, looks_like_path
 from tunesmith.serve.uploads import receive_upload
+from tunesmith.tracking.base import missing_trackers
 
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024 * 1024
 PUBLISHED_CHECKPOINTS = 3
@@ -304,9 +305,7 @@ class JobsService:
     def create_job(self, body: JobCreate) -> dict[str, Any]:
         """Create a fine-tuning job; a worker validates its files, then trains it."""
         method = _method(body)
-        if body.integrations:
-            raise APIError(400, "integrations are not supported by tunesmith; leave 'integrations' out",
-                           param="integrations")
+        integrations = _integrations(body)
         self._base_model(body.model)  # a base model, or an earlier job's fine-tuned model to continue
         job_id = new_id("ftjob")
         name = ft_model_name(body.model, body.suffix, job_id)
@@ -328,7 +327,7 @@ class JobsService:
             "id": job_id, "model": body.model, "training_file": body.training_file,
             "validation_file": body.validation_file, "method": method, "suffix": body.suffix,
             "seed": body.seed if body.seed is not None else random.randint(0, 2**31 - 1),
-            "metadata": body.metadata,
+            "metadata": body.metadata, "integrations": integrations,
         }, first_event=f"Created fine-tuning job: {job_id}")
         return job_object(row)
 
@@ -410,6 +409,40 @@ def _order(order: str) -> str:
     if order not in ("asc", "desc"):
         raise APIError(400, f"order must be asc or desc, got '{order}'", param="order")
     return order
+
+
+def _integrations(body: JobCreate) -> list[dict[str, Any]] | None:
+    """The job's trackers as given (OpenAI's shape), checked: each type once, its settings under
+    the key of its type, one project for all, and its library installed on this server."""
+    if not body.integrations:
+        return None
+    seen, projects = [], {}
+    for i, entry in enumerate(body.integrations):
+        param = f"integrations[{i}]"
+        if entry.type in seen:
+            raise APIError(400, f"{param}: a second '{entry.type}' integration; give each type once", param=param)
+        seen.append(entry.type)
+        others = [k for k in ("wandb", "mlflow", "tensorboard", "trackio") if k != entry.type and getattr(entry, k)]
+        if others:
+            raise APIError(400, f"{param}: type '{entry.type}' with settings under '{others[0]}'; put them under "
+                                f"'{entry.type}'", param=f"{param}.{others[0]}")
+        settings = getattr(entry, entry.type)
+        if settings is None and entry.type != "tensorboard":
+            raise APIError(400, f"{param}: type '{entry.type}' needs its settings under '{entry.type}', e.g. "
+                                f'{{"type": "{entry.type}", "{entry.type}": {{"project": "my-project"}}}}',
+                           param=f"{param}.{entry.type}")
+        if getattr(settings, "project", None):
+            projects[entry.type] = settings.project
+    if len(set(projects.values())) > 1:
+        named = ", ".join(f"{k}: {v}" for k, v in projects.items())
+        raise APIError(400, f"the integrations name different projects ({named}); a job reports to one project "
+                            "name in every tracker", param="integrations")
+    missing = missing_trackers(seen)
+    if missing:
+        raise APIError(400, "this server cannot report to every integration asked for: " + "; ".join(missing)
+                       + " (on the server)", code="integration_not_installed", param="integrations")
+    return [{"type": e.type, e.type: getattr(e, e.type).model_dump() if getattr(e, e.type) else {}}
+            for e in body.integrations]
 
 
 def _method(body: JobCreate) -> dict[str, Any]:

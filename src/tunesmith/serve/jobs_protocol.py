@@ -58,6 +58,56 @@ class Method(BaseModel):
     dpo: DpoMethod | None = None
 
 
+class WandbIntegration(BaseModel):
+    """OpenAI's W&B integration: the run tunesmith's trainer opens in W&B."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    project: str = Field(description="W&B project the run goes into.")
+    name: str | None = Field(None, description="The run's name; default the job id.")
+    entity: str | None = Field(None, description="W&B team or user; default the server's W&B default entity.")
+    tags: list[Annotated[str, Field(max_length=64)]] | None = Field(
+        None, description="Tags on the run, besides tunesmith/finetune, tunesmith/<base model> and tunesmith/<job id>.")
+
+
+class MlflowIntegration(BaseModel):
+    """tunesmith's MLflow integration, in the same pattern."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    project: str = Field(description="MLflow experiment the run goes into.")
+    name: str | None = Field(None, description="The run's name; default the job id.")
+    tags: list[Annotated[str, Field(max_length=64)]] | None = None
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default the server's (MLFLOW_TRACKING_URI).")
+
+
+class TrackioIntegration(BaseModel):
+    """tunesmith's trackio integration: the server's local trackio store (TRACKIO_DIR)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    project: str = Field(description="trackio project the run goes into.")
+    name: str | None = Field(None, description="The run's name; default the job id.")
+
+
+class TensorboardIntegration(BaseModel):
+    """tunesmith's TensorBoard integration: event files in the job's run directory, nothing to set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Integration(BaseModel):
+    """One entry of `integrations`: the type and, under the key of that name, its settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["wandb", "mlflow", "tensorboard", "trackio"]
+    wandb: WandbIntegration | None = None
+    mlflow: MlflowIntegration | None = None
+    tensorboard: TensorboardIntegration | None = None
+    trackio: TrackioIntegration | None = None
+
+
 class JobCreate(BaseModel):
     """POST /v1/fine_tuning/jobs."""
 
@@ -75,7 +125,9 @@ class JobCreate(BaseModel):
     metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
         None, max_length=16, description="Up to 16 string pairs, kept with the job."
     )
-    integrations: list[Any] | None = Field(None, description="Not supported; must be empty.")
+    integrations: list[Integration] | None = Field(
+        None, max_length=4, description="Trackers the job reports to: wandb in OpenAI's shape; mlflow, tensorboard "
+                                        "and trackio in the same pattern (each needs its extra on the server).")
 
 
 def file_object(row: dict[str, Any]) -> dict[str, Any]:
@@ -115,7 +167,7 @@ def job_object(row: dict[str, Any]) -> dict[str, Any]:
         "training_file": row["training_file"],
         "validation_file": row["validation_file"],
         "estimated_finish": row["estimated_finish"],
-        "integrations": [],
+        "integrations": row.get("integrations") or [],
         "metadata": row["metadata"],
         "method": {"type": kind, kind: {"hyperparameters": method_hp}},
         "user_provided_suffix": row["suffix"],
