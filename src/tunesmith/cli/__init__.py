@@ -13,7 +13,7 @@ from typing import Callable, Union
 
 import typer
 
-from tunesmith.cli import audit, data, distill, evaluate, export, graders, models, serve, train
+from tunesmith.cli import audit, data, distill, evaluate, export, graders, models, serve, sweep, train
 from tunesmith.errors import TunesmithError
 
 HELP = ("Fine-tune open-weight language models on your own data: validate, train (LoRA, full, DPO, QLoRA), "
@@ -25,6 +25,7 @@ COMMANDS: dict[str, Union[Callable, dict[str, Callable]]] = {
     "inspect": data.inspect_cmd,
     "audit": audit.audit_cmd,
     "train": train.train_cmd,
+    "sweep": sweep.sweep_cmd,
     "eval": evaluate.eval_cmd,
     "grade": graders.grade_cmd,
     "compare": evaluate.compare_cmd,

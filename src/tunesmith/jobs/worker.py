@@ -340,7 +340,7 @@ class Worker:
             cmd += ["--save-every-steps", str(every)]
             if job["validation_file"]:  # so every checkpoint carries validation metrics
                 cmd += ["--eval-every-steps", str(every)]
-        return cmd
+        return _with_overrides(cmd, job.get("overrides"), run_dir.parent)
 
     def _run_child(self, job_id: str, cmd: list[str], log_path: Path, lock_fd: int, stop: threading.Event,
                    tick: Callable[[], None], eta: Callable[[], int | None]) -> tuple[str, int | None]:
@@ -529,6 +529,29 @@ class Worker:
             error={"code": code, "message": message, "param": param}, finished_at=int(time.time()),
             estimated_finish=None,
         )
+
+
+OVERRIDES_FILE = "overrides.yaml"
+"""In the job's folder: the TrainConfig settings the job sets itself (a sweep trial's), as `train -c` reads them."""
+
+
+def _with_overrides(cmd: list[str], overrides: dict[str, Any] | None, job_root: Path) -> list[str]:
+    """`cmd` with the job's own TrainConfig settings: written to JOB/overrides.yaml and passed
+    with -c, and every flag of the worker's that sets one of those keys dropped (flags win
+    over the file, and the job's own value must)."""
+    if not overrides:
+        return cmd
+    import yaml
+
+    write_atomically(job_root / OVERRIDES_FILE, yaml.safe_dump(overrides, sort_keys=False))
+    head, kept, i = cmd[:4], [], 4  # python -m tunesmith train
+    while i < len(cmd):
+        flag = cmd[i]
+        takes_value = i + 1 < len(cmd) and not cmd[i + 1].startswith("--")
+        if flag[2:].replace("-", "_") not in overrides:
+            kept += cmd[i:i + 1 + takes_value]
+        i += 1 + takes_value
+    return head + ["-c", str(job_root / OVERRIDES_FILE)] + kept
 
 
 DEFAULT_TAGS = ("tunesmith/finetune", "tunesmith/{base}", "tunesmith/{job_id}")

@@ -1,0 +1,114 @@
+"""`tunesmith sweep`: optuna over a YAML search space, each trial a job on the queue, run by
+the sweep's own worker threads on the tiny model; pruning, the results, and a second run
+continuing the same study.
+
+    python -m pytest tests/jobs/test_sweep.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tunesmith.errors import ConfigError
+from tunesmith.jobs.store import open_store
+from tunesmith.jobs.sweep_config import load_sweep_config
+from tunesmith.train.config import build_config
+
+pytest.importorskip("optuna")
+
+
+@pytest.fixture
+def sweep_dir(tmp_path, tiny_model_dir) -> Path:
+    rows = [{"messages": [{"role": "user", "content": f"What is the capital of France? {i}"},
+                          {"role": "assistant", "content": f"Paris {i % 3}"}]} for i in range(16)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({
+        "model": str(tiny_model_dir), "data": "train.jsonl", "val_split": 0.25, "max_steps": 4, "batch_size": 4,
+        "eval_every_steps": 1, "precision": "fp32"}))
+    return tmp_path
+
+
+def write_sweep(folder: Path, **fields) -> Path:
+    path = folder / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"name": "tiny", "base": "run.yaml", **fields}, sort_keys=False))
+    return path
+
+
+def sweep(path: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "tunesmith", "sweep", "-c", str(path), "--out", str(out), *extra],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_a_grid_sweep_prunes_the_losing_trial_and_keeps_the_best(sweep_dir, _isolated_home):
+    path = write_sweep(sweep_dir, search_space={"learning_rate": {"type": "choice", "values": [1e-2, 1e-7]},
+                                                "lora_rank": {"type": "choice", "values": [4]}},
+                       sampler="grid", trials=3, parallelism=1)
+    out = sweep_dir / "out"
+    proc = sweep(path, out)
+    assert proc.returncode == 0, proc.stderr
+
+    results = json.loads((out / "sweep.json").read_text())
+    trials = {t["params"]["learning_rate"]: t for t in results["trials"]}
+    assert len(results["trials"]) == 2  # the grid has two points, fewer than the budget of 3
+    assert trials[1e-2]["state"] == "complete" and trials[1e-7]["state"] == "pruned"
+    assert list(trials[1e-7]["curve"]) == ["1"]  # pruned on its first validation loss
+    assert results["best"]["params"] == {"learning_rate": 1e-2, "lora_rank": 4}
+    assert "trial  state" in proc.stdout and "reproduce: tunesmith train -c" in proc.stdout
+
+    store = open_store()
+    jobs = {j["id"]: j for j in store.list_jobs(metadata_filter={"sweep": "tiny"})[0]}
+    assert {j["status"] for j in jobs.values()} == {"succeeded", "cancelled"}
+    best_job = jobs[results["best"]["job_id"]]
+    assert best_job["overrides"]["learning_rate"] == 1e-2 and best_job["overrides"]["lora_rank"] == 4
+    assert best_job["lineage"]["config"]["lora_rank"] == 4  # the trainer ran with the trial's values
+    assert min(results["trials"][0]["curve"].values()) == results["best"]["value"]
+
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    cfg = build_config(best)
+    assert cfg.learning_rate == 1e-2 and cfg.lora_rank == 4 and Path(cfg.data).is_absolute()
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_trials_run_in_parallel_and_a_second_run_continues_the_study(sweep_dir, _isolated_home):
+    space = {"learning_rate": {"type": "log-uniform", "low": 1e-4, "high": 1e-2},
+             "lora_rank": {"type": "int", "low": 2, "high": 8}}
+    out = sweep_dir / "out"
+    proc = sweep(write_sweep(sweep_dir, search_space=space, sampler="random", trials=2, parallelism=2,
+                             pruner="none"), out)
+    assert proc.returncode == 0, proc.stderr
+    store = open_store()
+    first = sorted(store.list_jobs(metadata_filter={"sweep": "tiny"})[0], key=lambda j: j["started_at"])
+    assert len(first) == 2 and first[1]["started_at"] <= first[0]["finished_at"]  # two workers, at once
+
+    proc = sweep(write_sweep(sweep_dir, search_space=space, sampler="random", trials=3, parallelism=2,
+                             pruner="none"), out)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 ended before" in proc.stderr
+    results = json.loads((out / "sweep.json").read_text())
+    assert [t["number"] for t in results["trials"]] == [0, 1, 2]
+    assert all(t["state"] == "complete" and 2 <= t["params"]["lora_rank"] <= 8 for t in results["trials"])
+    assert len(store.list_jobs(metadata_filter={"sweep": "tiny"})[0]) == 3  # one new job, not three
+    assert set(results["importance"]) == {"learning_rate", "lora_rank"}
+
+
+@pytest.mark.parametrize(("fields", "expected"), [
+    ({"search_space": {"learning_rate": {"type": "log-uniform", "low": 0, "high": 1}}}, "log-uniform needs low > 0"),
+    ({"search_space": {"data": {"type": "choice", "values": ["a.jsonl"]}}}, "the sweep sets data for every trial"),
+    ({"search_space": {"lora_rnak": {"type": "int", "low": 2, "high": 8}}}, "did you mean 'lora_rank'?"),
+    ({"search_space": {"lora_rank": {"type": "int", "low": 2, "high": 8}}, "sampler": "grid"},
+     "sampler grid searches choice parameters only"),
+    ({"search_space": {}, "objective": "eval:label_accuracy"}, "base.validation, which is not set"),
+    ({"search_space": {}, "trails": 3}, "unknown key 'trails'; did you mean 'trials'?"),
+])
+def test_a_bad_sweep_file_says_what_to_change(sweep_dir, fields, expected):
+    with pytest.raises(ConfigError) as exc:
+        load_sweep_config(write_sweep(sweep_dir, **fields))
+    assert expected in str(exc.value)
