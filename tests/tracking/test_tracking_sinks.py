@@ -102,7 +102,7 @@ def test_train_reports_to_every_tracker_and_each_reads_back(tiny_model_dir, chat
     history = [{_key(i): json.loads(i.value_json) for i in r.history.item} for r in by_kind["history"]]
     assert {h["_step"]: h["train_loss"] for h in history} == pytest.approx(losses)
     assert {h["_step"]: h["valid_loss"] for h in history if "valid_loss" in h} == pytest.approx(valid)
-    assert all("tokens_per_s" in h and "lr" in h for h in history)
+    assert all("tokens_per_s" in h and "lr" in h and h["grad_norm"] > 0 for h in history)
     summary = {_key(i): json.loads(i.value_json) for r in by_kind["summary"] for i in r.summary.update}
     assert summary["best_step"] == final["best_step"] and summary["steps"] == 4
     assert [a.artifact.type for a in by_kind["artifact"]] == ["model"]

@@ -178,7 +178,7 @@ def test_cli_first_step_is_log2_and_metrics_carry_rewards(tiny_model_dir, pairs_
     assert "reward acc" in proc.stderr and "reference log-probs of 24 pairs" in proc.stderr
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert set(rows[0]) == {"step", "epoch", "train_loss", "valid_loss", "token_accuracy", "lr", "tokens_per_s",
+    assert set(rows[0]) == {"step", "epoch", "train_loss", "valid_loss", "token_accuracy", "lr", "grad_norm", "tokens_per_s",
                             "elapsed", "rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy",
                             "valid_reward_accuracy", "valid_reward_margin"}
     assert rows[0]["train_loss"] == pytest.approx(math.log(2), abs=1e-6)

@@ -64,7 +64,9 @@ def test_cli_run_leaves_a_complete_run_dir(tiny_model_dir, chat_file, tmp_path):
 
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-    assert set(rows[0]) == {"step", "epoch", "train_loss", "valid_loss", "token_accuracy", "lr", "tokens_per_s", "elapsed"}
+    assert set(rows[0]) == {"step", "epoch", "train_loss", "valid_loss", "token_accuracy", "lr", "grad_norm",
+                            "tokens_per_s", "elapsed"}
+    assert all(r["grad_norm"] > 0 for r in rows)
     assert rows[2]["valid_loss"] is not None and rows[3]["valid_loss"] is None
     assert 0.0 <= rows[5]["token_accuracy"] <= 1.0
 

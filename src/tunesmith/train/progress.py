@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-METRIC_KEYS = ("step", "epoch", "train_loss", "valid_loss", "token_accuracy", "lr", "tokens_per_s", "elapsed")
+METRIC_KEYS = ("step", "epoch", "train_loss", "valid_loss", "token_accuracy", "lr", "grad_norm", "tokens_per_s",
+               "elapsed")
+"""grad_norm: the gradient's total norm before clipping (--max-grad-norm)."""
 DPO_METRIC_KEYS = ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy",
                    "valid_reward_accuracy", "valid_reward_margin")
 """Added for --method dpo (see train.preference and docs/training.md)."""

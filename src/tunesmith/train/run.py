@@ -308,8 +308,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
                             + (f"The last good checkpoint {last} is intact" if last else "No checkpoint was saved")
                             + f"; lower --learning-rate (now {lr_peak:g}) and start again"
                         )
-                    if cfg.max_grad_norm > 0:
-                        _clip_grad_norm(params, cfg.max_grad_norm, dist)
+                    # The norm before clipping, also logged when clipping is off (an infinite bound).
+                    grad_norm = _clip_grad_norm(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf, dist)
                     optimizer.step()
                     step += 1
                     step_s = time.perf_counter() - t0
@@ -320,7 +320,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
                         reporter.message(f"step {step} took {step_s:.0f} s including compiling the layers")
                     else:
                         rate_time, rate_tokens, rate_steps = rate_time + step_s, rate_tokens + step_tokens, rate_steps + 1
-                    row = {"step": step, "epoch": step / spe, "train_loss": train_loss, "lr": lr,
+                    row = {"step": step, "epoch": step / spe, "train_loss": train_loss, "lr": lr, "grad_norm": grad_norm,
                            "tokens_per_s": rate_tokens / rate_time if rate_steps else step_tokens / step_s,
                            "elapsed": elapsed_before + time.perf_counter() - t_run,
                            "eta_s": (rate_time / rate_steps if rate_steps else step_s) * (total_steps - step)}
@@ -427,19 +427,20 @@ def accumulate_gradients(model: Any, examples: list, step_targets: int, cfg: Tra
     return loss_sum, tokens
 
 
-def _clip_grad_norm(params: list, max_norm: float, dist: Dist) -> None:
+def _clip_grad_norm(params: list, max_norm: float, dist: Dist) -> float:
     """torch's clip_grad_norm_, also for FSDP full fine-tuning, where sharded layer weights
-    and whole embeddings are mixed (torch's version refuses the mix)."""
+    and whole embeddings are mixed (torch's version refuses the mix). Returns the total
+    norm before clipping."""
     import torch
 
     if not dist.fsdp:
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
     total = torch.stack([full_tensor(p.grad.norm()).float() for p in params]).norm()
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for p in params:
         p.grad.mul_(coef.to(p.grad.dtype))
+    return float(total)
 
 
 def _lockstep(indices: list[int], micro_batch_size: int | None, dist: Dist) -> int:
