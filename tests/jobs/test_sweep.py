@@ -48,6 +48,12 @@ def sweep(path: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 def test_a_grid_sweep_prunes_the_losing_trial_and_keeps_the_best(sweep_dir, _isolated_home):
+    # CSV data, as banking77 comes: the trials' jobs read it through the base config's columns.
+    (sweep_dir / "train.csv").write_text("text,category\n" + "".join(
+        f"What is the capital of France? {i},Paris {i % 3}\n" for i in range(16)))
+    base = yaml.safe_load((sweep_dir / "run.yaml").read_text())
+    base.update(data="train.csv", input_column="text", output_column="category")
+    (sweep_dir / "run.yaml").write_text(yaml.safe_dump(base))
     path = write_sweep(sweep_dir, search_space={"learning_rate": {"type": "choice", "values": [1e-2, 1e-7]},
                                                 "lora_rank": {"type": "choice", "values": [4]}},
                        sampler="grid", trials=3, parallelism=1)

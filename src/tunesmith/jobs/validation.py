@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.data.audit import audit_data
+from tunesmith.data.example import ColumnMapping
 from tunesmith.data.formats import read_data
 from tunesmith.data.near_duplicates import require_audit_packages
 from tunesmith.data.validate import validate_data
@@ -56,21 +57,23 @@ class FileCheck:
 
 
 def check_file(path: str | Path, model: str | None = None, min_examples: int = MIN_EXAMPLES,
-               validation: str | Path | None = None, leakage_error: bool = False) -> FileCheck:
+               validation: str | Path | None = None, leakage_error: bool = False,
+               columns: ColumnMapping | None = None) -> FileCheck:
     """Errors and warnings for one JSONL file.
 
     With a model: `tunesmith validate`'s checks (`validate_data`: rendering through the
     model's template, lengths, trained tokens, duplicates, and overlap with `validation`).
     Without one (at upload, when the model is not known yet): the shared readers' parse
     checks, which give the same line-numbered codes for broken JSON, unknown roles and
-    missing fields.
+    missing fields. `columns` reads a CSV/TSV file (a sweep's jobs, whose settings name the
+    columns; the API takes JSONL only).
 
     With a model, the content audit's duplicate and leakage checks run too (when the audit
     extra is installed): near duplicates, conflicting answers and training rows that repeat a
     validation row are warnings, or, for leakage with `leakage_error`, errors.
     """
     if model is not None:
-        report = validate_data(Path(path), model=model, validation=validation, estimate=False)
+        report = validate_data(Path(path), model=model, validation=validation, estimate=False, columns=columns)
         check = FileCheck(
             examples=report.examples,
             errors=[p.to_dict() for p in report.errors if p.code != "too_few_examples"],

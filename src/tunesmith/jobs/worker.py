@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from tunesmith.data.example import ColumnMapping
 from tunesmith.data.stats import auto_epochs
 from tunesmith.errors import TunesmithError
 from tunesmith.fileio import write_atomically
@@ -159,10 +160,14 @@ class Worker:
             if param == "training_file" and job["validation_file"]:
                 vrow = self.store.get_file(job["validation_file"])
                 against = self.store.storage_root / vrow["path"] if vrow else None
+            overrides = job.get("overrides") or {}
+            columns = ColumnMapping(overrides.get("input_column", "text"), overrides.get("output_column"),
+                                    overrides.get("system")) if overrides.get("output_column") else None
             try:
                 check = self._heartbeating(job["id"], check_file, self.store.storage_root / row["path"], model=base,
                                            min_examples=MIN_EXAMPLES if param == "training_file" else 1,
-                                           validation=against, leakage_error=self.config.leakage_error)
+                                           validation=against, leakage_error=self.config.leakage_error,
+                                           columns=columns)
             except TunesmithError as exc:  # e.g. the model is gone, or the file cannot be read at all
                 self._fail(job["id"], f"invalid_{param}", f"{param} {file_id}: {exc}", param)
                 return
