@@ -81,6 +81,8 @@ def test_a_grid_sweep_prunes_the_losing_trial_and_keeps_the_best(sweep_dir, _iso
     cfg = build_config(best)
     assert cfg.learning_rate == 1e-2 and cfg.lora_rank == 4 and Path(cfg.data).is_absolute()
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    report = (out / "report.html").read_text()
+    assert report.count('class="series"') == 2 and "trial 1 (pruned)" in report and "<tr class=win>" in report
 
 
 def test_trials_run_in_parallel_and_a_second_run_continues_the_study(sweep_dir, _isolated_home):

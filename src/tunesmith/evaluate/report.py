@@ -138,12 +138,12 @@ def render_html(data: dict[str, Any]) -> str:
     payload = json.dumps(data, ensure_ascii=False, default=str).replace("</", "<\\/")
     return (
         "<!doctype html><html lang=en><head><meta charset=utf-8><title>tunesmith report</title>"
-        f"<style>{_CSS}</style></head><body>{''.join(parts)}"
+        f"<style>{REPORT_CSS}</style></head><body>{''.join(parts)}"
         f'<script type="application/json" id="tunesmith-data">{payload}</script></body></html>\n'
     )
 
 
-_CSS = """
+REPORT_CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1100px;color:#222;padding:0 16px}
 h1{margin-bottom:0}h2{margin-top:32px;border-bottom:1px solid #ddd;padding-bottom:4px}
 .sub{color:#666;margin-top:4px}table{border-collapse:collapse;margin:8px 0}

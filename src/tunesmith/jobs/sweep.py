@@ -27,11 +27,13 @@ from tunesmith.errors import ConfigError
 from tunesmith.fileio import write_atomically
 from tunesmith.jobs.store import ACTIVE, TERMINAL, JobStore, new_id
 from tunesmith.jobs.sweep_config import SweepConfig
+from tunesmith.jobs.sweep_report import render_sweep_html
 from tunesmith.jobs.worker import Worker, WorkerConfig
 from tunesmith.models.registry import DEFAULT_MODEL, load_tokenizer, resolve_model
 from tunesmith.runs import ADAPTER_DIR
 
 RESULTS_FILE = "sweep.json"
+REPORT_FILE = "report.html"
 BEST_CONFIG_FILE = "best.yaml"
 SWEEP_KEYS = ("data", "validation", "model", "out", "resume")
 """Base config keys the jobs carry themselves (files, model, folder), never as overrides."""
@@ -310,6 +312,7 @@ def _write_results(cfg: SweepConfig, store: JobStore, study: Any, results: dict[
     import yaml
 
     out.mkdir(parents=True, exist_ok=True)
+    results["report"] = str(out / REPORT_FILE)
     best = results["best"]
     if best:
         config = {**cfg.base, **best["params"]}
@@ -319,6 +322,7 @@ def _write_results(cfg: SweepConfig, store: JobStore, study: Any, results: dict[
             shutil.rmtree(out / ADAPTER_DIR, ignore_errors=True)
             shutil.copytree(best["adapter"], out / ADAPTER_DIR)
     write_atomically(out / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
+    write_atomically(out / REPORT_FILE, render_sweep_html(results))
 
 
 def results_table(results: dict[str, Any]) -> str:
@@ -336,6 +340,8 @@ def results_table(results: dict[str, Any]) -> str:
         lines.append(f"best: trial {best['number']}, {results['objective']} {_fmt(best['value'])}: "
                      + ", ".join(f"{k}={_fmt(v)}" for k, v in best["params"].items()))
         lines.append(f"reproduce: {best.get('command', '-')}")
+    if results.get("report"):
+        lines.append(f"report: {results['report']}")
     if results["importance"]:
         lines.append("importance: " + ", ".join(f"{k} {v:.2f}" for k, v in results["importance"].items()))
     return "\n".join(lines)
