@@ -15,7 +15,7 @@ from dashboard_helpers import dashboard_server, write_chat_jsonl  # noqa: F401 (
 
 def test_pages_and_static_files_are_served_without_a_key(dashboard_server):
     server = dashboard_server(api_key="k", workers=0)
-    for path in ("/", "/jobs/new", "/jobs/ftjob-abc", "/playground", "/models"):
+    for path in ("/", "/jobs/new", "/jobs/ftjob-abc", "/sweeps", "/playground", "/models"):
         r = httpx.get(server.url + path)
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/html"), path
         assert '<script type="module" src="/static/app.js">' in r.text

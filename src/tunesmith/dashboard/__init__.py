@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 STATIC_DIR = Path(__file__).parent / "static"
-PAGES = ("/", "/jobs/new", "/jobs/{job_id}", "/playground", "/models")
+PAGES = ("/", "/jobs/new", "/jobs/{job_id}", "/sweeps", "/playground", "/models")
 """Paths that answer the HTML shell; the page's script draws the one the path names."""
 
 # Nothing outside this server may be loaded: no CDN, no inline script. Downloads use blob: URLs.

@@ -8,6 +8,7 @@ import { jobPage } from "./job.js";
 import { modelsPage } from "./models.js";
 import { newJobPage } from "./newjob.js";
 import { playgroundPage } from "./playground.js";
+import { sweepsPage } from "./sweeps.js";
 import { navigate, setRenderer } from "./nav.js";
 import { errorBox } from "./util.js";
 
@@ -15,6 +16,7 @@ const ROUTES = [
   [/^\/$/, "jobs", jobsPage, "Jobs"],
   [/^\/jobs\/new$/, "new", newJobPage, "New job"],
   [/^\/jobs\/([A-Za-z0-9_.-]+)$/, "jobs", jobPage, "Job"],
+  [/^\/sweeps$/, "sweeps", sweepsPage, "Sweeps"],
   [/^\/playground$/, "playground", playgroundPage, "Playground"],
   [/^\/models$/, "models", modelsPage, "Models"],
 ];
