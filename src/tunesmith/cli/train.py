@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.markup import escape  # help texts hold brackets (pip install 'tunesmith[gpu]') that rich would eat
 
 # Imported when the CLI loads, not in the command body: typer reads the options from the
 # signature, which is built from TrainConfig's fields (pydantic, no torch).
@@ -47,7 +48,7 @@ def train_signature() -> inspect.Signature:
             default = "required" if info.is_required() else info.default
             shown = default if not isinstance(default, (list, Path)) else str(default)
             params.append(P(name, P.KEYWORD_ONLY, annotation=_option_type(name, info.annotation), default=typer.Option(
-                None, *decls, help=f"{info.description} (default: {shown})", show_default=False,
+                None, *decls, help=escape(f"{info.description} (default: {shown})"), show_default=False,
                 rich_help_panel=PANELS[group])))
     params.append(P("dry_run", P.KEYWORD_ONLY, annotation=bool, default=typer.Option(
         False, "--dry-run", help="Print the resolved config, data statistics and an estimate, then exit.", rich_help_panel="Run")))
