@@ -22,10 +22,13 @@ from test_tracking_sinks import wandb_records  # noqa: E402
 HP = {"n_epochs": 1, "batch_size": 4}
 
 
-def _create(live, tmp_path, model, integrations):
+def _create(live, tmp_path, model, integrations, validation: bool = False):
     train = live.client.files.create(file=open(write_chat_jsonl(tmp_path / "train.jsonl", n=12), "rb"),
                                      purpose="fine-tune")
+    valid = live.client.files.create(file=open(write_chat_jsonl(tmp_path / "valid.jsonl", n=3), "rb"),
+                                     purpose="fine-tune") if validation else None
     return live.client.fine_tuning.jobs.create(model=str(model), training_file=train.id, integrations=integrations,
+                                               validation_file=valid.id if valid else openai.NOT_GIVEN,
                                                method={"type": "supervised", "supervised": {"hyperparameters": HP}})
 
 
@@ -40,7 +43,7 @@ def test_a_job_reports_to_wandb_in_openais_shape_and_to_mlflow_and_tensorboard(j
         {"type": "mlflow", "mlflow": {"project": "tuning", "tracking_uri": f"sqlite:///{db}"}},
         {"type": "tensorboard"},
     ]
-    job = _create(live, tmp_path, tiny_model_dir, integrations)
+    job = _create(live, tmp_path, tiny_model_dir, integrations, validation=True)
     assert [i.type for i in job.integrations] == ["wandb", "mlflow", "tensorboard"]
     assert job.integrations[0].wandb.project == "tuning" and job.integrations[0].wandb.tags == ["custom"]
 
@@ -49,9 +52,17 @@ def test_a_job_reports_to_wandb_in_openais_shape_and_to_mlflow_and_tensorboard(j
     assert job.status == "succeeded", job.error
     run_dir = live.home / "jobs" / job.id / "run"
     steps = {json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()}
+    evaluation = json.loads((live.home / "jobs" / job.id / "evaluation" / "evaluation.json").read_text())
+    main = evaluation["main_metric"]
+    tuned = evaluation["tuned"]["scores"][main]
 
-    (run_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
-    records = wandb_records(run_file)
+    # Training's W&B run, then the evaluation stage continuing it (same run id, offline: a second file).
+    training_file, eval_file = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert training_file.name == eval_file.name
+    eval_history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+                    for r in wandb_records(eval_file) if r.WhichOneof("record_type") == "history"]
+    assert [h[f"eval/tuned_{main}"] for h in eval_history] == pytest.approx([tuned])
+    records = wandb_records(training_file)
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     assert run.project == "tuning" and run.display_name == job.id
     assert list(run.tags) == ["tunesmith/finetune", f"tunesmith/{tiny_model_dir.name}", f"tunesmith/{job.id}", "custom"]
@@ -63,6 +74,9 @@ def test_a_job_reports_to_wandb_in_openais_shape_and_to_mlflow_and_tensorboard(j
     (mrun,) = client.search_runs([client.get_experiment_by_name("tuning").experiment_id])
     assert mrun.info.run_name == job.id and mrun.data.tags[f"tunesmith/{job.id}"] == "true"
     assert {m.step for m in client.get_metric_history(mrun.info.run_id, "train_loss")} == steps
+    (evaluated,) = client.get_metric_history(mrun.info.run_id, f"eval/tuned_{main}")
+    assert evaluated.value == pytest.approx(tuned) and evaluated.step == max(steps)
+    assert "eval/base_loss" in client.get_run(mrun.info.run_id).data.metrics
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     events = list(live.client.fine_tuning.jobs.list_events(job.id, limit=100))
     assert not [e for e in events if e.message.startswith("Tracker")]

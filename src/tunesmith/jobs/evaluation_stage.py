@@ -21,6 +21,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.fileio import write_atomically
 from tunesmith.flows.heldout import base_vs_tuned
 from tunesmith.models.registry import load_tokenizer, resolve_model
+from tunesmith.tracking.sinks import log_after_training
 
 SUMMARY_FILE = "evaluation.json"
 
@@ -53,6 +54,18 @@ def answer_budget(model: str, data: Path, margin: int = 8, most: int = 256) -> i
     return max(margin, min(most, longest + margin))
 
 
+def evaluation_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The evaluation as tracker metrics: eval/tuned_<score>, eval/base_<score>, eval/*_loss."""
+    out = {}
+    for side in ("tuned", "base"):
+        for name, value in summary[side]["scores"].items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[f"eval/{side}_{name}"] = float(value)
+        if summary[side].get("loss") is not None:
+            out[f"eval/{side}_loss"] = float(summary[side]["loss"])
+    return out
+
+
 def summary_sentence(summary: dict[str, Any]) -> str:
     """"tuned 91.2% vs base 3.4% label accuracy on 300 validation examples"."""
     main = summary["main_metric"]
@@ -80,7 +93,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     try:
-        run_stage(args.model, args.adapter, args.data, args.out)
+        summary = run_stage(args.model, args.adapter, args.data, args.out)
+        # The run's trackers (--report-to, a job's integrations) get the evaluation too.
+        log_after_training(args.adapter.parent, evaluation_metrics(summary),
+                           warn=lambda msg: print(msg, file=sys.stderr, flush=True))
     except TunesmithError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from tunesmith.errors import ConfigError
 from tunesmith.fileio import write_atomically
-from tunesmith.runs import TRACKING_FILE
+from tunesmith.runs import RUN_FILE, TRACKING_FILE, read_run_json
 from tunesmith.tracking.base import TRACKERS, MetricSink, TrackingSettings
 from tunesmith.tracking.mlflow_sink import MlflowSink
 from tunesmith.tracking.tensorboard_sink import TensorBoardSink
@@ -90,6 +90,34 @@ class Tracking:
         self.warn(f"warning: tracker {message}")
 
     def _write(self) -> None:
+        """RUN/tracking.json: this attempt's run ids, and every failure of this or an earlier attempt."""
         if self.runs or self.failed:
+            earlier = read_tracking_file(self.settings.run_dir)
+            runs = {**earlier.get("runs", {}), **self.runs}
+            failed = {**earlier.get("failed", {}), **self.failed}
             write_atomically(self.settings.run_dir / TRACKING_FILE,
-                             json.dumps({"runs": self.runs, "failed": self.failed}, indent=2) + "\n")
+                             json.dumps({"runs": runs, "failed": failed}, indent=2) + "\n")
+
+
+def log_after_training(run_dir: Path, metrics: dict[str, float], warn: Callable[[str], None]) -> None:
+    """Numbers measured after the run ended (a job's evaluation) into the runs its trackers
+    opened, continued by their ids in RUN/tracking.json, at the run's last step. A run that
+    reported to no tracker (or none that started) is left alone."""
+    run_dir = Path(run_dir)
+    if not (run_dir / RUN_FILE).is_file():
+        return
+    info = read_run_json(run_dir)
+    cfg = info.get("config", {})
+    started = read_tracking_file(run_dir).get("runs", {})
+    names = [n for n in cfg.get("report_to") or [] if n in started]
+    if not names:
+        return
+    settings = TrackingSettings(
+        run_dir=run_dir, project=cfg.get("tracking_project") or "tunesmith",
+        run_name=cfg.get("run_name") or run_dir.name, tags=tuple(cfg.get("tracking_tags") or ()),
+        wandb_entity=cfg.get("wandb_entity"), mlflow_tracking_uri=cfg.get("mlflow_tracking_uri"),
+        tensorboard_dir=Path(cfg["tensorboard_dir"]) if cfg.get("tensorboard_dir") else None, resume_ids=started)
+    config = {k: v for k, v in info.items() if k not in ("status", "metrics")}  # as training sent it
+    tracking = Tracking(names, settings, config, warn)
+    tracking.log_metrics({"step": (info.get("metrics") or {}).get("steps") or 0, **metrics})
+    tracking.finish()

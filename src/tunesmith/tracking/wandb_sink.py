@@ -32,6 +32,9 @@ class WandbSink:
         self.run_id = self.run.id
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if step < self.run.step:  # a continued run (online W&B knows its last step): W&B drops older steps
+            self.run.summary.update(metrics)
+            return
         self.run.log(metrics, step=step)
 
     def log_summary(self, summary: dict[str, Any]) -> None:
