@@ -123,6 +123,7 @@ def test_train_reports_to_every_tracker_and_each_reads_back(tiny_model_dir, chat
     assert {m.step: m.value for m in client.get_metric_history(mrun.info.run_id, "valid_loss")} == pytest.approx(valid)
     artifacts = [a.path for a in client.list_artifacts(mrun.info.run_id, "adapter")]
     assert "adapter/adapter_model.safetensors" in artifacts
+    assert list((tmp_path / "mlartifacts").rglob("adapter_model.safetensors"))  # beside the database
     assert "summary.json" in [a.path for a in client.list_artifacts(mrun.info.run_id)]
 
     # TensorBoard: the event files, through TensorBoard's own reader.

@@ -20,6 +20,16 @@ MAX_PARAM_CHARS = 6000
 """MLflow refuses longer parameter values."""
 
 
+def local_artifact_location(tracking_uri: str | None) -> str | None:
+    """For a SQLite store, artifacts go in `mlartifacts/` beside the database file, not in the
+    folder the trainer happens to run in (MLflow's default: ./mlruns under the current
+    directory, e.g. a jobs server's). Anything else: MLflow decides (a server serves its own)."""
+    if not tracking_uri or not tracking_uri.startswith("sqlite:///"):
+        return None
+    database = Path(tracking_uri[len("sqlite:///"):]).expanduser().resolve()
+    return (database.parent / "mlartifacts").as_uri()
+
+
 class MlflowSink:
     name = "mlflow"
 
@@ -34,7 +44,8 @@ class MlflowSink:
             self.client.update_run(resume_id, status="RUNNING")
             return
         experiment = self.client.get_experiment_by_name(settings.project)
-        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(settings.project)
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
+            settings.project, artifact_location=local_artifact_location(settings.mlflow_tracking_uri))
         tags = {t: "true" for t in settings.tags}
         self.run_id = self.client.create_run(experiment_id, run_name=settings.run_name, tags=tags).info.run_id
         params = [Param(k, json.dumps(v) if not isinstance(v, str) else v)
