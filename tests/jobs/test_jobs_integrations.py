@@ -37,7 +37,7 @@ def test_a_job_reports_to_wandb_in_openais_shape_and_to_mlflow_and_tensorboard(j
     pytest.importorskip("wandb"), pytest.importorskip("mlflow"), pytest.importorskip("tensorboard")
     monkeypatch.setenv("WANDB_MODE", "offline")  # the worker's training child inherits it
     live = jobs_server(workers=1)
-    db = tmp_path / "mlflow.db"
+    db = live.home / "mlflow.db"  # a store on the server's disk: under a folder clients may name
     integrations = [
         {"type": "wandb", "wandb": {"project": "tuning", "entity": None, "name": None, "tags": ["custom"]}},
         {"type": "mlflow", "mlflow": {"project": "tuning", "tracking_uri": f"sqlite:///{db}"}},
@@ -88,6 +88,8 @@ def test_a_job_reports_to_wandb_in_openais_shape_and_to_mlflow_and_tensorboard(j
     ([{"type": "tensorboard"}, {"type": "tensorboard"}], "a second 'tensorboard' integration"),
     ([{"type": "wandb", "wandb": {"project": "a"}}, {"type": "trackio", "trackio": {"project": "b"}}],
      "different projects (wandb: a, trackio: b)"),
+    ([{"type": "mlflow", "mlflow": {"project": "a", "tracking_uri": "sqlite:////etc/mlflow.db"}}],
+     "outside the folders the server allows"),
 ])
 def test_malformed_integrations_are_a_400_that_says_what_to_change(jobs_server, tmp_path, tiny_model_dir, integrations,
                                                                    expected):
@@ -113,10 +115,10 @@ def test_a_tracker_not_installed_on_the_server_is_refused_at_creation(jobs_serve
 def test_a_tracker_that_fails_is_one_warning_event_and_the_job_succeeds(jobs_server, tmp_path, tiny_model_dir):
     pytest.importorskip("mlflow")
     live = jobs_server(workers=1)
-    unwritable = tmp_path / "a-file"
-    unwritable.write_text("not a folder")
+    not_a_database = live.home / "a-folder"
+    not_a_database.mkdir()
     job = _create(live, tmp_path, tiny_model_dir,
-                  [{"type": "mlflow", "mlflow": {"project": "p", "tracking_uri": f"sqlite:///{unwritable}/sub/x.db"}}])
+                  [{"type": "mlflow", "mlflow": {"project": "p", "tracking_uri": f"sqlite:///{not_a_database}"}}])
     job = wait_for(lambda: (j := live.client.fine_tuning.jobs.retrieve(job.id)).status in
                    ("succeeded", "failed", "cancelled") and j, 240, "the job to finish")
     assert job.status == "succeeded", job.error

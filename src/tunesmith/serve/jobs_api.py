@@ -305,7 +305,7 @@ class JobsService:
     def create_job(self, body: JobCreate) -> dict[str, Any]:
         """Create a fine-tuning job; a worker validates its files, then trains it."""
         method = _method(body)
-        integrations = _integrations(body)
+        integrations = _integrations(body, self.path_roots)
         self._base_model(body.model)  # a base model, or an earlier job's fine-tuned model to continue
         job_id = new_id("ftjob")
         name = ft_model_name(body.model, body.suffix, job_id)
@@ -411,9 +411,10 @@ def _order(order: str) -> str:
     return order
 
 
-def _integrations(body: JobCreate) -> list[dict[str, Any]] | None:
+def _integrations(body: JobCreate, roots: Sequence[Path]) -> list[dict[str, Any]] | None:
     """The job's trackers as given (OpenAI's shape), checked: each type once, its settings under
-    the key of its type, one project for all, and its library installed on this server."""
+    the key of its type, one project for all, its library installed on this server, and an
+    MLflow store on this server's disk only in a folder clients may name (`roots`)."""
     if not body.integrations:
         return None
     seen, projects = [], {}
@@ -433,6 +434,10 @@ def _integrations(body: JobCreate) -> list[dict[str, Any]] | None:
                            param=f"{param}.{entry.type}")
         if getattr(settings, "project", None):
             projects[entry.type] = settings.project
+        uri = getattr(settings, "tracking_uri", None)
+        if uri and not uri.startswith(("http://", "https://", "databricks")):  # a local store: its folder
+            local = uri.split(":///", 1)[1] if ":///" in uri else uri.removeprefix("file:")
+            confined_path(str(Path(local).parent), roots, f"{param}.mlflow.tracking_uri", "folder for the MLflow store")
     if len(set(projects.values())) > 1:
         named = ", ".join(f"{k}: {v}" for k, v in projects.items())
         raise APIError(400, f"the integrations name different projects ({named}); a job reports to one project "
