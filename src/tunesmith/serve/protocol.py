@@ -94,6 +94,9 @@ class ChatCompletionRequest(_Strict):
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     user: Optional[Text] = None
+    # vLLM's extensions, sent through the openai client's extra_body.
+    guided_regex: Optional[Text] = Field(None, description="The answer matches this regular expression.")
+    guided_choice: Optional[list[Text]] = Field(None, description="The answer is one of these strings.")
 
     @field_validator("stop")
     @classmethod
@@ -120,6 +123,9 @@ class CompletionRequest(_Strict):
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     user: Optional[Text] = None
+    # vLLM's extensions, sent through the openai client's extra_body.
+    guided_regex: Optional[Text] = Field(None, description="The answer matches this regular expression.")
+    guided_choice: Optional[list[Text]] = Field(None, description="The answer is one of these strings.")
 
     @field_validator("stop")
     @classmethod
