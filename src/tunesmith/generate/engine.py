@@ -95,7 +95,7 @@ class Engine(Protocol):
 
     def models(self) -> list[ModelCard]: ...
     def stats(self) -> dict[str, int]: ...
-    def render_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]: ...
+    def render_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None) -> list[int]: ...
     def encode(self, text: str) -> list[int]: ...
     def compile(self, constraint: Constraint) -> Any: ...
     def submit(
@@ -221,10 +221,12 @@ class LocalEngine:
     def has_model(self, model: str) -> bool:
         return model == self.base_id or (model in self._adapters and model not in self._draining)
 
-    def render_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
-        """The prompt for a conversation: exactly training's tokens plus the generation prompt."""
-        msgs = [Message(m["role"], m.get("content") or "", name=m.get("name")) for m in messages]
-        return render_prompt(self._tok, msgs)
+    def render_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
+        """The prompt for a conversation (and the tools it may call): exactly training's tokens
+        plus the generation prompt."""
+        msgs = [Message(m["role"], m.get("content") or "", name=m.get("name"), tool_calls=m.get("tool_calls"))
+                for m in messages]
+        return render_prompt(self._tok, msgs, list(tools) if tools else None)
 
     def stats(self) -> dict[str, int]:
         """Rows generating now, requests queued, the most rows ever decoded together, decode
