@@ -238,3 +238,23 @@ def test_unknown_weights_are_one_sentence(tiny_model_dir, tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert "unknown --weights 'int4'; accepted: fp32, int8" in proc.stderr and "Traceback" not in proc.stderr
         assert not (tmp_path / "x").exists()  # refused before any work (compare would have trained first)
+
+
+def test_eval_scores_tool_calls_with_the_tools_in_the_prompt(tiny_model_dir, tmp_path):
+    """A held-out set of OpenAI-format tool calls: auto picks tool_call, and each prompt
+    carries its line's tools (rendered as training renders them)."""
+    weather = {"type": "function", "function": {"name": "weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    rows = [{"tools": [weather] if i % 2 else [], "messages": [
+        {"role": "user", "content": f"Weather in city {i}?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function", "function": {
+            "name": "weather", "arguments": json.dumps({"city": f"city {i}"})}}]}]} for i in range(4)]
+    data = tmp_path / "calls.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = run_cli("eval", "--model", tiny_model_dir, "--data", data, "--out", tmp_path / "ev", "--max-new-tokens", "4")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["metric"] == "tool_call" and set(metrics["scores"]) == {"exact_call_rate", "parse_rate",
+                                                                           "name_accuracy"}
+    prompt_tokens = [r["prompt_tokens"] for r in _rows(tmp_path / "ev" / "predictions.jsonl")]
+    assert prompt_tokens[1] > prompt_tokens[0] + 20 and prompt_tokens[3] > prompt_tokens[2] + 20  # tools listed

@@ -18,7 +18,7 @@ from tunesmith.models.registry import DEFAULT_MODEL
 
 # eval and compare share these options, so they say the same thing on both.
 MODEL_HELP = "Base model: registry name, HF directory or .gguf."
-METRIC_HELP = "auto (picked from the references), label, exact, json or rouge."
+METRIC_HELP = "auto (picked from the references), label, exact, json, rouge or tool_call."
 MAX_NEW_TOKENS_HELP = "Most tokens generated per example."
 BATCH_SIZE_HELP = "Examples generated together."
 PRECISION_HELP = "auto (fp32 on a CPU, bf16 autocast on a CUDA GPU that has it), fp32 or bf16."

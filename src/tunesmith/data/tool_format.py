@@ -86,6 +86,14 @@ def for_template(tokenizer: Any, messages: Sequence[Message], tools: Any) -> tup
     return _default(messages, tools), None
 
 
+def calls_text(content: str, tool_calls: Sequence[dict[str, Any]]) -> str:
+    """An assistant message's text and calls, as the default syntax writes them."""
+    calls = HERMES.separator.join(
+        call_text(HERMES, _function(c).get("name", ""), arguments_object(_function(c).get("arguments")))
+        for c in tool_calls)
+    return (content + "\n" if content else "") + calls
+
+
 def _default(messages: Sequence[Message], tools: Any) -> list[Message]:
     out: list[Message] = []
     listing = ""
@@ -93,10 +101,7 @@ def _default(messages: Sequence[Message], tools: Any) -> list[Message]:
         listing = DEFAULT_SYSTEM + "\n".join(json.dumps(t.get("function", t), ensure_ascii=False) for t in tools)
     for m in messages:
         if m.tool_calls:
-            calls = HERMES.separator.join(
-                call_text(HERMES, _function(c).get("name", ""), arguments_object(_function(c).get("arguments")))
-                for c in m.tool_calls)
-            m = replace(m, content=(m.content + "\n" if m.content else "") + calls, tool_calls=None)
+            m = replace(m, content=calls_text(m.content, m.tool_calls), tool_calls=None)
         elif m.role == "tool":
             m = Message("user", f"<tool_response>\n{m.content}\n</tool_response>")
         out.append(m)

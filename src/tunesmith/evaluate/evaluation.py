@@ -205,7 +205,7 @@ def evaluate_loaded(
     prompts = prompts if prompts is not None else [p for p, _ in split]
     t0 = time.perf_counter()
     gens = generate_greedy(loaded, prompts, max_new_tokens, batch_size, precision, constraint,
-                           _progress(len(prompts), log))
+                           _progress(len(prompts), log), tools=[ex.tools for ex in examples])
     gen_s = time.perf_counter() - t0
     predictions = [g.text for g in gens]
     scores = score(references, predictions, metric, labels)
@@ -257,14 +257,15 @@ def generate_greedy(
     precision: str = "auto",
     constraint: Constraint | None = None,
     on_done: Callable[[int], None] | None = None,
+    tools: Sequence[Any] | None = None,
 ) -> list[Completion]:
-    """Greedy answers to chat prompts (rendered as in training), text stripped: one
+    """Greedy answers to chat prompts (rendered as in training, with each prompt's `tools`), text stripped: one
     `generate_batch` at temperature 0 on an engine over `loaded`."""
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
-    ids = [render_prompt(loaded.tokenizer, p) for p in prompts]
+    ids = [render_prompt(loaded.tokenizer, p, tools[i] if tools else None) for i, p in enumerate(prompts)]
     engine = LocalEngine(loaded, precision=precision, max_batch_rows=batch_size)
     try:
         gens = engine.generate_batch(ids, loaded.model_id, SamplingParams(max_new_tokens, 0.0, constraint=constraint),
