@@ -49,7 +49,7 @@ def test_the_text_trained_is_the_text_serve_prompts_with_and_its_grammar_allows(
 
     from tunesmith.data.formats import parse_chat
     from tunesmith.data.render import IGNORE_INDEX, render_example
-    from tunesmith.data.tool_format import HERMES, call_text
+    from tunesmith.data.tool_syntax import HERMES, call_text
     from tunesmith.generate.constraints import Constraint
     from tunesmith.serve.tools import call_grammar
 

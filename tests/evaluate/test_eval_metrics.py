@@ -112,7 +112,7 @@ def test_bm25_finds_the_overlapping_document_first():
 
 
 def test_tool_call_metric_compares_names_and_arguments_by_value():
-    from tunesmith.data.tool_format import HERMES, call_text
+    from tunesmith.data.tool_syntax import HERMES, call_text
 
     weather = call_text(HERMES, "weather", {"city": "Paris", "days": 2})
     alarm = call_text(HERMES, "alarm", {"on": True})

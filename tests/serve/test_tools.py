@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from tunesmith.data.tool_format import HERMES, call_text
+from tunesmith.data.tool_syntax import HERMES, call_text
 from tunesmith.serve.tools import CallStream, message
 
 CALLS = call_text(HERMES, "weather", {"city": "Paris"}) + "\n" + call_text(HERMES, "alarm", {"on": True})

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from tunesmith.data.tool_syntax import calls_text
 from tunesmith.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -87,8 +88,6 @@ def split_example(example: Example) -> tuple[list[Message], str]:
     if last is None:
         raise DataError(f"line {example.line}: the example has no assistant answer to compare against")
     if msgs[last].tool_calls:
-        from tunesmith.data.tool_format import calls_text  # it imports this module
-
         return msgs[:last], calls_text(msgs[last].content, msgs[last].tool_calls)
     return msgs[:last], msgs[last].content
 

@@ -12,32 +12,18 @@ documented default, Hermes' syntax (Qwen2.5's own):
   one line apart;
 - a `tool` message becomes a user turn `<tool_response>\\n...\\n</tool_response>`.
 
-    python -c "from tunesmith.data.tool_format import HERMES, call_text; print(call_text(HERMES, 'f', {'x': 1}))"
+    python -c "from tunesmith.data.tool_format import DEFAULT_SYSTEM; print(DEFAULT_SYSTEM)"
 """
 
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Sequence
 
 from tunesmith.data.example import Message
+from tunesmith.data.tool_syntax import HERMES, arguments_object, calls_text, function_of
 
-
-@dataclass(frozen=True)
-class ToolSyntax:
-    """How a model writes a call: each call `open + {"name", arguments_key} + close`."""
-
-    name: str
-    open: str
-    close: str
-    separator: str
-    arguments_key: str
-
-
-HERMES = ToolSyntax("hermes", "<tool_call>\n", "\n</tool_call>", "\n", "arguments")
-"""Qwen2.5's, Hermes', SmolLM3's, and the default for templates without tools."""
 
 DEFAULT_SYSTEM = (
     "You may call these functions, each with one "
@@ -51,25 +37,6 @@ def template_renders_tools(tokenizer: Any) -> bool:
     return isinstance(template, str) and all(word in template for word in ("tools", "tool_calls", "<tool_call>"))
 
 
-def call_text(syntax: ToolSyntax, name: str, arguments: Any) -> str:
-    return syntax.open + json.dumps({"name": name, syntax.arguments_key: arguments}, ensure_ascii=False) + syntax.close
-
-
-def arguments_object(arguments: Any) -> Any:
-    """A call's arguments as an object: OpenAI sends a JSON string, templates want the object."""
-    if isinstance(arguments, str):
-        try:
-            return json.loads(arguments)
-        except ValueError:
-            return arguments
-    return arguments
-
-
-def _function(call: dict[str, Any]) -> dict[str, Any]:
-    fn = call.get("function", call)
-    return fn if isinstance(fn, dict) else {}
-
-
 def for_template(tokenizer: Any, messages: Sequence[Message], tools: Any) -> tuple[list[Message], Any]:
     """The messages and tools to give the chat template (see the module's rules)."""
     if not tools and not any(m.tool_calls or m.role == "tool" for m in messages):
@@ -78,20 +45,12 @@ def for_template(tokenizer: Any, messages: Sequence[Message], tools: Any) -> tup
         out = []
         for m in messages:
             if m.tool_calls:
-                calls = [{**c, "type": "function", "function": {**_function(c), "arguments": arguments_object(
-                    _function(c).get("arguments"))}} for c in m.tool_calls]
+                calls = [{**c, "type": "function", "function": {**function_of(c), "arguments": arguments_object(
+                    function_of(c).get("arguments"))}} for c in m.tool_calls]
                 m = replace(m, tool_calls=calls)
             out.append(m)
         return out, tools
     return _default(messages, tools), None
-
-
-def calls_text(content: str, tool_calls: Sequence[dict[str, Any]]) -> str:
-    """An assistant message's text and calls, as the default syntax writes them."""
-    calls = HERMES.separator.join(
-        call_text(HERMES, _function(c).get("name", ""), arguments_object(_function(c).get("arguments")))
-        for c in tool_calls)
-    return (content + "\n" if content else "") + calls
 
 
 def _default(messages: Sequence[Message], tools: Any) -> list[Message]:
@@ -111,23 +70,3 @@ def _default(messages: Sequence[Message], tools: Any) -> list[Message]:
         else:
             out.insert(0, Message("system", listing))
     return out
-
-
-def parse_calls(syntax: ToolSyntax, text: str) -> tuple[str, list[tuple[str, Any]]]:
-    """(content before the calls, [(name, arguments object)]) of an answer; no calls: (text, [])."""
-    pattern = re.escape(syntax.open.strip()) + r"\s*(\{.*?\})\s*" + re.escape(syntax.close.strip())
-    found = list(re.finditer(pattern, text, flags=re.S))
-    if not found:
-        return text, []
-    content = text[:found[0].start()].strip()
-    bodies = [f.group(1) for f in found]
-    calls = []
-    for body in bodies:
-        try:
-            obj = json.loads(body)
-        except ValueError:
-            return text, []
-        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-            return text, []
-        calls.append((obj["name"], obj.get(syntax.arguments_key, {})))
-    return content, calls

@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from tunesmith.data.tool_format import HERMES, parse_calls
+from tunesmith.data.tool_syntax import HERMES, parse_calls
 from tunesmith.errors import UsageError
 
 METRICS = ("auto", "label", "exact", "json", "rouge", "tool_call")

@@ -2,7 +2,7 @@
 assistant's `tool_calls` out (whole, or as streamed deltas in OpenAI's shape).
 
 The call syntax is the model's chat template's own, or the documented default
-(data/tool_format.py). With tool_choice `required` or a named function the whole answer is
+(data/tool_format.py, data/tool_syntax.py). With tool_choice `required` or a named function the whole answer is
 held to a grammar of calls whose arguments are each function's `parameters` schema; with
 `auto` (the default) the answer is either free text without a call, or calls from its first
 token on, so a call, once opened, is always held to the grammar. `none` renders the tools
@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from tunesmith.data.tool_format import HERMES, ToolSyntax, parse_calls
+from tunesmith.data.tool_syntax import HERMES, ToolSyntax, parse_calls
 from tunesmith.generate.constraints import Constraint, ConstraintError, check_schema_limits
 from tunesmith.serve import protocol as p
 from tunesmith.serve.errors import APIError
