@@ -66,3 +66,42 @@ def test_the_text_trained_is_the_text_serve_prompts_with_and_its_grammar_allows(
     assert starts_a_match(tok, grammar, text)
     matcher_done = engine.compile(grammar).deep_copy()
     assert matcher_done.consume_tokens(tok(text, add_special_tokens=False)["input_ids"]) and matcher_done.is_accepting()
+
+
+# Qwen2.5's tool rendering, cut down: tools in the system turn, calls as <tool_call> blocks
+# written with tojson, tool results as user turns.
+QWEN_LIKE = (
+    "{%- if tools %}<|im_start|>system\nTools:{% for tool in tools %}\n{{ tool | tojson }}{% endfor %}<|im_end|>\n"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant\n"
+    "{%- for tool_call in message.tool_calls %}{% if tool_call.function %}{% set tool_call = tool_call.function %}"
+    "{% endif %}{% if not loop.first %}\n{% endif %}<tool_call>\n"
+    '{"name": "{{ tool_call.name }}", "arguments": {{ tool_call.arguments | tojson }}}\n</tool_call>'
+    "{%- endfor %}<|im_end|>\n"
+    "{%- elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}\n</tool_response>"
+    "<|im_end|>\n"
+    "{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+)
+
+
+def test_a_template_with_its_own_tool_syntax_renders_the_calls_itself(tiny_tokenizer):
+    """A Qwen2.5-like template gets the tools and the calls (arguments as objects, not the
+    JSON strings OpenAI sends): its own text, which is the syntax serve parses."""
+    from tunesmith.data.formats import parse_chat
+    from tunesmith.data.render import render_text
+    from tunesmith.data.tool_format import DEFAULT_SYSTEM, template_renders_tools
+    from tunesmith.data.tool_syntax import HERMES, parse_calls
+
+    tok = tiny_tokenizer
+    old = tok.chat_template
+    tok.chat_template = QWEN_LIKE
+    try:
+        assert template_renders_tools(tok)
+        text = render_text(tok, parse_chat(convo(), 1, [], []).messages, [WEATHER])
+    finally:
+        tok.chat_template = old
+    assert DEFAULT_SYSTEM not in text and '"name": "weather"' in text.split("<|im_end|>")[0]
+    assert '<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
+    assert parse_calls(HERMES, text)[1] == [("weather", {"city": "Paris"})]
