@@ -138,8 +138,13 @@ def check_schema_limits(schema: dict[str, Any]) -> None:
     """Refuse a schema over OpenAI's documented limits, naming the limit (the first one passed)."""
     if not isinstance(schema, dict):
         raise ConstraintError(f"a JSON Schema is an object, got {type(schema).__name__}")
+    try:
+        nodes = list(_subschemas(schema, 1))
+    except RecursionError:  # serve refuses deep schemas first (serve/limits.py); a file may not
+        raise ConstraintError(f"the schema is nested deeper than Python can walk; OpenAI's limit is {MAX_DEPTH} "
+                              "levels of nesting", code="schema_too_large") from None
     properties = enum_values = text_chars = depth = 0
-    for node, level in _subschemas(schema, 1):
+    for node, level in nodes:
         props = node.get("properties")
         if isinstance(props, dict):
             properties += len(props)
