@@ -27,7 +27,9 @@ def test_eval_predictions_equal_the_served_answers(tiny_model_dir, tmp_path, con
     result = evaluate_loaded(load_for_inference(tiny_model_dir, adapter), examples, max_new_tokens=12, batch_size=2,
                              with_loss=False, constraint=constraint, log=lambda _: None)
     predictions = [row["prediction"] for row in result.predictions]
-    assert len(set(predictions)) > 1
+    # Free text varies with the question; held to 3 labels or one enum, all 5 may agree
+    # (which they do for some adapters: the test's adapter depends on torch's RNG state).
+    assert len(set(predictions)) > 1 or constraint is not None
 
     # As `tunesmith serve --adapter tuned=...` loads it; one request at a time.
     engine = LocalEngine.load(str(tiny_model_dir), [("tuned", adapter)])
