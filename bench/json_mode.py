@@ -1,7 +1,10 @@
-"""What JSON mode costs, and what it buys: the same prompts answered by SmolLM2-135M-Instruct
-as free text, with response_format json_object and with a json_schema, through the
-serving engine. Reports decode tokens/s and the share of answers that `json.loads` reads
-(and, with the schema, that validate).
+"""What structured outputs cost, and what they buy: the same prompts answered by
+SmolLM2-135M-Instruct as free text, with response_format json_object, with a json_schema and
+held to a choice of labels, through the serving engine (llguidance's mask in the batched
+step). Reports decode tokens/s and the share of answers that parse (and validate).
+
+Then one hostile schema beside free text: a free-text answer's tokens/s alone, beside
+another free-text row, and beside a row held to a 1,000-value enum or a 10-deep schema.
 
     .venv/bin/python bench/json_mode.py                 # 6 answers per mode, 96 tokens at most
     .venv/bin/python bench/json_mode.py --answers 12 --threads 1
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
 import time
 
 PROMPTS = [
@@ -21,22 +25,97 @@ PROMPTS = [
 TICKET = {"type": "object", "properties": {
     "intent": {"type": "string", "enum": ["card_arrival", "lost_or_stolen_card", "exchange_rate"]},
     "urgent": {"type": "boolean"}}, "required": ["intent", "urgent"], "additionalProperties": False}
+LABELS = ["card_arrival", "lost_or_stolen_card", "exchange_rate"]
+ENUM_1000 = {"type": "object", "properties": {"label": {"enum": [f"label_{i:04d}" for i in range(1000)]}},
+             "required": ["label"], "additionalProperties": False}
 
 
-def valid(text: str, schema: dict | None) -> bool:
+def deep(levels: int) -> dict:
+    schema: dict = {"type": "string"}
+    for i in range(levels):
+        schema = {"type": "object", "properties": {f"k{i}": schema}, "required": [f"k{i}"],
+                  "additionalProperties": False}
+    return schema
+
+
+def valid(text: str, kind: str, spec) -> bool:
+    if kind == "choice":
+        return text in spec
     try:
         value = json.loads(text)
     except ValueError:
         return False
-    if schema is None or schema == {"type": "object"}:
+    if spec is None or spec == {"type": "object"}:
         return isinstance(value, dict)
     import jsonschema
 
     try:
-        jsonschema.validate(value, schema)
+        jsonschema.validate(value, spec)
     except jsonschema.ValidationError:
         return False
     return True
+
+
+def modes(args: argparse.Namespace, engine, Constraint, SamplingParams) -> None:
+    table = [("free text", None, "json", None), ("json_object", Constraint.json_schema({"type": "object"}), "json",
+             {"type": "object"}), ("json_schema (ticket)", Constraint.json_schema(TICKET), "json", TICKET),
+             ("choice (3 labels)", Constraint.choice(LABELS), "choice", LABELS)]
+    print("| mode | answers | tokens | wall s | tokens/s | parse (and validate) |\n|---|---:|---:|---:|---:|---:|")
+    for name, constraint, kind, spec in table:
+        if constraint is not None:
+            engine.compile(constraint)  # once per request in serve; not what is timed here
+        tokens, ok, t0 = 0, 0, time.perf_counter()
+        for i in range(args.answers):
+            prompt = engine.render_chat([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}])
+            temperature, seed = (0.0, None) if i < len(PROMPTS) else (0.8, i)
+            text, _, n = engine.generate(prompt, engine.base_id,
+                                         SamplingParams(args.max_tokens, temperature, 1.0, (), seed, constraint))
+            tokens += n
+            ok += valid(text, kind, spec)
+        wall = time.perf_counter() - t0
+        print(f"| {name} | {args.answers} | {tokens} | {wall:.1f} | {tokens / wall:.1f} | {ok}/{args.answers} |",
+              flush=True)
+
+
+def free_row_speed(engine, SamplingParams, beside=None, max_tokens: int = 64) -> float:
+    """tokens/s of one free-text answer of exactly max_tokens tokens (no stop), decoded
+    alone or beside another row with `beside` params (cancelled when the free one ends)."""
+    prompt = engine.render_chat([{"role": "user", "content": "Tell me a long story about a dragon."}])
+    free = SamplingParams(max_tokens, 1.0, 1.0, (), 7)
+    done = threading.Event()
+    other = None
+    if beside is not None:
+        ask = engine.render_chat([{"role": "user", "content": "Answer in JSON about the dragon."}])
+        other = engine.submit(ask, engine.base_id, beside, lambda ev: None)
+    t0 = time.perf_counter()
+    result = {}
+
+    def on_event(ev) -> None:
+        if ev.finish_reason:
+            result["n"], result["t"] = ev.completion_tokens, time.perf_counter() - t0
+            done.set()
+
+    engine.submit(prompt, engine.base_id, free, on_event)
+    done.wait()
+    if other is not None:
+        other.cancel()
+    return result["n"] / result["t"]
+
+
+def hostile(args: argparse.Namespace, engine, Constraint, SamplingParams) -> None:
+    long = 10 * args.max_tokens  # the other row outlives the free one
+    rows = [("alone", None), ("beside a free-text row", SamplingParams(long, 1.0, 1.0, (), 3))]
+    # Arrays of at least 20, so the held row is still generating when the free one ends.
+    for name, schema in (("1,000-value enum", ENUM_1000), ("10-deep schema", deep(9))):
+        constraint = Constraint.json_schema({"type": "array", "items": schema, "minItems": 20})
+        t0 = time.perf_counter()
+        engine.compile(constraint)
+        print(f"compile {name}: {(time.perf_counter() - t0) * 1000:.0f} ms")
+        rows.append((f"beside a row held to a {name}", SamplingParams(long, 1.0, 1.0, (), 3, constraint)))
+    print("\n| free-text row (64 tokens, sampled) | tokens/s |\n|---|---:|")
+    for name, beside in rows:
+        speeds = [free_row_speed(engine, SamplingParams, beside) for _ in range(2)]
+        print(f"| {name} | {max(speeds):.1f} |", flush=True)
 
 
 def main() -> None:
@@ -49,26 +128,15 @@ def main() -> None:
 
     import torch
 
+    from tunesmith.generate.constraints import Constraint
     from tunesmith.generate.engine import LocalEngine, SamplingParams
-    from tunesmith.generate.json_mode import ANY_OBJECT
 
     if args.threads:
         torch.set_num_threads(args.threads)
     engine = LocalEngine.load(args.model)
     try:
-        modes = [("free text", None), ("json_object", ANY_OBJECT), ("json_schema (ticket)", TICKET)]
-        print(f"| mode | answers | tokens | wall s | tokens/s | parse (and validate) |\n|---|---:|---:|---:|---:|---:|")
-        for name, schema in modes:
-            tokens, ok, t0 = 0, 0, time.perf_counter()
-            for i in range(args.answers):
-                prompt = engine.render_chat([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}])
-                temperature, seed = (0.0, None) if i < len(PROMPTS) else (0.8, i)
-                text, _, n = engine.generate(prompt, engine.base_id,
-                                             SamplingParams(args.max_tokens, temperature, 1.0, (), seed, schema))
-                tokens += n
-                ok += valid(text, schema if schema is not None else ANY_OBJECT)
-            wall = time.perf_counter() - t0
-            print(f"| {name} | {args.answers} | {tokens} | {wall:.1f} | {tokens / wall:.1f} | {ok}/{args.answers} |")
+        modes(args, engine, Constraint, SamplingParams)
+        hostile(args, engine, Constraint, SamplingParams)
     finally:
         engine.close()
 

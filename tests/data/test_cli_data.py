@@ -178,3 +178,16 @@ def test_inspect_styles_on_a_terminal(tiny_model_dir):
     assert any("<|im_end|>" in text and "bold" in style and "green" in style for text, style in spans)
     assert any("How do I reset my password?" in text and "dim" in style for text, style in spans)
     assert "[[" not in console.export_text()
+
+
+def test_inspect_shows_a_tool_call_trained_as_serve_writes_it(tmp_path, tiny_model_dir, home):
+    call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
+    line = {"tools": [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}],
+            "messages": [{"role": "user", "content": "Weather in Paris?"},
+                         {"role": "assistant", "content": None, "tool_calls": [call]}]}
+    data = tmp_path / "tools.jsonl"
+    data.write_text(json.dumps(line) + "\n")
+    proc = cli("inspect", str(data), "--model", str(tiny_model_dir), "-n", "1", home=home)
+    assert proc.returncode == 0, proc.stderr
+    assert '[[<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>]]' in proc.stdout
+    assert '"name": "weather", "parameters"' in proc.stdout  # the tools, listed in the system turn, not trained

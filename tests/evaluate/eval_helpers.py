@@ -1,6 +1,6 @@
 """Test helpers for the evaluation stage: adapters made directly with peft, small label data
 sets, and the real CLI in a subprocess (the tiny model whose greedy outputs vary is in
-tests/tiny_model.py)."""
+tests/tiny_model.py); the engine tests' check of a constrained answer re-exported."""
 
 from __future__ import annotations
 
@@ -10,6 +10,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+GENERATE_TESTS = Path(__file__).resolve().parent.parent / "generate"
+if str(GENERATE_TESTS) not in sys.path:  # imported by name, as tests/serve does
+    sys.path.insert(0, str(GENERATE_TESTS))
+
+from generate_helpers import starts_a_match  # noqa: E402,F401
 
 LABELS = ["card_arrival", "exchange_rate", "card_linking"]
 

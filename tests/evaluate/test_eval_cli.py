@@ -160,13 +160,14 @@ def test_report_of_a_training_run_only(tmp_path):
     assert "http://" not in html and "https://" not in html  # nothing fetched from outside
 
 
-def test_eval_and_compare_hold_answers_to_a_json_schema(tiny_model_dir, tmp_path):
+def test_eval_and_compare_hold_answers_to_a_json_schema_or_choices(tiny_model_dir, tiny_tokenizer, tmp_path):
     """--json-schema: every answer that ended parses and validates (jsonschema), answers cut
-    by --max-new-tokens are the start of one, and the schema is recorded; a schema the reader
-    cannot honour is one sentence and exit 2."""
+    by --max-new-tokens are the start of one, and the schema is recorded; --choices holds
+    answers to the label set; a schema that cannot be honoured is one sentence and exit 2."""
     import jsonschema
+    from eval_helpers import starts_a_match
 
-    from tunesmith.generate.json_mode import JsonPrefix
+    from tunesmith.generate.constraints import ANY_OBJECT, Constraint
 
     schema = {"type": "object", "properties": {"label": {"enum": LABELS}}, "required": ["label"],
               "additionalProperties": False}
@@ -174,9 +175,9 @@ def test_eval_and_compare_hold_answers_to_a_json_schema(tiny_model_dir, tmp_path
     schema_file.write_text(json.dumps(schema))
     test = write_label_csv(tmp_path / "test.csv", 6, "t")
     out = tmp_path / "ev"
-    proc = run_cli("eval", "--model", tiny_model_dir, "--adapter", make_adapter(tiny_model_dir, tmp_path / "a"),
-                   "--data", test, "--out", out, "--max-new-tokens", "200", "--metric", "exact",
-                   "--json-schema", schema_file)
+    adapter = make_adapter(tiny_model_dir, tmp_path / "a")
+    proc = run_cli("eval", "--model", tiny_model_dir, "--adapter", adapter, "--data", test, "--out", out,
+                   "--max-new-tokens", "200", "--metric", "exact", "--json-schema", schema_file)
     assert proc.returncode == 0, proc.stderr
     rows = _rows(out / "predictions.jsonl")
     ended = [r for r in rows if r["completion_tokens"] < 200]
@@ -185,24 +186,28 @@ def test_eval_and_compare_hold_answers_to_a_json_schema(tiny_model_dir, tmp_path
         if r in ended:
             jsonschema.validate(json.loads(r["prediction"]), schema)
         else:
-            assert JsonPrefix(schema).feed(r["prediction"]), r
+            assert starts_a_match(tiny_tokenizer, Constraint.json_schema(schema), r["prediction"]), r
     assert json.loads((out / "metrics.json").read_text())["json_schema"] == schema
+
+    proc = run_cli("eval", "--model", tiny_model_dir, "--adapter", adapter, "--data", test, "--out", tmp_path / "ch",
+                   "--max-new-tokens", "32", "--metric", "exact", "--choices", ",".join(LABELS))
+    assert proc.returncode == 0, proc.stderr
+    assert {r["prediction"] for r in _rows(tmp_path / "ch" / "predictions.jsonl")} <= set(LABELS)
+    assert json.loads((tmp_path / "ch" / "metrics.json").read_text())["choices"] == LABELS
 
     train = write_label_csv(tmp_path / "train.csv", 8, "q")
     proc = run_cli("compare", "--model", tiny_model_dir, "--train", train, "--test", test, "--shots", "1",
                    "--max-new-tokens", "32", "--metric", "exact", "--json-mode", "--out", tmp_path / "cmp")
     assert proc.returncode == 0, proc.stderr
     c = json.loads((tmp_path / "cmp" / "compare.json").read_text())
-    assert c["json_schema"] == {"type": "object"}
+    assert c["json_schema"] == ANY_OBJECT
     for s in c["strategies"]:
         for r in _rows(tmp_path / "cmp" / s["folder"] / "predictions.jsonl"):
-            state = JsonPrefix()
-            assert state.feed(r["prediction"]), r
-            assert not state.complete or isinstance(json.loads(r["prediction"]), dict)
+            assert starts_a_match(tiny_tokenizer, Constraint.json_schema(ANY_OBJECT), r["prediction"]), r
 
-    schema_file.write_text(json.dumps({"type": "object", "oneOf": [{"type": "object"}]}))
+    schema_file.write_text(json.dumps({"type": "object", "not": {"type": "object"}}))
     bad = run_cli("eval", "--model", tiny_model_dir, "--data", test, "--json-schema", schema_file)
-    assert bad.returncode == 2 and "oneOf not supported" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and 'Unimplemented keys: ["not"]' in bad.stderr and "Traceback" not in bad.stderr
     schema_file.write_text("label: card_arrival\n")  # YAML, not JSON
     bad = run_cli("eval", "--model", tiny_model_dir, "--data", test, "--json-schema", schema_file)
     assert bad.returncode == 2 and "is not JSON" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
@@ -233,3 +238,23 @@ def test_unknown_weights_are_one_sentence(tiny_model_dir, tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert "unknown --weights 'int4'; accepted: fp32, int8" in proc.stderr and "Traceback" not in proc.stderr
         assert not (tmp_path / "x").exists()  # refused before any work (compare would have trained first)
+
+
+def test_eval_scores_tool_calls_with_the_tools_in_the_prompt(tiny_model_dir, tmp_path):
+    """A held-out set of OpenAI-format tool calls: auto picks tool_call, and each prompt
+    carries its line's tools (rendered as training renders them)."""
+    weather = {"type": "function", "function": {"name": "weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    rows = [{"tools": [weather] if i % 2 else [], "messages": [
+        {"role": "user", "content": f"Weather in city {i}?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function", "function": {
+            "name": "weather", "arguments": json.dumps({"city": f"city {i}"})}}]}]} for i in range(4)]
+    data = tmp_path / "calls.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = run_cli("eval", "--model", tiny_model_dir, "--data", data, "--out", tmp_path / "ev", "--max-new-tokens", "4")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["metric"] == "tool_call" and set(metrics["scores"]) == {"exact_call_rate", "parse_rate",
+                                                                           "name_accuracy"}
+    prompt_tokens = [r["prompt_tokens"] for r in _rows(tmp_path / "ev" / "predictions.jsonl")]
+    assert prompt_tokens[1] > prompt_tokens[0] + 20 and prompt_tokens[3] > prompt_tokens[2] + 20  # tools listed

@@ -109,3 +109,22 @@ def test_bm25_finds_the_overlapping_document_first():
     # Fewer matches than k: filled in index order, no duplicates.
     got = index.top_k("exchange", 3)
     assert got[0] == 1 and len(set(got)) == 3
+
+
+def test_tool_call_metric_compares_names_and_arguments_by_value():
+    from tunesmith.data.tool_syntax import HERMES, call_text
+
+    weather = call_text(HERMES, "weather", {"city": "Paris", "days": 2})
+    alarm = call_text(HERMES, "alarm", {"on": True})
+    references = [weather, weather + "\n" + alarm, weather, weather, weather]
+    predictions = [
+        '<tool_call>\n{"arguments": {"days": 2.0, "city": "Paris"},  "name": "weather"}\n</tool_call>',  # same value
+        alarm + "\n" + weather,  # parallel calls in another order
+        call_text(HERMES, "weather", {"city": "Rome", "days": 2}),  # right name, wrong argument
+        "It is sunny in Paris.",  # no call
+        '<tool_call>\n{"name": "weather", "arguments": {"city": \n</tool_call>',  # does not parse
+    ]
+    s = score(references, predictions, "auto")
+    assert s.metric == "tool_call" and s.correct == [True, True, False, False, False]
+    assert s.summary == {"exact_call_rate": 0.4, "parse_rate": 0.6, "name_accuracy": 0.6}
+    assert score(["plain text answer here"] * 3, ["x"] * 3).metric != "tool_call"

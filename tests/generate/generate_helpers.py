@@ -1,5 +1,6 @@
 """Helpers for the engine tests (imported by name, like tests/evaluate's helpers): waiting
-for the engine to go idle, and a JSON schema with every kind of constraint JSON mode holds."""
+for the engine to go idle, a JSON schema with every kind of constraint structured outputs
+hold, and a check that a (cut) answer starts a match of a constraint."""
 
 from __future__ import annotations
 
@@ -29,3 +30,13 @@ def wait_until_idle(engine, timeout_s: float = 20.0) -> dict:
         if (stats["running"] == 0 and stats["waiting"] == 0) or time.time() > deadline:
             return stats
         time.sleep(0.05)
+
+
+def starts_a_match(tokenizer, constraint, text: str) -> bool:
+    """Is `text` the start of (or all of) an answer `constraint` allows? (llguidance reads it
+    afresh, so a cut answer can be checked as well as a whole one.)"""
+    import llguidance
+    import llguidance.hf
+
+    matcher = llguidance.LLMatcher(llguidance.hf.from_tokenizer(tokenizer), constraint.grammar(), log_level=0)
+    return matcher.consume_tokens(tokenizer(text, add_special_tokens=False)["input_ids"]) and not matcher.is_error()

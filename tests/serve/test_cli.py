@@ -73,7 +73,7 @@ class RecordingEngine:
         self.engine, self.conversations = engine, []
         self.base_id, self.max_context = engine.base_id, engine.max_context
 
-    def render_chat(self, messages):
+    def render_chat(self, messages, tools=None):
         self.conversations.append([dict(m) for m in messages])
         return self.engine.render_chat(messages)
 

@@ -37,7 +37,7 @@ class RaisingEngine:
     def stats(self) -> dict[str, int]:
         return {}
 
-    def render_chat(self, messages):
+    def render_chat(self, messages, tools=None):
         raise self.error
 
     def encode(self, text):

@@ -18,7 +18,7 @@ from tunesmith.models.registry import DEFAULT_MODEL
 
 # eval and compare share these options, so they say the same thing on both.
 MODEL_HELP = "Base model: registry name, HF directory or .gguf."
-METRIC_HELP = "auto (picked from the references), label, exact, json or rouge."
+METRIC_HELP = "auto (picked from the references), label, exact, json, rouge or tool_call."
 MAX_NEW_TOKENS_HELP = "Most tokens generated per example."
 BATCH_SIZE_HELP = "Examples generated together."
 PRECISION_HELP = "auto (fp32 on a CPU, bf16 autocast on a CUDA GPU that has it), fp32 or bf16."
@@ -28,29 +28,40 @@ OUTPUT_COLUMN_HELP = "CSV/TSV: column holding the reference answer. Default: the
 REPORT_HELP = "Also write report.html into the output folder."
 JSON_MODE_HELP = "Hold every answer to one JSON object, as the server's JSON mode does (response_format json_object)."
 JSON_SCHEMA_HELP = "Hold every answer to one JSON value of this JSON Schema file (structured outputs, as the server's json_schema)."
+CHOICES_HELP = "Hold every answer to one of these comma-separated strings (e.g. a classification's labels), as the server's guided_choice."
 
 
-def _answer_schema(json_mode: bool, path: Optional[Path]) -> Optional[dict]:
-    """The schema answers are held to: --json-schema's, --json-mode's any object, or None."""
+def _answer_constraint(json_mode: bool, path: Optional[Path], choices: Optional[str]):
+    """What answers are held to: --json-schema's schema, --json-mode's any object, --choices'
+    strings, or None; checked (OpenAI's limits, what llguidance can compile) before any model loads."""
     import json
 
     from tunesmith.errors import UsageError
-    from tunesmith.generate.json_mode import ANY_OBJECT
-    from tunesmith.generate.json_schema import SchemaError, compile_schema
+    from tunesmith.generate.constraints import ANY_OBJECT, Constraint, ConstraintError, check_grammar
 
-    if path is None:
-        return ANY_OBJECT if json_mode else None
+    given = [flag for flag, value in (("--json-mode", json_mode), ("--json-schema", path), ("--choices", choices))
+             if value]
+    if len(given) > 1:
+        raise UsageError(f"give one of {' and '.join(given)}, not both")
+    if not given:
+        return None
     try:
-        schema = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise UsageError(f"--json-schema {path}: cannot read it ({exc.strerror})") from None
-    except ValueError as exc:
-        raise UsageError(f"--json-schema {path} is not JSON ({exc}); give a JSON Schema file") from None
-    try:
-        compile_schema(schema)
-    except SchemaError as exc:  # names what cannot be honoured, and where
-        raise UsageError(f"--json-schema {path}: {exc}") from None
-    return schema
+        if choices:
+            constraint = Constraint.choice([c.strip() for c in choices.split(",") if c.strip()])
+        elif path is None:
+            constraint = Constraint.json_schema(ANY_OBJECT)
+        else:
+            try:
+                schema = json.loads(Path(path).read_text())
+            except OSError as exc:
+                raise UsageError(f"--json-schema {path}: cannot read it ({exc.strerror})") from None
+            except ValueError as exc:
+                raise UsageError(f"--json-schema {path} is not JSON ({exc}); give a JSON Schema file") from None
+            constraint = Constraint.json_schema(schema)
+        check_grammar(constraint)
+    except ConstraintError as exc:  # names the limit or keyword
+        raise UsageError(f"{given[0]}{' ' + str(path) if path else ''}: {exc}") from None
+    return constraint
 
 
 def _default_out(adapter: Optional[Path], kind: str) -> Path:
@@ -82,7 +93,8 @@ def eval_cmd(
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N examples."),
     report: bool = typer.Option(False, "--report", help=REPORT_HELP),
     json_mode: bool = typer.Option(False, "--json-mode", help=JSON_MODE_HELP),
-    json_schema: Optional[Path] = typer.Option(None, "--json-schema", help=JSON_SCHEMA_HELP),
+    json_schema: Optional[Path] = typer.Option(None, "--json-schema", "--schema", help=JSON_SCHEMA_HELP),
+    choices: Optional[str] = typer.Option(None, "--choices", help=CHOICES_HELP),
     grader: Optional[Path] = typer.Option(
         None, "--grader", help="Also score each answer with this grader (JSON, OpenAI's shape); the item is "
                                "{input, reference, line}. Reports the mean and per-row scores."),
@@ -92,7 +104,7 @@ def eval_cmd(
     """Evaluate a model or adapter on held-out data."""
     from tunesmith.evaluate.evaluation import evaluate, print_eval, write_eval
 
-    schema = _answer_schema(json_mode, json_schema)
+    constraint = _answer_constraint(json_mode, json_schema, choices)
     spec = None
     if grader is not None:  # a bad grader fails before the model loads
         from tunesmith.graders.files import load_grader
@@ -102,7 +114,7 @@ def eval_cmd(
     result = evaluate(
         model, data, adapter=adapter, metric=metric, out=out, max_new_tokens=max_new_tokens,
         batch_size=batch_size, precision=precision, format=format, input_column=input_column,
-        output_column=output_column, system=system, limit=limit, json_schema=schema, weights=weights, log=log,
+        output_column=output_column, system=system, limit=limit, constraint=constraint, weights=weights, log=log,
     )
     print_eval(result)
     if spec is not None:
@@ -148,13 +160,14 @@ def compare_cmd(
     teacher_api_key: Optional[str] = typer.Option(None, "--teacher-api-key", help="The teacher's API key (default: $OPENAI_API_KEY); never written."),
     teacher_price_per_million: Optional[float] = typer.Option(None, "--teacher-price-per-million", help="The teacher's price per million tokens (default: --price-per-million)."),
     json_mode: bool = typer.Option(False, "--json-mode", help=JSON_MODE_HELP),
-    json_schema: Optional[Path] = typer.Option(None, "--json-schema", help=JSON_SCHEMA_HELP),
+    json_schema: Optional[Path] = typer.Option(None, "--json-schema", "--schema", help=JSON_SCHEMA_HELP),
+    choices: Optional[str] = typer.Option(None, "--choices", help=CHOICES_HELP),
 ) -> None:
     """Zero-shot vs few-shot vs retrieval few-shot vs fine-tuned (vs a teacher), on the same test set."""
     from tunesmith.evaluate.comparison import print_comparison
     from tunesmith.flows.compare import compare
 
-    schema = _answer_schema(json_mode, json_schema)
+    constraint = _answer_constraint(json_mode, json_schema, choices)
     out = out or _default_out(None, "compare")
     result = compare(
         model, train, test, adapter=adapter, train_adapter=train_adapter, shots=shots,
@@ -162,7 +175,7 @@ def compare_cmd(
         batch_size=batch_size, precision=precision, format=format, input_column=input_column,
         output_column=output_column, system=system, limit=limit, teacher_model=teacher_model,
         teacher_base_url=teacher_base_url, teacher_api_key=teacher_api_key,
-        teacher_price_per_million=teacher_price_per_million, json_schema=schema, weights=weights, log=log,
+        teacher_price_per_million=teacher_price_per_million, constraint=constraint, weights=weights, log=log,
     )
     print_comparison(result)
     log(f"wrote {out / 'compare.json'}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from tunesmith.data.tool_syntax import calls_text
 from tunesmith.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -80,11 +81,14 @@ def chat(*turns: tuple[str, str], line: int = 0) -> Example:
 
 
 def split_example(example: Example) -> tuple[list[Message], str]:
-    """The conversation up to the last assistant turn (the prompt) and that turn (the reference)."""
+    """The conversation up to the last assistant turn (the prompt) and that turn (the reference;
+    its tool calls written in the syntax a model is trained and served with)."""
     msgs = list(example.messages)
     last = max((i for i, m in enumerate(msgs) if m.role == "assistant"), default=None)
     if last is None:
         raise DataError(f"line {example.line}: the example has no assistant answer to compare against")
+    if msgs[last].tool_calls:
+        return msgs[:last], calls_text(msgs[last].content, msgs[last].tool_calls)
     return msgs[:last], msgs[last].content
 
 

@@ -375,6 +375,8 @@ def check_conversation(
                     "set weight 1 on at least one or drop the example")
         )
         return None
+    if not _check_tool_calls(msgs, field, line, errors, tools):
+        return None
     if msgs[-1].role != "assistant":
         last = len(msgs) - 1
         warnings.append(
@@ -383,6 +385,64 @@ def check_conversation(
                     "learns from; end it with the assistant answer")
         )
     return Example(messages=tuple(msgs), line=line, tools=tools)
+
+
+def _check_tool_calls(msgs: list[Message], field: str, line: int, errors: list[Problem], tools: Any) -> bool:
+    """Every assistant tool call names a function (one of `tools` when given) and carries
+    arguments that are a JSON object valid for its `parameters`; False with errors if not."""
+    import json
+
+    declared = {}
+    for tool in tools or []:
+        fn = tool.get("function", tool) if isinstance(tool, dict) else None
+        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+            declared[fn["name"]] = fn.get("parameters") or {"type": "object"}
+    before = len(errors)
+    for i, m in enumerate(msgs):
+        for j, call in enumerate(m.tool_calls or []):
+            where = f"{field}[{i}].tool_calls[{j}]"
+            fn = call.get("function")
+            name = fn.get("name") if isinstance(fn, dict) else None
+            if not isinstance(name, str) or not name:
+                errors.append(Problem(line, f"{where}.function", "invalid_tool_call",
+                                      f"{where} needs 'function': {{'name': ..., 'arguments': '<JSON object>'}}"))
+                continue
+            raw = fn.get("arguments")
+            try:
+                arguments = json.loads(raw) if isinstance(raw, str) else None
+            except ValueError as exc:
+                arguments, why = None, f"is not JSON ({exc})"
+            else:
+                why = "must be a JSON object in a string" if not isinstance(arguments, dict) else ""
+            if not isinstance(arguments, dict):
+                errors.append(Problem(line, f"{where}.function.arguments", "arguments_not_json",
+                                      f"the arguments of {name!r} {why}, got {_kind(raw)} {str(raw)[:60]!r}"))
+                continue
+            if tools is None:
+                continue
+            if name not in declared:
+                errors.append(Problem(line, f"{where}.function.name", "unknown_function",
+                                      f"the call names {name!r}, which is not in 'tools' ({', '.join(declared) or 'none'})"))
+                continue
+            problem = _schema_problem(arguments, declared[name])
+            if problem:
+                errors.append(Problem(line, f"{where}.function.arguments", "arguments_do_not_match",
+                                      f"the arguments of {name!r} do not match its parameters: {problem}"))
+    return len(errors) == before
+
+
+def _schema_problem(value: Any, schema: Any) -> str:
+    """Why `value` is not valid for the JSON Schema, or "" (a schema that is not one: "")."""
+    import jsonschema
+
+    try:
+        jsonschema.validate(value, schema)
+    except jsonschema.ValidationError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path)
+        return f"{exc.message}" + (f" (at {where})" if where else "")
+    except jsonschema.SchemaError:
+        return ""
+    return ""
 
 
 def parse_preference(obj: dict[str, Any], line: int, errors: list[Problem]) -> PreferenceExample | None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from tunesmith.data.example import Example, Message
+from tunesmith.data.tool_format import for_template
 from tunesmith.errors import DataError
 
 IGNORE_INDEX = -100
@@ -124,6 +125,7 @@ def conversation_segments(
     otherwise every assistant turn renders its prefix (quadratic, bounded by the server's
     message limit).
     """
+    messages, tools = for_template(tokenizer, messages, tools)  # tool calls in the template's syntax
     dicts = [m.to_template() for m in messages]
     full = _apply(tokenizer, dicts, tools, add_generation_prompt)
     specials = _special_tokens(tokenizer)
@@ -393,4 +395,5 @@ def end_of_turn_ids(tokenizer: Any) -> list[int]:
 
 def render_text(tokenizer: Any, messages: Sequence[Message], tools: Any = None, add_generation_prompt: bool = False) -> str:
     """The chat template's text for a conversation (for display and audits, not for training)."""
+    messages, tools = for_template(tokenizer, messages, tools)
     return _apply(tokenizer, [m.to_template() for m in messages], tools, add_generation_prompt)

@@ -309,6 +309,9 @@ class _Scan:
             self.no_system_lines.append(ex.line)
         if self.labels is not None:
             answers = ex.trained_messages if isinstance(ex, Example) else list(ex.chosen)
+            if answers and answers[-1].tool_calls:  # tool calls are not class labels
+                self.labels = None
+                return
             self.labels[answers[-1].content.strip() if answers else ""] += 1
             if len(self.labels) > MAX_LABELS:
                 self.labels = None

@@ -25,6 +25,7 @@ from tunesmith.data.example import Example, Message, split_example
 from tunesmith.errors import UsageError
 from tunesmith.evaluate.evaluation import (
     EvalResult,
+    answer_format,
     evaluate_loaded,
     format_score,
     load_examples,
@@ -34,7 +35,7 @@ from tunesmith.evaluate.evaluation import (
 )
 from tunesmith.evaluate.metrics import pick_metric, score
 from tunesmith.evaluate.retrieval import BM25
-from tunesmith.generate.json_mode import response_format
+from tunesmith.generate.constraints import Constraint
 from tunesmith.generate.remote import TeacherFailure, ask, build_client, run_coroutine
 from tunesmith.models.inference import check_weights, load_for_inference
 from tunesmith.runs import COMPARE_FILE
@@ -184,7 +185,7 @@ def compare(
     teacher_base_url: str | None = None,
     teacher_api_key: str | None = None,
     teacher_price_per_million: float | None = None,
-    json_schema: dict[str, Any] | None = None,
+    constraint: Constraint | None = None,
     weights: str = "fp32",
     log: Callable[[str], None] = print,
 ) -> Comparison:
@@ -192,9 +193,9 @@ def compare(
 
     teacher_model: also ask this model at teacher_base_url (OpenAI-compatible) each test
     example's own prompt (with `system` when given), priced at teacher_price_per_million
-    (default: price_per_million). json_schema: every strategy's answers are held to one JSON
-    value of it (JSON mode; the teacher gets it as response_format). weights: how the base's
-    linear layers are stored (models.inference.WEIGHTS), for every local strategy."""
+    (default: price_per_million). constraint: every strategy's answers are held to it (a
+    JSON Schema or a choice; the teacher is asked for it in the request). weights: how the
+    base's linear layers are stored (models.inference.WEIGHTS), for every local strategy."""
     check_options(shots, weights)
     out = Path(out) if out is not None else None
     train_ex = load_examples(train, format, input_column, output_column)
@@ -213,7 +214,7 @@ def compare(
         prompts = prompting_prompts(name, test_ex, train_ex, shots, system_prompt)
         result = evaluate_loaded(
             loaded, test_ex, prompts, kind, labels, max_new_tokens, batch_size, precision, with_loss=False,
-            json_schema=json_schema, log=log,
+            constraint=constraint, log=log,
         )
         result.metrics["data"] = str(test)
         strategies.append(Strategy(name, result, price_per_million))
@@ -224,14 +225,14 @@ def compare(
         tuned_ex = [with_system(ex, tuned_system) for ex in test_ex] if tuned_system else list(test_ex)
         result = evaluate_loaded(
             tuned, tuned_ex, None, kind, labels, max_new_tokens, batch_size, precision, with_loss=True,
-            json_schema=json_schema, log=log,
+            constraint=constraint, log=log,
         )
         result.metrics["data"] = str(test)
         strategies.append(Strategy(FINE_TUNED, result, price_per_million))
     if teacher_model is not None:
         log(f"{TEACHER}: {teacher_model} at {teacher_base_url or 'the OpenAI API'}")
         result = teacher_result(test_ex, teacher_model, teacher_base_url, teacher_api_key, kind, labels,
-                                system, max_new_tokens, json_schema=json_schema)
+                                system, max_new_tokens, constraint=constraint)
         result.metrics["data"] = str(test)
         price = teacher_price_per_million if teacher_price_per_million is not None else price_per_million
         strategies.append(Strategy(TEACHER, result, price))
@@ -247,7 +248,7 @@ def compare(
         "main_metric": main_name,
         "price_per_million": price_per_million,
         "teacher_model": teacher_model,
-        "json_schema": json_schema,
+        **answer_format(constraint),
     }
     comparison = Comparison(strategies, info, verdict(strategies))
     if out is not None:
@@ -258,7 +259,7 @@ def compare(
 def teacher_result(
     test_ex: Sequence[Example], teacher_model: str, base_url: str | None, api_key: str | None, kind: str,
     labels: Sequence[str] | None, system: str | None, max_new_tokens: int, concurrency: int = 8,
-    json_schema: dict[str, Any] | None = None,
+    constraint: Constraint | None = None,
 ) -> EvalResult:
     """Score a remote teacher like a local strategy: the same prompts as distillation sends,
     its reported token usage, and wall time per request with `concurrency` in flight
@@ -276,7 +277,7 @@ def teacher_result(
         async def one(wire: list[dict[str, Any]]) -> Any:
             async with gate:
                 return await ask(client, teacher_model, wire, temperature=0.0, max_tokens=max_new_tokens,
-                                 secret=api_key, response_format=response_format(json_schema))
+                                 secret=api_key, fields=constraint.request_fields() if constraint else None)
 
         try:
             return await asyncio.gather(*(one(w) for w in wires))

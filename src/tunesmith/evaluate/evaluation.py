@@ -23,6 +23,7 @@ from tunesmith.data.render import render_prompt
 from tunesmith.errors import DataError, UsageError
 from tunesmith.evaluate.loss import reference_loss
 from tunesmith.evaluate.metrics import score
+from tunesmith.generate.constraints import Constraint
 from tunesmith.generate.engine import Completion, LocalEngine, SamplingParams
 from tunesmith.models.inference import LoadedModel, load_for_inference
 from tunesmith.runs import EVAL_METRICS_FILE, PREDICTIONS_FILE, RUN_FILE
@@ -131,21 +132,21 @@ def evaluate(
     output_column: str | None = None,
     system: str | None = None,
     limit: int | None = None,
-    json_schema: dict[str, Any] | None = None,
+    constraint: Constraint | None = None,
     weights: str = "fp32",
     log: Callable[[str], None] = print,
 ) -> EvalResult:
     """Evaluate a model (and adapter) on a data file; write predictions and metrics to `out`.
 
     system: the system prompt; by default the one the adapter's run trained with.
-    json_schema: hold each answer to one JSON value of this schema (the server's JSON mode).
+    constraint: hold each answer to it (a JSON Schema, a choice of labels), as serve does.
     weights: how the base's linear layers are stored (models.inference.WEIGHTS)."""
     system = system if system is not None else run_system_prompt(adapter)
     examples = load_examples(data, format, input_column, output_column, system, limit)
     log(f"evaluating on {len(examples)} examples from {data}")
     return evaluate_examples(
         model, adapter, examples, data, out, system, metric=metric, max_new_tokens=max_new_tokens,
-        batch_size=batch_size, precision=precision, json_schema=json_schema, weights=weights, log=log,
+        batch_size=batch_size, precision=precision, constraint=constraint, weights=weights, log=log,
     )
 
 
@@ -161,7 +162,7 @@ def evaluate_examples(
     max_new_tokens: int = 64,
     batch_size: int = 16,
     precision: str = "auto",
-    json_schema: dict[str, Any] | None = None,
+    constraint: Constraint | None = None,
     with_loss: bool = True,
     weights: str = "fp32",
     log: Callable[[str], None] = print,
@@ -171,7 +172,7 @@ def evaluate_examples(
     loaded = load_for_inference(model, adapter, weights=weights)
     result = evaluate_loaded(
         loaded, examples, labels=labels, metric=metric, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        precision=precision, with_loss=with_loss, json_schema=json_schema, log=log,
+        precision=precision, with_loss=with_loss, constraint=constraint, log=log,
     )
     result.metrics["data"] = str(data)
     if system:
@@ -191,20 +192,20 @@ def evaluate_loaded(
     batch_size: int = 16,
     precision: str = "auto",
     with_loss: bool = True,
-    json_schema: dict[str, Any] | None = None,
+    constraint: Constraint | None = None,
     log: Callable[[str], None] = print,
 ) -> EvalResult:
     """Score a loaded model on examples; prompts default to each example's own conversation
     (as trained). `with_loss` also measures the loss on the reference answers.
 
     Answers come from the serving engine, greedy: at most `batch_size` rows per step, and
-    with `json_schema` each held to one JSON value of it, as the server's JSON mode holds them."""
+    with a constraint each held to it, as the server holds them."""
     split = [split_example(ex) for ex in examples]
     references = [ref for _, ref in split]
     prompts = prompts if prompts is not None else [p for p, _ in split]
     t0 = time.perf_counter()
-    gens = generate_greedy(loaded, prompts, max_new_tokens, batch_size, precision, json_schema,
-                           _progress(len(prompts), log))
+    gens = generate_greedy(loaded, prompts, max_new_tokens, batch_size, precision, constraint,
+                           _progress(len(prompts), log), tools=[ex.tools for ex in examples])
     gen_s = time.perf_counter() - t0
     predictions = [g.text for g in gens]
     scores = score(references, predictions, metric, labels)
@@ -242,7 +243,7 @@ def evaluate_loaded(
         "max_new_tokens": max_new_tokens,
         "precision": precision,
         "weights": loaded.weights,
-        "json_schema": json_schema,
+        **answer_format(constraint),
     }
     metrics.update(scores.extra)
     return EvalResult(metrics, rows)
@@ -254,23 +255,33 @@ def generate_greedy(
     max_new_tokens: int = 64,
     batch_size: int = 16,
     precision: str = "auto",
-    json_schema: dict[str, Any] | None = None,
+    constraint: Constraint | None = None,
     on_done: Callable[[int], None] | None = None,
+    tools: Sequence[Any] | None = None,
 ) -> list[Completion]:
-    """Greedy answers to chat prompts (rendered as in training), text stripped: one
+    """Greedy answers to chat prompts (rendered as in training, with each prompt's `tools`), text stripped: one
     `generate_batch` at temperature 0 on an engine over `loaded`."""
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
-    ids = [render_prompt(loaded.tokenizer, p) for p in prompts]
+    ids = [render_prompt(loaded.tokenizer, p, tools[i] if tools else None) for i, p in enumerate(prompts)]
     engine = LocalEngine(loaded, precision=precision, max_batch_rows=batch_size)
     try:
-        gens = engine.generate_batch(ids, loaded.model_id, SamplingParams(max_new_tokens, 0.0, json_schema=json_schema),
+        gens = engine.generate_batch(ids, loaded.model_id, SamplingParams(max_new_tokens, 0.0, constraint=constraint),
                                      on_done)
     finally:
         engine.close()
     return [replace(g, text=g.text.strip()) for g in gens]
+
+
+def answer_format(constraint: Constraint | None) -> dict[str, Any]:
+    """What metrics.json and compare.json say the answers were held to (None: free text)."""
+    record: dict[str, Any] = {"json_schema": None, "choices": None}
+    if constraint is not None:
+        kind, value = next(iter(constraint.record().items()))
+        record["choices" if kind == "choice" else kind] = value
+    return record
 
 
 def _last_user(prompt: Sequence[Message]) -> str:

@@ -1,4 +1,5 @@
-"""Score predictions against reference answers: label, exact, json, rouge (ROUGE-L + chrF).
+"""Score predictions against reference answers: label, exact, json, rouge (ROUGE-L + chrF),
+tool_call (function names and arguments by value).
 
 Pure Python, no downloads. Every scorer returns a `Scores`: a flat dict of headline
 numbers, per-example correctness (0/1) and a per-example score in [0, 1] (used to rank
@@ -15,9 +16,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from tunesmith.data.tool_syntax import HERMES, parse_calls
 from tunesmith.errors import UsageError
 
-METRICS = ("auto", "label", "exact", "json", "rouge")
+METRICS = ("auto", "label", "exact", "json", "rouge", "tool_call")
 INVALID_LABEL = "invalid label"
 
 # `auto` calls references a label set when few distinct short one-line answers repeat.
@@ -52,6 +54,8 @@ def pick_metric(references: Sequence[str]) -> str:
     refs = [normalize(r) for r in references]
     if not refs:
         return "exact"
+    if all(parse_calls(HERMES, r)[1] for r in references):
+        return "tool_call"
     if all(isinstance(_parse_json(r)[1], (dict, list)) for r in refs):
         return "json"
     distinct = set(refs)
@@ -84,6 +88,8 @@ def score(
         return exact_scores(references, predictions)
     if metric == "json":
         return json_scores(references, predictions)
+    if metric == "tool_call":
+        return tool_call_scores(references, predictions)
     return rouge_scores(references, predictions)
 
 
@@ -198,6 +204,50 @@ def json_scores(references: Sequence[str], predictions: Sequence[str]) -> Scores
         "field_accuracy": fields_right / fields_total if fields_total else 0.0,
     }
     return Scores("json", summary, correct, per_example)
+
+
+# ----------------------------------------------------------------------------- tool calls
+
+
+def _calls(text: str) -> list[str] | None:
+    """An answer's calls as sorted canonical (name, arguments) texts; None when it has none
+    that parse. Arguments compare by value, as BFCL's AST checker does: key order, spacing
+    and 1 against 1.0 do not matter."""
+    _, calls = parse_calls(HERMES, text)
+    if not calls:
+        return None
+    return sorted(json.dumps([name, _canonical(args)], sort_keys=True) for name, args in calls)
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def tool_call_scores(references: Sequence[str], predictions: Sequence[str]) -> Scores:
+    """exact_call_rate: answers whose calls (parallel ones in any order) equal the reference's,
+    names and arguments by value; parse_rate: answers holding calls that parse; name_accuracy:
+    answers calling exactly the reference's functions, whatever the arguments."""
+    correct, per_example = [], []
+    parsed = names_right = 0
+    for ref_text, pred_text in zip(references, predictions):
+        ref, pred = _calls(ref_text), _calls(pred_text)
+        parsed += pred is not None
+        same_names = pred is not None and ref is not None and \
+            sorted(json.loads(c)[0] for c in pred) == sorted(json.loads(c)[0] for c in ref)
+        names_right += same_names
+        ok = ref is not None and pred == ref
+        correct.append(ok)
+        per_example.append(1.0 if ok else 0.5 if same_names else 0.0)
+    n = len(correct)
+    summary = {"exact_call_rate": sum(correct) / n if n else 0.0, "parse_rate": parsed / n if n else 0.0,
+               "name_accuracy": names_right / n if n else 0.0}
+    return Scores("tool_call", summary, correct, per_example)
 
 
 # ----------------------------------------------------------------------------- rouge / chrF

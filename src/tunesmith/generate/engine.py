@@ -35,8 +35,7 @@ from tunesmith.data.example import Message
 from tunesmith.data.render import end_of_turn_ids, render_prompt, tokens_per_message
 from tunesmith.errors import TunesmithError, UsageError
 from tunesmith.generate import batch
-from tunesmith.generate.json_mode import JsonAnswer
-from tunesmith.generate.json_schema import Factory, compile_schema
+from tunesmith.generate.constraints import Constraint, ConstraintError
 from tunesmith.generate.requests import (
     AdapterConflictError,
     Completion,
@@ -62,6 +61,8 @@ log = logging.getLogger("tunesmith.generate")
 
 BASE_ROW = "__base__"
 """peft's adapter name for a row that uses the bare base model."""
+COMPILED_CACHE = 64
+"""Compiled constraints kept for reuse (a client sending the same schema pays one compile)."""
 MAX_BATCH_ROWS = 32
 """Rows decoded together by default; more requests wait in the queue."""
 MAX_BATCH_TOKENS = 65_536
@@ -94,8 +95,9 @@ class Engine(Protocol):
 
     def models(self) -> list[ModelCard]: ...
     def stats(self) -> dict[str, int]: ...
-    def render_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]: ...
+    def render_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None) -> list[int]: ...
     def encode(self, text: str) -> list[int]: ...
+    def compile(self, constraint: Constraint) -> Any: ...
     def submit(
         self, prompt_ids: list[int], model: str, params: SamplingParams, on_event: Callable[[Event], None],
         group: Any = None,
@@ -127,8 +129,8 @@ class _Seq:
     n_cached: int = 0
     """Tokens of this row held in the KV cache (its next position id)."""
     done: bool = False
-    json: Any = None
-    """JSON mode: the answer's JsonAnswer (generate/json_mode.py)."""
+    matcher: Any = None
+    """A constrained row's llguidance LLMatcher: which tokens may come next."""
     prefix: _Prefix | None = None
     group: Any = None
     """The request this row belongs to (its n choices, its prompts): admission takes rows
@@ -191,6 +193,9 @@ class LocalEngine:
         self._steps = 0
         self._cancelled = 0
         self._torch = torch
+        self._ll_tokenizer: Any = None
+        self._compiled: dict[Constraint, Any] = {}
+        self._compile_lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="tunesmith-engine", daemon=True)
         self._thread.start()
 
@@ -216,10 +221,12 @@ class LocalEngine:
     def has_model(self, model: str) -> bool:
         return model == self.base_id or (model in self._adapters and model not in self._draining)
 
-    def render_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
-        """The prompt for a conversation: exactly training's tokens plus the generation prompt."""
-        msgs = [Message(m["role"], m.get("content") or "", name=m.get("name")) for m in messages]
-        return render_prompt(self._tok, msgs)
+    def render_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
+        """The prompt for a conversation (and the tools it may call): exactly training's tokens
+        plus the generation prompt."""
+        msgs = [Message(m["role"], m.get("content") or "", name=m.get("name"), tool_calls=m.get("tool_calls"))
+                for m in messages]
+        return render_prompt(self._tok, msgs, list(tools) if tools else None)
 
     def stats(self) -> dict[str, int]:
         """Rows generating now, requests queued, the most rows ever decoded together, decode
@@ -230,6 +237,43 @@ class LocalEngine:
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok(text, add_special_tokens=True)["input_ids"])
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tok
+
+    # ------------------------------------------------------------------ constraints
+
+    def compile(self, constraint: Constraint) -> Any:
+        """The llguidance matcher of a constraint, compiled once and kept (COMPILED_CACHE);
+        each row runs a copy. A ConstraintError says what cannot be honoured. Call it off
+        an event loop: a big schema takes up to about a second (docs/serving.md)."""
+        import llguidance
+
+        with self._compile_lock:
+            if constraint in self._compiled:
+                return self._compiled[constraint]
+            if self._ll_tokenizer is None:  # about 0.7 s for a 49k vocabulary: only when first needed
+                import llguidance.hf
+
+                self._ll_tokenizer = llguidance.hf.from_tokenizer(
+                    self._tok, n_vocab=self._vocab_size(), eos_token=sorted(self._eot))
+        try:
+            grammar = constraint.grammar()
+        except ValueError as exc:
+            raise ConstraintError(f"the {constraint.kind} cannot be read: {exc}") from None
+        matcher = llguidance.LLMatcher(self._ll_tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise ConstraintError(f"the {constraint.kind} cannot be honoured: {matcher.get_error().strip()}")
+        with self._compile_lock:
+            while len(self._compiled) >= COMPILED_CACHE:
+                del self._compiled[next(iter(self._compiled))]
+            self._compiled[constraint] = matcher
+        return matcher
+
+    def _vocab_size(self) -> int:
+        out = self._base.get_output_embeddings()
+        return int(out.weight.shape[0]) if out is not None else len(self._tok)
 
     # ------------------------------------------------------------------ adapters
 
@@ -305,8 +349,8 @@ class LocalEngine:
         """Queue one generation; `on_event` is called from the engine thread, keep it quick.
         Rows submitted with the same `group` (one HTTP request's) share one turn in admission.
         EngineOverloaded when max_waiting_rows rows already wait."""
-        factory = compile_schema(params.json_schema) if params.json_schema is not None else None
-        seq = self._new_seq(prompt_ids, model, params, on_event, factory)
+        template = self.compile(params.constraint) if params.constraint is not None else None
+        seq = self._new_seq(prompt_ids, model, params, on_event, template)
         seq.group = group
         self._enqueue([seq], bounded=True)
         return seq.handle
@@ -327,7 +371,7 @@ class LocalEngine:
         t0 = time.perf_counter()
         common = batch.shared_prefix(prompt_ids) if len(prompt_ids) > 1 else []
         prefix = _Prefix(common) if len(common) >= batch.MIN_SHARED_PREFIX else None
-        factory = compile_schema(params.json_schema) if params.json_schema is not None else None
+        template = self.compile(params.constraint) if params.constraint is not None else None
         finished: queue.Queue[tuple[int, Event]] = queue.Queue()
         parts: list[list[str]] = [[] for _ in prompt_ids]
 
@@ -339,7 +383,7 @@ class LocalEngine:
             return on_event
 
         order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
-        seqs = [self._new_seq(prompt_ids[i], model, params, collect(i), factory, prefix) for i in order]
+        seqs = [self._new_seq(prompt_ids[i], model, params, collect(i), template, prefix) for i in order]
         ends: dict[int, Event] = {}
         try:
             self._enqueue(seqs)
@@ -363,7 +407,7 @@ class LocalEngine:
         return c.text, c.finish_reason, c.completion_tokens
 
     def _new_seq(self, prompt_ids: Sequence[int], model: str, params: SamplingParams,
-                 on_event: Callable[[Event], None], factory: Factory | None, prefix: _Prefix | None = None) -> _Seq:
+                 on_event: Callable[[Event], None], template: Any = None, prefix: _Prefix | None = None) -> _Seq:
         if not self.has_model(model):
             served = ", ".join(c.id for c in self.models())
             raise UnknownModelError(f"model '{model}' is not served here; available: {served}")
@@ -371,8 +415,8 @@ class LocalEngine:
             raise UsageError("the prompt is empty")
         seq = _Seq(list(prompt_ids), None if model == self.base_id else model, params, on_event, Handle(),
                    prefix=prefix)
-        if factory is not None:
-            seq.json = JsonAnswer(factory=factory)
+        if template is not None:
+            seq.matcher = template.deep_copy()
         if params.temperature > 0:
             seq.generator = self._torch.Generator(device=self._device)
             # torch takes seeds of at most 64 bits; larger ones (OpenAI's is any integer) wrap.
@@ -576,6 +620,9 @@ class LocalEngine:
         """Each row's next token. A row whose sampling fails (a bug, a grammar with no way on)
         fails alone: its request gets the error and leaves the batch, the others go on."""
         logits = logits.float()
+        held = [i for i, s in enumerate(rows) if s.matcher is not None and not s.done]
+        if held:  # rows without a constraint skip this entirely
+            self._mask_logits(rows, held, logits)
         chosen = logits.argmax(dim=-1)
         for i, s in enumerate(rows):
             if s.done:
@@ -587,6 +634,8 @@ class LocalEngine:
                 s.done = True
                 s.on_event(Event("", "error", len(s.prompt_ids), len(s.out_ids)))
         for s, tok in zip(rows, chosen.tolist()):
+            if s.matcher is not None and not s.done and tok not in self._eot:
+                s.matcher.consume_token(tok)
             self._advance(s, tok)
         return chosen
 
@@ -608,9 +657,26 @@ class LocalEngine:
                 token = int(torch.multinomial(probs, 1, generator=s.generator)[0])
             else:  # logits that overflow at this temperature: its limit, the greedy token
                 probs = None
-        if s.json is not None:
-            token = s.json.next_token(token, logits, probs, s.generator, s.out_ids, self._eot, self._text)
         return token
+
+    def _mask_logits(self, rows: list[_Seq], held: list[int], logits: Any) -> None:
+        """Set to -inf, in the rows at `held`, every token their grammar does not allow next:
+        llguidance fills one bit per token, unpacked here to a boolean row."""
+        import numpy as np
+        import torch
+
+        vocab = logits.shape[1]
+        bits = np.full((len(held), (vocab + 31) // 32), -1, dtype=np.int32)
+        for k, i in enumerate(held):
+            m = rows[i].matcher
+            if m.is_error() or m.is_stopped() and not m.is_accepting():
+                bits[k] = 0  # nothing fits (should not happen): end the answer below
+            else:
+                m.unsafe_compute_mask_ptr(bits[k].ctypes.data, bits[k].nbytes)
+        allowed = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :vocab].astype(bool)
+        allowed[~allowed.any(axis=1), min(self._eot)] = True
+        index = torch.tensor(held, device=logits.device)
+        logits[index] = logits[index].masked_fill(~torch.from_numpy(allowed).to(logits.device), float("-inf"))
 
     def _text(self, ids: list[int]) -> str:
         """The text of generated tokens, as streamed (special tokens left out)."""

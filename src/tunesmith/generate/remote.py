@@ -76,16 +76,16 @@ async def ask(
     max_retries: int = 5,
     secret: str | None = None,
     backoff_base_s: float = BACKOFF_BASE_S,
-    response_format: dict[str, Any] | None = None,
+    fields: dict[str, Any] | None = None,
 ) -> Reply:
     """One chat completion with `n` answers, retried on transient errors.
 
-    secret: a string (the API key) scrubbed from any error message kept."""
+    secret: a string (the API key) scrubbed from any error message kept. fields: more
+    arguments for the client (a constraint's `request_fields()`)."""
     import openai
 
     params: dict[str, Any] = {"model": model, "messages": list(messages), "n": n}
-    if response_format is not None:
-        params["response_format"] = response_format
+    params.update(fields or {})
     if temperature is not None:
         params["temperature"] = temperature
     if max_tokens is not None:

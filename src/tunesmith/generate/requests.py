@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunesmith.errors import ModelNotFoundError, TunesmithError, UsageError
+from tunesmith.generate.constraints import Constraint
 
 
 class UnknownModelError(ModelNotFoundError):
@@ -34,9 +35,9 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
-    json_schema: dict[str, Any] | None = None
-    """JSON mode: the answer is one JSON value of this schema ({"type": "object"}: any
-    object), see generate/json_mode.py; None: free text."""
+    constraint: Constraint | None = None
+    """What the answer is held to (a JSON Schema, a regex, a choice, a grammar; see
+    generate/constraints.py); None: free text."""
 
 
 @dataclass(frozen=True)

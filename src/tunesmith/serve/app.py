@@ -24,12 +24,13 @@ from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunesmith.generate.engine import Engine, Event, SamplingParams, UnknownModelError
-from tunesmith.generate.json_mode import ANY_OBJECT
-from tunesmith.generate.json_schema import SchemaError, compile_schema
+from tunesmith.generate.constraints import Constraint
 from tunesmith.serve import limits as lim
 from tunesmith.serve import protocol as p
+from tunesmith.serve import tools
 from tunesmith.serve.errors import APIError, KeyGate, add_error_handlers, require_api_key
 from tunesmith.serve.graders_api import build_graders_router
+from tunesmith.serve.structured import compile_constraint, request_constraint
 from tunesmith.settings import Settings
 
 log = logging.getLogger("tunesmith.serve")
@@ -147,37 +148,9 @@ class Generation:
 
 
 def _sampling(req: p.ChatCompletionRequest | p.CompletionRequest, max_tokens: int, index: int,
-              schema: dict[str, Any] | None = None) -> SamplingParams:
+              constraint: Constraint | None = None) -> SamplingParams:
     seed = None if req.seed is None else req.seed + index
-    return SamplingParams(max_tokens, req.temperature, req.top_p, p.stop_list(req.stop), seed, schema)
-
-
-def _response_schema(req: p.ChatCompletionRequest, limits: lim.Limits) -> dict[str, Any] | None:
-    """The schema an answer is held to: json_object's any object, json_schema's own, or None
-    (text). A 400 for what cannot be honoured: json_object without the word JSON in the
-    messages (as OpenAI requires: a model not told to write JSON tends to fill its budget with
-    whitespace), a json_schema without a schema or with keywords the reader does not know."""
-
-    kind = req.response_format.type if req.response_format else "text"
-    if kind == "json_object":
-        if not any("json" in m.text().lower() for m in req.messages):
-            raise APIError(400, "'messages' must contain the word 'json' in some form, to use 'response_format' of "
-                                "type 'json_object'", param="messages")
-        return ANY_OBJECT
-    if kind == "json_schema":
-        spec = req.response_format.json_schema or {}
-        schema = spec.get("schema")
-        if not isinstance(schema, dict):
-            raise APIError(400, "response_format json_schema needs 'json_schema': {\"name\": ..., \"schema\": {...}}",
-                           param="response_format.json_schema")
-        lim.check_schema(schema, limits)  # its size, on the raw dict, before the reader walks it
-        try:
-            compile_schema(schema)
-        except SchemaError as exc:
-            raise APIError(400, f"response_format.json_schema.{exc}", param="response_format.json_schema.schema",
-                           code="unsupported_schema")
-        return schema
-    return None
+    return SamplingParams(max_tokens, req.temperature, req.top_p, p.stop_list(req.stop), seed, constraint)
 
 
 def _budget(engine: Engine, prompt_len: int, requested: int | None, param: str, prompt_param: str) -> int:
@@ -213,8 +186,16 @@ def _sse(obj: Any) -> str:
         data.pop("usage", None)
     for choice in data.get("choices", []):
         if "delta" in choice:
-            choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+            choice["delta"] = _without_none(choice["delta"])
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _without_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value]
+    return value
 
 
 async def _stream(gen: Generation, request: Request, chunks: Callable[[int, Event], list[Any]],
@@ -298,32 +279,43 @@ async def chat_completions(req: p.ChatCompletionRequest, request: Request, engin
                            limits: lim.Limits = Depends(get_limits)):
     _check_model(engine, req.model)
     lim.check_messages(len(req.messages), limits)
-    schema = _response_schema(req, limits)  # a bad response_format is a 400 before any work
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(), "name": m.name}
-                for m in req.messages]
+    fmt = req.response_format.json_schema if req.response_format else None
+    if isinstance((fmt or {}).get("schema"), dict):
+        lim.check_schema(fmt["schema"], limits)  # its size, on the raw dict, before anything walks it
+    constraint, param = request_constraint(req)  # a bad response_format is a 400 before any work
+    for i, tool in enumerate(req.tools or ()):
+        if tool.function.parameters is not None:
+            lim.check_schema(tool.function.parameters, limits, param=f"tools[{i}].function.parameters")
+    calls = tools.plan(req, constraint is not None)
+    if calls is not None:
+        constraint, param = calls.constraint, "tools"
+    messages = tools.wire_messages(req)
     lim.check_length([m["content"] for m in messages], engine.max_context, "messages", limits)
     lim.check_message_tokens([m["role"] for m in messages], engine.message_tokens, engine.max_context)
     # Rendering and tokenizing take time in the length of the conversation: off the event loop.
-    prompt = await run_in_threadpool(engine.render_chat, messages)
+    prompt = await run_in_threadpool(engine.render_chat, messages, tools.tool_definitions(req))
     limit, limit_param = req.token_limit()
     max_tokens = _budget(engine, len(prompt), limit, limit_param, "messages")
-    gen = Generation(engine, req.model, [(prompt, _sampling(req, max_tokens, i, schema)) for i in range(req.n)])
+    await compile_constraint(engine, constraint, param)
+    gen = Generation(engine, req.model, [(prompt, _sampling(req, max_tokens, i, constraint)) for i in range(req.n)])
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if req.stream:
-        return _stream_chat(gen, request, req, rid, created, len(prompt))
+        return _stream_chat(gen, request, req, rid, created, len(prompt), calls)
     texts, reasons, completion = await _collect(gen, request, req.n)
+    answers = [tools.message(calls.syntax, t, r) if calls else (p.AssistantMessage(content=t), r)
+               for t, r in zip(texts, reasons)]
     return p.ChatCompletion(
         id=rid, created=created, model=req.model,
-        choices=[p.ChatChoice(index=i, message=p.AssistantMessage(content=t), finish_reason=r)
-                 for i, (t, r) in enumerate(zip(texts, reasons))],
+        choices=[p.ChatChoice(index=i, message=m, finish_reason=r) for i, (m, r) in enumerate(answers)],
         usage=p.Usage(prompt_tokens=len(prompt), completion_tokens=completion, total_tokens=len(prompt) + completion),
     )
 
 
 def _stream_chat(gen: Generation, request: Request, req: p.ChatCompletionRequest, rid: str, created: int,
-                 prompt_tokens: int) -> StreamingResponse:
+                 prompt_tokens: int, calls: tools.ToolPlan | None) -> StreamingResponse:
     started: set[int] = set()
     completion = [0]
+    readers = {i: tools.CallStream(calls.syntax) for i in range(req.n)} if calls else {}
 
     def chunk(choices: list[p.ChatChunkChoice]) -> p.ChatCompletionChunk:
         return p.ChatCompletionChunk(id=rid, created=created, model=req.model, choices=choices)
@@ -333,11 +325,13 @@ def _stream_chat(gen: Generation, request: Request, req: p.ChatCompletionRequest
         if index not in started:  # OpenAI opens each choice with the role
             started.add(index)
             out.append(chunk([p.ChatChunkChoice(index=index, delta=p.Delta(role="assistant", content=""))]))
-        if ev.text:
-            out.append(chunk([p.ChatChunkChoice(index=index, delta=p.Delta(content=ev.text))]))
+        reader = readers.get(index)
+        deltas = reader.feed(ev.text, bool(ev.finish_reason)) if reader else [p.Delta(content=ev.text)] * bool(ev.text)
+        out += [chunk([p.ChatChunkChoice(index=index, delta=d)]) for d in deltas]
         if ev.finish_reason:
             completion[0] += ev.completion_tokens
-            out.append(chunk([p.ChatChunkChoice(index=index, delta=p.Delta(), finish_reason=ev.finish_reason)]))
+            reason = reader.finish_reason(ev.finish_reason) if reader else ev.finish_reason
+            out.append(chunk([p.ChatChunkChoice(index=index, delta=p.Delta(), finish_reason=reason)]))
         return out
 
     def final() -> Any:
@@ -358,13 +352,15 @@ async def completions(req: p.CompletionRequest, request: Request, engine: Engine
     lim.check_prompts(len(texts), req.n, limits)
     for text in texts:
         lim.check_length([text], engine.max_context, "prompt", limits)
+    constraint, param = request_constraint(req)
     prompts = await run_in_threadpool(lambda: [engine.encode(text) for text in texts])
     if not prompts:
         raise APIError(400, "'prompt' is an empty list; give a string or a list of strings", param="prompt")
     jobs = []
     for k, ids in enumerate(prompts):
         max_tokens = _budget(engine, len(ids), req.max_tokens, "max_tokens", "prompt")
-        jobs += [(ids, _sampling(req, max_tokens, i)) for i in range(req.n)]
+        jobs += [(ids, _sampling(req, max_tokens, i, constraint)) for i in range(req.n)]
+    await compile_constraint(engine, constraint, param)
     gen = Generation(engine, req.model, jobs)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     prompt_tokens = sum(len(ids) for ids in prompts)

@@ -43,10 +43,24 @@ class TextPart(_Strict):
     text: Text
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str
+    """The arguments as a JSON string (OpenAI's shape)."""
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[Text, list[TextPart], None] = None
     name: Optional[Text] = None
+    tool_calls: Optional[list[ToolCall]] = None
+    tool_call_id: Optional[Text] = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -56,6 +70,27 @@ class ChatMessage(_Strict):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    strict: Optional[bool] = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ResponseFormat(_Strict):
@@ -92,8 +127,16 @@ class ChatCompletionRequest(_Strict):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy.")
+    tools: Optional[list[Tool]] = Field(None, description="Functions the model may call (JSON Schema parameters).")
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = Field(
+        None, description='"none", "auto" (the default with tools), "required", or {"type": "function", '
+                          '"function": {"name"}}.')
+    parallel_tool_calls: bool = Field(True, description="Whether an answer may hold several calls.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     user: Optional[Text] = None
+    # vLLM's extensions, sent through the openai client's extra_body.
+    guided_regex: Optional[Text] = Field(None, description="The answer matches this regular expression.")
+    guided_choice: Optional[list[Text]] = Field(None, description="The answer is one of these strings.")
 
     @field_validator("stop")
     @classmethod
@@ -120,6 +163,9 @@ class CompletionRequest(_Strict):
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     user: Optional[Text] = None
+    # vLLM's extensions, sent through the openai client's extra_body.
+    guided_regex: Optional[Text] = Field(None, description="The answer matches this regular expression.")
+    guided_choice: Optional[list[Text]] = Field(None, description="The answer is one of these strings.")
 
     @field_validator("stop")
     @classmethod
@@ -146,7 +192,8 @@ class Usage(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: Optional[str]
+    tool_calls: Optional[list[ToolCall]] = None
 
 
 class ChatChoice(BaseModel):
@@ -165,9 +212,22 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class FunctionCallDelta(BaseModel):
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: Optional[FunctionCallDelta] = None
+
+
 class Delta(BaseModel):
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    tool_calls: Optional[list[ToolCallDelta]] = None
 
 
 class ChatChunkChoice(BaseModel):

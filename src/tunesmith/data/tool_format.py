@@ -1,0 +1,72 @@
+"""How tools and tool calls are written into a conversation's text, for training and serving
+alike (data/render.py applies it, so the text trained is the text served).
+
+A chat template that renders tools itself in Hermes' syntax (it mentions `tools`,
+`tool_calls` and `<tool_call>`: Qwen2.5, Hermes, SmolLM3...) gets them as they are, with each
+call's `arguments` as an object, as those templates expect. Any other template (SmolLM2's
+plain ChatML; also Llama 3.x's, whose bare-JSON call syntax is not read yet) gets the one
+documented default, Hermes' syntax (Qwen2.5's own):
+- the tools are listed in the system message, after its text, with how to call them;
+- an assistant call is written in its content as
+  `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, one block per call,
+  one line apart;
+- a `tool` message becomes a user turn `<tool_response>\\n...\\n</tool_response>`.
+
+    python -c "from tunesmith.data.tool_format import DEFAULT_SYSTEM; print(DEFAULT_SYSTEM)"
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from typing import Any, Sequence
+
+from tunesmith.data.example import Message
+from tunesmith.data.tool_syntax import HERMES, arguments_object, calls_text, function_of
+
+
+DEFAULT_SYSTEM = (
+    "You may call these functions, each with one "
+    '<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>:\n'
+)
+
+
+def template_renders_tools(tokenizer: Any) -> bool:
+    """Whether the chat template writes tools and calls itself, in Hermes' syntax."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return isinstance(template, str) and all(word in template for word in ("tools", "tool_calls", "<tool_call>"))
+
+
+def for_template(tokenizer: Any, messages: Sequence[Message], tools: Any) -> tuple[list[Message], Any]:
+    """The messages and tools to give the chat template (see the module's rules)."""
+    if not tools and not any(m.tool_calls or m.role == "tool" for m in messages):
+        return list(messages), tools
+    if template_renders_tools(tokenizer):
+        out = []
+        for m in messages:
+            if m.tool_calls:
+                calls = [{**c, "type": "function", "function": {**function_of(c), "arguments": arguments_object(
+                    function_of(c).get("arguments"))}} for c in m.tool_calls]
+                m = replace(m, tool_calls=calls)
+            out.append(m)
+        return out, tools
+    return _default(messages, tools), None
+
+
+def _default(messages: Sequence[Message], tools: Any) -> list[Message]:
+    out: list[Message] = []
+    listing = ""
+    if tools:
+        listing = DEFAULT_SYSTEM + "\n".join(json.dumps(t.get("function", t), ensure_ascii=False) for t in tools)
+    for m in messages:
+        if m.tool_calls:
+            m = replace(m, content=calls_text(m.content, m.tool_calls), tool_calls=None)
+        elif m.role == "tool":
+            m = Message("user", f"<tool_response>\n{m.content}\n</tool_response>")
+        out.append(m)
+    if listing:
+        if out and out[0].role == "system":
+            out[0] = replace(out[0], content=(out[0].content + "\n\n" if out[0].content else "") + listing)
+        else:
+            out.insert(0, Message("system", listing))
+    return out
