@@ -57,7 +57,9 @@ def dashboard_server(_isolated_home, tiny_model_dir, tmp_path_factory):
         service = JobsService(open_store(None), workers=workers, engine=engine,
                               path_roots=(_isolated_home, tmp_path_factory.getbasetemp()),
                               worker_config=WorkerConfig(poll_interval_s=0.3, lease_s=10, stop_timeout_s=20))
-        app = create_app(engine, Settings(home=_isolated_home, api_key=api_key), routers=[service.router])
+        # Tests add adapters they make in their own tmp_path through the models page.
+        settings = Settings(home=_isolated_home, api_key=api_key, allowed_paths=(tmp_path_factory.getbasetemp(),))
+        app = create_app(engine, settings, routers=[service.router])
         mount_dashboard(app)
         url, stop = start_uvicorn(app)
         cleanups.append(stop)
