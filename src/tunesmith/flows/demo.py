@@ -219,10 +219,10 @@ def run_demo(
     left_s = budget_min * 60 - (time.perf_counter() - t_start) - TUNED_EVAL_RATIO * timings["zero_shot_s"] - 5
     plan = _plan(model, train_csv, train_stats, settings, left_s, machine.bf16, log)
     settings["max_steps"] = steps or (train_overrides or {}).get("max_steps") or plan.steps
-    if settings["max_steps"] != plan.steps:
-        plan = StepPlan(settings["max_steps"], plan.step_s, plan.compile_s, expected_accuracy(settings["max_steps"]),
-                        TRAIN_START_S + settings["max_steps"] * plan.step_s + plan.compile_s,
-                        TRAIN_START_S + settings["max_steps"] * plan.step_s + plan.compile_s > left_s)
+    if settings["max_steps"] != plan.steps:  # --steps: the plan's costs for that many steps
+        n = settings["max_steps"]
+        total = TRAIN_START_S + n * plan.step_s + plan.compile_s
+        plan = StepPlan(n, plan.step_s, plan.compile_s, expected_accuracy(n), total, total > left_s)
     log(f"machine: {machine.describe()}; budget {budget_min:g} min, {max(0, left_s) / 60:.1f} min of it for training")
     log(f"plan: {plan.describe()}")
     if plan.over_budget:
