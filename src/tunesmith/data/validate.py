@@ -28,7 +28,7 @@ from tunesmith.data.formats import (
 from tunesmith.data.render import TemplateError, TokenizedExample, end_of_turn_ids, render_examples
 from tunesmith.data.stats import auto_epochs
 from tunesmith.errors import UsageError
-from tunesmith.models.registry import DEFAULT_MODEL, ModelRef, load_tokenizer, resolve_model
+from tunesmith.models.registry import DEFAULT_MODEL, ModelRef, load_tokenizer, resolve_model, transformers_names
 from tunesmith.models.speed import load_speed_entry, machine_busy
 
 MIN_EXAMPLES = 10
@@ -76,8 +76,7 @@ def load_tokenizer_quick(ref: ModelRef) -> Any:
     anything else (a GGUF file) goes through the registry's AutoTokenizer path.
     """
     if not ref.is_gguf and (ref.path / "tokenizer.json").is_file():
-        from transformers import PreTrainedTokenizerFast
-
+        (PreTrainedTokenizerFast,) = transformers_names("PreTrainedTokenizerFast")
         return PreTrainedTokenizerFast.from_pretrained(str(ref.path))
 
     return load_tokenizer(ref)

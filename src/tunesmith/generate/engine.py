@@ -56,6 +56,7 @@ from tunesmith.models.inference import (
     put_adapter,
     resolve_precision,
 )
+from tunesmith.models.registry import transformers_names
 
 log = logging.getLogger("tunesmith.generate")
 
@@ -543,8 +544,8 @@ class LocalEngine:
         """Prefill newcomers together (left-padded), sample their first token, join the batch.
         With a prefix, only each row's own tokens are computed, after a copy of its cache."""
         import torch
-        from transformers import DynamicCache
 
+        (DynamicCache,) = transformers_names("DynamicCache")  # this engine's thread, beside validating ones
         offset = len(prefix.ids) if prefix is not None else 0
         ids, mask, positions = batch.left_padded([s.prompt_ids[offset:] for s in new], self._pad_id, offset,
                                                  self._device)

@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from dataclasses import dataclass
@@ -100,8 +101,25 @@ def resolve_model(spec: str | os.PathLike | None = None, home: Path | None = Non
     )
 
 
+_TRANSFORMERS_LOCK = threading.Lock()
+
+
+def transformers_names(*names: str) -> tuple[Any, ...]:
+    """Top-level names of transformers, resolved one thread at a time.
+
+    transformers 5 resolves its top-level names lazily, and two threads resolving a first name
+    at once get `ImportError: cannot import name 'AutoTokenizer' from 'transformers'` (seen
+    with two jobs validating in a fresh `tunesmith serve`; vectorize-io/hindsight#994 reports
+    the same race). Code that may run in a thread imports transformers through here.
+    """
+    with _TRANSFORMERS_LOCK:
+        import transformers
+
+        return tuple(getattr(transformers, name) for name in names)
+
+
 def load_tokenizer(ref: ModelRef) -> Any:
-    from transformers import AutoTokenizer
+    (AutoTokenizer,) = transformers_names("AutoTokenizer")
 
     if ref.is_gguf:
         return AutoTokenizer.from_pretrained(str(ref.path), gguf_file=ref.gguf_file)
@@ -111,8 +129,8 @@ def load_tokenizer(ref: ModelRef) -> Any:
 def load_model(ref: ModelRef, dtype: Any = None, device: str | None = None) -> Any:
     """Load a causal LM (fp32 by default) from safetensors or GGUF; never from pickles."""
     import torch
-    from transformers import AutoModelForCausalLM
 
+    (AutoModelForCausalLM,) = transformers_names("AutoModelForCausalLM")
     dtype = dtype or torch.float32
     kwargs: dict[str, Any] = {"dtype": dtype}
     if ref.is_gguf:
