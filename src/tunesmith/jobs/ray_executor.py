@@ -117,8 +117,12 @@ def train_on_ray(cfg: TrainConfig, placement: RayPlacement) -> None:
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
-    ray.init(address=placement.address, log_to_driver=True, configure_logging=False,
-             runtime_env={"env_vars": _passed_env()})
+    try:
+        ray.init(address=placement.address, log_to_driver=True, configure_logging=False,
+                 runtime_env={"env_vars": _passed_env()})
+    except ConnectionError as exc:
+        raise ConfigError(f"--ray-address {placement.address}: no Ray cluster answered ({exc}); start one with "
+                          "`ray start --head` and pass its HOST:6379, or `local` for one on this machine") from None
     mirror = _Mirror(out, cfg, run)
     queue = Queue(actor_options={"num_cpus": 0})
     resources = {"CPU": placement.cpus_per_worker, **({"GPU": placement.gpus_per_worker} if placement.gpus_per_worker else {})}
@@ -157,12 +161,13 @@ def train_on_ray(cfg: TrainConfig, placement: RayPlacement) -> None:
     mirror.finish()
 
 
-_PASSED_ENV = ("TUNESMITH_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "OMP_NUM_THREADS")
+_PASSED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "OMP_NUM_THREADS")
 
 
 def _passed_env() -> dict[str, str]:
     """The variables the workers need from here; PYTHONPATH made absolute (Ray's workers start
-    in a folder of their own)."""
+    in a folder of their own). Not TUNESMITH_HOME: a node finds a registry model in its own
+    (the one `ray start` ran with), which need not be this machine's."""
     env = {k: v for k, v in os.environ.items() if k in _PASSED_ENV}
     if os.environ.get("PYTHONPATH"):
         env["PYTHONPATH"] = os.pathsep.join(str(Path(p).resolve()) for p in os.environ["PYTHONPATH"].split(os.pathsep) if p)
@@ -300,7 +305,10 @@ class _Mirror:
                 continue
             except Exception:  # the queue's actor is gone (shutdown)
                 return
-            self.take(message)
+            try:
+                self.take(message)
+            except OSError as exc:  # e.g. a full disk here: the run goes on, its snapshots stay in Ray's storage
+                print(f"warning: could not mirror the run into {self.out}: {exc}", file=sys.stderr)
 
     def take(self, message: tuple) -> None:
         kind = message[0]
