@@ -109,8 +109,6 @@ def train_on_ray(cfg: TrainConfig, placement: RayPlacement) -> None:
     files = {"data": _file_bytes(cfg.data)}
     if cfg.validation:
         files["validation"] = _file_bytes(cfg.validation)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomically(out / RAY_FILE, json.dumps(run, indent=2) + "\n")
 
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -123,6 +121,8 @@ def train_on_ray(cfg: TrainConfig, placement: RayPlacement) -> None:
     except ConnectionError as exc:
         raise ConfigError(f"--ray-address {placement.address}: no Ray cluster answered ({exc}); start one with "
                           "`ray start --head` and pass its HOST:6379, or `local` for one on this machine") from None
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomically(out / RAY_FILE, json.dumps(run, indent=2) + "\n")
     mirror = _Mirror(out, cfg, run)
     queue = Queue(actor_options={"num_cpus": 0})
     resources = {"CPU": placement.cpus_per_worker, **({"GPU": placement.gpus_per_worker} if placement.gpus_per_worker else {})}
