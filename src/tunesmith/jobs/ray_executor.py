@@ -139,17 +139,12 @@ def train_on_ray(cfg: TrainConfig, placement: RayPlacement) -> None:
     stop = threading.Event()
     relay = threading.Thread(target=mirror.follow, args=(queue, stop), daemon=True)
     relay.start()
-    # SIGTERM (the jobs worker's cancel and pause, `kill`): leave fit(); ray.shutdown below
-    # ends the trainer's actors, which this driver owns.
-    signal.signal(signal.SIGTERM, _raise_stopped)
+    # SIGTERM (the jobs worker's cancel and pause, `kill`) ends this process at once: Ray ends
+    # the trainer's controller and workers with their owner, this driver (an exception raised
+    # from the handler would not get out of Ray's blocking wait).
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: _stop_now(out, stop, relay))
     try:
         trainer.fit()
-    except _Stopped:
-        last = ck.latest_checkpoint(out)
-        print(f"error: stopped by SIGTERM; the Ray job is stopped; "
-              + (f"checkpoint {last.name} saved" if last else "no checkpoint was saved")
-              + f"; continue with: tunesmith train --resume {out} --ray-address ...", file=sys.stderr)
-        raise SystemExit(130) from None
     except Exception as exc:
         if type(exc).__name__ in ("TrainingFailedError", "WorkerGroupError", "ControllerError"):
             raise TunesmithError(f"the Ray Train job failed: {exc}") from None
@@ -174,12 +169,15 @@ def _passed_env() -> dict[str, str]:
     return env
 
 
-class _Stopped(BaseException):
-    pass
-
-
-def _raise_stopped(_signum, _frame) -> None:
-    raise _Stopped()
+def _stop_now(out: Path, stop: threading.Event, relay: threading.Thread) -> None:
+    stop.set()
+    relay.join(timeout=2)  # the rows already queued
+    last = ck.latest_checkpoint(out)
+    print("error: stopped by SIGTERM; the Ray job ends with this driver; "
+          + (f"checkpoint {last.name} saved" if last else "no checkpoint was saved")
+          + f"; continue with: tunesmith train --resume {out} --ray-address ADDRESS", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(130)
 
 
 def _ray_run(out: Path, placement: RayPlacement, resuming: bool) -> dict[str, str]:
