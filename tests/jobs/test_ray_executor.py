@@ -1,12 +1,14 @@
 """Jobs trained as Ray Train jobs (`--executor ray`) on a real local Ray cluster: through the
 official openai client against a real `tunesmith serve`, 2 Ray workers train the tiny model
 to the same weights as `tunesmith train --nproc 2`; a Ray worker killed mid-run is replaced
-and the run resumes from its last checkpoint. One cluster for the module (2 CPUs)."""
+and the run resumes from its last checkpoint, and pausing the job ends the Ray job (resume
+continues from Ray's storage). One cluster for the module (2 CPUs)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -121,8 +123,6 @@ def test_a_job_on_two_ray_workers_matches_nproc_2(ray_cluster, _isolated_home, t
 def _ray_train_workers(log: Path) -> list[int]:
     """PIDs of the job's Ray Train workers, as Ray's controller lists them in the driver's log
     ("- (ip=..., pid=N) world_rank=R, ...") once the worker group has started."""
-    import re
-
     return [int(pid) for pid in re.findall(r"pid=(\d+)\) world_rank=\d", log.read_text())]
 
 
@@ -137,8 +137,16 @@ def _registered_checkpoint(storage: Path) -> str | None:
     return None
 
 
-def test_a_killed_ray_worker_resumes_from_the_checkpoint(ray_cluster, jobs_server, tiny_model_dir, tmp_path,
-                                                         monkeypatch):
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_killed_ray_worker_resumes_from_the_checkpoint_and_pause_stops_the_ray_job(
+        ray_cluster, jobs_server, tiny_model_dir, tmp_path, monkeypatch):
     from tunesmith.jobs.worker import Executor
 
     # The driver (a child of this process) passes it on to Ray Train's controller.
@@ -149,25 +157,37 @@ def test_a_killed_ray_worker_resumes_from_the_checkpoint(ray_cluster, jobs_serve
     client = live.client
     f = client.files.create(file=open(write_chat_jsonl(tmp_path / "t.jsonl", n=24), "rb"), purpose="fine-tune")
     job = client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=f.id, seed=1,
-                                         hyperparameters={"n_epochs": 10, "batch_size": 4, "n_workers": 2})
+                                         hyperparameters={"n_epochs": 20, "batch_size": 4, "n_workers": 2})
 
     log_path = live.home / "jobs" / job.id / "train.log"
     workers = wait_for(lambda: log_path.is_file() and len(_ray_train_workers(log_path)) >= 2 and
                        _ray_train_workers(log_path), 240, "the Ray workers to start")
     # Kill rank 1 once Ray has registered a checkpoint (its controller collects the workers'
     # reports when it polls them, every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, and then records
-    # them in checkpoint_manager_snapshot.json); most of the 60 steps are still to go.
+    # them in checkpoint_manager_snapshot.json); most of the 120 steps are still to go.
     deadline = time.monotonic() + 240
     while not _registered_checkpoint(storage):
         assert time.monotonic() < deadline, "Ray registered no checkpoint"
         time.sleep(0.02)
     os.kill(workers[1], signal.SIGKILL)
 
-    job = wait_for(_finished(client, job.id), 300, "the job to finish after the lost worker")
+    # Ray replaces the worker group, which resumes from the checkpoint, not from step 0.
+    wait_for(lambda: "resuming" in log_path.read_text(), 240, "the new worker group to resume")
+    second = _ray_train_workers(log_path)[2:4]
+    assert len(second) == 2 and workers[1] not in second, second
+    # Pause stops the Ray job: the driver exits and its workers end with it.
+    client.fine_tuning.jobs.pause(job.id)
+    wait_for(lambda: client.fine_tuning.jobs.retrieve(job.id).status == "paused", 60, "the pause")
+    wait_for(lambda: not any(_alive(p) for p in second), 60, "the Ray workers to end")
+    client.fine_tuning.jobs.resume(job.id)
+
+    job = wait_for(_finished(client, job.id), 300, "the job to finish after the lost worker and the pause")
     log = log_path.read_text()
     assert job.status == "succeeded", (job.error, log[-3000:])
-    assert "resuming" in log and "from step-" in log, log[-3000:]  # restarted from a checkpoint, not from step 0
+    # Two resumed worker groups (after the kill, after the pause), each in its own run directory.
+    assert len(set(re.findall(r"resuming (\S+) from step-", log))) >= 2, log[-3000:]
     run = live.home / "jobs" / job.id / "run"
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 61)), steps  # every step once: the redone ones replaced, none missing
-    assert workers[1] not in _ray_train_workers(log_path)[2:]  # a new worker group took over
+    assert steps == list(range(1, 121)), steps  # every step once: the redone ones replaced, none missing
+    events = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=200)]
+    assert any(m.startswith("Training paused") for m in events), events
