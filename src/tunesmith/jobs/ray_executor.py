@@ -54,6 +54,7 @@ from tunesmith.runs import (
 )
 from tunesmith.train import checkpoint as ck
 from tunesmith.train.config import TrainConfig
+from tunesmith.train.preference import REFERENCE_FILE
 from tunesmith.train.progress import truncate_metrics
 from tunesmith.train.run import default_out, train
 
@@ -258,7 +259,7 @@ def _snapshot(out: Path, dest: Path, final: bool) -> Path:
     """What a restarted worker needs to resume, and the driver to mirror: the run's files, the
     newest and the best checkpoint (adapter/ once final). Hard links where the disk allows."""
     dest.mkdir(parents=True)
-    for name in (RUN_FILE, TRAIN_METRICS_FILE, TRACKING_FILE):
+    for name in (RUN_FILE, TRAIN_METRICS_FILE, TRACKING_FILE, REFERENCE_FILE):  # DPO's reference log-probs too
         if (out / name).is_file():
             shutil.copy2(out / name, dest / name)
     kept = list_checkpoints(out)
