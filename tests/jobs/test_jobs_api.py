@@ -92,6 +92,9 @@ def test_create_rejects_bad_requests_with_openai_errors(jobs_server, tmp_path, t
         jobs.create(model=str(tiny_model_dir), training_file=fid, hyperparameters={"n_epochs": 0})
     assert "n_epochs" in exc.value.message
     with pytest.raises(openai.BadRequestError) as exc:
+        jobs.create(model=str(tiny_model_dir), training_file=fid, hyperparameters={"n_workers": 0})
+    assert "n_workers" in exc.value.message
+    with pytest.raises(openai.BadRequestError) as exc:
         jobs.create(model=str(tiny_model_dir), training_file=fid,
                     method={"type": "dpo", "supervised": {"hyperparameters": {"n_epochs": 1}}})
     assert exc.value.body["param"] == "method.supervised" and "put the hyperparameters under method.dpo" in exc.value.message

@@ -20,6 +20,12 @@ from tunesmith.models.registry import DEFAULT_MODEL
 MODEL_HELP = "Base model: registry name or path."
 LEAKAGE_HELP = ("Fail a job whose training file repeats validation rows (exact or near duplicates) instead of "
                 "warning (needs the audit extra for near duplicates).")
+EXECUTOR_HELP = ("Where jobs train: local (a child process here; a job's n_workers > 1 runs --nproc) or ray "
+                 "(a Ray Train job on --ray-address with the job's n_workers and gpus_per_worker; pip install "
+                 "'tunesmith\\[ray]').")
+RAY_ADDRESS_HELP = "With --executor ray: the cluster (HOST:6379, ray://HOST:10001; default auto, the local `ray start`)."
+RAY_STORAGE_HELP = ("With --executor ray: where Ray keeps the jobs' checkpoints, a folder every node shares or an "
+                    "object store URI (default: each job's folder under $TUNESMITH_HOME/jobs).")
 DB_HELP = "Jobs database: sqlite:///PATH or postgresql://USER@HOST/DB (default: $TUNESMITH_HOME/tunesmith.db)."
 
 
@@ -54,6 +60,9 @@ def serve_cmd(
         "limited, but their code can read the files this server's user can (docs/rft.md)."
     ),
     leakage_error: bool = typer.Option(False, "--leakage-error", help=LEAKAGE_HELP),
+    executor: str = typer.Option("local", "--executor", help=EXECUTOR_HELP),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
+    ray_storage: Optional[str] = typer.Option(None, "--ray-storage", help=RAY_STORAGE_HELP),
 ) -> None:
     """OpenAI-compatible server for a base model and many adapters, with the fine-tuning jobs API."""
     import dataclasses
@@ -67,6 +76,10 @@ def serve_cmd(
         raise UsageError(f"--host {host} reaches beyond this machine, and no API key is set: set $TUNESMITH_API_KEY "
                          "(kept out of `ps`, unlike --api-key), or pass --insecure-no-key to serve it open")
     _check_weights(weights)
+    from tunesmith.jobs.worker import Executor
+
+    placement = Executor(executor, ray_address, ray_storage)
+    placement.check()
 
     import torch
     import uvicorn
@@ -88,7 +101,8 @@ def serve_cmd(
     engine = LocalEngine.load(model, pairs, weights=weights)
     from tunesmith.serve.jobs_api import build_jobs_service
 
-    jobs = build_jobs_service(db, workers, engine, max_upload_mb, settings, leakage_error=leakage_error)
+    jobs = build_jobs_service(db, workers, engine, max_upload_mb, settings, leakage_error=leakage_error,
+                              executor=placement)
     try:
         url = f"http://{host}:{port}/v1"
         typer.echo(f"serving at {url} (OpenAI-compatible; key {'required' if settings.api_key else 'not required'})",
@@ -178,17 +192,23 @@ def worker_cmd(
     poll_interval_s: float = typer.Option(1.0, "--poll-interval-s", help="Seconds between looks for work and heartbeats."),
     lease_s: float = typer.Option(30.0, "--lease-s", help="A job whose worker sent no heartbeat for this long is taken over."),
     leakage_error: bool = typer.Option(False, "--leakage-error", help=LEAKAGE_HELP),
+    executor: str = typer.Option("local", "--executor", help=EXECUTOR_HELP),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
+    ray_storage: Optional[str] = typer.Option(None, "--ray-storage", help=RAY_STORAGE_HELP),
 ) -> None:
     """Run one fine-tuning jobs worker (no API) against a shared jobs database."""
     import signal
     import threading
 
     from tunesmith.jobs.store import open_store
-    from tunesmith.jobs.worker import Worker, WorkerConfig
+    from tunesmith.jobs.worker import Executor, Worker, WorkerConfig
 
+    placement = Executor(executor, ray_address, ray_storage)
+    placement.check()
     store = open_store(db)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         # Stop cleanly: the running trainer checkpoints and the job is queued again.
         signal.signal(sig, lambda *_: stop.set())
-    Worker(store, WorkerConfig(poll_interval_s=poll_interval_s, lease_s=lease_s, leakage_error=leakage_error)).run(stop)
+    Worker(store, WorkerConfig(poll_interval_s=poll_interval_s, lease_s=lease_s, leakage_error=leakage_error,
+                               executor=placement)).run(stop)

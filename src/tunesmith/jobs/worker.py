@@ -28,15 +28,16 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from tunesmith.data.example import ColumnMapping
 from tunesmith.data.stats import auto_epochs
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import TunesmithError, UsageError
 from tunesmith.fileio import write_atomically
 from tunesmith.jobs.evaluation_stage import SUMMARY_FILE, summary_sentence
+from tunesmith.jobs.ray_executor import RAY_MISSING, ray_available
 from tunesmith.jobs.run_reader import MetricsTail, has_checkpoint, last_error, metrics_csv, trained_tokens
 from tunesmith.jobs.store import JobStore, new_id
 from tunesmith.jobs.validation import AUDIT_CHECKS, MIN_EXAMPLES, check_file, method_mismatch
@@ -60,6 +61,33 @@ ModelReady = Callable[[str, Path], None]
 
 
 @dataclass(frozen=True)
+class Executor:
+    """`--executor local` (the child trains here, `--nproc n_workers`) or `--executor ray`
+    (the child is the driver of a Ray Train job on `ray_address`, checkpoints in `ray_storage`)."""
+
+    kind: str = "local"
+    ray_address: str | None = None
+    ray_storage: str | None = None
+
+    def check(self) -> None:
+        if self.kind not in ("local", "ray"):
+            raise UsageError(f"--executor {self.kind!r}: give local or ray")
+        if self.kind == "ray" and not ray_available():
+            raise UsageError(f"--executor ray: {RAY_MISSING}")
+        if self.kind == "local" and (self.ray_address or self.ray_storage):
+            raise UsageError("--ray-address and --ray-storage need --executor ray")
+
+    def train_flags(self, hp: dict[str, Any]) -> list[str]:
+        """The `tunesmith train` flags that place a job's training (its n_workers, gpus_per_worker)."""
+        n = int(hp.get("n_workers") or 1)
+        if self.kind == "local":
+            return ["--nproc", str(n)] if n > 1 else []
+        flags = ["--ray-address", self.ray_address or "auto", "--ray-workers", str(n),
+                 "--ray-gpus-per-worker", repr(float(hp.get("gpus_per_worker") or 0))]
+        return flags + (["--ray-storage", self.ray_storage] if self.ray_storage else [])
+
+
+@dataclass(frozen=True)
 class WorkerConfig:
     poll_interval_s: float = 1.0
     """How often the worker looks for jobs, tails metrics and renews its heartbeat."""
@@ -72,6 +100,8 @@ class WorkerConfig:
     leakage_error: bool = False
     """A training row that repeats a validation row (exactly, or as a near duplicate) fails the
     job in validating_files, instead of a warning event."""
+    executor: Executor = field(default_factory=lambda: Executor())
+    """Where training runs: child processes here, or a Ray Train job (jobs/ray_executor.py)."""
 
 
 def job_dir(store: JobStore, job_id: str) -> Path:
@@ -318,13 +348,13 @@ class Worker:
                 time.sleep(self.config.poll_interval_s)
 
     def _train_command(self, job: dict[str, Any], run_dir: Path) -> list[str]:
-        cmd = [sys.executable, "-m", "tunesmith", "train"]
-        if (run_dir / RUN_FILE).is_file() and has_checkpoint(run_dir):
-            return cmd + ["--resume", str(run_dir)]
-        if run_dir.exists():  # started but never checkpointed: start over
-            shutil.rmtree(run_dir)
         kind = job["method"]["type"]
         hp = job["method"][kind]["hyperparameters"]
+        cmd = [sys.executable, "-m", "tunesmith", "train"]
+        if (run_dir / RUN_FILE).is_file() and has_checkpoint(run_dir):
+            return cmd + ["--resume", str(run_dir)] + self.config.executor.train_flags(hp)
+        if run_dir.exists():  # started but never checkpointed: start over
+            shutil.rmtree(run_dir)
         train_file = self.store.get_file(job["training_file"])
         base, init_adapter = self.store.base_and_adapter(job["model"])
         cmd += ["--model", base, "--data", str(self.store.storage_root / train_file["path"]),
@@ -339,7 +369,7 @@ class Worker:
             cmd += ["--init-adapter", str(init_adapter)]
         if hp["learning_rate_multiplier"] != 1.0:
             cmd += ["--learning-rate", repr(_default_learning_rate(kind) * float(hp["learning_rate_multiplier"]))]
-        cmd += _tracking_flags(job)
+        cmd += _tracking_flags(job) + self.config.executor.train_flags(hp)
         every = self.config.save_every_steps or hp.get("steps_per_epoch")
         if every:
             cmd += ["--save-every-steps", str(every)]

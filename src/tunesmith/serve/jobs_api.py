@@ -30,7 +30,7 @@ from tunesmith.errors import TunesmithError, UsageError
 from tunesmith.generate.engine import ADAPTER_NAME
 from tunesmith.jobs.store import ACTIVE, JobStore, new_id, open_store
 from tunesmith.jobs.validation import audit_problems, check_file
-from tunesmith.jobs.worker import Worker, WorkerConfig, ft_model_name
+from tunesmith.jobs.worker import Executor, Worker, WorkerConfig, ft_model_name
 from tunesmith.models.registry import REGISTRY, resolve_model
 from tunesmith.serve.errors import APIError, KeyGate, add_error_handlers, require_api_key
 from tunesmith.serve.jobs_protocol import (
@@ -462,7 +462,7 @@ def _method(body: JobCreate) -> dict[str, Any]:
             raise APIError(400, "a dpo job takes its hyperparameters in method.dpo.hyperparameters, not at the top "
                                 "level", param="hyperparameters")
         hp = body.method.dpo.hyperparameters if body.method.dpo is not None else DpoHyperparameters()
-        return {"type": "dpo", "dpo": {"hyperparameters": hp.model_dump()}}
+        return {"type": "dpo", "dpo": {"hyperparameters": hp.model_dump(exclude_none=True)}}
     hp = body.hyperparameters
     if body.method is not None and body.method.supervised is not None:
         if hp is not None:
@@ -470,7 +470,7 @@ def _method(body: JobCreate) -> dict[str, Any]:
                            param="hyperparameters")
         hp = body.method.supervised.hyperparameters
     hp = hp or Hyperparameters()
-    return {"type": "supervised", "supervised": {"hyperparameters": hp.model_dump()}}
+    return {"type": "supervised", "supervised": {"hyperparameters": hp.model_dump(exclude_none=True)}}
 
 
 def create_jobs_app(service: JobsService, api_key: str | None = None) -> FastAPI:
@@ -486,7 +486,7 @@ def create_jobs_app(service: JobsService, api_key: str | None = None) -> FastAPI
 
 def build_jobs_service(db: str | None, workers: int, engine: Any | None, max_upload_mb: float,
                        settings: Any = None, log: Callable[[str], None] | None = None,
-                       leakage_error: bool = False) -> JobsService:
+                       leakage_error: bool = False, executor: Executor = Executor()) -> JobsService:
     """What `tunesmith serve --db --workers --max-upload-mb --leakage-error` mounts: checks the options, opens the store.
 
     The routes are meant to sit behind the server's own API key dependency, so the
@@ -497,7 +497,8 @@ def build_jobs_service(db: str | None, workers: int, engine: Any | None, max_upl
         raise UsageError(f"--workers must be 0 (API only) or more, got {workers}")
     if max_upload_mb <= 0:
         raise UsageError(f"--max-upload-mb must be positive, got {max_upload_mb}")
+    executor.check()
     store = open_store(db, settings)
     roots = settings.path_roots() if settings is not None else None
     return JobsService(store, workers=workers, engine=engine, max_upload_bytes=int(max_upload_mb * 1e6), log=log,
-                       path_roots=roots, worker_config=WorkerConfig(leakage_error=leakage_error))
+                       path_roots=roots, worker_config=WorkerConfig(leakage_error=leakage_error, executor=executor))

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from tunesmith.serve.protocol import Text
 
 Auto = Literal["auto"]
+HYPERPARAMETER_KEYS = ("n_epochs", "batch_size", "learning_rate_multiplier", "n_workers", "gpus_per_worker")
+"""What a job shows under `hyperparameters` (beta is shown under method.dpo)."""
 
 
 class Hyperparameters(BaseModel):
@@ -25,6 +27,13 @@ class Hyperparameters(BaseModel):
     batch_size: Auto | Annotated[int, Field(ge=1, le=256)] = Field("auto", description="Examples per optimizer step.")
     learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=100)] = Field(
         "auto", description="Scales tunesmith's default learning rate for the method (LoRA 1e-3, DPO 1e-4)."
+    )
+    n_workers: Annotated[int, Field(ge=1, le=1024)] | None = Field(
+        None, description="Training processes (data parallel): Ray Train workers with `--executor ray`, else "
+                          "`train --nproc` on the worker's machine (default 1)."
+    )
+    gpus_per_worker: Annotated[float, Field(ge=0, le=64)] | None = Field(
+        None, description="GPUs each Ray Train worker holds (`--executor ray`; default 0: CPUs with gloo)."
     )
 
 
@@ -148,7 +157,7 @@ def job_object(row: dict[str, Any]) -> dict[str, Any]:
     method = row["method"]
     kind = method["type"]
     given = method.get(kind, {}).get("hyperparameters", {})  # also holds the worker's steps_per_epoch
-    hp = {k: v for k, v in given.items() if k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
+    hp = {k: v for k, v in given.items() if k in HYPERPARAMETER_KEYS and v is not None}
     method_hp = {**hp, **({"beta": given.get("beta", "auto")} if kind == "dpo" else {})}
     return {
         "id": row["id"],

@@ -1,8 +1,9 @@
 """What `tunesmith train` does with its options: resolve the config (YAML file, then flags),
-print a dry run, or launch --nproc processes, then train. The options themselves are
+print a dry run, or launch --nproc processes (on --nnodes machines), then train. The options themselves are
 generated from TrainConfig in cli/train.py.
 
     tunesmith train -c run.yaml --dry-run
+    tunesmith train -c run.yaml --nproc 8 --nnodes 2 --node-rank 0 --rdzv-endpoint node0:29500
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tunesmith.data.stats import auto_epochs
+from tunesmith.errors import ConfigError
 from tunesmith.models.registry import identity, load_tokenizer, resolve_model
 from tunesmith.train import data as td
 from tunesmith.train.config import TrainConfig, resolve_config
@@ -23,18 +26,24 @@ from tunesmith.train.model import check_qlora, precision_dtype, resolve_init_ada
 from tunesmith.train.run import train
 
 
-def run_train_command(options: dict[str, Any]) -> None:
+def run_train_command(options: dict[str, Any], runner: Callable[[TrainConfig], Any] = train) -> None:
+    """`runner` trains the resolved config: `train` here, or the Ray executor (cli/train.py)."""
     config_file = options.pop("config", None)
     dry_run = options.pop("dry_run", False)
     nproc = options.pop("nproc", 1)
+    nodes = Nodes(options.pop("nnodes", 1), options.pop("node_rank", 0), options.pop("rdzv_endpoint", None))
+    nodes.check()
     overrides = {k: v for k, v in options.items() if v is not None}
     if isinstance(overrides.get("epochs"), str) and overrides["epochs"].isdigit():
         overrides["epochs"] = int(overrides["epochs"])
     cfg = resolve_config(config_file, overrides)
     if cfg.method == "qlora" and nproc > 1 and not dry_run:  # once here, not once per launched process
         check_qlora(cfg, resolve_model(cfg.model), nproc)
-    if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        sys.exit(_launch(nproc))
+    if (nproc > 1 or nodes.nnodes > 1) and "WORLD_SIZE" not in os.environ:
+        if runner is not train:
+            raise ConfigError("--nproc/--nnodes and --ray-address both place the processes: give one of them "
+                              "(with Ray, --ray-workers sets how many)")
+        sys.exit(_launch(nproc, nodes))
     if dry_run:
         dry_run_report(cfg)
         return
@@ -46,24 +55,56 @@ def run_train_command(options: dict[str, Any]) -> None:
     # notices would bury it (this is the CLI process, so quieting them here is contained).
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
-    train(cfg)
+    runner(cfg)
 
 
-def _launch(nproc: int) -> int:
-    """Re-run this same command under torch.distributed.run with nproc processes."""
+@dataclass(frozen=True)
+class Nodes:
+    """Where this machine stands in a multi-node run: torchrun's --nnodes, --node-rank,
+    --rdzv-endpoint (static rendezvous: node 0 listens at the endpoint)."""
+
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None
+
+    def check(self) -> None:
+        problems = []
+        if self.nnodes < 1:
+            problems.append(f"--nnodes {self.nnodes}: give 1 or more machines")
+        elif not 0 <= self.node_rank < self.nnodes:
+            problems.append(f"--node-rank {self.node_rank}: with --nnodes {self.nnodes} it is 0 to {self.nnodes - 1}")
+        if self.nnodes > 1:
+            host, _, port = (self.rdzv_endpoint or "").rpartition(":")
+            if not host or not port.isdigit():
+                problems.append(f"--rdzv-endpoint {self.rdzv_endpoint!r}: give HOST:PORT of node 0 "
+                                "(e.g. --rdzv-endpoint node0.cluster:29500)")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+_LAUNCH_FLAGS = ("--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint")
+
+
+def _launch(nproc: int, nodes: Nodes = Nodes()) -> int:
+    """Re-run this same command under torch.distributed.run with nproc processes (on each
+    of nodes.nnodes machines)."""
     args = []
     skip = False
     for a in sys.argv[1:]:
         if skip:
             skip = False
             continue
-        if a == "--nproc":
+        if a in _LAUNCH_FLAGS:
             skip = True
             continue
-        if a.startswith("--nproc="):
+        if a.startswith(tuple(f + "=" for f in _LAUNCH_FLAGS)):
             continue
         args.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    if nodes.nnodes > 1:
+        where = [f"--nnodes={nodes.nnodes}", f"--node-rank={nodes.node_rank}", f"--rdzv-endpoint={nodes.rdzv_endpoint}"]
+    else:
+        where = ["--standalone"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={nproc}",
            "-m", "tunesmith.cli", *args]
     import signal
 

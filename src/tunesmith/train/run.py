@@ -6,7 +6,8 @@ train(TrainConfig(data='train.jsonl', out='runs/first', max_steps=60))"
 
 Multi-process: under `torchrun --nproc-per-node N` (or `tunesmith train --nproc N`) each
 process trains its share of every step's examples; gradients are summed over processes
-with torch.distributed (gloo on CPU, nccl on GPU) before the optimizer step.
+with torch.distributed (gloo on CPU, nccl on GPU) before the optimizer step. A process
+group someone else set up (Ray Train's workers: jobs/ray_executor.py) is used as it is.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import tunesmith
 from tunesmith.data.stats import auto_epochs
@@ -71,10 +72,27 @@ class Dist:
     world_size: int = 1
     device: str = "cpu"
     fsdp: bool = False
+    owns_group: bool = True
+    """False when the caller set the process group up (and tears it down)."""
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+
+class RunObserver(Protocol):
+    """Told what the run leaves on disk, for an executor that mirrors it elsewhere (the Ray
+    executor copies each checkpoint to Ray's storage and streams rows to the jobs worker)."""
+
+    def started(self, out: Path, step: int) -> None:
+        """Rank 0 wrote run.json and cut metrics.jsonl back to `step` (0, or the resumed checkpoint's)."""
+
+    def logged(self, row: dict[str, Any]) -> None:
+        """Rank 0 appended this row to metrics.jsonl."""
+
+    def saved(self, out: Path, step: int, final: bool) -> None:
+        """Every process, together: checkpoint `step` is on rank 0's disk (final: and OUT/adapter
+        and the finished run.json)."""
 
 
 def default_out(cfg: TrainConfig) -> Path:
@@ -91,7 +109,7 @@ def lr_at(step: int, total_steps: int, peak: float, warmup_ratio: float) -> floa
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
+def train(cfg: TrainConfig, progress: bool = True, observer: RunObserver | None = None) -> RunResult:
     import torch
 
     # --- 1. resolve the config. Everything that can be wrong with the inputs is found
@@ -209,6 +227,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / RUN_FILE, run_info)
         truncate_metrics(out / TRAIN_METRICS_FILE, start_step - 1 if pending else start_step)
+        if observer is not None:
+            observer.started(out, start_step - 1 if pending else start_step)
     log(f"machine: {machine.describe()}; precision {run_info['resolved']['precision']} ({precision_why})")
     log(f"run {out}: {cfg.method} on {cfg.model} ({n_trainable:,} trainable of {n_total:,} parameters, "
         f"{run_info['resolved']['precision']}, {dist.world_size} process(es)"
@@ -246,7 +266,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     stop = _StopFlag(abandon=dist.world_size == 1)
     add_stop_checks(model, stop.check)
     reporter = Reporter(out / TRAIN_METRICS_FILE, total_steps, start_step, dist.main, progress,
-                        METRIC_KEYS + DPO_METRIC_KEYS if dpo else METRIC_KEYS, on_row=tracking.log_metrics)
+                        METRIC_KEYS + DPO_METRIC_KEYS if dpo else METRIC_KEYS,
+                        on_row=tracking.log_metrics if observer is None else _both(tracking.log_metrics, observer.logged))
     stopped = "finished"
     row: dict[str, Any] = {"step": start_step, "train_loss": None, "valid_loss": None, "token_accuracy": None}
     # Rates leave out this process's first step when it compiled the layers (a one-off
@@ -261,6 +282,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
         _save(out, step, model, optimizer, names, cfg, meta, tokenizer, best, evals_since_best,
               row.get("elapsed", elapsed_before), spe, dist, pending_row)
         saved_step = step
+        if observer is not None:
+            observer.saved(out, step, final=False)
 
     def interrupted(where: str) -> ck.TrainingInterrupted:
         return ck.TrainingInterrupted(
@@ -388,10 +411,21 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
         tracking.finish()
         log(f"done: {step} steps, adapter {adapter_dir} (step {final['adapter_step']}"
             + (f", validation loss {best['valid_loss']:.4f}" if best else "") + ")")
+    if observer is not None:
+        observer.saved(out, step, final=True)
     if dist.world_size > 1:
         torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        if dist.owns_group:
+            torch.distributed.destroy_process_group()
     return RunResult(out_dir=out, adapter_dir=adapter_dir, metrics=final, steps=step, stopped=stopped)
+
+
+def _both(first: Any, second: Any) -> Any:
+    def call(row: dict[str, Any]) -> None:
+        first(row)
+        second(row)
+
+    return call
 
 
 def _tracking_settings(cfg: TrainConfig, out: Path, resuming: bool) -> TrackingSettings:
@@ -548,21 +582,24 @@ def _sum_over_processes(params, loss_sum: float, tokens: int, stop: bool, dist: 
 
 def _init_distributed() -> Dist:
     import torch
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist(device="cuda" if torch.cuda.is_available() else "cpu")
     import torch.distributed as tdist
 
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    given = tdist.is_available() and tdist.is_initialized()
+    if given:  # set up by the caller (Ray Train): the ranks are the group's
+        world, rank = tdist.get_world_size(), tdist.get_rank()
+    else:
+        world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world == 1:
+        return Dist(device="cuda" if torch.cuda.is_available() else "cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
     else:
         device = "cpu"
-    if not tdist.is_initialized():
+    if not given:
         tdist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return Dist(rank=rank, world_size=world, device=device)
+    return Dist(rank=rank, world_size=world, device=device, owns_group=not given)
 
 
 def _versions() -> dict[str, str]:
