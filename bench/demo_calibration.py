@@ -42,6 +42,7 @@ def main() -> None:
         heldout, n_rows, _ = demo.write_heldout(data / "test.csv", out)
         held = load_examples(heldout, output_column="category", system=demo.SYSTEM)
         labels = sorted({split_example(ex)[1] for ex in load_examples(data / "train.csv", output_column="category")})
+        answers, max_new_tokens = demo.label_answers(DEFAULT_MODEL, labels)
         for n in [int(s) for s in args.steps.split(",")]:
             settings = {**demo.DEMO_TRAIN, "max_steps": n, "epochs": 10}
             if args.learning_rate:
@@ -52,7 +53,7 @@ def main() -> None:
             run_dir = demo._train(DEFAULT_MODEL, data / "train.csv", out / f"run-{n}", settings, lambda _m: None)
             train_s = time.perf_counter() - t0
             res = evaluate_side(DEFAULT_MODEL, run_dir, held, heldout, None, demo.SYSTEM, "label", labels,
-                                demo.MAX_NEW_TOKENS, with_loss=False, log=lambda _m: None)
+                                max_new_tokens, with_loss=False, log=lambda _m: None, constraint=answers)
             acc = res.metrics["scores"]["accuracy"]
             points.append((n, round(acc, 3)))
             print(f"{n:4d} steps (batch {settings['batch_size']}, lr {settings['learning_rate']:g}): "

@@ -18,6 +18,8 @@ every variant alike) and prints trained-sequence tokens/s per variant:
              the explicit grouped one (train.model.GROUPED_ATTENTION_MAX_LEN = 0)
   noprefix   the same 16 rows with the common prefix (system prompt, template header)
              computed once per example instead of once per step (collate share_prefix=False)
+  topN       the same 16 rows on the model built with LoRA on its last N decoder layers only
+             (--lora-layers N: backward stops below them; SmolLM2-135M has 30)
   int8       the same 16 rows on a copy of the model whose frozen base linear layers (the LM head
              stays fp32) are int8 (models/int8.py: dequantized in forward and input-gradient)
 Every variant counts the tokens of the rows it trains on (what TRL's tokens/s counts too),
@@ -41,7 +43,7 @@ from pathlib import Path
 DATA = Path(__file__).resolve().parents[1] / "data" / "banking77" / "train.csv"
 
 
-def setup(n_rows: int, system: str | None = None, precision: str = "auto"):
+def setup(n_rows: int, system: str | None = None, precision: str = "auto", lora_layers: int | None = None):
     import torch
 
     from tunesmith.data.formats import ColumnMapping
@@ -57,7 +59,8 @@ def setup(n_rows: int, system: str | None = None, precision: str = "auto"):
         w = csv.DictWriter(fh, fieldnames=["text", "category"])
         w.writeheader()
         w.writerows({"text": r["text"], "category": r["category"]} for r in rows)
-    cfg = TrainConfig(data=path, output_column="category", max_seq_len=128, system=system, precision=precision)
+    cfg = TrainConfig(data=path, output_column="category", max_seq_len=128, system=system, precision=precision,
+                      lora_layers=lora_layers)
     ref = resolve_model(cfg.model)
     tok = load_tokenizer(ref)
     examples, _ = td.render_and_filter(tok, td.load_examples(path, None, ColumnMapping("text", "category", system)), 128, str(path))
@@ -101,7 +104,7 @@ def int8_copy(model):
     return twin
 
 
-def ab(model, examples, dtype, pad_id, variants: list[str], rounds: int, twin=None) -> None:
+def ab(model, examples, dtype, pad_id, variants: list[str], rounds: int, twin=None, tops=None) -> None:
     import torch
 
     from tunesmith.train import model as tm
@@ -121,7 +124,8 @@ def ab(model, examples, dtype, pad_id, variants: list[str], rounds: int, twin=No
             chunk = [examples[(offset + i) % len(examples)] for i in range(n)]
             offset += n
             t = time.perf_counter()
-            tokens = step(twin if v == "int8" else model, chunk, dtype, pad_id, share_prefix=v != "noprefix")
+            m = twin if v == "int8" else (tops or {}).get(v, model)
+            tokens = step(m, chunk, dtype, pad_id, share_prefix=v != "noprefix")
             rates[v].append(tokens / (time.perf_counter() - t))
         print(f"round {r + 1}: " + ", ".join(f"{v} {rates[v][-1]:.0f}" for v in variants), flush=True)
     torch.set_num_threads(default_threads)
@@ -166,7 +170,7 @@ def parity(models: dict, examples, dtype, pad_id, steps: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--profile", action="store_true")
-    p.add_argument("--ab", default="", help="Comma-separated variants: rowsN, threads1, peftcast, sdpa, noprefix, int8.")
+    p.add_argument("--ab", default="", help="Comma-separated variants: rowsN, threads1, peftcast, sdpa, noprefix, topN, int8.")
     p.add_argument("--system", choices=["default", "demo"], default="default",
                    help="The rows' system prompt: the template's default one, or the demo's.")
     p.add_argument("--rounds", type=int, default=4)
@@ -180,6 +184,9 @@ def main() -> None:
     model, examples, dtype, pad_id = setup(1000, SYSTEM if args.system == "demo" else None, args.precision)
     print(f"machine: {detect_machine().describe()}; precision {str(dtype).replace('torch.', '')}", flush=True)
     twin = int8_copy(model) if args.parity or "int8" in args.ab.split(",") else None
+    # topN: the same model built with LoRA on its last N decoder layers only (--lora-layers N)
+    tops = {v: setup(1000, SYSTEM if args.system == "demo" else None, args.precision, int(v[3:]))[0]
+            for v in args.ab.split(",") if v.startswith("top")}
     if args.compile:
         from tunesmith.train.model import compile_layers
 
@@ -187,7 +194,7 @@ def main() -> None:
     if args.profile:
         profile(model, examples, dtype, pad_id)
     if args.ab:
-        ab(model, examples, dtype, pad_id, args.ab.split(","), args.rounds, twin)
+        ab(model, examples, dtype, pad_id, args.ab.split(","), args.rounds, twin, tops)
     if args.parity:
         parity({f"{str(dtype).replace('torch.', '')} base": model, "int8 base": twin}, examples, dtype, pad_id,
                args.parity)
