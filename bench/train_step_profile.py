@@ -213,7 +213,8 @@ def main() -> None:
     if args.parity and tops:  # LoRA on all layers against the topN variants, on shuffled rows of every intent
         import random
 
-        rows = random.Random(0).sample(examples, len(examples))
+        _, rows, _, _ = setup(5000, SYSTEM if args.system == "demo" else None, args.precision, model=False)
+        rows = random.Random(0).sample(rows, len(rows))  # the whole file: setup's 1000 rows hold 25 intents
         _, test, _, _ = setup(1000, SYSTEM if args.system == "demo" else None, args.precision, data=TEST, model=False)
         parity({"all layers": model, **tops}, rows, dtype, pad_id, args.parity,
                random.Random(1).sample(test, 64))
