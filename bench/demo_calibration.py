@@ -7,7 +7,8 @@ one-cycle schedule fits N) on data/banking77/train.csv and measures the adapter 
 demo's 308 held-out rows, exactly as `tunesmith demo` does; it prints one line per N and the
 CALIBRATION tuple flows/demo.py keeps. docs/evaluation.md has the table. Each point costs a
 full training run (290 steps: ~8 min with bf16 hardware), so run it on a quiet machine.
---learning-rate and --batch-size try other recipes for slow machines.
+--learning-rate, --batch-size and --lora-layers try other recipes for slow machines. The
+answers are held to the labels, as the demo holds them (flows.demo.label_answers).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ def main() -> None:
     ap.add_argument("--steps", default="30,60,100,150,193,290,386")
     ap.add_argument("--learning-rate", type=float, default=None)
     ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--lora-layers", type=int, default=None, help="LoRA on the last N decoder layers only.")
     args = ap.parse_args()
 
     from tunesmith.data.example import split_example
@@ -42,20 +44,24 @@ def main() -> None:
         heldout, n_rows, _ = demo.write_heldout(data / "test.csv", out)
         held = load_examples(heldout, output_column="category", system=demo.SYSTEM)
         labels = sorted({split_example(ex)[1] for ex in load_examples(data / "train.csv", output_column="category")})
+        answers, max_new_tokens = demo.label_answers(DEFAULT_MODEL, labels)
         for n in [int(s) for s in args.steps.split(",")]:
             settings = {**demo.DEMO_TRAIN, "max_steps": n, "epochs": 10}
             if args.learning_rate:
                 settings["learning_rate"] = args.learning_rate
             if args.batch_size:
                 settings["batch_size"] = args.batch_size
+            if args.lora_layers:
+                settings["lora_layers"] = args.lora_layers
             t0 = time.perf_counter()
             run_dir = demo._train(DEFAULT_MODEL, data / "train.csv", out / f"run-{n}", settings, lambda _m: None)
             train_s = time.perf_counter() - t0
             res = evaluate_side(DEFAULT_MODEL, run_dir, held, heldout, None, demo.SYSTEM, "label", labels,
-                                demo.MAX_NEW_TOKENS, with_loss=False, log=lambda _m: None)
+                                max_new_tokens, with_loss=False, log=lambda _m: None, constraint=answers)
             acc = res.metrics["scores"]["accuracy"]
             points.append((n, round(acc, 3)))
-            print(f"{n:4d} steps (batch {settings['batch_size']}, lr {settings['learning_rate']:g}): "
+            print(f"{n:4d} steps (batch {settings['batch_size']}, lr {settings['learning_rate']:g}, "
+                  f"lora layers {settings.get('lora_layers') or 'all'}): "
                   f"{100 * acc:.1f}% on {n_rows} held-out rows, {train_s:.0f} s training", flush=True)
     print(f"CALIBRATION = {tuple(points)}")
 

@@ -38,9 +38,8 @@ def heldout_prompts(n_rows: int) -> list:
 
 def answers(loaded, prompts: list) -> list[str]:
     from tunesmith.evaluate.evaluation import generate_greedy
-    from tunesmith.flows.demo import MAX_NEW_TOKENS
-
-    return [g.text for g in generate_greedy(loaded, prompts, MAX_NEW_TOKENS, 16)]
+    # Free text (no label constraint), 16 tokens at most: every token of the answer is compared.
+    return [g.text for g in generate_greedy(loaded, prompts, 16, 16)]
 
 
 def decode_rates(models: dict, prompt_ids: list[list[int]], rows: int, steps: int) -> dict[str, float]:

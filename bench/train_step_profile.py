@@ -18,6 +18,8 @@ every variant alike) and prints trained-sequence tokens/s per variant:
              the explicit grouped one (train.model.GROUPED_ATTENTION_MAX_LEN = 0)
   noprefix   the same 16 rows with the common prefix (system prompt, template header)
              computed once per example instead of once per step (collate share_prefix=False)
+  topN       the same 16 rows on the model built with LoRA on its last N decoder layers only
+             (--lora-layers N: backward stops below them; SmolLM2-135M has 30)
   int8       the same 16 rows on a copy of the model whose frozen base linear layers (the LM head
              stays fp32) are int8 (models/int8.py: dequantized in forward and input-gradient)
 Every variant counts the tokens of the rows it trains on (what TRL's tokens/s counts too),
@@ -25,7 +27,10 @@ so a variant that computes fewer of them shows as faster. --system demo gives ev
 demo's system prompt (as `tunesmith demo` trains); without it the template's default one.
 Prints the machine (CPU class, threads) and the precision first.
 --parity N trains N AdamW steps (lr 1e-3, 16 rows each, the same rows for both) on the model and on
-its int8 copy from the same LoRA initialisation and prints both losses at every step.
+its int8 copy from the same LoRA initialisation and prints both losses at every step. With topN
+variants in --ab it compares LoRA on all layers with them instead (rows shuffled over all intents),
+and prints each one's loss and next-token accuracy on 64 test rows' answers after training:
+    HF_HUB_OFFLINE=1 nice .venv/bin/python bench/train_step_profile.py --system demo --ab top10 --rounds 0 --parity 40
 --precision fp32|bf16 overrides the run's automatic choice (bf16 where the CPU has it).
 """
 
@@ -39,9 +44,11 @@ import time
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "banking77" / "train.csv"
+TEST = DATA.with_name("test.csv")
 
 
-def setup(n_rows: int, system: str | None = None, precision: str = "auto"):
+def setup(n_rows: int, system: str | None = None, precision: str = "auto", lora_layers: int | None = None,
+          data: Path = DATA, model: bool = True):
     import torch
 
     from tunesmith.data.formats import ColumnMapping
@@ -50,18 +57,21 @@ def setup(n_rows: int, system: str | None = None, precision: str = "auto"):
     from tunesmith.train.config import TrainConfig
     from tunesmith.train.model import build_model, precision_dtype
 
-    with open(DATA, newline="") as fh:
+    with open(data, newline="") as fh:
         rows = list(csv.DictReader(fh))[:n_rows]
     path = Path(tempfile.mkdtemp()) / "train.csv"
     with open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=["text", "category"])
         w.writeheader()
         w.writerows({"text": r["text"], "category": r["category"]} for r in rows)
-    cfg = TrainConfig(data=path, output_column="category", max_seq_len=128, system=system, precision=precision)
+    cfg = TrainConfig(data=path, output_column="category", max_seq_len=128, system=system, precision=precision,
+                      lora_layers=lora_layers)
     ref = resolve_model(cfg.model)
     tok = load_tokenizer(ref)
     examples, _ = td.render_and_filter(tok, td.load_examples(path, None, ColumnMapping("text", "category", system)), 128, str(path))
     dtype = precision_dtype(cfg.precision)
+    if not model:
+        return None, examples, dtype, tok.pad_token_id
     torch.manual_seed(0)
     model = build_model(ref, cfg, dtype)
     return model, examples, dtype, tok.pad_token_id
@@ -101,7 +111,7 @@ def int8_copy(model):
     return twin
 
 
-def ab(model, examples, dtype, pad_id, variants: list[str], rounds: int, twin=None) -> None:
+def ab(model, examples, dtype, pad_id, variants: list[str], rounds: int, twin=None, tops=None) -> None:
     import torch
 
     from tunesmith.train import model as tm
@@ -121,7 +131,8 @@ def ab(model, examples, dtype, pad_id, variants: list[str], rounds: int, twin=No
             chunk = [examples[(offset + i) % len(examples)] for i in range(n)]
             offset += n
             t = time.perf_counter()
-            tokens = step(twin if v == "int8" else model, chunk, dtype, pad_id, share_prefix=v != "noprefix")
+            m = twin if v == "int8" else (tops or {}).get(v, model)
+            tokens = step(m, chunk, dtype, pad_id, share_prefix=v != "noprefix")
             rates[v].append(tokens / (time.perf_counter() - t))
         print(f"round {r + 1}: " + ", ".join(f"{v} {rates[v][-1]:.0f}" for v in variants), flush=True)
     torch.set_num_threads(default_threads)
@@ -132,8 +143,9 @@ def ab(model, examples, dtype, pad_id, variants: list[str], rounds: int, twin=No
         print(f"| {v} | {statistics.median(rates[v]):.0f} | {len(rates[v])} |")
 
 
-def parity(models: dict, examples, dtype, pad_id, steps: int) -> None:
-    """Train each model `steps` AdamW steps on the same rows; print the losses side by side."""
+def parity(models: dict, examples, dtype, pad_id, steps: int, heldout=None) -> None:
+    """Train each model `steps` AdamW steps on the same rows; print the losses side by side
+    (and, given `heldout` rows, each model's loss on them after training)."""
     import torch
 
     from tunesmith.train import data as td
@@ -161,12 +173,18 @@ def parity(models: dict, examples, dtype, pad_id, steps: int) -> None:
         print(f"| {s + 1} | " + " | ".join(f"{x:.4f}" for x in row) + f" | {row[-1] - row[0]:+.4f} |")
     diffs = [abs(losses[names[-1]][s] - losses[names[0]][s]) for s in range(steps)]
     print(f"largest |difference| {max(diffs):.4f}, mean {statistics.mean(diffs):.4f}")
+    if heldout:
+        with torch.no_grad():
+            for name, m in models.items():
+                loss, n, correct = forward_loss(m, td.collate(heldout, True, pad_id, share_prefix=True), dtype)
+                print(f"{name}: held-out loss {loss.item() / n:.4f}, next-token accuracy {int(correct) / n:.3f} "
+                      f"on {len(heldout)} test rows' answers after {steps} steps")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--profile", action="store_true")
-    p.add_argument("--ab", default="", help="Comma-separated variants: rowsN, threads1, peftcast, sdpa, noprefix, int8.")
+    p.add_argument("--ab", default="", help="Comma-separated variants: rowsN, threads1, peftcast, sdpa, noprefix, topN, int8.")
     p.add_argument("--system", choices=["default", "demo"], default="default",
                    help="The rows' system prompt: the template's default one, or the demo's.")
     p.add_argument("--rounds", type=int, default=4)
@@ -179,16 +197,28 @@ def main() -> None:
 
     model, examples, dtype, pad_id = setup(1000, SYSTEM if args.system == "demo" else None, args.precision)
     print(f"machine: {detect_machine().describe()}; precision {str(dtype).replace('torch.', '')}", flush=True)
-    twin = int8_copy(model) if args.parity or "int8" in args.ab.split(",") else None
+    twin = int8_copy(model) if (args.parity and not any(v.startswith("top") for v in args.ab.split(","))) \
+        or "int8" in args.ab.split(",") else None
+    # topN: the same model built with LoRA on its last N decoder layers only (--lora-layers N)
+    tops = {v: setup(1000, SYSTEM if args.system == "demo" else None, args.precision, int(v[3:]))[0]
+            for v in args.ab.split(",") if v.startswith("top")}
     if args.compile:
         from tunesmith.train.model import compile_layers
 
         compile_layers(model)
     if args.profile:
         profile(model, examples, dtype, pad_id)
-    if args.ab:
-        ab(model, examples, dtype, pad_id, args.ab.split(","), args.rounds, twin)
-    if args.parity:
+    if args.ab and args.rounds:
+        ab(model, examples, dtype, pad_id, args.ab.split(","), args.rounds, twin, tops)
+    if args.parity and tops:  # LoRA on all layers against the topN variants, on shuffled rows of every intent
+        import random
+
+        _, rows, _, _ = setup(5000, SYSTEM if args.system == "demo" else None, args.precision, model=False)
+        rows = random.Random(0).sample(rows, len(rows))  # the whole file: setup's 1000 rows hold 25 intents
+        _, test, _, _ = setup(1000, SYSTEM if args.system == "demo" else None, args.precision, data=TEST, model=False)
+        parity({"all layers": model, **tops}, rows, dtype, pad_id, args.parity,
+               random.Random(1).sample(test, 64))
+    elif args.parity:
         parity({f"{str(dtype).replace('torch.', '')} base": model, "int8 base": twin}, examples, dtype, pad_id,
                args.parity)
 

@@ -40,6 +40,13 @@ def test_demo_pipeline_writes_everything_under_one_folder(tiny_model_dir, tmp_pa
     assert text.index("plan: 2 steps") < text.index("[5/6]")
     assert "expected ~" in text and "got " in text.split("expected ~")[-1]
     assert str(res["report"]) in text
+    # Both sides answer with one of the intent labels (said in the log and in each metrics.json).
+    assert "answers held to the 3 intent labels" in text
+    for side in ("base", "run/eval"):
+        metrics = json.loads((out / side / "metrics.json").read_text())
+        assert len(metrics["choices"]) == 3
+        assert all(json.loads(line)["prediction"] in metrics["choices"]
+                   for line in (out / side / "predictions.jsonl").read_text().splitlines())
     html = (out / "run" / "report.html").read_text()
     assert "fine-tuned" in html and "polyline" in html
 

@@ -155,3 +155,22 @@ def test_smollm2_answers_json_a_schema_and_a_choice(smollm2):
             assert finish == "stop" and text in ("card_arrival", "lost_or_stolen_card"), text
     finally:
         engine.close()
+
+
+def test_a_choice_singled_out_ends_without_decoding_its_forced_rest(engine):
+    """Once a row's grammar leaves one way to the end, the engine writes the forced tokens and
+    ends the turn without forward passes for them: the same text, no decode steps. A row cut by
+    max_tokens still stops there."""
+    prompt = engine.render_chat([{"role": "user", "content": "card"}])
+    label = "lost_or_stolen_card because of a very long label"
+    before = engine.stats()["steps"]
+    text, finish, tokens = engine.generate(prompt, engine.base_id, SamplingParams(40, 0.0, constraint=Constraint.choice([label])))
+    assert (text, finish) == (label, "stop") and tokens > 5
+    assert engine.stats()["steps"] == before  # the prefill's first token decided it
+    text, finish, tokens = engine.generate(prompt, engine.base_id, SamplingParams(3, 0.0, constraint=Constraint.choice([label])))
+    assert finish == "length" and tokens == 3 and label.startswith(text) and text != label
+    # Two labels sharing their start: decoding runs until they part, then the rest is forced.
+    for temperature, seed in RUNS:
+        text, finish, _ = engine.generate(prompt, "beta", SamplingParams(
+            40, temperature, 1.0, (), seed, Constraint.choice(["card_payment_fee_charged", "card_payment_not_recognised"])))
+        assert finish == "stop" and text in ("card_payment_fee_charged", "card_payment_not_recognised")

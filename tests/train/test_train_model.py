@@ -214,3 +214,45 @@ def test_shared_prefix_stops_at_the_first_target_and_difference():
     assert td.shared_prefix_len(same[:1]) == 0
     # Every example keeps at least one token of its own.
     assert td.shared_prefix_len([ex([1, 2, 3, 4, 5, 6], 6), ex([1, 2, 3, 4, 5, 6, 7], 6)]) == 5
+
+
+def test_lora_layers_adapts_only_the_top_layers_and_backward_stops_below_them(tiny_model_dir, tiny_tokenizer):
+    import torch
+
+    from tunesmith.models.registry import resolve_model
+    from tunesmith.train.model import build_model, trainable_parameters
+
+    cfg = TrainConfig(data="x.jsonl", model=str(tiny_model_dir), precision="fp32", lora_layers=1)
+    model = build_model(resolve_model(cfg.model), cfg, torch.float32)
+    names = [n for n, _ in trainable_parameters(model)]
+    # Every linear layer of the last decoder layer (of 2), none of the first.
+    assert names and all(".layers.1." in n for n in names)
+    assert {n.split(".layers.1.")[1].split(".lora_")[0] for n in names} == {
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    layers = model.get_base_model().model.layers
+    needs_grad = {}
+    hooks = [layer.register_forward_hook(lambda m, a, out, i=i: needs_grad.__setitem__(i, out[0].requires_grad
+                                         if isinstance(out, tuple) else out.requires_grad))
+             for i, layer in enumerate(layers)]
+    loss, n, _ = forward_loss(model, td.collate(_examples(tiny_tokenizer), True, tiny_tokenizer.pad_token_id),
+                              torch.float32)
+    (loss / n).backward()
+    for h in hooks:
+        h.remove()
+    assert needs_grad == {0: False, 1: True}  # no graph kept below the adapted layer
+    assert all(p.grad is not None for _, p in trainable_parameters(model))
+
+
+def test_lora_layers_refuses_more_layers_than_the_model_has(tiny_model_dir):
+    import torch
+    from pydantic import ValidationError
+
+    from tunesmith.models.registry import resolve_model
+    from tunesmith.train.model import build_model
+
+    with pytest.raises(UsageError, match="--lora-layers 3: llama has 2 decoder layers"):
+        build_model(resolve_model(str(tiny_model_dir)),
+                    TrainConfig(data="x.jsonl", model=str(tiny_model_dir), precision="fp32", lora_layers=3), torch.float32)
+    with pytest.raises(ValidationError, match="must be at least 1"):
+        TrainConfig(data="x.jsonl", lora_layers=0)

@@ -42,6 +42,7 @@ from tunesmith.evaluate.comparison import write_comparison
 from tunesmith.evaluate.evaluation import load_examples
 from tunesmith.evaluate.report import build_report
 from tunesmith.flows.heldout import HeldoutResult, evaluate_side
+from tunesmith.generate.constraints import Constraint
 from tunesmith.models.hardware import detect_machine
 from tunesmith.models.registry import DEFAULT_MODEL, load_tokenizer, pull_model, resolve_model
 from tunesmith.runs import COMPARE_DIR, EVAL_DIR
@@ -53,7 +54,6 @@ from tunesmith.train.speed import measure_step_s
 
 SYSTEM = "Classify the banking customer query into its intent label."
 HELDOUT_PER_INTENT = 4
-MAX_NEW_TOKENS = 16
 # Training recipe for the demo. Steps are chosen per machine (plan_steps), at most
 # DEMO_MAX_STEPS: 290 steps of batch 16 (1.5 epochs) reached 83.4% on the held-out rows.
 DEMO_TRAIN = {"epochs": 2, "max_steps": 290, "learning_rate": 1e-3, "lora_rank": 16, "batch_size": 16}
@@ -68,8 +68,9 @@ CALIBRATION = ((30, 0.094), (60, 0.334), (100, 0.620), (150, 0.718), (193, 0.773
 """Held-out accuracy (308 rows) after N steps of DEMO_TRAIN with max_steps=N (its one-cycle
 schedule fitted to N), measured with bench/demo_calibration.py; docs/evaluation.md has the table."""
 TUNED_EVAL_RATIO = 1.7
-"""The adapter's evaluation takes this many times the zero-shot one: unmerged LoRA layers
-in every decode step, and the reference loss on top (measured 1.6-1.7 on the 2-core CPU)."""
+"""The adapter's evaluation takes this many times the zero-shot one: unmerged LoRA layers in
+every forward (measured 1.65 with both sides held to the labels, AVX2-capped fp32,
+bench/demo_eval.py; before, 1.6-1.7 with free answers and the reference loss on top)."""
 TRAIN_START_S = 25.0
 """Loading the model and tokenizing the rows before the first step."""
 COMPILE_S = 90.0
@@ -123,6 +124,16 @@ def plan_steps(train_budget_s: float, step_s: float, tokens_per_step: float, can
     cost = compile_cost(steps)
     total = TRAIN_START_S + steps * step_s + cost
     return StepPlan(steps, step_s, cost, expected_accuracy(steps), total, total > train_budget_s)
+
+
+def label_answers(model: str, labels: list[str]) -> tuple[Constraint, int]:
+    """What both sides' answers are held to: one of the intent labels (as `tunesmith eval
+    --choices`), in at most the longest label's tokens and the end of turn. Held to the labels,
+    a row stops decoding as soon as its first tokens single out a label (the engine writes the
+    forced rest without a forward pass): about 3 decode steps a row instead of 7-8."""
+    tokenizer = load_tokenizer(resolve_model(model))
+    longest = max(len(tokenizer.encode(label, add_special_tokens=False)) for label in labels)
+    return Constraint.choice(labels), longest + 1
 
 
 def find_demo_data() -> Path:
@@ -199,6 +210,8 @@ def run_demo(
     heldout, n_rows, n_intents = write_heldout(test_csv, out)
     labels = sorted({split_example(ex)[1] for ex in load_examples(train_csv, output_column="category")})
     log(f"held-out set: {n_rows} test rows over {n_intents} intents -> {heldout}")
+    answers, max_new_tokens = label_answers(model, labels)
+    log(f"answers held to the {len(labels)} intent labels (as `tunesmith eval --choices`), at most {max_new_tokens} tokens")
 
     # The base model gets the very prompt the adapter will get (the run's system prompt).
     # `tunesmith compare` also measures it with the 77 labels listed in the system prompt;
@@ -206,8 +219,8 @@ def run_demo(
     step(3, "zero-shot base model on the held-out set (the same prompt the adapter gets)")
     t0 = time.perf_counter()
     held = load_examples(heldout, output_column="category", system=SYSTEM)
-    base_res = evaluate_side(model, None, held, heldout, out / "base", SYSTEM, "label", labels, MAX_NEW_TOKENS,
-                             with_loss=False, log=log)
+    base_res = evaluate_side(model, None, held, heldout, out / "base", SYSTEM, "label", labels, max_new_tokens,
+                             with_loss=False, log=log, constraint=answers)
     timings["zero_shot_s"] = time.perf_counter() - t0
     log(f"zero-shot accuracy {100 * base_res.metrics['scores']['accuracy']:.1f}% ({timings['zero_shot_s']:.0f} s)")
 
@@ -236,7 +249,7 @@ def run_demo(
     step(5, "evaluate the adapter on the same held-out rows")
     t0 = time.perf_counter()
     tuned_res = evaluate_side(model, run_dir, held, heldout, run_dir / EVAL_DIR, SYSTEM, "label", labels,
-                              MAX_NEW_TOKENS, log=log)
+                              max_new_tokens, with_loss=False, log=log, constraint=answers)
     timings["eval_s"] = time.perf_counter() - t0
 
     step(6, "write the report")

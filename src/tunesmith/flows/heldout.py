@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 from tunesmith.data.example import Example
 from tunesmith.evaluate.comparison import FINE_TUNED, ZERO_SHOT, Comparison, Strategy, verdict
 from tunesmith.evaluate.evaluation import EvalResult, evaluate_examples, load_examples, run_system_prompt
+from tunesmith.generate.constraints import Constraint
 
 
 @dataclass
@@ -79,10 +80,12 @@ def evaluate_side(
     with_loss: bool = True,
     log: Callable[[str], None] = print,
     batch_size: int = 16,
+    constraint: Constraint | None = None,
 ) -> EvalResult:
     """One side (adapter None: the base model) on the held-out examples, written to `out`.
     The demo calls it for the base before training and for the adapter after."""
     log(f"{'base model' if adapter is None else 'adapter ' + str(adapter)}: evaluating on {len(examples)} "
         f"examples from {data}")
     return evaluate_examples(model, adapter, examples, data, out, system, metric=metric, labels=labels,
-                             max_new_tokens=max_new_tokens, with_loss=with_loss, log=log, batch_size=batch_size)
+                             max_new_tokens=max_new_tokens, with_loss=with_loss, log=log, batch_size=batch_size,
+                             constraint=constraint)

@@ -638,7 +638,24 @@ class LocalEngine:
             if s.matcher is not None and not s.done and tok not in self._eot:
                 s.matcher.consume_token(tok)
             self._advance(s, tok)
+            if s.matcher is not None and not s.done:
+                self._finish_forced(s)
         return chosen
+
+    def _finish_forced(self, s: _Seq) -> None:
+        """End a constrained row now when its grammar leaves one way to the end (a --choices
+        label told apart by its first tokens): the masked model could only write the forced tokens
+        and end its turn, at any temperature, so the forward passes for them are skipped."""
+        m = s.matcher
+        forced = m.compute_ff_tokens()
+        if forced:
+            m.consume_tokens(forced)
+        if not m.is_stopped():
+            if forced:
+                m.rollback(len(forced))
+            return
+        for tok in [*forced, min(self._eot)]:
+            self._advance(s, tok)
 
     def _sample_row(self, s: _Seq, logits: Any, greedy: int) -> int:
         import torch

@@ -62,6 +62,9 @@ class TrainConfig(BaseModel):
     lora_target_modules: list[str] | Literal["all-linear"] = _field(
         "all-linear", "method", "Modules that get LoRA adapters: all-linear, or comma-separated names (q_proj,v_proj)."
     )
+    lora_layers: int | None = _field(
+        None, "method", "LoRA on only the last N decoder layers (default all): backward stops below them, so a step "
+        "computes fewer FLOPs; the layers below run forward only.", )
     beta: float = _field(DEFAULT_BETA, "method", "DPO: how strongly the policy is held to the reference (the reward "
                          "is beta times the log-probability gained over the reference); higher stays closer.")
     init_adapter: Path | None = _field(None, "method", "lora and dpo: start from this LoRA adapter (a run directory or an "
@@ -140,6 +143,13 @@ class TrainConfig(BaseModel):
         if v is not None and info.data.get("method") not in ("lora", "dpo"):
             raise ValueError("applies to --method lora and dpo only (it continues a LoRA adapter; to train further "
                              "on a full fine-tuning run give that run's model as --model)")
+        return v
+
+    @field_validator("lora_layers")
+    @classmethod
+    def _positive_layers(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError(f"must be at least 1 (the last N decoder layers get LoRA), got {v}")
         return v
 
     @field_validator("lora_target_modules", mode="before")
