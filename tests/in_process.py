@@ -20,12 +20,13 @@ import sys
 from contextlib import redirect_stderr, redirect_stdout
 
 
-def run_tunesmith(*args: object, env: dict[str, str] | None = None,
+def run_tunesmith(*args: object, env: dict[str, str | None] | None = None,
                   stdin: str | None = None) -> subprocess.CompletedProcess:
     """Run `tunesmith ARGS` in this process: exit code, stdout and stderr as a child's would be.
 
-    `env` is added to the environment for the call only; the environment, `sys.argv` and
-    `sys.stdin` are restored afterwards (main() sets a default for HF_HUB_DISABLE_PROGRESS_BARS).
+    `env` is added to the environment for the call only (None removes a variable); the
+    environment, `sys.argv` and `sys.stdin` are restored afterwards (main() sets a default
+    for HF_HUB_DISABLE_PROGRESS_BARS).
     An exception that main() does not turn into a message propagates, so the test fails with
     its traceback, as a child's "Traceback" in stderr would fail the test's checks.
     """
@@ -36,7 +37,11 @@ def run_tunesmith(*args: object, env: dict[str, str] | None = None,
     out, err = io.StringIO(), io.StringIO()
     code: int = 0
     try:
-        os.environ.update(env or {})
+        for name, value in (env or {}).items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         sys.argv = argv
         sys.stdin = io.StringIO(stdin or "")
         with redirect_stdout(out), redirect_stderr(err):
