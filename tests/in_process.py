@@ -54,7 +54,16 @@ def run_tunesmith(*args: object, env: dict[str, str | None] | None = None,
                     print(exit_.code, file=sys.stderr)
                     code = 1
     finally:
-        os.environ.clear()
-        os.environ.update(saved_env)
+        _restore_environ(saved_env)
         sys.argv, sys.stdin = saved_argv, saved_stdin
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+def _restore_environ(saved: dict[str, str]) -> None:
+    """Put os.environ back key by key (never cleared: threads of the test session's servers
+    may read it meanwhile)."""
+    for name in [n for n in os.environ if n not in saved]:
+        del os.environ[name]
+    for name, value in saved.items():
+        if os.environ.get(name) != value:
+            os.environ[name] = value
