@@ -1,4 +1,7 @@
-"""The real `tunesmith audit` command: exit codes, --json, --fix, --report into the HTML report."""
+"""The `tunesmith audit` command: exit codes, --json, --fix, --report into the HTML report.
+
+The first test runs the real executable; the others call the same command line in this
+process (tests/in_process.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+from in_process import run_tunesmith
 
 REPO = Path(__file__).resolve().parents[2]
 TUNESMITH = str(Path(sys.executable).parent / "tunesmith")
@@ -59,7 +64,7 @@ def test_fix_and_report(tmp_path, tiny_model_dir):
     before = hashlib.sha256(src.read_bytes()).hexdigest()
     run = tmp_path / "run"
     run.mkdir()
-    proc = cli("audit", str(src), "--model", str(tiny_model_dir), "--fix", str(tmp_path / "clean.jsonl"),
+    proc = run_tunesmith("audit", str(src), "--model", str(tiny_model_dir), "--fix", str(tmp_path / "clean.jsonl"),
                "--report", str(run))
     assert proc.returncode == 0, proc.stderr
     assert "exact duplicates: 1" in proc.stdout and f"train.jsonl:{len(rows)}: the same example as line 4" in proc.stdout
@@ -70,7 +75,7 @@ def test_fix_and_report(tmp_path, tiny_model_dir):
     assert len(rows) in dropped
     clean = (tmp_path / "clean.jsonl").read_text().splitlines()
     assert len(clean) == len(rows) - len(dropped) == audit["fix"]["kept"]
-    report = cli("report", str(run))
+    report = run_tunesmith("report", str(run))
     assert report.returncode == 0, report.stderr
     html = (run / "report.html").read_text()
     assert "<h2 id=audit>Data audit</h2>" in html and "the same example as line 4" in html
@@ -78,6 +83,6 @@ def test_fix_and_report(tmp_path, tiny_model_dir):
 
 def test_fix_labels_needs_fix(tmp_path, tiny_model_dir):
     path = write_csv(tmp_path / "t.csv", banking77("train.csv", 50))
-    proc = cli("audit", str(path), "--input-column", "text", "--output-column", "category",
+    proc = run_tunesmith("audit", str(path), "--input-column", "text", "--output-column", "category",
                "--model", str(tiny_model_dir), "--fix-labels", "relabel")
     assert proc.returncode == 2 and "--fix-labels takes drop or relabel and needs --fix OUT" in proc.stderr

@@ -1,4 +1,5 @@
-"""`tunesmith grade` end to end: the real CLI in a child process, on files it leaves."""
+"""`tunesmith grade` end to end, on files it leaves: the real CLI in a child process for the
+first test, the same command line in this process (tests/in_process.py) for the others."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+
+from in_process import run_tunesmith
 
 GRADER = {"type": "multi", "name": "combo", "calculate_output": "0.5 * label + 0.5 * short",
           "graders": {"label": {"type": "string_check", "name": "label", "input": "{{sample.output_text}}",
@@ -50,7 +53,7 @@ def test_a_malformed_grader_file_names_the_file_and_field(tmp_path):
     grader = tmp_path / "g.json"
     grader.write_text(json.dumps({**GRADER["graders"]["label"], "operation": "equals"}))
     data = write(tmp_path / "rows.jsonl", [{"model_sample": "x", "item": {}}])
-    proc = run_cli("grade", "--grader", grader, "--data", data)
+    proc = run_tunesmith("grade", "--grader", grader, "--data", data)
     assert proc.returncode == 2
     assert f"--grader {grader}: invalid 'grader.operation'" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -60,6 +63,6 @@ def test_bad_rows_are_all_reported_with_their_lines(tmp_path):
     grader.write_text(json.dumps(GRADER["graders"]["label"]))
     data = tmp_path / "rows.jsonl"
     data.write_text('{"model_sample": "x"}\nnot json\n{"sample": "x"}\n')
-    proc = run_cli("grade", "--grader", grader, "--data", data)
+    proc = run_tunesmith("grade", "--grader", grader, "--data", data)
     assert proc.returncode == 1
     assert "line 2: not JSON" in proc.stderr and 'line 3: needs "model_sample"' in proc.stderr

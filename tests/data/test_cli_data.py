@@ -1,4 +1,7 @@
-"""The real `tunesmith validate` / `inspect` commands: exit codes, --json shape, output."""
+"""The `tunesmith validate` / `inspect` commands: exit codes, --json shape, output.
+
+One test of each runs the real executable (`cli`); the others call the same command line in
+this process (`cli_here`), without a child's seconds of importing torch."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from in_process import run_tunesmith
 
 REPO = Path(__file__).resolve().parents[2]
 TUNESMITH = str(Path(sys.executable).parent / "tunesmith")
@@ -31,6 +35,10 @@ def cli(*args: str, home: Path | None = None) -> subprocess.CompletedProcess:
     if home is not None:
         env["TUNESMITH_HOME"] = str(home)
     return subprocess.run([TUNESMITH, *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def cli_here(*args: str, home: Path | None = None) -> subprocess.CompletedProcess:
+    return run_tunesmith(*args, env={"TUNESMITH_HOME": str(home)} if home is not None else None)
 
 
 @pytest.fixture
@@ -62,7 +70,7 @@ def test_validate_json_valid_file(tmp_path, tiny_model_dir, home):
 
 def test_validate_json_invalid_file_exits_1(tmp_path, tiny_model_dir, home):
     path = write(tmp_path / "d.jsonl", rows(11) + ["{oops", {"prompt": "q", "completion": "a", "extra": 1}])
-    proc = cli("validate", str(path), "--model", str(tiny_model_dir), "--json", home=home)
+    proc = cli_here("validate", str(path), "--model", str(tiny_model_dir), "--json", home=home)
     assert proc.returncode == 1, proc.stderr
     out = json.loads(proc.stdout)
     assert out["ok"] is False
@@ -72,7 +80,7 @@ def test_validate_json_invalid_file_exits_1(tmp_path, tiny_model_dir, home):
 
 def test_validate_report_groups_by_code(tmp_path, tiny_model_dir, home):
     path = write(tmp_path / "d.jsonl", rows(12) + ["not json"] * 25)
-    proc = cli("validate", str(path), "--model", str(tiny_model_dir), home=home)
+    proc = cli_here("validate", str(path), "--model", str(tiny_model_dir), home=home)
     assert proc.returncode == 1
     assert "error invalid_json (25)" in proc.stdout
     assert proc.stdout.count("not valid JSON") == 20 and "... and 5 more" in proc.stdout
@@ -81,7 +89,7 @@ def test_validate_report_groups_by_code(tmp_path, tiny_model_dir, home):
 
 def test_validate_warnings_still_exit_0(tmp_path, tiny_model_dir, home):
     path = write(tmp_path / "d.jsonl", rows(12) + [rows(1)[0]])
-    proc = cli("validate", str(path), "--model", str(tiny_model_dir), home=home)
+    proc = cli_here("validate", str(path), "--model", str(tiny_model_dir), home=home)
     assert proc.returncode == 0
     assert "warning duplicate_example (1)" in proc.stdout and "line 13" in proc.stdout
     assert "estimate:" in proc.stdout and "tokens/s measured here" in proc.stdout
@@ -103,7 +111,7 @@ def test_usage_errors_exit_2_with_one_sentence(tmp_path, tiny_model_dir, home, a
     args = [a.format(csv=csv_path, jsonl=jsonl) for a in args]
     if "--model" not in args:
         args += ["--model", str(tiny_model_dir)]
-    proc = cli(*args, home=home)
+    proc = cli_here(*args, home=home)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: ") and proc.stdout == ""
@@ -114,7 +122,7 @@ def test_validate_csv_with_system_and_validation_file(tmp_path, tiny_model_dir, 
     train.write_text("text,category\n" + "".join(f"query {i},intent_{i % 2}\n" for i in range(12)))
     valid = tmp_path / "valid.csv"
     valid.write_text("text,category\nquery 3,intent_1\nsomething new,intent_0\n")
-    proc = cli("validate", str(train), "--model", str(tiny_model_dir), "--input-column", "text",
+    proc = cli_here("validate", str(train), "--model", str(tiny_model_dir), "--input-column", "text",
                "--output-column", "category", "--system", "Route the query.", "--validation", str(valid), "--json", home=home)
     out = json.loads(proc.stdout)
     assert proc.returncode == 0 and out["format"] == "csv" and out["examples"] == 12
@@ -138,17 +146,17 @@ def test_inspect_plain_markers_when_not_a_tty(tiny_model_dir, home):
 
 
 def test_inspect_csv_and_truncation(tmp_path, tiny_model_dir, home):
-    proc = cli("inspect", str(REPO / "data" / "banking77" / "train.csv"), "--model", str(tiny_model_dir),
+    proc = cli_here("inspect", str(REPO / "data" / "banking77" / "train.csv"), "--model", str(tiny_model_dir),
                "--input-column", "text", "--output-column", "category", "-n", "1", home=home)
     assert proc.returncode == 0, proc.stderr
     assert "I am still waiting on my card?" in proc.stdout and "[[card_arrival<|im_end|>]]" in proc.stdout
-    proc = cli("inspect", str(REPO / "examples" / "chat.jsonl"), "--model", str(tiny_model_dir), "-n", "1",
+    proc = cli_here("inspect", str(REPO / "examples" / "chat.jsonl"), "--model", str(tiny_model_dir), "-n", "1",
                "--max-seq-len", "20", home=home)
     assert "truncated from" in proc.stdout and "[[" not in proc.stdout.split("(trained tokens")[0]
 
 
 def test_inspect_preference_shows_both_answers(tiny_model_dir, home):
-    proc = cli("inspect", str(REPO / "examples" / "dpo.jsonl"), "--model", str(tiny_model_dir), "-n", "1", home=home)
+    proc = cli_here("inspect", str(REPO / "examples" / "dpo.jsonl"), "--model", str(tiny_model_dir), "-n", "1", home=home)
     assert proc.returncode == 0, proc.stderr
     assert "--- line 1 (chosen)" in proc.stdout and "--- line 1 (rejected)" in proc.stdout
     assert "[[Call us.<|im_end|>]]" in proc.stdout
@@ -159,7 +167,7 @@ def test_inspect_preference_prompt_turns_are_not_trained(tiny_model_dir, home, t
     path = tmp_path / "history.jsonl"
     path.write_text(json.dumps({"prompt": [{"role": "user", "content": "first"}, {"role": "assistant", "content": "earlier"},
                                            {"role": "user", "content": "second"}], "chosen": "yes", "rejected": "no"}) + "\n")
-    proc = cli("inspect", str(path), "--model", str(tiny_model_dir), home=home)
+    proc = cli_here("inspect", str(path), "--model", str(tiny_model_dir), home=home)
     assert proc.returncode == 0, proc.stderr
     assert "[[yes<|im_end|>]]" in proc.stdout and "[[no<|im_end|>]]" in proc.stdout
     assert "earlier" in proc.stdout and "[[earlier" not in proc.stdout
@@ -187,7 +195,7 @@ def test_inspect_shows_a_tool_call_trained_as_serve_writes_it(tmp_path, tiny_mod
                          {"role": "assistant", "content": None, "tool_calls": [call]}]}
     data = tmp_path / "tools.jsonl"
     data.write_text(json.dumps(line) + "\n")
-    proc = cli("inspect", str(data), "--model", str(tiny_model_dir), "-n", "1", home=home)
+    proc = cli_here("inspect", str(data), "--model", str(tiny_model_dir), "-n", "1", home=home)
     assert proc.returncode == 0, proc.stderr
     assert '[[<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>]]' in proc.stdout
     assert '"name": "weather", "parameters"' in proc.stdout  # the tools, listed in the system turn, not trained

@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 from fake_teacher import Script, fake_teacher
+from in_process import run_tunesmith
 
 from tunesmith.distill.run import distill, sidecar
 
@@ -32,6 +33,12 @@ def run_cli(*args) -> subprocess.CompletedProcess:
     env.pop("OPENAI_API_KEY", None)
     return subprocess.run([sys.executable, "-c", "from tunesmith.cli import main; main()", *map(str, args)],
                           capture_output=True, text=True, env=env, timeout=300)
+
+
+def run_here(*args) -> subprocess.CompletedProcess:
+    """The same command line in this process (tests/in_process.py): the tests that check no
+    key reaches the output keep the real child process, which shows every library's output too."""
+    return run_tunesmith(*args, env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OPENAI_API_KEY": None})
 
 
 def test_429_twice_then_success_is_retried(tmp_path, tiny_model_dir):
@@ -56,7 +63,7 @@ def test_prompt_that_keeps_failing_is_recorded_not_dropped(tmp_path, tiny_model_
     prompts = _prompts(tmp_path / "prompts.txt", ["fine", "broken", "refused", "also fine"] + FILLER)
     out = tmp_path / "train.jsonl"
     with fake_teacher(script) as url:
-        proc = run_cli("distill", "--prompts", prompts, "--teacher-model", "teacher", "--teacher-base-url", url,
+        proc = run_here("distill", "--prompts", prompts, "--teacher-model", "teacher", "--teacher-base-url", url,
                        "--out", out, "--model", tiny_model_dir, "--max-retries", "2",
                        "--price-per-million", "2.5")
     assert proc.returncode == 1, proc.stderr
@@ -78,7 +85,7 @@ def test_prompt_that_keeps_failing_is_recorded_not_dropped(tmp_path, tiny_model_
     # A re-run retries only the failed prompts; now the teacher is well.
     script.always.clear()
     with fake_teacher(script) as url:
-        proc = run_cli("distill", "--prompts", prompts, "--teacher-model", "teacher", "--teacher-base-url", url,
+        proc = run_here("distill", "--prompts", prompts, "--teacher-model", "teacher", "--teacher-base-url", url,
                        "--out", out, "--model", tiny_model_dir)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert script.asked("fine") == 1 and script.asked("broken") == 4 and script.asked("refused") == 2
@@ -120,14 +127,14 @@ def test_api_key_is_sent_but_never_written(tmp_path, tiny_model_dir):
 
 def test_bad_options_get_one_sentence(tmp_path, tiny_model_dir):
     prompts = _prompts(tmp_path / "prompts.txt", ["a"])
-    proc = run_cli("distill", "--prompts", prompts, "--teacher-model", "t", "--out", tmp_path / "o.jsonl",
+    proc = run_here("distill", "--prompts", prompts, "--teacher-model", "t", "--out", tmp_path / "o.jsonl",
                    "--model", tiny_model_dir, "--concurrency", "0", "--n", "0", "--filter", "regex:(")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--concurrency must be at least 1, got 0" in proc.stderr and "--n must be at least 1" in proc.stderr
-    proc = run_cli("distill", "--prompts", prompts, "--teacher-model", "t", "--out", tmp_path / "o.jsonl",
+    proc = run_here("distill", "--prompts", prompts, "--teacher-model", "t", "--out", tmp_path / "o.jsonl",
                    "--model", tiny_model_dir, "--filter", "regex:(")
     assert proc.returncode == 2 and "not a valid regular expression" in proc.stderr
-    proc = run_cli("distill", "--prompts", tmp_path / "missing.txt", "--teacher-model", "t",
+    proc = run_here("distill", "--prompts", tmp_path / "missing.txt", "--teacher-model", "t",
                    "--out", tmp_path / "o.jsonl", "--model", tiny_model_dir)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
 

@@ -1,4 +1,7 @@
-"""`tunesmith eval`, `compare` and `report` end to end: the real CLI on the tiny model."""
+"""`tunesmith eval`, `compare` and `report` end to end: the CLI on the tiny model.
+
+One test per command runs the real executable in a child process (`run_cli`); the others
+call the same command line in this process (`run_tunesmith`), sparing a torch import each."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from html.parser import HTMLParser
 import pytest
 
 from eval_helpers import LABELS, make_adapter, run_cli, write_label_csv, write_metrics_jsonl
+from in_process import run_tunesmith
 
 
 class _Collect(HTMLParser):
@@ -70,15 +74,15 @@ def test_eval_with_adapter_and_system_from_run(tiny_model_dir, tmp_path):
     test = write_label_csv(tmp_path / "test.csv", 4, "t")
     run = write_metrics_jsonl(tmp_path / "run")
     make_adapter(tiny_model_dir, run / "adapter")
-    base = run_cli("eval", "--model", tiny_model_dir, "--data", test, "--out", tmp_path / "base", "--max-new-tokens", "2")
-    tuned = run_cli("eval", "--model", tiny_model_dir, "--adapter", run, "--data", test, "--max-new-tokens", "2")
+    base = run_tunesmith("eval", "--model", tiny_model_dir, "--data", test, "--out", tmp_path / "base", "--max-new-tokens", "2")
+    tuned = run_tunesmith("eval", "--model", tiny_model_dir, "--adapter", run, "--data", test, "--max-new-tokens", "2")
     assert base.returncode == 0 and tuned.returncode == 0, tuned.stderr
     m_base = json.loads((tmp_path / "base" / "metrics.json").read_text())
     m_tuned = json.loads((run / "eval" / "metrics.json").read_text())  # default --out for a run
     assert m_tuned["adapter"].endswith("adapter")
     assert m_tuned["system"] == "Classify the query."  # read from the run's run.json
     assert m_tuned["loss"] != pytest.approx(m_base["loss"])
-    report = run_cli("report", run)
+    report = run_tunesmith("report", run)
     assert report.returncode == 0, report.stderr
     _, data = parse_report(run / "report.html")
     assert [r["step"] for r in data["training"]] == list(range(1, 11))
@@ -117,7 +121,7 @@ def test_compare_train_adapter_trains_with_defaults_and_compares_it(tiny_model_d
     train = write_label_csv(tmp_path / "train.csv", 12, "q")
     test = write_label_csv(tmp_path / "test.csv", 3, "t")
     out = tmp_path / "cmp"
-    proc = run_cli(
+    proc = run_tunesmith(
         "compare", "--model", tiny_model_dir, "--train", train, "--test", test, "--train-adapter",
         "--shots", "1", "--max-new-tokens", "3", "--out", out,
     )
@@ -132,20 +136,20 @@ def test_compare_train_adapter_trains_with_defaults_and_compares_it(tiny_model_d
     c = json.loads((out / "compare.json").read_text())
     assert [s["name"] for s in c["strategies"]][-1] == "fine-tuned"
     assert c["adapter"].startswith(str(run))
-    both = run_cli("compare", "--model", tiny_model_dir, "--train", train, "--test", test,
+    both = run_tunesmith("compare", "--model", tiny_model_dir, "--train", train, "--test", test,
                    "--train-adapter", "--adapter", run, "--out", tmp_path / "x")
     assert both.returncode == 2 and "not both" in both.stderr
 
 
 def test_bad_input_is_one_sentence_not_a_traceback(tiny_model_dir, tmp_path):
     test = write_label_csv(tmp_path / "test.csv", 2, "t")
-    proc = run_cli("eval", "--model", tiny_model_dir, "--data", test, "--input-column", "question", "--out", tmp_path / "x")
+    proc = run_tunesmith("eval", "--model", tiny_model_dir, "--data", test, "--input-column", "question", "--out", tmp_path / "x")
     assert proc.returncode == 2
     assert "'question'" in proc.stderr and "--input-column" in proc.stderr
     assert "Traceback" not in proc.stderr
-    proc = run_cli("eval", "--model", tiny_model_dir, "--data", tmp_path / "missing.jsonl")
+    proc = run_tunesmith("eval", "--model", tiny_model_dir, "--data", tmp_path / "missing.jsonl")
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_cli("report", tmp_path)
+    proc = run_tunesmith("report", tmp_path)
     assert proc.returncode == 2 and "nothing to report" in proc.stderr
 
 
@@ -176,7 +180,7 @@ def test_eval_and_compare_hold_answers_to_a_json_schema_or_choices(tiny_model_di
     test = write_label_csv(tmp_path / "test.csv", 6, "t")
     out = tmp_path / "ev"
     adapter = make_adapter(tiny_model_dir, tmp_path / "a")
-    proc = run_cli("eval", "--model", tiny_model_dir, "--adapter", adapter, "--data", test, "--out", out,
+    proc = run_tunesmith("eval", "--model", tiny_model_dir, "--adapter", adapter, "--data", test, "--out", out,
                    "--max-new-tokens", "200", "--metric", "exact", "--json-schema", schema_file)
     assert proc.returncode == 0, proc.stderr
     rows = _rows(out / "predictions.jsonl")
@@ -189,14 +193,14 @@ def test_eval_and_compare_hold_answers_to_a_json_schema_or_choices(tiny_model_di
             assert starts_a_match(tiny_tokenizer, Constraint.json_schema(schema), r["prediction"]), r
     assert json.loads((out / "metrics.json").read_text())["json_schema"] == schema
 
-    proc = run_cli("eval", "--model", tiny_model_dir, "--adapter", adapter, "--data", test, "--out", tmp_path / "ch",
+    proc = run_tunesmith("eval", "--model", tiny_model_dir, "--adapter", adapter, "--data", test, "--out", tmp_path / "ch",
                    "--max-new-tokens", "32", "--metric", "exact", "--choices", ",".join(LABELS))
     assert proc.returncode == 0, proc.stderr
     assert {r["prediction"] for r in _rows(tmp_path / "ch" / "predictions.jsonl")} <= set(LABELS)
     assert json.loads((tmp_path / "ch" / "metrics.json").read_text())["choices"] == LABELS
 
     train = write_label_csv(tmp_path / "train.csv", 8, "q")
-    proc = run_cli("compare", "--model", tiny_model_dir, "--train", train, "--test", test, "--shots", "1",
+    proc = run_tunesmith("compare", "--model", tiny_model_dir, "--train", train, "--test", test, "--shots", "1",
                    "--max-new-tokens", "32", "--metric", "exact", "--json-mode", "--out", tmp_path / "cmp")
     assert proc.returncode == 0, proc.stderr
     c = json.loads((tmp_path / "cmp" / "compare.json").read_text())
@@ -206,22 +210,22 @@ def test_eval_and_compare_hold_answers_to_a_json_schema_or_choices(tiny_model_di
             assert starts_a_match(tiny_tokenizer, Constraint.json_schema(ANY_OBJECT), r["prediction"]), r
 
     schema_file.write_text(json.dumps({"type": "object", "not": {"type": "object"}}))
-    bad = run_cli("eval", "--model", tiny_model_dir, "--data", test, "--json-schema", schema_file)
+    bad = run_tunesmith("eval", "--model", tiny_model_dir, "--data", test, "--json-schema", schema_file)
     assert bad.returncode == 2 and 'Unimplemented keys: ["not"]' in bad.stderr and "Traceback" not in bad.stderr
     schema_file.write_text("label: card_arrival\n")  # YAML, not JSON
-    bad = run_cli("eval", "--model", tiny_model_dir, "--data", test, "--json-schema", schema_file)
+    bad = run_tunesmith("eval", "--model", tiny_model_dir, "--data", test, "--json-schema", schema_file)
     assert bad.returncode == 2 and "is not JSON" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
 def test_eval_and_compare_with_int8_weights_say_so(tiny_model_dir, tmp_path):
     test = write_label_csv(tmp_path / "test.csv", 4, "t")
-    proc = run_cli("eval", "--model", tiny_model_dir, "--data", test, "--out", tmp_path / "ev",
+    proc = run_tunesmith("eval", "--model", tiny_model_dir, "--data", test, "--out", tmp_path / "ev",
                    "--max-new-tokens", "3", "--weights", "int8")
     assert proc.returncode == 0, proc.stderr
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert m["weights"] == "int8" and m["n_examples"] == 4 and m["loss"] > 0
     train = write_label_csv(tmp_path / "train.csv", 6, "q")
-    proc = run_cli("compare", "--model", tiny_model_dir, "--train", train, "--test", test, "--shots", "1",
+    proc = run_tunesmith("compare", "--model", tiny_model_dir, "--train", train, "--test", test, "--shots", "1",
                    "--adapter", make_adapter(tiny_model_dir, tmp_path / "adapter"), "--max-new-tokens", "2",
                    "--out", tmp_path / "cmp", "--weights", "int8")
     assert proc.returncode == 0, proc.stderr
@@ -234,7 +238,7 @@ def test_eval_and_compare_with_int8_weights_say_so(tiny_model_dir, tmp_path):
 def test_unknown_weights_are_one_sentence(tiny_model_dir, tmp_path):
     test = write_label_csv(tmp_path / "test.csv", 2, "t")
     for cmd in (["eval", "--data", test], ["compare", "--train", test, "--test", test, "--train-adapter"]):
-        proc = run_cli(*cmd, "--model", tiny_model_dir, "--weights", "int4", "--out", tmp_path / "x")
+        proc = run_tunesmith(*cmd, "--model", tiny_model_dir, "--weights", "int4", "--out", tmp_path / "x")
         assert proc.returncode == 2, proc.stderr
         assert "unknown --weights 'int4'; accepted: fp32, int8" in proc.stderr and "Traceback" not in proc.stderr
         assert not (tmp_path / "x").exists()  # refused before any work (compare would have trained first)
@@ -251,7 +255,7 @@ def test_eval_scores_tool_calls_with_the_tools_in_the_prompt(tiny_model_dir, tmp
             "name": "weather", "arguments": json.dumps({"city": f"city {i}"})}}]}]} for i in range(4)]
     data = tmp_path / "calls.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = run_cli("eval", "--model", tiny_model_dir, "--data", data, "--out", tmp_path / "ev", "--max-new-tokens", "4")
+    proc = run_tunesmith("eval", "--model", tiny_model_dir, "--data", data, "--out", tmp_path / "ev", "--max-new-tokens", "4")
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["metric"] == "tool_call" and set(metrics["scores"]) == {"exact_call_rate", "parse_rate",

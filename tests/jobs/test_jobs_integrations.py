@@ -115,10 +115,13 @@ def test_a_tracker_not_installed_on_the_server_is_refused_at_creation(jobs_serve
 def test_a_tracker_that_fails_is_one_warning_event_and_the_job_succeeds(jobs_server, tmp_path, tiny_model_dir):
     pytest.importorskip("mlflow")
     live = jobs_server(workers=1)
-    not_a_database = live.home / "a-folder"
-    not_a_database.mkdir()
+    # The store's folder is a regular file: MLflow cannot create it and fails at once. (A
+    # database path that is a folder fails too, but only after MLflow's ten connection retries
+    # with back-off, about 100 s of sleeping.)
+    not_a_folder = live.home / "a-file"
+    not_a_folder.write_text("not a folder")
     job = _create(live, tmp_path, tiny_model_dir,
-                  [{"type": "mlflow", "mlflow": {"project": "p", "tracking_uri": f"sqlite:///{not_a_database}"}}])
+                  [{"type": "mlflow", "mlflow": {"project": "p", "tracking_uri": f"sqlite:///{not_a_folder}/mlflow.db"}}])
     job = wait_for(lambda: (j := live.client.fine_tuning.jobs.retrieve(job.id)).status in
                    ("succeeded", "failed", "cancelled") and j, 240, "the job to finish")
     assert job.status == "succeeded", job.error

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from in_process import run_tunesmith
 
 from tunesmith.errors import ConfigError
 from tunesmith.jobs.store import open_store
@@ -45,6 +46,12 @@ def sweep(path: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "tunesmith", "sweep", "-c", str(path), "--out", str(out), *extra],
                           capture_output=True, text=True, env=env, timeout=600)
+
+
+def sweep_here(path: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """The same command line in this process (tests/in_process.py); the trials' trainers are
+    still child processes, as the jobs worker starts them."""
+    return run_tunesmith("sweep", "-c", path, "--out", out, *extra, env={"OMP_NUM_THREADS": "1"})
 
 
 def test_a_grid_sweep_prunes_the_losing_trial_and_keeps_the_best(sweep_dir, _isolated_home):
@@ -89,14 +96,14 @@ def test_trials_run_in_parallel_and_a_second_run_continues_the_study(sweep_dir, 
     space = {"learning_rate": {"type": "log-uniform", "low": 1e-4, "high": 1e-2},
              "lora_rank": {"type": "int", "low": 2, "high": 8}}
     out = sweep_dir / "out"
-    proc = sweep(write_sweep(sweep_dir, search_space=space, sampler="random", trials=2, parallelism=2,
+    proc = sweep_here(write_sweep(sweep_dir, search_space=space, sampler="random", trials=2, parallelism=2,
                              pruner="none"), out)
     assert proc.returncode == 0, proc.stderr
     store = open_store()
     first = sorted(store.list_jobs(metadata_filter={"sweep": "tiny"})[0], key=lambda j: j["started_at"])
     assert len(first) == 2 and first[1]["started_at"] <= first[0]["finished_at"]  # two workers, at once
 
-    proc = sweep(write_sweep(sweep_dir, search_space=space, sampler="random", trials=3, parallelism=2,
+    proc = sweep_here(write_sweep(sweep_dir, search_space=space, sampler="random", trials=3, parallelism=2,
                              pruner="none"), out)
     assert proc.returncode == 0, proc.stderr
     assert "2 ended before" in proc.stderr

@@ -10,8 +10,9 @@ import time
 
 
 def test_bad_db_url_is_a_sentence_not_a_traceback():
-    r = subprocess.run([sys.executable, "-m", "tunesmith", "worker", "--db", "mysql://x/y"],
-                       capture_output=True, text=True, timeout=60)
+    from in_process import run_tunesmith  # in this process; the next test runs the real worker
+
+    r = run_tunesmith("worker", "--db", "mysql://x/y")
     assert r.returncode == 2
     assert r.stderr.startswith("error: --db 'mysql://x/y' is not supported") and "Traceback" not in r.stderr
 

@@ -1,4 +1,6 @@
-"""`tunesmith chat` and `tunesmith serve` as a user runs them."""
+"""`tunesmith chat` and `tunesmith serve` as a user runs them: each command once as the real
+executable in a child process; refusals and the int8 chat through the same command line in
+this process (tests/in_process.py), without a child's seconds of importing torch."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import httpx
 from openai import OpenAI
+from in_process import run_tunesmith
 from serve_helpers import free_port
 
 from tunesmith.serve.chat import run_chat
@@ -41,11 +44,8 @@ def test_chat_with_int8_weights_answers_as_the_int8_engine(tiny_model_dir, adapt
     from tunesmith.generate.engine import LocalEngine
 
     question = "What is the capital of France?"
-    proc = subprocess.run(
-        TUNESMITH + ["chat", "--model", str(tiny_model_dir), "--adapter", str(adapter_dirs["beta"]),
-                     "--temperature", "0", "--max-tokens", "12", "--weights", "int8"],
-        input=question + "\n", capture_output=True, text=True, env=_env(), timeout=120,
-    )
+    proc = run_tunesmith("chat", "--model", tiny_model_dir, "--adapter", adapter_dirs["beta"],
+                         "--temperature", "0", "--max-tokens", "12", "--weights", "int8", stdin=question + "\n")
     assert proc.returncode == 0, proc.stderr
     engine = LocalEngine.load(str(tiny_model_dir), [("beta", adapter_dirs["beta"])], weights="int8")
     try:
@@ -54,14 +54,12 @@ def test_chat_with_int8_weights_answers_as_the_int8_engine(tiny_model_dir, adapt
     finally:
         engine.close()
     assert proc.stdout == want + "\n"
-    bad = subprocess.run(TUNESMITH + ["chat", "--model", str(tiny_model_dir), "--weights", "fp16"], input="hi\n",
-                         capture_output=True, text=True, env=_env(), timeout=120)
+    bad = run_tunesmith("chat", "--model", tiny_model_dir, "--weights", "fp16", stdin="hi\n")
     assert bad.returncode == 2 and "unknown --weights 'fp16'" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_chat_without_input_says_so(tiny_model_dir):
-    proc = subprocess.run(TUNESMITH + ["chat", "--model", str(tiny_model_dir)], input="", capture_output=True,
-                          text=True, env=_env(), timeout=120)
+    proc = run_tunesmith("chat", "--model", tiny_model_dir, stdin="")
     assert proc.returncode == 2 and "no question on standard input" in proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -126,14 +124,11 @@ def test_serve_command_serves_base_and_adapters(tiny_model_dir, adapter_dirs, tm
 
 
 def test_serve_rejects_a_bad_adapter_flag(tiny_model_dir):
-    proc = subprocess.run(TUNESMITH + ["serve", "--model", str(tiny_model_dir), "--adapter", "no-equals-sign"],
-                          capture_output=True, text=True, env=_env(), timeout=60)
+    proc = run_tunesmith("serve", "--model", tiny_model_dir, "--adapter", "no-equals-sign")
     assert proc.returncode == 2 and "--adapter expects NAME=PATH" in proc.stderr
 
 
 def test_serve_refuses_a_network_host_without_a_key(tiny_model_dir):
-    env = {k: v for k, v in _env().items() if k != "TUNESMITH_API_KEY"}
-    proc = subprocess.run(TUNESMITH + ["serve", "--model", str(tiny_model_dir), "--host", "0.0.0.0"],
-                          capture_output=True, text=True, env=env, timeout=60)
+    proc = run_tunesmith("serve", "--model", tiny_model_dir, "--host", "0.0.0.0", env={"TUNESMITH_API_KEY": None})
     assert proc.returncode == 2 and "TUNESMITH_API_KEY" in proc.stderr and "--insecure-no-key" in proc.stderr
     assert "Traceback" not in proc.stderr and "loading" not in proc.stderr

@@ -33,9 +33,16 @@ def chat_file(tmp_path_factory) -> Path:
     return path
 
 
-def train(model: Path, data: Path, out: Path, *extra: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+def train(model: Path, data: Path, out: Path, *extra: str, env: dict[str, str],
+          in_process: bool = False) -> subprocess.CompletedProcess:
+    """`tunesmith train` on the tiny model; in_process: the same command line in this process
+    (tests/in_process.py), sparing a child's torch import."""
     args = ["train", "--model", str(model), "--data", str(data), "--out", str(out), "--max-steps", "4",
             "--batch-size", "4", "--val-split", "0.25", "--eval-every-steps", "2", "--precision", "fp32", *extra]
+    if in_process:
+        from in_process import run_tunesmith
+
+        return run_tunesmith(*args, env=env)
     return subprocess.run([*TUNESMITH, *args], capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
 
 
@@ -152,7 +159,7 @@ def test_a_tracker_that_cannot_start_is_one_warning_and_training_goes_on(tiny_mo
     blocker.write_text("not a folder")
     out = tmp_path / "run"
     proc = train(tiny_model_dir, chat_file, out, "--report-to", "tensorboard",
-                 "--tensorboard-dir", str(blocker / "logs"), env={"OMP_NUM_THREADS": "1"})
+                 "--tensorboard-dir", str(blocker / "logs"), env={"OMP_NUM_THREADS": "1"}, in_process=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("warning: tracker tensorboard could not start") == 1
     assert json.loads((out / "run.json").read_text())["status"] == "finished"

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from in_process import run_tunesmith
 
 from tunesmith.train.config import TrainConfig
 
@@ -50,8 +51,8 @@ def test_cli_refuses_qlora_without_cuda_in_one_sentence(tiny_model_dir, chat_fil
     if cuda():
         pytest.skip("this machine has CUDA: the refusal is for machines without")
     out = tmp_path / "run"
-    proc = subprocess.run([*TUNESMITH, "train", "--model", str(tiny_model_dir), "--data", str(chat_file),
-                           "--method", "qlora", "--out", str(out)], capture_output=True, text=True, env=dict(os.environ))
+    # the command line in this process (tests/in_process.py); test_train_run.py runs the real one
+    proc = run_tunesmith("train", "--model", tiny_model_dir, "--data", chat_file, "--method", "qlora", "--out", out)
     assert proc.returncode == 2
     assert proc.stderr.strip() == REFUSAL
     assert not out.exists(), "a refused run must write nothing"

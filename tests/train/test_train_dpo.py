@@ -21,6 +21,7 @@ from tunesmith.train import preference as pref
 from tunesmith.train.config import TrainConfig
 from tunesmith.train.run import train
 
+from in_process import run_tunesmith
 from tiny_model import save_learnable_tiny_model
 
 TUNESMITH = [sys.executable, "-c", "from tunesmith.cli import main; main()"]
@@ -165,14 +166,14 @@ def test_cli_first_step_is_log2_and_metrics_carry_rewards(tiny_model_dir, pairs_
     args = ["train", "--model", str(tiny_model_dir), "--data", str(pairs_file), "--method", "dpo", "--precision",
             "fp32", "--batch-size", "4", "--max-steps", "4", "--val-split", "0.25", "--eval-every-steps", "2",
             "--learning-rate", "1e-2", "--beta", "0.2"]
-    dry = subprocess.run([*TUNESMITH, *args, "--dry-run"], capture_output=True, text=True)
+    dry = run_tunesmith(*args, "--dry-run")  # in this process: test_train_run.py runs the real command
     assert dry.returncode == 0, dry.stderr
     plan = json.loads(dry.stdout)
     assert plan["config"]["method"] == "dpo" and plan["config"]["beta"] == 0.2
     assert plan["data"]["train_pairs"] == 18 and plan["data"]["validation_pairs"] == 6
     assert plan["resolved"]["total_steps"] == 4 and plan["estimate"]["reference_pass_tokens"] > 0
 
-    proc = subprocess.run([*TUNESMITH, *args, "--out", str(out)], capture_output=True, text=True)
+    proc = run_tunesmith(*args, "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "18 train / 6 validation preference pairs" in proc.stderr and "beta 0.2" in proc.stderr
     assert "reward acc" in proc.stderr and "reference log-probs of 24 pairs" in proc.stderr

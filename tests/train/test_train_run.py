@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from in_process import run_tunesmith
 
 from tunesmith.train.config import TrainConfig
 from tunesmith.train.run import train
@@ -34,6 +35,13 @@ def chat_file(tmp_path_factory) -> Path:
 def cli(*args: str, env_extra: dict | None = None, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run([*TUNESMITH, "train", *args], capture_output=True, text=True, env=env, **kw)
+
+
+def cli_here(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    """`tunesmith train ARGS` in this process (tests/in_process.py): for the runs whose child
+    process would only add seconds of importing torch. Runs that are signalled, limited,
+    launch ranks or compile stay real child processes (`cli`)."""
+    return run_tunesmith("train", *args, env=env_extra)
 
 
 def metrics(run: Path) -> list[dict]:
@@ -146,7 +154,7 @@ def test_init_adapter_continues_an_adapter_with_more_sft(tiny_model_dir, chat_fi
 def test_config_errors_are_one_sentence(tiny_model_dir, chat_file, tmp_path):
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text(f"data: {chat_file}\nlerning_rate: 0.1\nbatch_size: 0\n")
-    proc = cli("-c", str(yaml_file))
+    proc = cli_here("-c", str(yaml_file))
     assert proc.returncode == 2
     assert "unknown key 'lerning_rate'; did you mean 'learning_rate'?" in proc.stderr
     assert "'batch_size' must be a positive integer (got 0)" in proc.stderr
@@ -156,7 +164,7 @@ def test_config_errors_are_one_sentence(tiny_model_dir, chat_file, tmp_path):
 def test_yaml_with_flag_override_and_dry_run(tiny_model_dir, chat_file, tmp_path):
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text(f"model: {tiny_model_dir}\ndata: {chat_file}\nbatch_size: 4\nepochs: 2\nlearning_rate: 0.1\n")
-    proc = cli("-c", str(yaml_file), "--batch-size", "8", "--dry-run")
+    proc = cli_here("-c", str(yaml_file), "--batch-size", "8", "--dry-run")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["config"]["batch_size"] == 8 and report["config"]["learning_rate"] == 0.1
@@ -204,7 +212,7 @@ def test_resume_after_sigkill_mid_epoch_is_exact(tiny_model_dir, chat_file, tmp_
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "adapter").exists()  # it really was killed mid-run
-    proc = cli("--resume", str(out))
+    proc = cli_here("--resume", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "resuming" in proc.stderr
     _same_curve(ref, metrics(out))
@@ -225,7 +233,7 @@ def test_sigterm_in_second_epoch_saves_and_resumes_exactly(tiny_model_dir, chat_
     assert "stopped by SIGTERM" in last_line and f"tunesmith train --resume {out}" in last_line
     stopped_at = metrics(out)[-1]["step"]
     assert 8 <= stopped_at < steps and (out / "checkpoints" / f"step-{stopped_at:06d}").is_dir()
-    proc = cli("--resume", str(out))
+    proc = cli_here("--resume", str(out))
     assert proc.returncode == 0, proc.stderr
     _same_curve(ref, metrics(out))
     _same_adapter(tmp_path / "ref" / "adapter", out / "adapter")
@@ -233,7 +241,7 @@ def test_sigterm_in_second_epoch_saves_and_resumes_exactly(tiny_model_dir, chat_
 
 def test_nan_loss_stops_with_last_checkpoint_intact(tiny_model_dir, chat_file, tmp_path):
     out = tmp_path / "run"
-    proc = cli(*common(tiny_model_dir, chat_file), "--out", str(out), "--max-steps", "10", "--learning-rate", "1e30",
+    proc = cli_here(*common(tiny_model_dir, chat_file), "--out", str(out), "--max-steps", "10", "--learning-rate", "1e30",
                "--max-grad-norm", "0", "--save-every-steps", "1", "--warmup-ratio", "0")
     assert proc.returncode == 1
     line = proc.stderr.strip().splitlines()[-1]
@@ -274,7 +282,7 @@ def test_full_fine_tuning_leaves_a_model_dir(tiny_model_dir, chat_file, tmp_path
 def test_two_processes_match_one(tiny_model_dir, chat_file, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     args = [*common(tiny_model_dir, chat_file), "--max-steps", "4", "--batch-size", "8", "--val-split", "0.25"]
-    p1 = cli(*args, "--out", str(one))
+    p1 = cli_here(*args, "--out", str(one))
     assert p1.returncode == 0, p1.stderr
     p2 = cli(*args, "--out", str(two), "--nproc", "2", env_extra={"OMP_NUM_THREADS": "1"})
     assert p2.returncode == 0, p2.stderr
@@ -296,7 +304,7 @@ def test_early_stopping_triggers_and_keeps_the_best(tiny_model_dir, chat_file, t
     contrary.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
     steps = 20
-    proc = cli(*common(tiny_model_dir, chat_file), "--out", str(out), "--max-steps", str(steps), "--validation",
+    proc = cli_here(*common(tiny_model_dir, chat_file), "--out", str(out), "--max-steps", str(steps), "--validation",
                str(contrary), "--eval-every-steps", "1", "--early-stopping-patience", "2", "--learning-rate", "3e-2",
                "--warmup-ratio", "0")
     assert proc.returncode == 0, proc.stderr
@@ -358,7 +366,7 @@ def test_sigterm_stops_within_the_step_or_validation_and_resumes_exactly(where, 
     steps = 9
     extra = ["--micro-batch-size", "2", "--val-split", "0.25", "--eval-every-steps", "3", "--lora-dropout", "0.1"]
     ref_out = tmp_path / "ref"
-    ref = cli(*common(tiny_model_dir, chat_file), *extra, "--max-steps", str(steps), "--out", str(ref_out))
+    ref = cli_here(*common(tiny_model_dir, chat_file), *extra, "--max-steps", str(steps), "--out", str(ref_out))
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "run"
     args = [*common(tiny_model_dir, chat_file), *extra, "--max-steps", str(steps), "--out", str(out)]
@@ -372,7 +380,7 @@ def test_sigterm_stops_within_the_step_or_validation_and_resumes_exactly(where, 
     assert f"checkpoint step {saved} saved" in last_line and f"tunesmith train --resume {out}" in last_line
     assert ("during step 5/9" if where == "step" else "during the validation after step 6/9") in last_line
     assert latest_step(out) == saved and metrics(out)[-1]["step"] == saved - (where == "validation")
-    resumed = cli("--resume", str(out))
+    resumed = cli_here("--resume", str(out))
     assert resumed.returncode == 0, resumed.stderr
     a, b = metrics(ref_out), metrics(out)
     _same_curve(a, b)
@@ -434,7 +442,7 @@ def test_fsdp_two_processes_match_one_and_resume(tiny_model_dir, chat_file, tmp_
 
     one, two = tmp_path / "one", tmp_path / "two"
     args = [*common(tiny_model_dir, chat_file), "--max-steps", "4", "--batch-size", "8", "--val-split", "0.25"]
-    p1 = cli(*args, "--out", str(one))
+    p1 = cli_here(*args, "--out", str(one))
     assert p1.returncode == 0, p1.stderr
     fsdp = [*args, "--out", str(two), "--nproc", "2", "--distributed-strategy", "fsdp", "--save-every-steps", "2"]
     p2 = cli(*fsdp, env_extra={"OMP_NUM_THREADS": "1"})
@@ -497,7 +505,7 @@ def test_fsdp_full_fine_tuning_matches_one_process(tiny_model_dir, chat_file, tm
     one, two = tmp_path / "one", tmp_path / "two"
     args = [*common(tiny_model_dir, chat_file), "--method", "full", "--max-steps", "3", "--batch-size", "8",
             "--learning-rate", "1e-3"]
-    p1 = cli(*args, "--out", str(one))
+    p1 = cli_here(*args, "--out", str(one))
     assert p1.returncode == 0, p1.stderr
     p2 = cli(*args, "--out", str(two), "--nproc", "2", "--distributed-strategy", "fsdp",
              env_extra={"OMP_NUM_THREADS": "1"})
@@ -514,7 +522,8 @@ def test_compiled_layers_train_the_same_losses(tiny_model_dir, chat_file, tmp_pa
     runs = {}
     for setting in ("on", "off"):
         out = tmp_path / setting
-        proc = cli(*common(tiny_model_dir, chat_file), "--out", str(out), "--max-steps", "3", "--val-split", "0.25",
+        run = cli if setting == "on" else cli_here  # compiling stays in a child process
+        proc = run(*common(tiny_model_dir, chat_file), "--out", str(out), "--max-steps", "3", "--val-split", "0.25",
                    "--compile", setting)
         assert proc.returncode == 0, proc.stderr
         runs[setting] = (metrics(out), json.loads((out / "run.json").read_text()))
