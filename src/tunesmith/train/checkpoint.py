@@ -37,7 +37,7 @@ from tunesmith.train.model import full_tensor, like, trainable_parameters
 
 KEEP_LAST = 2
 """Checkpoints kept besides the best one (older ones are deleted)."""
-ADAPTER_METHODS = ("lora", "qlora", "dpo")
+ADAPTER_METHODS = ("lora", "qlora", "dpo", "reinforcement")
 """Methods whose checkpoints hold a peft adapter (the others: a whole model)."""
 
 
