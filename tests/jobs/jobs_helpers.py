@@ -82,11 +82,12 @@ def jobs_server(_isolated_home, tmp_path_factory):
 
     def make(workers: int = 1, max_upload_bytes: int = 10_000_000, lease_s: float = 5.0,
              db: str | None = None, engine: Any = None, app_factory: Callable[[Any], Any] | None = None,
-             leakage_error: bool = False, executor: Any = None) -> Live:
+             leakage_error: bool = False, executor: Any = None, allow_python_graders: bool = False) -> Live:
         store = open_store(db)
         # Jobs name the tiny model by its folder among pytest's temporary ones: allowed.
         service = JobsService(store, workers=workers, engine=engine, max_upload_bytes=max_upload_bytes,
                               path_roots=(store.storage_root, tmp_path_factory.getbasetemp()),
+                              allow_python_graders=allow_python_graders,
                               worker_config=WorkerConfig(poll_interval_s=0.3, lease_s=lease_s, stop_timeout_s=20,
                                                          leakage_error=leakage_error,
                                                          **({"executor": executor} if executor else {})))
