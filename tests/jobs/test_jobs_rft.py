@@ -75,6 +75,10 @@ def test_a_reinforcement_job_with_a_multi_grader_reports_rewards(jobs_server, tm
         assert any(m.startswith("Files validated: 12 training prompts") and "group_size=2" in m for m in messages)
         run = json.loads((job_dir(live.store, job.id) / "run" / "run.json").read_text())
         assert run["config"]["method"] == "reinforcement" and run["resolved"]["grader"]["name"] == grader["name"]
+        import csv
+
+        table = list(csv.DictReader(live.client.files.content(job.result_files[0]).text.splitlines()))
+        assert [int(r["step"]) for r in table] == [1, 2, 3] and 0.0 <= float(table[0]["reward_mean"]) <= 1.0
 
 
 def test_a_malformed_grader_is_a_400_naming_the_field(jobs_server, tmp_path, tiny_model_dir):

@@ -173,3 +173,30 @@ def test_bad_settings_are_one_sentence_each(tiny_model_dir, tmp_path):
                            "--method", "reinforcement", "--grader", str(write_grader(tmp_path / "g.json", LABEL_GRADER))],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "line 1" in proc.stderr and "ends where the model answers" in proc.stderr
+
+
+def test_sigterm_saves_the_last_finished_step_and_resume_finishes_the_run(tiny_model_dir, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    args = ["train", "--method", "reinforcement", "--model", str(tiny_model_dir),
+            "--data", str(write_prompts(tmp_path / "p.jsonl", n=24)),
+            "--grader", str(write_grader(tmp_path / "g.json", LENGTH_GRADER)), "--batch-size", "1",
+            "--group-size", "2", "--max-completion-tokens", "8", "--out", str(out)]
+    proc = subprocess.Popen([*TUNESMITH, *args], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not ((out / "metrics.jsonl").is_file() and rows(out / "metrics.jsonl")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, stderr[-2000:]
+    last_line = stderr.strip().splitlines()[-1]
+    assert "stopped by SIGTERM" in last_line and f"tunesmith train --resume {out}" in last_line
+    saved = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert saved, "no checkpoint was saved"
+    done = subprocess.run([*TUNESMITH, "train", "--resume", str(out)], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [r["step"] for r in rows(out / "metrics.jsonl")] == list(range(1, 25))
+    assert sorted({s["step"] for s in rows(out / "samples.jsonl")}) == list(range(1, 25))
+    assert len(rows(out / "samples.jsonl")) == 24 * 2

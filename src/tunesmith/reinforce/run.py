@@ -205,7 +205,9 @@ def train_rft(cfg: TrainConfig, progress: bool = True) -> RunResult:
                     g["lr"] = lr
                 try:
                     samples, sampling_s = ctx.sample([prompts[i] for i in indices], indices, step)
+                    t_grade = time.perf_counter()
                     errors = ctx.grade(samples, [prompts[i].item for i in indices])
+                    grading_s = time.perf_counter() - t_grade
                     rewards = [s.reward for s in samples]
                     advantages, flat = grpo.group_advantages(rewards, cfg.group_size)
                     for s, a in zip(samples, advantages):
@@ -229,7 +231,8 @@ def train_rft(cfg: TrainConfig, progress: bool = True) -> RunResult:
                        "zero_variance_groups": flat, "kl": kl,
                        "completion_tokens": sum(len(s.completion_ids) for s in samples) / len(samples),
                        "truncated_completions": sum(s.finish_reason == "length" for s in samples) / len(samples),
-                       "grader_errors": errors, "samples_per_s": len(samples) / step_s}
+                       "grader_errors": errors, "samples_per_s": len(samples) / step_s,
+                       "sampling_s": sampling_s, "grading_s": grading_s}
                 for s in samples:
                     samples_fh.write(json.dumps({"step": step, "line": s.line, "text": s.text, "reward": s.reward,
                                                  "advantage": s.advantage, "errors": s.errors,

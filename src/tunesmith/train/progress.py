@@ -19,12 +19,13 @@ DPO_METRIC_KEYS = ("rewards_chosen", "rewards_rejected", "reward_margin", "rewar
                    "valid_reward_accuracy", "valid_reward_margin")
 """Added for --method dpo (see train.preference and docs/training.md)."""
 RFT_METRIC_KEYS = ("reward_mean", "reward_std", "zero_variance_groups", "kl", "completion_tokens",
-                   "truncated_completions", "grader_errors", "valid_reward", "samples_per_s")
+                   "truncated_completions", "grader_errors", "valid_reward", "samples_per_s", "sampling_s", "grading_s")
 """Added for --method reinforcement (see reinforce/ and docs/rft.md): the sampled answers' mean
 reward and its spread, the share of prompt groups whose answers all scored the same (they teach
 nothing), KL to the base, mean answer length in tokens, the share of answers cut at
 --max-completion-tokens, answers the grader could not score, the held-out reward (every
---eval-every-steps and at the end), sampled answers per second."""
+--eval-every-steps and at the end), sampled answers per second, and the seconds of the step spent
+sampling and grading (the rest is the update)."""
 
 
 def say(message: str) -> None:
