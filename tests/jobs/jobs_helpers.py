@@ -39,6 +39,18 @@ def write_chat_jsonl(path: Path, n: int = 12, bad_lines: dict[int, str] | None =
     return path
 
 
+def upload(live: Live, path: Path) -> Any:
+    """Upload a training or validation file with the official client."""
+    with open(path, "rb") as fh:
+        return live.client.files.create(file=fh, purpose="fine-tune")
+
+
+def finished(live: Live, job_id: str) -> Any:
+    """The job once it has ended (succeeded, failed or cancelled), else None (for wait_for)."""
+    job = live.client.fine_tuning.jobs.retrieve(job_id)
+    return job if job.status in ("succeeded", "failed", "cancelled") else None
+
+
 def wait_for(predicate: Callable[[], Any], timeout_s: float = 120, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -10,7 +10,9 @@ import random
 
 import pytest
 
+from jobs_helpers import finished as _finished
 from jobs_helpers import jobs_server, wait_for  # noqa: F401 (jobs_server is a fixture)
+from jobs_helpers import upload as _upload
 
 pytest.importorskip("tunesmith.reinforce.run", reason="reinforcement fine-tuning is not installed")
 
@@ -28,15 +30,6 @@ def write_prompts(path, n=12, seed=0):
             for i in range(n)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
-
-
-def _upload(live, path):
-    return live.client.files.create(file=open(path, "rb"), purpose="fine-tune")
-
-
-def _finished(live, job_id):
-    job = live.client.fine_tuning.jobs.retrieve(job_id)
-    return job if job.status in ("succeeded", "failed", "cancelled") else None
 
 
 def _metrics_events(live, job_id):

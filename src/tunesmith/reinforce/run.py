@@ -85,11 +85,7 @@ def train_rft(cfg: TrainConfig, progress: bool = True) -> RunResult:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError("--method reinforcement trains in one process; drop --nproc")
     out = Path(cfg.resume or cfg.out or default_out(cfg))
-    resume_from = ck.latest_checkpoint(out) if cfg.resume else None
-    if cfg.resume and resume_from is None:
-        raise ck.TrainingError(f"--resume {out}: the run has no checkpoint yet; start it again without --resume")
-    if not cfg.resume and ck.latest_checkpoint(out) is not None:
-        raise ck.TrainingError(f"run directory {out} already holds checkpoints; continue it with --resume {out} or pick another --out")
+    resume_from = ck.resume_point(out, bool(cfg.resume))
     grader = load_grader(cfg.grader)
     ref = resolve_model(cfg.model)
     base_identity = identity(ref)
