@@ -153,26 +153,30 @@ def test_resume_from_a_checkpoint_continues_identically(tiny_model_dir, tmp_path
 
 
 def test_bad_settings_are_one_sentence_each(tiny_model_dir, tmp_path):
+    from tunesmith.data.prompts import read_prompt_rows
+    from tunesmith.errors import ConfigError
+    from tunesmith.graders.files import load_grader
+    from tunesmith.graders.types import GraderError
+    from tunesmith.train.config import build_config
+
     data = write_prompts(tmp_path / "p.jsonl")
-
-    def run(*args):
-        return subprocess.run([*TUNESMITH, "train", "--model", str(tiny_model_dir), "--data", str(data), *args],
-                              capture_output=True, text=True, timeout=120)
-
-    proc = run("--method", "reinforcement")
+    proc = subprocess.run([*TUNESMITH, "train", "--model", str(tiny_model_dir), "--data", str(data),
+                           "--method", "reinforcement"], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "needs --grader" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run("--group-size", "3")
-    assert proc.returncode != 0 and "'group_size' applies to --method reinforcement only" in proc.stderr
+    with pytest.raises(ConfigError, match="'group_size' applies to --method reinforcement only"):
+        build_config({"data": str(data), "group_size": 3})
+    with pytest.raises(ConfigError, match="'group_size' must be at least 2"):
+        build_config({"data": str(data), "method": "reinforcement", "grader": "g.json", "group_size": 1})
     bad = write_grader(tmp_path / "bad.json", {**LABEL_GRADER, "operation": "contains"})
-    proc = run("--method", "reinforcement", "--grader", str(bad))
-    assert proc.returncode != 0 and "operation" in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(GraderError) as err:
+        load_grader(bad)
+    assert err.value.param == "grader.operation" and str(bad) in str(err.value)
     answered = tmp_path / "answered.jsonl"
     answered.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
-                                                 {"role": "assistant", "content": "x"}]}) + "\n")
-    proc = subprocess.run([*TUNESMITH, "train", "--model", str(tiny_model_dir), "--data", str(answered),
-                           "--method", "reinforcement", "--grader", str(write_grader(tmp_path / "g.json", LABEL_GRADER))],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "line 1" in proc.stderr and "ends where the model answers" in proc.stderr
+                                                 {"role": "assistant", "content": "x"}]}) + "\n" + "[1]\n")
+    rows_, problems = read_prompt_rows(answered)
+    assert rows_ == [] and [(p.line, p.code) for p in problems] == [(1, "ends_with_answer"), (2, "not_an_object")]
+    assert "ends where the model answers" in problems[0].message
 
 
 def test_sigterm_saves_the_last_finished_step_and_resume_finishes_the_run(tiny_model_dir, tmp_path):
