@@ -55,6 +55,7 @@ def test_a_reinforcement_job_with_a_multi_grader_reports_rewards(jobs_server, tm
     for job, grader in zip(created, (multi,)):
         job = wait_for(lambda: _finished(live, job.id), 300, "the reinforcement job to finish")
         assert job.status == "succeeded", job.error
+        assert job.trained_tokens and job.trained_tokens > 3 * 4 * 2  # 3 steps of 4 prompts x 2 answers
         hp = job.method.reinforcement.hyperparameters
         assert hp.group_size == 2 and hp.batch_size == 4 and hp.n_epochs == 1 and hp.kl_coef == 0.0
         steps = _metrics_events(live, job.id)

@@ -115,7 +115,10 @@ def has_checkpoint(run_dir: Path) -> bool:
 
 
 def trained_tokens(run: dict[str, Any]) -> int | None:
-    """Tokens seen in training: tokens per epoch times the epochs actually run."""
+    """Tokens seen in training: tokens per epoch times the epochs actually run (a reinforcement
+    run counts its sampled sequences itself: metrics.trained_tokens)."""
+    if (run.get("metrics") or {}).get("trained_tokens") is not None:
+        return int(run["metrics"]["trained_tokens"])
     train = (run.get("data") or {}).get("train") or {}
     resolved = run.get("resolved") or {}
     steps = (run.get("metrics") or {}).get("steps")

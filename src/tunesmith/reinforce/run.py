@@ -123,13 +123,14 @@ def train_rft(cfg: TrainConfig, progress: bool = True) -> RunResult:
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     for p in params:
         p.grad = torch.zeros_like(p)
-    start_step, elapsed_before = 0, 0.0
+    start_step, elapsed_before, tokens_trained = 0, 0.0, 0
     if resume_from is not None:
         check_base(resume_from, base_identity)
         ck.load_weights(model, resume_from, cfg.method)
         ck.load_optimizer(optimizer, names, resume_from)
         state = ck.read_state(resume_from)
         start_step, elapsed_before = state["step"], state.get("elapsed", 0.0)
+        tokens_trained = state.get("trained_tokens", 0)
         say(f"resuming {out} from {resume_from.name} (epoch {state['epoch']:.2f})")
     engine = LocalEngine(LoadedModel(model, tokenizer, ref.name, "base", base_identity), precision=precision,
                          max_batch_rows=max(answers_per_step, 1))
@@ -181,6 +182,7 @@ def train_rft(cfg: TrainConfig, progress: bool = True) -> RunResult:
         nonlocal saved_step
         state = {"epoch": step / spe, "data_position": {"epoch": step // spe, "step_in_epoch": step % spe},
                  "elapsed": row.get("elapsed", elapsed_before), "seed": cfg.seed, "world_size": 1,
+                 "trained_tokens": tokens_trained,
                  "rng": "sampling seeds derive from (seed, step, answer): reinforce.run.sample_seed; data order "
                         "from (seed, step); rng.safetensors is the torch state at save"}
         ck.save_checkpoint(out, step, model, optimizer, names, state, meta)
@@ -218,6 +220,8 @@ def train_rft(cfg: TrainConfig, progress: bool = True) -> RunResult:
                                            f"lower --learning-rate (now {cfg.lr:g}) and start again")
                 step += 1
                 step_s = time.perf_counter() - t0
+                # what the job reports as trained_tokens: every sequence (prompt and answer) per update
+                tokens_trained += cfg.policy_updates * sum(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
                 mean = sum(rewards) / len(rewards)
                 row = {"step": step, "epoch": step / spe, "train_loss": loss, "lr": lr, "grad_norm": grad_norm,
                        "tokens_per_s": trained / step_s, "elapsed": elapsed_before + time.perf_counter() - t_run,
@@ -262,7 +266,8 @@ def train_rft(cfg: TrainConfig, progress: bool = True) -> RunResult:
     # last adapter, not a best-by-metric one) and the final metrics.
     adapter_dir = ck.publish_adapter(out, checkpoint_dir(out, step))
     final = {k: row.get(k) for k in ("train_loss", "reward_mean", "valid_reward", "kl")}
-    final.update({"steps": step, "stopped": "finished", "adapter": str(adapter_dir), "adapter_step": step,
+    final.update({"steps": step, "stopped": "finished", "trained_tokens": tokens_trained,
+                  "adapter": str(adapter_dir), "adapter_step": step,
                   "train_time_s": row.get("elapsed")})
     run_info.update({"status": "finished", "metrics": final})
     _write_json(out / RUN_FILE, run_info)
