@@ -122,6 +122,10 @@ def test_cli_trains_against_python_and_multi_graders_and_logs_what_graders_run_g
     assert run["status"] == "finished" and run["config"]["group_size"] == 3
     assert run["resolved"]["grader"]["type"] == "multi"
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    from tunesmith.evaluate.report import build_report
+
+    html = build_report(out).read_text()
+    assert "held-out reward" in html and "training reward" in html  # the report plots the reward curves
 
 
 def test_resume_from_a_checkpoint_continues_identically(tiny_model_dir, tmp_path):
