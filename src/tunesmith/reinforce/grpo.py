@@ -75,7 +75,7 @@ def group_advantages(rewards: Sequence[float], group_size: int) -> tuple[list[fl
 
 def collate_samples(samples: Sequence[Sample], packing: bool, pad_id: int, device: Any = "cpu") -> dict[str, Any]:
     """One forward pass over the answers (prompt + answer each), laid out as SFT examples
-    (train.data.collate, with a group's shared prompt computed once when packed), plus
+    (train.data.collate; packed, the answers' common beginning is computed once), plus
     `sequence`: the answer each position belongs to, and `advantages` per answer."""
     import torch
 
