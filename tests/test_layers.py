@@ -9,6 +9,8 @@ Floors (docs/architecture.md explains each package's role):
     3  generate | train                 the one engine | the training loop (never each other)
     4  evaluate | distill               metrics, reports, strategies | teacher data (never each
                                         other; both generate through generate/, never train)
+       reinforce                        reinforcement fine-tuning: train/'s loop pieces, sampling
+                                        through generate/, rewards from graders/
     5  flows                            the only library code that chains stages
     6  jobs                             queue, worker, job evaluation
     7  serve, dashboard                 HTTP (the only fastapi) | the dashboard's static pages,
@@ -37,13 +39,14 @@ FLOORS = {
     "models": 1,
     "data": 2, "graders": 2,
     "generate": 3, "train": 3,
-    "evaluate": 4, "distill": 4,
+    "evaluate": 4, "distill": 4, "reinforce": 4,
     "flows": 5,
     "jobs": 6,
     "serve": 7, "dashboard": 7,
     "cli": 8, "__main__": 8,
 }
-SIBLINGS_APART = [{"generate", "train"}, {"evaluate", "distill"}, {"data", "graders"}]
+SIBLINGS_APART = [{"generate", "train"}, {"evaluate", "distill"}, {"data", "graders"},
+                  {"reinforce", "evaluate"}, {"reinforce", "distill"}]
 """Packages on the same floor that must not import each other."""
 NEVER = {"evaluate": "train", "distill": "train", "dashboard": "serve"}
 """Packages a package must not use although its floor allows it: evaluation and

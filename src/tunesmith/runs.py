@@ -5,6 +5,7 @@
     RUN/
         run.json                         config, resolved plan, base model, data, final metrics
         metrics.jsonl                    one row per logged step (loss, lr, tokens/s, ...)
+        samples.jsonl                    reinforcement: every sampled answer, its reward and grader errors
         tracking.json                    with --report-to: each tracker's run id, and any that failed
         tensorboard/, wandb/             with --report-to tensorboard, wandb: the trackers' own files
         checkpoints/
@@ -41,6 +42,8 @@ from typing import Any
 # --- the run directory
 RUN_FILE = "run.json"
 TRAIN_METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
+"""Reinforcement fine-tuning: one row per sampled answer (step, prompt line, text, reward, errors)."""
 TRACKING_FILE = "tracking.json"
 """The trackers a run reports to (--report-to): {"runs": {tracker: run id}, "failed": {tracker: message}}."""
 CHECKPOINTS_DIR = "checkpoints"

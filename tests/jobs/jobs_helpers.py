@@ -39,6 +39,18 @@ def write_chat_jsonl(path: Path, n: int = 12, bad_lines: dict[int, str] | None =
     return path
 
 
+def upload(live: Live, path: Path) -> Any:
+    """Upload a training or validation file with the official client."""
+    with open(path, "rb") as fh:
+        return live.client.files.create(file=fh, purpose="fine-tune")
+
+
+def finished(live: Live, job_id: str) -> Any:
+    """The job once it has ended (succeeded, failed or cancelled), else None (for wait_for)."""
+    job = live.client.fine_tuning.jobs.retrieve(job_id)
+    return job if job.status in ("succeeded", "failed", "cancelled") else None
+
+
 def wait_for(predicate: Callable[[], Any], timeout_s: float = 120, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -82,11 +94,12 @@ def jobs_server(_isolated_home, tmp_path_factory):
 
     def make(workers: int = 1, max_upload_bytes: int = 10_000_000, lease_s: float = 5.0,
              db: str | None = None, engine: Any = None, app_factory: Callable[[Any], Any] | None = None,
-             leakage_error: bool = False, executor: Any = None) -> Live:
+             leakage_error: bool = False, executor: Any = None, allow_python_graders: bool = False) -> Live:
         store = open_store(db)
         # Jobs name the tiny model by its folder among pytest's temporary ones: allowed.
         service = JobsService(store, workers=workers, engine=engine, max_upload_bytes=max_upload_bytes,
                               path_roots=(store.storage_root, tmp_path_factory.getbasetemp()),
+                              allow_python_graders=allow_python_graders,
                               worker_config=WorkerConfig(poll_interval_s=0.3, lease_s=lease_s, stop_timeout_s=20,
                                                          leakage_error=leakage_error,
                                                          **({"executor": executor} if executor else {})))

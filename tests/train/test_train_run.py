@@ -147,7 +147,7 @@ def test_init_adapter_continues_an_adapter_with_more_sft(tiny_model_dir, chat_fi
         load_file(str(still.adapter_dir / "adapter_model.safetensors"))
     assert set(got) == set(want) and max((got[k] - want[k]).abs().max().item() for k in want) < 1e-6
 
-    with pytest.raises(ConfigError, match=r"'init_adapter' applies to --method lora and dpo only.*\(got 'runs/sft'\)"):
+    with pytest.raises(ConfigError, match=r"'init_adapter' applies to --method lora, dpo and reinforcement only.*\(got 'runs/sft'\)"):
         build_config({"data": "x.jsonl", "method": "full", "init_adapter": "runs/sft"})
 
 

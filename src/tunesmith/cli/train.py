@@ -85,17 +85,19 @@ def train_cmd(**options) -> None:
 
     tunesmith train --data train.jsonl --out runs/first; options come from -c run.yaml too (flags win).
     """
+    from tunesmith.reinforce.run import train_rft
     from tunesmith.train.command import run_train_command
 
+    trainers = {"reinforcement": train_rft}
     ray = {k: options.pop(k) for k in ("ray_address", "ray_workers", "ray_gpus_per_worker", "ray_storage")}
     if ray["ray_address"] is None:
-        run_train_command(options)
+        run_train_command(options, trainers=trainers)
         return
     from tunesmith.jobs.ray_executor import RayPlacement, train_on_ray
 
     placement = RayPlacement(address=ray["ray_address"], n_workers=ray["ray_workers"],
                              gpus_per_worker=ray["ray_gpus_per_worker"], storage=ray["ray_storage"])
-    run_train_command(options, runner=lambda cfg: train_on_ray(cfg, placement))
+    run_train_command(options, runner=lambda cfg: train_on_ray(cfg, placement), trainers=trainers)
 
 
 train_cmd.__signature__ = train_signature()  # typer reads the options from the signature

@@ -170,8 +170,17 @@ def _training_section(rows: list[dict[str, Any]], run: dict[str, Any] | None) ->
         out.append(line_chart(series, x_label="step", y_label="loss"))
     else:
         out.append("<p>metrics.jsonl holds no loss values yet.</p>")
+    rewards = {}  # a reinforcement run: the grader's rewards (docs/rft.md)
+    for key, label in (("reward_mean", "training reward"), ("valid_reward", "held-out reward"),
+                       ("zero_variance_groups", "zero-variance groups")):
+        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and "step" in r]
+        if pts:
+            rewards[label] = pts
+    if rewards:
+        out.append(line_chart(rewards, x_label="step", y_label="reward"))
     last = rows[-1] if rows else {}
-    facts = {k: last[k] for k in ("step", "epoch", "train_loss", "valid_loss", "token_accuracy", "tokens_per_s", "elapsed") if k in last}
+    facts = {k: last[k] for k in ("step", "epoch", "train_loss", "valid_loss", "token_accuracy", "reward_mean",
+                                  "valid_reward", "tokens_per_s", "elapsed") if k in last}
     if isinstance(run, dict):
         cfg = run.get("config", run)
         if isinstance(cfg, dict):

@@ -21,6 +21,7 @@ print(e.generate(e.render_chat([{'role': 'user', 'content': 'Hi'}]), e.base_id, 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -358,10 +359,12 @@ class LocalEngine:
 
     def generate_batch(
         self, prompt_ids: Sequence[list[int]], model: str, params: SamplingParams,
-        on_done: Callable[[int], None] | None = None,
+        on_done: Callable[[int], None] | None = None, seeds: Sequence[int] | None = None,
     ) -> list[Completion]:
         """Generate every prompt with `params` and wait for all (eval's greedy batch is this
-        at temperature 0); results in the prompts' order.
+        at temperature 0); results in the prompts' order. `seeds`: one sampling seed per
+        prompt (reproducible rows that differ from each other, e.g. a group of answers to
+        the same prompt), instead of params.seed for all.
 
         Rows are queued shortest first, so rows decoded together need little padding; when
         all share at least MIN_SHARED_PREFIX leading tokens, those are prefilled once and each
@@ -384,7 +387,9 @@ class LocalEngine:
             return on_event
 
         order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
-        seqs = [self._new_seq(prompt_ids[i], model, params, collect(i), template, prefix) for i in order]
+        row_params = ([dataclasses.replace(params, seed=seeds[i]) for i in range(len(prompt_ids))] if seeds is not None
+                      else [params] * len(prompt_ids))
+        seqs = [self._new_seq(prompt_ids[i], model, row_params[i], collect(i), template, prefix) for i in order]
         ends: dict[int, Event] = {}
         try:
             self._enqueue(seqs)
@@ -399,8 +404,9 @@ class LocalEngine:
             for s in seqs:  # on an error or Ctrl-C: free the rows still queued or running
                 s.handle.cancel()
         latency_s = (time.perf_counter() - t0) / len(seqs)
+        sampled = {i: tuple(s.out_ids) for i, s in zip(order, seqs)}
         return [Completion("".join(parts[i]), ends[i].finish_reason or "stop", ends[i].prompt_tokens,
-                           ends[i].completion_tokens, latency_s) for i in range(len(seqs))]
+                           ends[i].completion_tokens, latency_s, sampled[i]) for i in range(len(seqs))]
 
     def generate(self, prompt_ids: list[int], model: str, params: SamplingParams) -> tuple[str, str, int]:
         """Blocking helper for one prompt: (text, finish_reason, completion_tokens)."""

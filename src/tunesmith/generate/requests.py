@@ -61,6 +61,9 @@ class Completion:
     completion_tokens: int
     latency_s: float
     """Wall time of the whole batch divided by its rows (amortised: rows run together)."""
+    token_ids: tuple[int, ...] = ()
+    """The tokens sampled, the end-of-turn token included when the answer ended with it
+    (what reinforcement fine-tuning trains on: re-tokenizing the text need not give them back)."""
 
 
 @dataclass

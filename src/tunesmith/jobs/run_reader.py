@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.runs import TRAIN_METRICS_FILE, list_checkpoints, read_run_json
-from tunesmith.train.progress import DPO_METRIC_KEYS
+from tunesmith.train.progress import DPO_METRIC_KEYS, RFT_METRIC_KEYS
 
 METRICS_CSV_FIELDS = ("step", "epoch", "train_loss", "train_accuracy", "valid_loss",
                       "valid_mean_token_accuracy", "learning_rate", "tokens_per_s", "elapsed_s")
@@ -92,10 +92,11 @@ class MetricsTail:
 
 
 def metrics_csv(run_dir: Path) -> bytes:
-    """The run's metrics as OpenAI's step-metrics CSV (a job's result file), with a dpo run's
-    reward metrics in extra columns after OpenAI's."""
+    """The run's metrics as OpenAI's step-metrics CSV (a job's result file), with a dpo or
+    reinforcement run's reward metrics in extra columns after OpenAI's."""
     rows = MetricsTail(Path(run_dir) / TRAIN_METRICS_FILE).new_rows()
-    dpo = DPO_METRIC_KEYS if any("reward_accuracy" in row for row in rows) else ()
+    dpo = (DPO_METRIC_KEYS if any("reward_accuracy" in row for row in rows)
+           else RFT_METRIC_KEYS if any("reward_mean" in row for row in rows) else ())
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(METRICS_CSV_FIELDS + dpo)
@@ -114,7 +115,10 @@ def has_checkpoint(run_dir: Path) -> bool:
 
 
 def trained_tokens(run: dict[str, Any]) -> int | None:
-    """Tokens seen in training: tokens per epoch times the epochs actually run."""
+    """Tokens seen in training: tokens per epoch times the epochs actually run (a reinforcement
+    run counts its sampled sequences itself: metrics.trained_tokens)."""
+    if (run.get("metrics") or {}).get("trained_tokens") is not None:
+        return int(run["metrics"]["trained_tokens"])
     train = (run.get("data") or {}).get("train") or {}
     resolved = run.get("resolved") or {}
     steps = (run.get("metrics") or {}).get("steps")

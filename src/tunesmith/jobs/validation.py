@@ -16,6 +16,7 @@ from tunesmith.data.audit import audit_data
 from tunesmith.data.example import ColumnMapping
 from tunesmith.data.formats import read_data
 from tunesmith.data.near_duplicates import require_audit_packages
+from tunesmith.data.prompts import PROMPTS_FORMAT, read_prompt_rows
 from tunesmith.data.validate import validate_data
 from tunesmith.errors import TunesmithError, UsageError
 
@@ -121,11 +122,28 @@ def audit_problems(path: Path, validation: str | Path | None) -> tuple[list[dict
                       "data, and writes a cleaned copy")
 
 
+def check_prompt_file(path: str | Path, min_examples: int = 1) -> FileCheck:
+    """A reinforcement job's file: prompt rows (data.prompts), each line's problems with its number."""
+    try:
+        rows, problems = read_prompt_rows(path)
+    except TunesmithError as exc:
+        return FileCheck(errors=[{"line": 0, "field": "", "code": "unreadable_file", "message": str(exc)}])
+    check = FileCheck(examples=len(rows), errors=[p.to_dict() for p in problems], format=PROMPTS_FORMAT)
+    if check.ok and check.examples < min_examples:
+        check.errors.append({"line": 0, "field": "", "code": "too_few_examples",
+                             "message": f"the file holds {check.examples} prompt(s); this needs at least {min_examples}"})
+    return check
+
+
 def _parse_only(path: Path) -> FileCheck:
     try:
         result = read_data(path)
     except TunesmithError as exc:
         return FileCheck(errors=[{"line": 0, "field": "", "code": "unreadable_file", "message": str(exc)}])
+    if result.errors and result.format == "chat":  # rows with fields beside messages: a reinforcement file?
+        prompts = check_prompt_file(path)
+        if prompts.ok:
+            return prompts
     if result.format not in ("chat", "prompt_completion", "alpaca", PAIR_FORMAT):
         return FileCheck(errors=[{
             "line": 0, "field": "", "code": "unsupported_format",
@@ -142,6 +160,9 @@ def _parse_only(path: Path) -> FileCheck:
 
 def method_mismatch(check: FileCheck, method: str) -> str | None:
     """Why a file of this format cannot train a job of this method type, or None."""
+    if check.format == PROMPTS_FORMAT and method != "reinforcement":
+        return ("it holds prompts without answers (and fields for a grader), which only reinforcement fine-tuning "
+                "can use; create the job with method {\"type\": \"reinforcement\"} and a grader")
     if check.format is None or (check.format == PAIR_FORMAT) == (method == "dpo"):
         return None
     if method == "dpo":

@@ -40,7 +40,7 @@ from tunesmith.jobs.evaluation_stage import SUMMARY_FILE, summary_sentence
 from tunesmith.jobs.ray_executor import RAY_MISSING, ray_available
 from tunesmith.jobs.run_reader import MetricsTail, has_checkpoint, last_error, metrics_csv, trained_tokens
 from tunesmith.jobs.store import JobStore, new_id
-from tunesmith.jobs.validation import AUDIT_CHECKS, MIN_EXAMPLES, check_file, method_mismatch
+from tunesmith.jobs.validation import AUDIT_CHECKS, MIN_EXAMPLES, check_file, check_prompt_file, method_mismatch
 from tunesmith.runs import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_DIR,
@@ -53,8 +53,8 @@ from tunesmith.runs import (
     read_run_json,
 )
 from tunesmith.tracking.sinks import read_tracking_file
-from tunesmith.train.config import DEFAULT_BETA, DEFAULT_LEARNING_RATE
-from tunesmith.train.progress import DPO_METRIC_KEYS
+from tunesmith.train.config import DEFAULT_BETA, DEFAULT_GROUP_SIZE, DEFAULT_LEARNING_RATE, RL_DEFAULTS
+from tunesmith.train.progress import DPO_METRIC_KEYS, RFT_METRIC_KEYS
 
 ModelReady = Callable[[str, Path], None]
 """Called with (model name, adapter directory) when a model (or checkpoint) is published."""
@@ -97,11 +97,18 @@ class WorkerConfig:
     """After SIGTERM, how long the trainer may take to save its checkpoint before SIGKILL."""
     save_every_steps: int | None = None
     """Checkpoint interval; default once per epoch (as hosted fine-tuning does)."""
+    judge_api_key: str | None = None
+    """The key reinforcement jobs' score_model and label_model graders present to this server
+    (its own API key), given to the trainer in its environment, never on its command line."""
     leakage_error: bool = False
     """A training row that repeats a validation row (exactly, or as a near duplicate) fails the
     job in validating_files, instead of a warning event."""
     executor: Executor = field(default_factory=lambda: Executor())
     """Where training runs: child processes here, or a Ray Train job (jobs/ray_executor.py)."""
+
+
+GRADER_FILE = "grader.json"
+"""JOB/grader.json: a reinforcement job's grader, as the trainer's --grader."""
 
 
 def job_dir(store: JobStore, job_id: str) -> Path:
@@ -194,10 +201,17 @@ class Worker:
             columns = ColumnMapping(overrides.get("input_column", "text"), overrides.get("output_column"),
                                     overrides.get("system")) if overrides.get("output_column") else None
             try:
-                check = self._heartbeating(job["id"], check_file, self.store.storage_root / row["path"], model=base,
-                                           min_examples=MIN_EXAMPLES if param == "training_file" else 1,
-                                           validation=against, leakage_error=self.config.leakage_error,
-                                           columns=columns)
+                if job["method"]["type"] == "reinforcement":  # prompt rows, the item fields beside them
+                    check = check_prompt_file(self.store.storage_root / row["path"],
+                                              MIN_EXAMPLES if param == "training_file" else 1)
+                else:
+                    check = self._heartbeating(job["id"], check_file, self.store.storage_root / row["path"],
+                                               model=base, min_examples=MIN_EXAMPLES if param == "training_file" else 1,
+                                               validation=against, leakage_error=self.config.leakage_error,
+                                               columns=columns)
+                    if not check.ok:  # a reinforcement file given to another method: say which method takes it
+                        prompts = check_prompt_file(self.store.storage_root / row["path"])
+                        check = prompts if prompts.ok else check
             except TunesmithError as exc:  # e.g. the model is gone, or the file cannot be read at all
                 self._fail(job["id"], f"invalid_{param}", f"{param} {file_id}: {exc}", param)
                 return
@@ -224,12 +238,13 @@ class Worker:
                 n_train = check.examples
         method = _resolve_hyperparameters(job["method"], n_train)
         hp = method[method["type"]]["hyperparameters"]
-        what = "preference pairs" if method["type"] == "dpo" else "examples"
+        what = {"dpo": "preference pairs", "reinforcement": "prompts"}.get(method["type"], "examples")
+        shown = ("beta", "group_size", "kl_coef", "max_completion_tokens", "temperature")
         self.store.transition(
             job["id"], ["validating_files"], "queued",
             f"Files validated: {n_train} training {what}; n_epochs={hp['n_epochs']}, "
             f"batch_size={hp['batch_size']}, learning_rate_multiplier={hp['learning_rate_multiplier']}"
-            + (f", beta={hp['beta']}" if "beta" in hp else ""),
+            + "".join(f", {k}={hp[k]}" for k in shown if k in hp),
             method=method, worker_id=None, heartbeat_at=None,
         )
 
@@ -286,7 +301,8 @@ class Worker:
             if outcome == "finished" and rc != 0:
                 self._fail(job_id, "training_failed", last_error(root / "train.log", rc))
                 return
-            if outcome == "finished" and job["validation_file"]:
+            # A reinforcement job measured its held-out reward while training (metrics events).
+            if outcome == "finished" and job["validation_file"] and job["method"]["type"] != "reinforcement":
                 outcome, evaluation = self._evaluate(job, run_dir, root, lock_fd, stop)
         finally:
             os.close(lock_fd)
@@ -365,6 +381,15 @@ class Worker:
             cmd += ["--validation", str(self.store.storage_root / valid_file["path"])]
         if kind == "dpo":
             cmd += ["--method", "dpo", "--beta", repr(float(hp["beta"]))]
+        if kind == "reinforcement":
+            grader = run_dir.parent / GRADER_FILE
+            write_atomically(grader, json.dumps(job["method"][kind]["grader"]) + "\n")
+            cmd += ["--method", "reinforcement", "--grader", str(grader), "--group-size", str(hp["group_size"]),
+                    "--kl-coef", repr(float(hp["kl_coef"])), "--temperature", repr(float(hp["temperature"])),
+                    "--max-completion-tokens", str(hp["max_completion_tokens"]),
+                    "--eval-samples", str(hp["eval_samples"])]
+            if job["method"][kind].get("judge_base_url"):
+                cmd += ["--judge-base-url", job["method"][kind]["judge_base_url"]]
         if init_adapter is not None:  # the job continues an earlier job's fine-tuned model
             cmd += ["--init-adapter", str(init_adapter)]
         if hp["learning_rate_multiplier"] != 1.0:
@@ -373,8 +398,8 @@ class Worker:
         every = self.config.save_every_steps or hp.get("steps_per_epoch")
         if every:
             cmd += ["--save-every-steps", str(every)]
-            if job["validation_file"]:  # so every checkpoint carries validation metrics
-                cmd += ["--eval-every-steps", str(every)]
+        if job["validation_file"] and (hp.get("eval_interval") or every):  # every checkpoint with validation metrics
+            cmd += ["--eval-every-steps", str(hp.get("eval_interval") or every)]
         return _with_overrides(cmd, job.get("overrides"), run_dir.parent)
 
     def _run_child(self, job_id: str, cmd: list[str], log_path: Path, lock_fd: int, stop: threading.Event,
@@ -386,6 +411,8 @@ class Worker:
         `tick` runs every poll (and once after the child ends) to publish its progress.
         """
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        if self.config.judge_api_key:  # a reinforcement job's judges ask this server
+            env["OPENAI_API_KEY"] = self.config.judge_api_key
         with open(log_path, "ab") as log_fh:
             log_fh.write(f"\n$ {' '.join(cmd)}\n".encode())
             log_fh.flush()
@@ -440,13 +467,18 @@ class Worker:
                 parts.append(f"validation token accuracy={row['token_accuracy']:.3f}")
             if row.get("reward_accuracy") is not None:  # a dpo job
                 parts.append(f"reward accuracy={row['reward_accuracy']:.3f}, reward margin={row['reward_margin']:.4f}")
+            if row.get("reward_mean") is not None:  # a reinforcement job
+                parts.append(f"reward={row['reward_mean']:.4f} (std {row['reward_std']:.4f}), "
+                             f"answer length={row['completion_tokens']:.1f}, grader errors={row['grader_errors']}")
+            if row.get("valid_reward") is not None:
+                parts.append(f"held-out reward={row['valid_reward']:.4f}")
             if row.get("valid_reward_accuracy") is not None:
                 parts.append(f"validation reward accuracy={row['valid_reward_accuracy']:.3f}")
             # The trainer's token_accuracy is measured on the validation set, with valid_loss.
             data = {"step": step, "total_steps": total, "train_loss": row.get("train_loss"),
                     "valid_loss": row.get("valid_loss"), "valid_mean_token_accuracy": row.get("token_accuracy"),
                     "epoch": row.get("epoch"), "learning_rate": row.get("lr"), "tokens_per_s": row.get("tokens_per_s")}
-            data.update({k: row[k] for k in DPO_METRIC_KEYS if row.get(k) is not None})
+            data.update({k: row[k] for k in DPO_METRIC_KEYS + RFT_METRIC_KEYS if row.get(k) is not None})
             self.store.add_event(job["id"], ", ".join(parts), type="metrics", data=data)
         for tracker, message in read_tracking_file(run_dir).get("failed", {}).items():
             if tracker not in warned:
@@ -623,13 +655,23 @@ def _resolve_hyperparameters(method: dict[str, Any], n_examples: int) -> dict[st
     kind = method["type"]
     hp = dict(method[kind]["hyperparameters"])
     if hp.get("n_epochs", "auto") == "auto":
-        hp["n_epochs"] = auto_epochs(n_examples)
+        hp["n_epochs"] = 1 if kind == "reinforcement" else auto_epochs(n_examples)
     if hp.get("batch_size", "auto") == "auto":
         hp["batch_size"] = max(1, min(16, n_examples // 10 or 1))
     if hp.get("learning_rate_multiplier", "auto") == "auto":
         hp["learning_rate_multiplier"] = 1.0
     if kind == "dpo" and hp.get("beta", "auto") == "auto":
         hp["beta"] = DEFAULT_BETA
+    if kind == "reinforcement":  # OpenAI's compute_multiplier scales the answers sampled per prompt
+        if hp.get("compute_multiplier", "auto") == "auto":
+            hp["compute_multiplier"] = 1.0
+        if hp.get("group_size", "auto") == "auto":
+            hp["group_size"] = max(2, round(DEFAULT_GROUP_SIZE * float(hp["compute_multiplier"])))
+        for key in ("kl_coef", "max_completion_tokens", "temperature", "eval_samples"):
+            if hp.get(key, "auto") == "auto":
+                hp[key] = RL_DEFAULTS[key]
+        if hp.get("eval_interval", "auto") == "auto":
+            hp["eval_interval"] = max(1, -(-n_examples // int(hp["batch_size"])))
     hp["steps_per_epoch"] = max(1, -(-n_examples // int(hp["batch_size"])))
     return {**method, kind: {**method[kind], "hyperparameters": hp}}
 
@@ -637,7 +679,7 @@ def _resolve_hyperparameters(method: dict[str, Any], n_examples: int) -> dict[st
 def _default_learning_rate(kind: str = "supervised") -> float:
     """The learning rate `tunesmith train` uses by default for the job's method (multiplier 1.0):
     LoRA for supervised jobs, LoRA DPO for dpo jobs."""
-    return DEFAULT_LEARNING_RATE["dpo" if kind == "dpo" else "lora"]
+    return DEFAULT_LEARNING_RATE[kind if kind in ("dpo", "reinforcement") else "lora"]
 
 
 _PR_SET_PDEATHSIG = 1

@@ -28,11 +28,14 @@ from fastapi.responses import FileResponse
 from tunesmith.data.validate import validate_data
 from tunesmith.errors import TunesmithError, UsageError
 from tunesmith.generate.engine import ADAPTER_NAME
+from tunesmith.graders.run import validate_grader
+from tunesmith.graders.types import GraderError, parse_grader
 from tunesmith.jobs.store import ACTIVE, JobStore, new_id, open_store
 from tunesmith.jobs.validation import audit_problems, check_file
 from tunesmith.jobs.worker import Executor, Worker, WorkerConfig, ft_model_name
 from tunesmith.models.registry import REGISTRY, resolve_model
 from tunesmith.serve.errors import APIError, KeyGate, add_error_handlers, require_api_key
+from tunesmith.serve.graders_api import own_endpoint, refuse_python
 from tunesmith.serve.jobs_protocol import (
     DpoHyperparameters,
     Hyperparameters,
@@ -112,8 +115,11 @@ class JobsService:
 
     def __init__(self, store: JobStore, workers: int = 1, worker_config: WorkerConfig = WorkerConfig(),
                  engine: Any | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-                 log: Callable[[str], None] | None = None, path_roots: Sequence[Path] | None = None):
+                 log: Callable[[str], None] | None = None, path_roots: Sequence[Path] | None = None,
+                 allow_python_graders: bool = False):
         self.store = store
+        self.allow_python_graders = allow_python_graders
+        """Whether reinforcement jobs may use python graders (tunesmith serve --allow-python-graders)."""
         self.path_roots = tuple(path_roots) if path_roots is not None else (store.storage_root,)
         """Where a job's `model`, given as a folder, must resolve (Settings.path_roots)."""
         self.n_workers = workers
@@ -302,9 +308,11 @@ class JobsService:
 
     # -- jobs
 
-    def create_job(self, body: JobCreate) -> dict[str, Any]:
+    def create_job(self, body: JobCreate, request: Request) -> dict[str, Any]:
         """Create a fine-tuning job; a worker validates its files, then trains it."""
-        method = _method(body)
+        method = _method(body, self.allow_python_graders)
+        if method["type"] == "reinforcement":  # judges (score_model, label_model) ask this server
+            method["reinforcement"]["judge_base_url"] = own_endpoint(request).base_url
         integrations = _integrations(body, self.path_roots)
         self._base_model(body.model)  # a base model, or an earlier job's fine-tuned model to continue
         job_id = new_id("ftjob")
@@ -450,13 +458,30 @@ def _integrations(body: JobCreate, roots: Sequence[Path]) -> list[dict[str, Any]
             for e in body.integrations]
 
 
-def _method(body: JobCreate) -> dict[str, Any]:
+def _method(body: JobCreate, allow_python_graders: bool = False) -> dict[str, Any]:
     """The job's method with every hyperparameter present ("auto" until the worker resolves it)."""
     kind = body.method.type if body.method is not None else "supervised"
-    other = "supervised" if kind == "dpo" else "dpo"
-    if body.method is not None and getattr(body.method, other) is not None:
-        raise APIError(400, f"method.{other} was given with method.type '{kind}'; put the hyperparameters under "
-                            f"method.{kind}", param=f"method.{other}")
+    for other in ("supervised", "dpo", "reinforcement"):
+        if other != kind and body.method is not None and getattr(body.method, other) is not None:
+            raise APIError(400, f"method.{other} was given with method.type '{kind}'; put the hyperparameters under "
+                                f"method.{kind}", param=f"method.{other}")
+    if kind == "reinforcement":
+        if body.hyperparameters is not None:
+            raise APIError(400, "a reinforcement job takes its hyperparameters in method.reinforcement.hyperparameters, "
+                                "not at the top level", param="hyperparameters")
+        if body.method.reinforcement is None:
+            raise APIError(400, "a reinforcement job needs method.reinforcement.grader: the grader that scores each "
+                                "sampled answer", param="method.reinforcement.grader")
+        param = "method.reinforcement.grader"
+        try:
+            grader = parse_grader(body.method.reinforcement.grader, param)
+            validate_grader(grader, param)
+            refuse_python(grader, allow_python_graders, param)
+        except GraderError as exc:
+            raise APIError(400, str(exc), code="invalid_grader", param=exc.param) from None
+        return {"type": "reinforcement", "reinforcement": {
+            "grader": grader.model_dump(exclude_none=True),
+            "hyperparameters": body.method.reinforcement.hyperparameters.model_dump()}}
     if kind == "dpo":
         if body.hyperparameters is not None:
             raise APIError(400, "a dpo job takes its hyperparameters in method.dpo.hyperparameters, not at the top "
@@ -501,4 +526,6 @@ def build_jobs_service(db: str | None, workers: int, engine: Any | None, max_upl
     store = open_store(db, settings)
     roots = settings.path_roots() if settings is not None else None
     return JobsService(store, workers=workers, engine=engine, max_upload_bytes=int(max_upload_mb * 1e6), log=log,
-                       path_roots=roots, worker_config=WorkerConfig(leakage_error=leakage_error, executor=executor))
+                       path_roots=roots, worker_config=WorkerConfig(leakage_error=leakage_error, executor=executor,
+                                                                    judge_api_key=getattr(settings, "api_key", None)),
+                       allow_python_graders=bool(getattr(settings, "python_graders", False)))

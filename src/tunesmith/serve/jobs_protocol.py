@@ -45,6 +45,31 @@ class DpoHyperparameters(Hyperparameters):
     )
 
 
+class ReinforcementHyperparameters(Hyperparameters):
+    """OpenAI's reinforcement hyperparameters, then tunesmith's own (GRPO's knobs)."""
+
+    compute_multiplier: Auto | Annotated[float, Field(gt=0, le=10)] = Field(
+        "auto", description="Scales the answers sampled per prompt (group_size 4 at 1.0); ignored when group_size is given.")
+    eval_interval: Auto | Annotated[int, Field(ge=1)] = Field(
+        "auto", description="Steps between held-out reward measurements on the validation file (auto: once per epoch).")
+    eval_samples: Auto | Annotated[int, Field(ge=1, le=16)] = Field(
+        "auto", description="Answers sampled per validation prompt for the held-out reward (auto: 1).")
+    group_size: Auto | Annotated[int, Field(ge=2, le=64)] = Field("auto", description="Answers sampled per prompt (auto: 4).")
+    kl_coef: Auto | Annotated[float, Field(ge=0, le=10)] = Field(
+        "auto", description="KL penalty to the base model (auto: 0, no penalty).")
+    max_completion_tokens: Auto | Annotated[int, Field(ge=1, le=4096)] = Field(
+        "auto", description="Longest sampled answer in tokens (auto: 64).")
+    temperature: Auto | Annotated[float, Field(ge=0, le=2)] = Field("auto", description="Sampling temperature (auto: 1.0).")
+
+
+class ReinforcementMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    grader: dict[str, Any] = Field(description="The grader that scores each sampled answer, in OpenAI's shape "
+                                               "(string_check, text_similarity, python, score_model, label_model, multi).")
+    hyperparameters: ReinforcementHyperparameters = Field(default_factory=ReinforcementHyperparameters)
+
+
 class SupervisedMethod(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -60,11 +85,13 @@ class DpoMethod(BaseModel):
 class Method(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["supervised", "dpo"] = Field(
-        description="supervised (chat, prompt/completion or alpaca files) or dpo (preference pairs: "
-                    "prompt/chosen/rejected or input/preferred_output/non_preferred_output).")
+    type: Literal["supervised", "dpo", "reinforcement"] = Field(
+        description="supervised (chat, prompt/completion or alpaca files), dpo (preference pairs: "
+                    "prompt/chosen/rejected or input/preferred_output/non_preferred_output) or reinforcement "
+                    "(prompt rows: messages plus the fields the grader reads).")
     supervised: SupervisedMethod | None = None
     dpo: DpoMethod | None = None
+    reinforcement: ReinforcementMethod | None = None
 
 
 class WandbIntegration(BaseModel):
@@ -159,6 +186,11 @@ def job_object(row: dict[str, Any]) -> dict[str, Any]:
     given = method.get(kind, {}).get("hyperparameters", {})  # also holds the worker's steps_per_epoch
     hp = {k: v for k, v in given.items() if k in HYPERPARAMETER_KEYS and v is not None}
     method_hp = {**hp, **({"beta": given.get("beta", "auto")} if kind == "dpo" else {})}
+    if kind == "reinforcement":
+        method_hp.update({k: v for k, v in given.items() if k in ReinforcementHyperparameters.model_fields})
+    method_body: dict[str, Any] = {"hyperparameters": method_hp}
+    if kind == "reinforcement":
+        method_body = {"grader": method[kind]["grader"], **method_body}
     return {
         "id": row["id"],
         "created_at": row["created_at"],
@@ -178,7 +210,7 @@ def job_object(row: dict[str, Any]) -> dict[str, Any]:
         "estimated_finish": row["estimated_finish"],
         "integrations": row.get("integrations") or [],
         "metadata": row["metadata"],
-        "method": {"type": kind, kind: {"hyperparameters": method_hp}},
+        "method": {"type": kind, kind: method_body},
         "user_provided_suffix": row["suffix"],
         "lineage": row["lineage"],
     }

@@ -37,7 +37,7 @@ from tunesmith.train.model import full_tensor, like, trainable_parameters
 
 KEEP_LAST = 2
 """Checkpoints kept besides the best one (older ones are deleted)."""
-ADAPTER_METHODS = ("lora", "qlora", "dpo")
+ADAPTER_METHODS = ("lora", "qlora", "dpo", "reinforcement")
 """Methods whose checkpoints hold a peft adapter (the others: a whole model)."""
 
 
@@ -53,6 +53,17 @@ def latest_checkpoint(out: Path) -> Path | None:
     """The newest complete checkpoint (the one --resume continues from), or None."""
     found = list_checkpoints(out)
     return found[-1][1] if found else None
+
+
+def resume_point(out: Path, resume: bool) -> Path | None:
+    """The checkpoint a run continues from (None for a new run); a resume without a checkpoint,
+    or a new run into a folder that has some, is an error saying what to do."""
+    found = latest_checkpoint(out)
+    if resume and found is None:
+        raise TrainingError(f"--resume {out}: the run has no checkpoint yet; start it again without --resume")
+    if not resume and found is not None:
+        raise TrainingError(f"run directory {out} already holds checkpoints; continue it with --resume {out} or pick another --out")
+    return found if resume else None
 
 
 DISK_ERRNOS = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", -1))

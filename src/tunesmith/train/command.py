@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tunesmith.data.stats import auto_epochs
-from tunesmith.errors import ConfigError
+from tunesmith.errors import ConfigError, UsageError
 from tunesmith.models.registry import identity, load_tokenizer, resolve_model
 from tunesmith.train import data as td
 from tunesmith.train.config import TrainConfig, resolve_config
@@ -26,8 +26,11 @@ from tunesmith.train.model import check_qlora, precision_dtype, resolve_init_ada
 from tunesmith.train.run import train
 
 
-def run_train_command(options: dict[str, Any], runner: Callable[[TrainConfig], Any] = train) -> None:
-    """`runner` trains the resolved config: `train` here, or the Ray executor (cli/train.py)."""
+def run_train_command(options: dict[str, Any], runner: Callable[[TrainConfig], Any] = train,
+                      trainers: dict[str, Callable[[TrainConfig], Any]] | None = None) -> None:
+    """`runner` trains the resolved config: `train` here, or the Ray executor (cli/train.py).
+    `trainers`: the training function of a method that lives above train/ (reinforcement: the
+    CLI passes reinforce.run.train_rft), by method; it trains that method in this process."""
     config_file = options.pop("config", None)
     dry_run = options.pop("dry_run", False)
     nproc = options.pop("nproc", 1)
@@ -37,6 +40,9 @@ def run_train_command(options: dict[str, Any], runner: Callable[[TrainConfig], A
     if isinstance(overrides.get("epochs"), str) and overrides["epochs"].isdigit():
         overrides["epochs"] = int(overrides["epochs"])
     cfg = resolve_config(config_file, overrides)
+    if cfg.method == "reinforcement" and (nproc > 1 or nodes.nnodes > 1 or runner is not train):
+        raise UsageError("--method reinforcement trains in one process; drop --nproc, --nnodes and --ray-address")
+    trainer = (trainers or {}).get(cfg.method, runner)
     if cfg.method == "qlora" and nproc > 1 and not dry_run:  # once here, not once per launched process
         check_qlora(cfg, resolve_model(cfg.model), nproc)
     if (nproc > 1 or nodes.nnodes > 1) and "WORLD_SIZE" not in os.environ:
@@ -55,7 +61,7 @@ def run_train_command(options: dict[str, Any], runner: Callable[[TrainConfig], A
     # notices would bury it (this is the CLI process, so quieting them here is contained).
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
-    runner(cfg)
+    trainer(cfg)
 
 
 @dataclass(frozen=True)
@@ -134,6 +140,7 @@ def dry_run_report(cfg: TrainConfig) -> None:
 
     ref = resolve_model(cfg.model)
     dpo = cfg.method == "dpo"
+    rft = cfg.method == "reinforcement"
     if cfg.init_adapter:
         cfg = with_adapter_shape(cfg, resolve_init_adapter(cfg.init_adapter, identity(ref)))
     tokenizer = load_tokenizer(ref)
@@ -142,10 +149,12 @@ def dry_run_report(cfg: TrainConfig) -> None:
         valid = load_training_items(tokenizer, cfg.validation, cfg)[0]
     else:
         train_ex, valid = td.split_validation(train_ex, cfg.val_split, cfg.seed)
-    epochs = auto_epochs(len(train_ex)) if cfg.epochs == "auto" else cfg.epochs
+    epochs = (1 if rft else auto_epochs(len(train_ex))) if cfg.epochs == "auto" else cfg.epochs
     spe = td.steps_per_epoch(len(train_ex), cfg.batch_size)
     total = cfg.max_steps or epochs * spe
     tokens = sum(len(t) for t in train_ex)
+    if rft:  # each prompt with --group-size answers of at most --max-completion-tokens
+        tokens = sum(cfg.group_size * (len(t) + cfg.max_completion_tokens) for t in train_ex)
     tokens_total = tokens / max(1, len(train_ex)) * min(cfg.batch_size, len(train_ex)) * total
     n_params = _parameter_count(ref)
     flops = (6 if cfg.method == "full" else 4) * n_params * tokens_total
@@ -153,7 +162,11 @@ def dry_run_report(cfg: TrainConfig) -> None:
     if dpo:  # one forward pass (2 x parameters FLOPs per token) over every pair before the first step
         estimate["reference_pass_tokens"] = tokens + sum(len(t) for t in valid)
         flops += 2 * n_params * estimate["reference_pass_tokens"]
-    unit = "pairs" if dpo else "examples"
+    if rft:  # sampling decodes every answer token once more, a forward pass each
+        estimate["sampled_tokens_at_most"] = int(min(cfg.batch_size, len(train_ex)) * cfg.group_size
+                                                 * cfg.max_completion_tokens * total)
+        flops += 2 * n_params * estimate["sampled_tokens_at_most"]
+    unit = "pairs" if dpo else "prompts" if rft else "examples"
     report = {
         "config": json.loads(cfg.model_dump_json()),
         "resolved": {"epochs": epochs, "steps_per_epoch": spe, "total_steps": total, "learning_rate": cfg.lr,

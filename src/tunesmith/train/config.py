@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from tunesmith.errors import ConfigError
 from tunesmith.models.registry import DEFAULT_MODEL
@@ -23,10 +23,16 @@ GROUPS = ("data", "model", "method", "optimisation", "evaluation", "output", "tr
 Tracker = Literal["wandb", "mlflow", "tensorboard", "trackio"]
 """The trackers --report-to takes (tunesmith.tracking.base.TRACKERS), each an extra: pip install 'tunesmith[wandb]'."""
 # qlora trains the same adapter as lora (only the frozen base is stored differently), so the same rate.
-DEFAULT_LEARNING_RATE = {"lora": 1e-3, "qlora": 1e-3, "full": 2e-5, "dpo": 1e-4}
+DEFAULT_LEARNING_RATE = {"lora": 1e-3, "qlora": 1e-3, "full": 2e-5, "dpo": 1e-4, "reinforcement": 1e-4}
 """dpo: LoRA DPO moves the policy away from the reference only by a little, so it gets a tenth
-of LoRA SFT's rate (docs/training.md says why this value)."""
+of LoRA SFT's rate (docs/training.md says why this value). reinforcement: the same tenth, for the
+same reason (docs/rft.md)."""
 DEFAULT_BETA = 0.1
+DEFAULT_GROUP_SIZE = 4
+RL_DEFAULTS = {"grader": None, "group_size": DEFAULT_GROUP_SIZE, "kl_coef": 0.0, "clip_epsilon": 0.2,
+               "policy_updates": 1, "max_completion_tokens": 64, "temperature": 1.0, "eval_samples": 1,
+               "judge_base_url": None}
+"""The reinforcement-only settings and their defaults (any other value with another method is an error)."""
 
 
 def _field(default: Any, group: str, help: str) -> Any:
@@ -52,10 +58,10 @@ class TrainConfig(BaseModel):
     # model
     model: str = _field(DEFAULT_MODEL, "model", "Base model: registry name, Hugging Face directory or .gguf file.")
     # method
-    method: Literal["lora", "full", "qlora", "dpo"] = _field(
+    method: Literal["lora", "full", "qlora", "dpo", "reinforcement"] = _field(
         "lora", "method", "lora (adapter), qlora (adapter on a 4-bit NF4 base: needs a CUDA GPU and "
         "pip install 'tunesmith[gpu]'), full (all weights), dpo (a LoRA adapter trained on preference pairs "
-        "with DPO).")
+        "with DPO), reinforcement (a LoRA adapter trained with GRPO against --grader on prompt rows; docs/rft.md).")
     lora_rank: int = _field(16, "method", "LoRA rank r.")
     lora_alpha: float = _field(32.0, "method", "LoRA alpha (the update is scaled by alpha / rank).")
     lora_dropout: float = _field(0.0, "method", "Dropout on the LoRA input (costs a random mask per layer per step).")
@@ -70,6 +76,22 @@ class TrainConfig(BaseModel):
     init_adapter: Path | None = _field(None, "method", "lora and dpo: start from this LoRA adapter (a run directory or an "
                                        "adapter directory, e.g. an earlier SFT run) and continue training it; with dpo it "
                                        "is also the reference.")
+    grader: Path | None = _field(None, "method", "reinforcement: the grader that scores each sampled answer (a JSON "
+                                 "file with one grader in OpenAI's shape; docs/rft.md).")
+    group_size: int = _field(DEFAULT_GROUP_SIZE, "method", "reinforcement: answers sampled per prompt; each answer's "
+                             "advantage is its reward against the mean of its group.")
+    kl_coef: float = _field(0.0, "method", "reinforcement: weight of the KL penalty to the base model (the adapter "
+                            "disabled); 0 skips the reference forward pass (KL is then not measured).")
+    clip_epsilon: float = _field(0.2, "method", "reinforcement: the probability ratio is clipped to 1 +- this when "
+                                 "--policy-updates is above 1 (with 1 the ratio is always 1).")
+    policy_updates: int = _field(1, "method", "reinforcement: optimizer steps on each batch of sampled answers "
+                                 "(GRPO's mu); above 1, later updates are off-policy and the ratio is clipped.")
+    max_completion_tokens: int = _field(64, "method", "reinforcement: longest sampled answer in tokens.")
+    temperature: float = _field(1.0, "method", "reinforcement: sampling temperature of the answers.")
+    eval_samples: int = _field(1, "method", "reinforcement: answers sampled per held-out prompt for the held-out "
+                               "reward (every --eval-every-steps and at the end).")
+    judge_base_url: str | None = _field(None, "method", "reinforcement: OpenAI-compatible endpoint that score_model "
+                                        "and label_model graders ask (default $OPENAI_BASE_URL; key $OPENAI_API_KEY).")
     # optimisation
     epochs: int | Literal["auto"] = _field("auto", "optimisation", "Passes over the data; auto picks from the data size as hosted APIs do.")
     max_steps: int | None = _field(None, "optimisation", "Stop after this many optimizer steps (overrides --epochs).")
@@ -137,11 +159,30 @@ class TrainConfig(BaseModel):
             raise ValueError("applies to --method dpo only")
         return v
 
+    @field_validator(*RL_DEFAULTS)
+    @classmethod
+    def _reinforcement_only(cls, v: Any, info: ValidationInfo) -> Any:
+        if info.field_name in ("group_size", "policy_updates", "max_completion_tokens", "eval_samples") and v < 1:
+            raise ValueError("must be a positive integer")
+        if info.field_name == "group_size" and v < 2:
+            raise ValueError("must be at least 2 (an advantage compares answers to the same prompt)")
+        if info.field_name in ("kl_coef", "clip_epsilon", "temperature") and v < 0:
+            raise ValueError("must be 0 or more")
+        if v != RL_DEFAULTS[info.field_name] and info.data.get("method") != "reinforcement":
+            raise ValueError("applies to --method reinforcement only")
+        return v
+
+    @model_validator(mode="after")
+    def _grader_given(self) -> "TrainConfig":
+        if self.method == "reinforcement" and self.grader is None:
+            raise ValueError("--method reinforcement needs --grader g.json (the grader that scores the answers)")
+        return self
+
     @field_validator("init_adapter")
     @classmethod
     def _lora_adapters_only(cls, v: Any, info: ValidationInfo) -> Any:
-        if v is not None and info.data.get("method") not in ("lora", "dpo"):
-            raise ValueError("applies to --method lora and dpo only (it continues a LoRA adapter; to train further "
+        if v is not None and info.data.get("method") not in ("lora", "dpo", "reinforcement"):
+            raise ValueError("applies to --method lora, dpo and reinforcement only (it continues a LoRA adapter; to train further "
                              "on a full fine-tuning run give that run's model as --model)")
         return v
 
@@ -207,7 +248,9 @@ def build_config(values: dict[str, Any], source: str = "options") -> TrainConfig
         for err in exc.errors():
             loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) or len(err["loc"]) == 1)
             key = str(err["loc"][0]) if err["loc"] else ""
-            if err["type"] == "extra_forbidden":
+            if not err["loc"]:  # a check across fields: its message says it all
+                problems.append(err["msg"].removeprefix("Value error, "))
+            elif err["type"] == "extra_forbidden":
                 close = difflib.get_close_matches(key, known, n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(known)}"
                 problems.append(f"unknown key '{key}'{hint}")

@@ -126,6 +126,17 @@ def sequence_logps(model: Any, batch: dict[str, Any], compute_dtype: Any) -> Any
     fp64 (the sums are differences of numbers in the hundreds; the reward is their change).
     """
     import torch
+
+    logps, keep = token_logps(model, batch, compute_dtype)
+    sums = torch.zeros(batch["n_sequences"], dtype=torch.float64, device=logps.device)
+    return sums.index_add(0, batch["sequence"][keep], logps.double())
+
+
+def token_logps(model: Any, batch: dict[str, Any], compute_dtype: Any) -> tuple[Any, Any]:
+    """(log-prob of each labelled token [n_labelled] in fp32, the mask of labelled positions).
+    Only labelled positions go through the LM head. Reinforcement fine-tuning weighs these
+    one by one (reinforce/grpo.py); DPO sums them per sequence."""
+    import torch
     import torch.nn.functional as F
 
     lm = causal_lm(model)
@@ -137,9 +148,7 @@ def sequence_logps(model: Any, batch: dict[str, Any], compute_dtype: Any) -> Any
     with torch.autocast(device_type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
         hidden = backbone(input_ids=batch["input_ids"], use_cache=False, **kwargs).last_hidden_state
         logits = lm.get_output_embeddings()(hidden[keep])
-    token_logps = -F.cross_entropy(logits.float(), targets[keep], reduction="none")
-    sums = torch.zeros(batch["n_sequences"], dtype=torch.float64, device=token_logps.device)
-    return sums.index_add(0, batch["sequence"][keep], token_logps.double())
+    return -F.cross_entropy(logits.float(), targets[keep], reduction="none"), keep
 
 
 def dpo_loss(policy: Any, reference: Any, beta: float) -> tuple[Any, Any]:

@@ -18,6 +18,14 @@ METRIC_KEYS = ("step", "epoch", "train_loss", "valid_loss", "token_accuracy", "l
 DPO_METRIC_KEYS = ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy",
                    "valid_reward_accuracy", "valid_reward_margin")
 """Added for --method dpo (see train.preference and docs/training.md)."""
+RFT_METRIC_KEYS = ("reward_mean", "reward_std", "zero_variance_groups", "kl", "completion_tokens",
+                   "truncated_completions", "grader_errors", "valid_reward", "samples_per_s", "sampling_s", "grading_s")
+"""Added for --method reinforcement (see reinforce/ and docs/rft.md): the sampled answers' mean
+reward and its spread, the share of prompt groups whose answers all scored the same (they teach
+nothing), KL to the base, mean answer length in tokens, the share of answers cut at
+--max-completion-tokens, answers the grader could not score, the held-out reward (every
+--eval-every-steps and at the end), sampled answers per second, and the seconds of the step spent
+sampling and grading (the rest is the update)."""
 
 
 def say(message: str) -> None:
@@ -71,6 +79,8 @@ class Reporter:
         info = (
             f"epoch {row['epoch']:.2f}  loss {row['train_loss']:.4f}"
             + (f"  reward acc {row['reward_accuracy']:.2f}" if row.get("reward_accuracy") is not None else "")
+            + (f"  reward {row['reward_mean']:.3f}" if row.get("reward_mean") is not None else "")
+            + (f"  held-out {row['valid_reward']:.3f}" if row.get("valid_reward") is not None else "")
             + (f"  val {self.last_valid:.4f}" if self.last_valid is not None else "")
             + (f" (acc {self.last_valid_acc:.2f})" if self.last_valid_acc is not None else "")
             + f"  {row['tokens_per_s']:.0f} tok/s"

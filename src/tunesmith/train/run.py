@@ -116,11 +116,7 @@ def train(cfg: TrainConfig, progress: bool = True, observer: RunObserver | None 
     # before the model loads, so a bad flag costs a second, not a minute.
     dist = _init_distributed()
     out = Path(cfg.resume or cfg.out or default_out(cfg))
-    resume_from = ck.latest_checkpoint(out) if cfg.resume else None
-    if cfg.resume and resume_from is None:
-        raise ck.TrainingError(f"--resume {out}: the run has no checkpoint yet; start it again without --resume")
-    if not cfg.resume and ck.latest_checkpoint(out) is not None:
-        raise ck.TrainingError(f"run directory {out} already holds checkpoints; continue it with --resume {out} or pick another --out")
+    resume_from = ck.resume_point(out, bool(cfg.resume))
     check_trackers(cfg.report_to)  # a tracker whose extra is missing: say so before loading anything
     ref = resolve_model(cfg.model)
     if cfg.method == "qlora":  # needs a CUDA GPU and bitsandbytes: say so before loading anything

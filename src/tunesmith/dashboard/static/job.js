@@ -117,7 +117,14 @@ export async function jobPage(main, [jobId], page) {
     });
     const acc = pick("valid_mean_token_accuracy");
     const rewardAcc = pick("reward_accuracy"); // dpo jobs: share of pairs whose chosen answer wins
-    if (acc.length) {
+    const reward = pick("reward_mean"); // reinforcement jobs: the grader's mean reward per step
+    if (reward.length) {
+      lineChart(accChart, { yLabel: "reward", series: [
+        { name: "training reward (mean)", color: COLORS.accuracy, points: reward },
+        { name: "held-out reward", color: COLORS.valid, points: pick("valid_reward") },
+        { name: "zero-variance groups", color: COLORS.train, points: pick("zero_variance_groups") },
+      ] });
+    } else if (acc.length) {
       lineChart(accChart, { yLabel: "token accuracy", yDomain: [0, 1], series: [{ name: "validation token accuracy", color: COLORS.accuracy, points: acc }] });
     } else if (rewardAcc.length) {
       lineChart(accChart, { yLabel: "reward accuracy", yDomain: [0, 1], series: [

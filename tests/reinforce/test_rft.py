@@ -1,0 +1,210 @@
+"""Reinforcement fine-tuning (`tunesmith train --method reinforcement`) on the tiny model:
+GRPO's advantages and loss, packed answers, the real CLI with python and multi graders,
+the same score from graders.run as training logged, resume giving the identical
+continuation, and the sentences for bad settings."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tunesmith.reinforce import grpo
+from tunesmith.reinforce.run import train_rft
+from tunesmith.train.config import TrainConfig
+
+TUNESMITH = [sys.executable, "-c", "from tunesmith.cli import main; main()"]
+WORDS = ["card", "password", "France", "dog", "quick", "lazy"]
+LENGTH_GRADER = {"type": "python", "name": "length",
+                 "source": "def grade(sample, item):\n    return min(len(sample['output_text']), 40) / 40\n"}
+LABEL_GRADER = {"type": "string_check", "name": "label", "input": "{{sample.output_text}}",
+                "reference": "{{item.letter}}", "operation": "ilike"}
+
+
+def write_prompts(path, n=8, seed=0):
+    rng = random.Random(seed)
+    rows = [{"messages": [{"role": "user", "content": f"say {rng.choice(WORDS)} {i}"}], "letter": rng.choice("aeiou"),
+             "id": i} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_grader(path, grader):
+    path.write_text(json.dumps(grader))
+    return path
+
+
+def rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_advantages_are_rewards_against_their_group():
+    adv, flat = grpo.group_advantages([1.0, 0.0, 0.5, 0.5, 2.0, 0.0], 2)
+    assert adv[0] == pytest.approx(1.0, abs=1e-3) and adv[1] == pytest.approx(-1.0, abs=1e-3)
+    assert adv[2:4] == [0.0, 0.0]  # a group whose answers all scored the same teaches nothing
+    assert adv[4] == pytest.approx(1.0, abs=1e-3)
+    assert flat == pytest.approx(1 / 3)
+
+
+def test_token_loss_is_minus_the_advantage_with_ratio_one_and_kl_is_zero_at_the_reference():
+    import torch
+
+    batch = {"targets": torch.tensor([[-100, 5, 6, -100], [-100, 7, -100, -100]]),
+             "sequence": torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]]), "advantages": torch.tensor([0.5, -2.0])}
+    logps = torch.tensor([-1.0, -2.0, -0.5], requires_grad=True)
+    loss, kl = grpo.grpo_token_loss(logps, batch, None, logps.detach(), 0.2, 0.1)
+    assert loss.tolist() == pytest.approx([-0.5, -0.5, 2.0]) and kl.tolist() == [0.0, 0.0, 0.0]
+    loss.sum().backward()
+    assert logps.grad.tolist() == pytest.approx([-0.5, -0.5, 2.0])  # the policy gradient: -A per token
+    # Off-policy, a ratio beyond 1 + eps stops the gradient of a positive advantage.
+    old = torch.tensor([-1.5, -2.0, -0.5])
+    loss, _ = grpo.grpo_token_loss(logps.detach().requires_grad_(), batch, old, None, 0.2, 0.0)
+    assert loss[0].item() == pytest.approx(-0.5 * 1.2)
+
+
+def test_packed_answers_have_the_log_probs_of_padded_ones(tiny_model_dir):
+    import torch
+
+    from tunesmith.models.registry import resolve_model
+    from tunesmith.train.model import build_model
+
+    cfg = TrainConfig(data="x.jsonl", method="reinforcement", grader="g.json", packing=True)
+    model = build_model(resolve_model(str(tiny_model_dir)), cfg, torch.float32)
+    prompt = list(range(3, 15))
+    samples = [grpo.Sample(0, 1, prompt, [20 + k, 30, 40 + k][: 1 + k], "", "stop", advantage=1.0) for k in range(3)]
+    packed = grpo.collate_samples(samples, True, 0)
+    assert packed["shared_prefix"] > 0  # the group's prompt is computed once
+    padded = grpo.collate_samples(samples, False, 0)
+    with torch.no_grad():
+        a = grpo.policy_logps(model, packed, torch.float32)
+        model.set_attn_implementation("sdpa")
+        b = grpo.policy_logps(model, padded, torch.float32)
+    assert a.shape == (6,) and torch.allclose(a, b, atol=1e-5)
+    keep = packed["targets"] != -100
+    assert packed["sequence"][keep].tolist() == [0, 1, 1, 2, 2, 2]
+
+
+def test_cli_trains_against_python_and_multi_graders_and_logs_what_graders_run_gives(tiny_model_dir, tmp_path):
+    from tunesmith.graders.run import run_grader
+    from tunesmith.graders.types import parse_grader
+
+    grader = {"type": "multi", "name": "both", "graders": {"length": LENGTH_GRADER, "label": LABEL_GRADER},
+              "calculate_output": "0.5 * length + 0.5 * label"}
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [*TUNESMITH, "train", "--method", "reinforcement", "--model", str(tiny_model_dir),
+         "--data", str(write_prompts(tmp_path / "p.jsonl")), "--grader", str(write_grader(tmp_path / "g.json", grader)),
+         "--batch-size", "2", "--group-size", "3", "--max-steps", "2", "--max-completion-tokens", "12",
+         "--val-split", "0.25", "--kl-coef", "0.05", "--out", str(out)],
+        capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = rows(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert 0.0 <= m["reward_mean"] <= 1.0 and m["reward_std"] >= 0.0 and 0.0 <= m["zero_variance_groups"] <= 1.0
+        assert m["kl"] is not None and m["kl"] >= 0.0 and m["grader_errors"] == 0
+        assert 1 <= m["completion_tokens"] <= 12 and m["samples_per_s"] > 0
+    assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the adapter starts at zero: policy = reference
+    assert metrics[-1]["valid_reward"] is not None and metrics[0]["valid_reward"] is None
+    samples = rows(out / "samples.jsonl")
+    assert len(samples) == 2 * 2 * 3
+    for s in samples[:3] + samples[-3:]:
+        item = next(r for r in rows(tmp_path / "p.jsonl") if s["line"] == r["id"] + 1)
+        assert run_grader(parse_grader(grader), s["text"], item).reward == s["reward"]
+    step1 = [s["reward"] for s in samples if s["step"] == 1]
+    assert metrics[0]["reward_mean"] == pytest.approx(sum(step1) / len(step1))
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "finished" and run["config"]["group_size"] == 3
+    assert run["resolved"]["grader"]["type"] == "multi"
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    from tunesmith.evaluate.report import build_report
+
+    html = build_report(out).read_text()
+    assert "held-out reward" in html and "training reward" in html  # the report plots the reward curves
+
+
+def test_resume_from_a_checkpoint_continues_identically(tiny_model_dir, tmp_path):
+    """Four steps in one go, and two then a resume of the same run: the same answers, rewards,
+    losses and final adapter (sampling seeds derive from the seed and the step)."""
+    from safetensors.torch import load_file
+
+    data = write_prompts(tmp_path / "p.jsonl", n=8)
+    grader = write_grader(tmp_path / "g.json", LENGTH_GRADER)
+    common = dict(method="reinforcement", model=str(tiny_model_dir), data=data, grader=grader, batch_size=2,
+                  group_size=3, max_steps=4, max_completion_tokens=10, save_every_steps=2, precision="fp32",
+                  learning_rate=5e-3, policy_updates=2)
+    full = train_rft(TrainConfig(**common, out=tmp_path / "full"), progress=False)
+    part = tmp_path / "part"
+    shutil.copytree(full.out_dir, part)
+    shutil.rmtree(part / "checkpoints" / "step-000004")
+    shutil.rmtree(part / "adapter")
+    resumed = train_rft(TrainConfig(**common, out=part, resume=part), progress=False)
+    assert resumed.steps == 4
+    a, b = rows(full.out_dir / "metrics.jsonl"), rows(part / "metrics.jsonl")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a[2:], b[2:]):
+        assert x["reward_mean"] == y["reward_mean"] and x["train_loss"] == pytest.approx(y["train_loss"], abs=1e-6)
+    assert [s["text"] for s in rows(full.out_dir / "samples.jsonl")] == [s["text"] for s in rows(part / "samples.jsonl")]
+    wa = load_file(str(full.adapter_dir / "adapter_model.safetensors"))
+    wb = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys() and all((wa[k] - wb[k]).abs().max() < 1e-6 for k in wa)
+    assert any(wa[k].abs().max() > 0 for k in wa if "lora_B" in k)  # it did train
+
+
+def test_bad_settings_are_one_sentence_each(tiny_model_dir, tmp_path):
+    from tunesmith.data.prompts import read_prompt_rows
+    from tunesmith.errors import ConfigError
+    from tunesmith.graders.files import load_grader
+    from tunesmith.graders.types import GraderError
+    from tunesmith.train.config import build_config
+
+    data = write_prompts(tmp_path / "p.jsonl")
+    proc = subprocess.run([*TUNESMITH, "train", "--model", str(tiny_model_dir), "--data", str(data),
+                           "--method", "reinforcement"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "needs --grader" in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(ConfigError, match="'group_size' applies to --method reinforcement only"):
+        build_config({"data": str(data), "group_size": 3})
+    with pytest.raises(ConfigError, match="'group_size' must be at least 2"):
+        build_config({"data": str(data), "method": "reinforcement", "grader": "g.json", "group_size": 1})
+    bad = write_grader(tmp_path / "bad.json", {**LABEL_GRADER, "operation": "contains"})
+    with pytest.raises(GraderError) as err:
+        load_grader(bad)
+    assert err.value.param == "grader.operation" and str(bad) in str(err.value)
+    answered = tmp_path / "answered.jsonl"
+    answered.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                 {"role": "assistant", "content": "x"}]}) + "\n" + "[1]\n")
+    rows_, problems = read_prompt_rows(answered)
+    assert rows_ == [] and [(p.line, p.code) for p in problems] == [(1, "ends_with_answer"), (2, "not_an_object")]
+    assert "ends where the model answers" in problems[0].message
+
+
+def test_sigterm_saves_the_last_finished_step_and_resume_finishes_the_run(tiny_model_dir, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    args = ["train", "--method", "reinforcement", "--model", str(tiny_model_dir),
+            "--data", str(write_prompts(tmp_path / "p.jsonl", n=24)),
+            "--grader", str(write_grader(tmp_path / "g.json", LENGTH_GRADER)), "--batch-size", "1",
+            "--group-size", "2", "--max-completion-tokens", "8", "--out", str(out)]
+    proc = subprocess.Popen([*TUNESMITH, *args], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not ((out / "metrics.jsonl").is_file() and rows(out / "metrics.jsonl")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, stderr[-2000:]
+    last_line = stderr.strip().splitlines()[-1]
+    assert "stopped by SIGTERM" in last_line and f"tunesmith train --resume {out}" in last_line
+    saved = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert saved, "no checkpoint was saved"
+    done = subprocess.run([*TUNESMITH, "train", "--resume", str(out)], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [r["step"] for r in rows(out / "metrics.jsonl")] == list(range(1, 25))
+    assert sorted({s["step"] for s in rows(out / "samples.jsonl")}) == list(range(1, 25))
+    assert len(rows(out / "samples.jsonl")) == 24 * 2
