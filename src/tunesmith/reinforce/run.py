@@ -55,15 +55,15 @@ from tunesmith.train.progress import METRIC_KEYS, RFT_METRIC_KEYS, Reporter, say
 from tunesmith.train.run import (
     Dist,
     RunResult,
-    _clip_grad_norm,
-    _param_groups,
-    _StepAbandoned,
-    _StopFlag,
-    _tracking_settings,
-    _versions,
-    _write_json,
+    StepAbandoned,
+    StopFlag,
+    clip_grad_norm,
     default_out,
     lr_at,
+    param_groups,
+    tracking_settings,
+    versions,
+    write_json,
 )
 
 POLICY = "default"
@@ -118,7 +118,7 @@ def train_rft(cfg: TrainConfig, progress: bool = True) -> RunResult:
     if init_adapter:
         load_adapter_weights(model, init_adapter)
     model.to(dist.device)
-    groups, names = _param_groups(model, cfg.weight_decay)
+    groups, names = param_groups(model, cfg.weight_decay)
     params = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     for p in params:
@@ -151,11 +151,11 @@ def train_rft(cfg: TrainConfig, progress: bool = True) -> RunResult:
         "base_model": base_identity,
         "data": {"hashes": data_hashes, "train": stats.to_dict(), "valid": {"examples": len(held_out)}},
         "parameters": {"trainable": sum(p.numel() for p in params), "total": parameter_count(model)},
-        "versions": _versions(),
+        "versions": versions(),
         "status": "running",
     }
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / RUN_FILE, run_info)
+    write_json(out / RUN_FILE, run_info)
     truncate_metrics(out / TRAIN_METRICS_FILE, start_step)
     truncate_metrics(out / SAMPLES_FILE, start_step)  # the same "step" key: answers of undone steps go
     say(f"machine: {machine.describe()}; precision {precision}")
@@ -166,12 +166,12 @@ def train_rft(cfg: TrainConfig, progress: bool = True) -> RunResult:
     say(f"plan: {total_steps} steps ({epochs} epoch(s) of {spe}), {answers_per_step} answers/step "
         f"({cfg.group_size} per prompt), up to {cfg.max_completion_tokens} tokens each, temperature {cfg.temperature:g}, "
         f"lr {cfg.lr:g}, kl_coef {cfg.kl_coef:g}, {cfg.policy_updates} update(s) per batch")
-    tracking = Tracking(cfg.report_to, _tracking_settings(cfg, out, resume_from is not None),
+    tracking = Tracking(cfg.report_to, tracking_settings(cfg, out, resume_from is not None),
                         {k: v for k, v in run_info.items() if k != "status"}, warn=say)
 
     # --- 5. the loop: sample, grade, advantages, update(s), log, checkpoint. A stop request
     # (Ctrl-C, SIGTERM) abandons the step in progress; the last finished step is saved.
-    stop = _StopFlag()
+    stop = StopFlag()
     reporter = Reporter(out / TRAIN_METRICS_FILE, total_steps, start_step, True, progress,
                         METRIC_KEYS + RFT_METRIC_KEYS, on_row=tracking.log_metrics)
     step, saved_step, row = start_step, start_step if resume_from is not None else None, {}
@@ -211,7 +211,7 @@ def train_rft(cfg: TrainConfig, progress: bool = True) -> RunResult:
                     for s, a in zip(samples, advantages):
                         s.advantage = a
                     loss, kl, grad_norm, trained = ctx.update(optimizer, samples)
-                except _StepAbandoned:
+                except StepAbandoned:
                     if saved_step != step:
                         save()
                     raise interrupted(f"during step {step + 1}/{total_steps} (not finished; it will be redone)") from None
@@ -245,7 +245,7 @@ def train_rft(cfg: TrainConfig, progress: bool = True) -> RunResult:
                 if evaluate_now:
                     try:
                         row["valid_reward"] = ctx.held_out_reward(held_out)
-                    except _StepAbandoned:
+                    except StepAbandoned:
                         stopped_in_eval = True
                 reporter.log(row)
                 if stopped_in_eval or stop.requested:
@@ -270,7 +270,7 @@ def train_rft(cfg: TrainConfig, progress: bool = True) -> RunResult:
                   "adapter": str(adapter_dir), "adapter_step": step,
                   "train_time_s": row.get("elapsed")})
     run_info.update({"status": "finished", "metrics": final})
-    _write_json(out / RUN_FILE, run_info)
+    write_json(out / RUN_FILE, run_info)
     tracking.log_summary(final)
     tracking.log_artifact(adapter_dir, ADAPTER_DIR)
     tracking.finish()
@@ -282,7 +282,7 @@ class _Context:
     """What one step uses, held for the run: the model, the engine on it, the grader."""
 
     def __init__(self, cfg: TrainConfig, model: Any, engine: LocalEngine, grading: Grading, pad_id: int,
-                 compute_dtype: Any, device: str, params: list, stop: _StopFlag):
+                 compute_dtype: Any, device: str, params: list, stop: StopFlag):
         self.cfg, self.model, self.engine, self.grading = cfg, model, engine, grading
         self.pad_id, self.compute_dtype, self.device, self.params, self.stop = pad_id, compute_dtype, device, params, stop
 
@@ -372,7 +372,7 @@ class _Context:
                     loss_sum += loss.sum().item()
                     if update == 0 and kl is not None:
                         kl_sum = (kl_sum or 0.0) + kl.sum().item()
-                grad_norm = _clip_grad_norm(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf,
+                grad_norm = clip_grad_norm(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf,
                                             Dist(device=self.device))
                 optimizer.step()
                 if first_loss is None:

@@ -171,7 +171,7 @@ def train(cfg: TrainConfig, progress: bool = True, observer: RunObserver | None 
         shard_model(model)
     if compiled:
         compile_layers(model)
-    groups, names = _param_groups(model, cfg.weight_decay)
+    groups, names = param_groups(model, cfg.weight_decay)
     params = [p for g in groups for p in g["params"]]
     n_trainable = sum(p.numel() for p in params)
 
@@ -216,12 +216,12 @@ def train(cfg: TrainConfig, progress: bool = True, observer: RunObserver | None 
         "data": {"hashes": data_hashes, "train": train_stats.to_dict(),
                  "valid": valid_stats.to_dict() if valid_stats else {"examples": len(valid_ex), "split_from_train": cfg.val_split}},
         "parameters": {"trainable": n_trainable, "total": n_total},
-        "versions": _versions(),
+        "versions": versions(),
         "status": "running",
     }
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / RUN_FILE, run_info)
+        write_json(out / RUN_FILE, run_info)
         truncate_metrics(out / TRAIN_METRICS_FILE, start_step - 1 if pending else start_step)
         if observer is not None:
             observer.started(out, start_step - 1 if pending else start_step)
@@ -247,7 +247,7 @@ def train(cfg: TrainConfig, progress: bool = True, observer: RunObserver | None 
         log("settings: " + ", ".join(f"{k}={v}" for k, v in non_default.items()))
     # Trackers get what run.json holds, then every metrics.jsonl row (through the reporter),
     # then the final metrics and the adapter. Only rank 0 reports.
-    tracking = Tracking(cfg.report_to if dist.main else [], _tracking_settings(cfg, out, resume_from is not None),
+    tracking = Tracking(cfg.report_to if dist.main else [], tracking_settings(cfg, out, resume_from is not None),
                         {k: v for k, v in run_info.items() if k != "status"}, warn=log)
 
     # --- 7. the loop. One optimizer step = cfg.batch_size examples over all processes,
@@ -259,7 +259,7 @@ def train(cfg: TrainConfig, progress: bool = True, observer: RunObserver | None 
     # gradients are thrown away, the weights are still those of the last finished step), so
     # the checkpoint of the last finished step resumes exactly. With several processes a
     # step is only abandoned by all of them together, at its end (see _sum_over_processes).
-    stop = _StopFlag(abandon=dist.world_size == 1)
+    stop = StopFlag(abandon=dist.world_size == 1)
     add_stop_checks(model, stop.check)
     reporter = Reporter(out / TRAIN_METRICS_FILE, total_steps, start_step, dist.main, progress,
                         METRIC_KEYS + DPO_METRIC_KEYS if dpo else METRIC_KEYS,
@@ -313,7 +313,7 @@ def train(cfg: TrainConfig, progress: bool = True, observer: RunObserver | None 
                         else:
                             loss_sum, step_tokens = accumulate_gradients(*args)
                             reward_sums = []
-                    except _StepAbandoned:
+                    except StepAbandoned:
                         if saved_step != step:
                             save()
                         raise interrupted(f"during step {step + 1}/{total_steps} (not finished; it will be redone)") from None
@@ -328,7 +328,7 @@ def train(cfg: TrainConfig, progress: bool = True, observer: RunObserver | None 
                             + f"; lower --learning-rate (now {lr_peak:g}) and start again"
                         )
                     # The norm before clipping, also logged when clipping is off (an infinite bound).
-                    grad_norm = _clip_grad_norm(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf, dist)
+                    grad_norm = clip_grad_norm(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf, dist)
                     optimizer.step()
                     step += 1
                     step_s = time.perf_counter() - t0
@@ -353,7 +353,7 @@ def train(cfg: TrainConfig, progress: bool = True, observer: RunObserver | None 
                     try:
                         row.update((pref.evaluate if dpo else evaluate)(model, valid_ex, cfg, pad_id, compute_dtype,
                                                                        dist, stop.check))
-                    except _StepAbandoned:
+                    except StepAbandoned:
                         save(pending_row=row)
                         raise interrupted(f"during the validation after step {step}/{total_steps} "
                                           "(it will be redone)") from None
@@ -401,7 +401,7 @@ def train(cfg: TrainConfig, progress: bool = True, observer: RunObserver | None 
                       "train_time_s": train_time, "compile_s": compile_s,
                       "adapter": str(adapter_dir), "adapter_step": adapter_step})
         run_info.update({"status": "finished", "metrics": final})
-        _write_json(out / RUN_FILE, run_info)
+        write_json(out / RUN_FILE, run_info)
         tracking.log_summary(final)
         tracking.log_artifact(adapter_dir, ADAPTER_DIR)
         tracking.finish()
@@ -424,7 +424,7 @@ def _both(first: Any, second: Any) -> Any:
     return call
 
 
-def _tracking_settings(cfg: TrainConfig, out: Path, resuming: bool) -> TrackingSettings:
+def tracking_settings(cfg: TrainConfig, out: Path, resuming: bool) -> TrackingSettings:
     """What the trackers need; a resumed run continues the trackers' runs of its first attempt."""
     return TrackingSettings(
         run_dir=out, project=cfg.tracking_project, run_name=cfg.run_name or out.name, tags=tuple(cfg.tracking_tags),
@@ -457,7 +457,7 @@ def accumulate_gradients(model: Any, examples: list, step_targets: int, cfg: Tra
     return loss_sum, tokens
 
 
-def _clip_grad_norm(params: list, max_norm: float, dist: Dist) -> float:
+def clip_grad_norm(params: list, max_norm: float, dist: Dist) -> float:
     """torch's clip_grad_norm_, also for FSDP full fine-tuning, where sharded layer weights
     and whole embeddings are mixed (torch's version refuses the mix). Returns the total
     norm before clipping."""
@@ -538,7 +538,7 @@ def _save(out, step, model, optimizer, names, cfg, meta, tokenizer, best, evals_
         torch.distributed.barrier()
 
 
-def _param_groups(model: Any, weight_decay: float) -> tuple[list[dict], list[str]]:
+def param_groups(model: Any, weight_decay: float) -> tuple[list[dict], list[str]]:
     """AdamW groups (no decay on vectors: norms, biases) and the parameter names in order."""
 
     decay, no_decay = [], []
@@ -598,7 +598,7 @@ def _init_distributed() -> Dist:
     return Dist(rank=rank, world_size=world, device=device, owns_group=not given)
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     import peft
     import torch
     import transformers
@@ -607,19 +607,19 @@ def _versions() -> dict[str, str]:
             "peft": peft.__version__, "python": platform.python_version()}
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any) -> None:
     import json
 
     write_atomically(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
-class _StepAbandoned(Exception):
-    """Raised by _StopFlag.check inside a step or a validation pass to abandon it."""
+class StepAbandoned(Exception):
+    """Raised by StopFlag.check inside a step or a validation pass to abandon it."""
 
 
-class _StopFlag:
+class StopFlag:
     """Ctrl-C / SIGTERM set a flag; `check()` (called between and inside steps) raises
-    _StepAbandoned once it is set, where abandoning is allowed (a single process)."""
+    StepAbandoned once it is set, where abandoning is allowed (a single process)."""
 
     def __init__(self, abandon: bool = True) -> None:
         self.requested = False
@@ -632,7 +632,7 @@ class _StopFlag:
 
     def check(self) -> None:
         if self.requested and self.abandon:
-            raise _StepAbandoned()
+            raise StepAbandoned()
 
     def installed(self):
         import contextlib
