@@ -1,7 +1,7 @@
 // Jobs: every fine-tuning job, newest first; refreshed every 2 s while any job is unfinished.
 
 import { api } from "./api.js";
-import { ACTIVE, RUNNING, errorBox, formatDuration, formatNumber, formatTime, h, jobDuration, statusBadge } from "./util.js";
+import { ACTIVE, formatDuration, formatNumber, formatTime, h, jobDuration, pollJobs, statusBadge } from "./util.js";
 
 const FAST_MS = 2000;
 const SLOW_MS = 15000; // jobs submitted elsewhere (the openai client) still show up
@@ -21,23 +21,10 @@ export async function jobsPage(main, _params, page) {
       h("a", { href: "/jobs/new", "data-link": true, class: "button primary" }, "New job")),
     h("section", { class: "card flush" }, tableBox));
 
-  let failed = null;
-  page.every(FAST_MS, async () => {
-    let jobs;
-    try {
-      jobs = (await api("/v1/fine_tuning/jobs?limit=100")).data;
-    } catch (err) {
-      failed?.remove();
-      failed = errorBox(err);
-      main.append(failed);
-      return SLOW_MS;
-    }
-    failed?.remove();
-    failed = null;
-    drawRows(body, jobs);
-    const running = jobs.some((j) => RUNNING.includes(j.status));
-    note.textContent = running ? "refreshing every 2 s while a job runs" : `${jobs.length} job(s)`;
-    return running ? FAST_MS : SLOW_MS;
+  pollJobs(main, page, note, {
+    fastMs: FAST_MS, slowMs: SLOW_MS, running: "a job", noun: "job",
+    load: async () => (await api("/v1/fine_tuning/jobs?limit=100")).data,
+    draw: (jobs) => drawRows(body, jobs),
   });
 }
 

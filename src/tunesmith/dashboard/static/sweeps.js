@@ -3,7 +3,7 @@
 // its metrics events), best first, with a link to the job's page and its curves.
 
 import { api } from "./api.js";
-import { RUNNING, card, errorBox, h, statusBadge } from "./util.js";
+import { RUNNING, card, h, pollJobs, statusBadge } from "./util.js";
 
 const FAST_MS = 3000;
 const SLOW_MS = 15000;
@@ -13,26 +13,16 @@ export async function sweepsPage(main, _params, page) {
   const note = h("span", { class: "muted small", id: "sweeps-refresh" });
   main.append(h("div", { class: "page-head" }, h("div", {}, h("h1", {}, "Sweeps"), note)), box);
   const best = new Map(); // job id -> best validation loss; kept once the job has ended
-  let failed = null;
-  page.every(FAST_MS, async () => {
-    let jobs;
-    try {
-      jobs = (await api("/v1/fine_tuning/jobs?limit=100")).data.filter((j) => j.metadata && j.metadata.sweep);
+  pollJobs(main, page, note, {
+    fastMs: FAST_MS, slowMs: SLOW_MS, running: "a trial", noun: "trial",
+    load: async () => {
+      const jobs = (await api("/v1/fine_tuning/jobs?limit=100")).data.filter((j) => j.metadata && j.metadata.sweep);
       for (const job of jobs) {
         if (!best.has(job.id) || RUNNING.includes(job.status)) best.set(job.id, await bestLoss(job.id));
       }
-    } catch (err) {
-      failed?.remove();
-      failed = errorBox(err);
-      main.append(failed);
-      return SLOW_MS;
-    }
-    failed?.remove();
-    failed = null;
-    draw(box, jobs, best);
-    const running = jobs.some((j) => RUNNING.includes(j.status));
-    note.textContent = running ? "refreshing every 3 s while a trial runs" : `${jobs.length} trial(s)`;
-    return running ? FAST_MS : SLOW_MS;
+      return jobs;
+    },
+    draw: (jobs) => draw(box, jobs, best),
   });
 }
 

@@ -70,6 +70,31 @@ export function errorBox(err) {
   return h("div", { class: "callout callout-error" }, h("strong", {}, "Request failed: "), err.message || String(err));
 }
 
+/** Refresh a list of jobs: every `fastMs` while one of them runs, every `slowMs` otherwise
+ * (jobs submitted elsewhere still show up). `load` fetches the jobs and `draw` shows them; a
+ * failed fetch shows one error box at the end of `main` until the next fetch succeeds, and
+ * `note` says how often the list refreshes (`running`: "a job", "a trial"). */
+export function pollJobs(main, page, note, { fastMs, slowMs, load, draw, running, noun }) {
+  let failed = null;
+  page.every(fastMs, async () => {
+    let jobs;
+    try {
+      jobs = await load();
+    } catch (err) {
+      failed?.remove();
+      failed = errorBox(err);
+      main.append(failed);
+      return slowMs;
+    }
+    failed?.remove();
+    failed = null;
+    draw(jobs);
+    const busy = jobs.some((j) => RUNNING.includes(j.status));
+    note.textContent = busy ? `refreshing every ${fastMs / 1000} s while ${running} runs` : `${jobs.length} ${noun}(s)`;
+    return busy ? fastMs : slowMs;
+  });
+}
+
 export function card(title, ...children) {
   return h("section", { class: "card" }, title ? h("h2", {}, title) : null, ...children);
 }
