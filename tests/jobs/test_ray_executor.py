@@ -191,3 +191,20 @@ def test_a_killed_ray_worker_resumes_from_the_checkpoint_and_pause_stops_the_ray
     assert steps == list(range(1, 121)), steps  # every step once: the redone ones replaced, none missing
     events = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=200)]
     assert any(m.startswith("Training paused") for m in events), events
+
+
+def test_a_cluster_address_that_answers_nothing_is_one_sentence(tiny_model_dir, tmp_path):
+    """Ray's own connect retries an address with nothing behind it for minutes; the executor
+    tries a TCP connection first and says what to do."""
+    from in_process import run_tunesmith
+
+    data = tmp_path / "train.jsonl"
+    write_chat_jsonl(data, 4)
+    address = f"127.0.0.1:{_free_port()}"  # bound and released: nothing listens there
+    result = run_tunesmith("train", "--model", tiny_model_dir, "--data", data, "--max-steps", 1,
+                           "--out", tmp_path / "run", "--ray-address", address)
+    assert result.returncode != 0
+    assert f"--ray-address {address}: no Ray cluster answered" in result.stderr
+    assert "ray start --head" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "ray.json").exists()

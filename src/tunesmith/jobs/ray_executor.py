@@ -89,6 +89,27 @@ class RayPlacement:
             raise ConfigError("; ".join(problems))
 
 
+CONNECT_TIMEOUT_S = 10.0
+"""How long a HOST:PORT cluster address may take to accept a TCP connection."""
+
+
+def _check_reachable(address: str | None) -> None:
+    """Fail at once with a sentence when a HOST:PORT (or ray://HOST:PORT) address does not
+    accept a connection: Ray's own connect retries an unroutable address for minutes."""
+    import socket
+
+    target = (address or "").removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():  # auto, local, None: Ray finds the cluster itself
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ConfigError(f"--ray-address {address}: no Ray cluster answered (could not connect within "
+                          f"{CONNECT_TIMEOUT_S:.0f} s: {exc}); start one with `ray start --head` and pass its "
+                          "HOST:6379, or `local` for one on this machine") from None
+
+
 def ray_available() -> bool:
     import importlib.util
 
@@ -116,6 +137,7 @@ def train_on_ray(cfg: TrainConfig, placement: RayPlacement) -> None:
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
+    _check_reachable(placement.address)
     try:
         ray.init(address=placement.address, log_to_driver=True, configure_logging=False,
                  runtime_env={"env_vars": _passed_env()})
