@@ -105,9 +105,12 @@ def _check_reachable(address: str | None) -> None:
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as exc:
-        raise ConfigError(f"--ray-address {address}: no Ray cluster answered (could not connect within "
-                          f"{CONNECT_TIMEOUT_S:.0f} s: {exc}); start one with `ray start --head` and pass its "
-                          "HOST:6379, or `local` for one on this machine") from None
+        raise _no_cluster(address, f"could not connect within {CONNECT_TIMEOUT_S:.0f} s: {exc}") from None
+
+
+def _no_cluster(address: str | None, why: Any) -> ConfigError:
+    return ConfigError(f"--ray-address {address}: no Ray cluster answered ({why}); start one with "
+                       "`ray start --head` and pass its HOST:6379, or `local` for one on this machine")
 
 
 def ray_available() -> bool:
@@ -142,8 +145,7 @@ def train_on_ray(cfg: TrainConfig, placement: RayPlacement) -> None:
         ray.init(address=placement.address, log_to_driver=True, configure_logging=False,
                  runtime_env={"env_vars": _passed_env()})
     except ConnectionError as exc:
-        raise ConfigError(f"--ray-address {placement.address}: no Ray cluster answered ({exc}); start one with "
-                          "`ray start --head` and pass its HOST:6379, or `local` for one on this machine") from None
+        raise _no_cluster(placement.address, exc) from None
     out.mkdir(parents=True, exist_ok=True)
     write_atomically(out / RAY_FILE, json.dumps(run, indent=2) + "\n")
     mirror = _Mirror(out, cfg, run)
