@@ -59,7 +59,10 @@ def test_a_grid_sweep_prunes_the_losing_trial_and_keeps_the_best(sweep_dir, _iso
     (sweep_dir / "train.csv").write_text("text,category\n" + "".join(
         f"What is the capital of France? {i},Paris {i % 3}\n" for i in range(16)))
     base = yaml.safe_load((sweep_dir / "run.yaml").read_text())
-    base.update(data="train.csv", input_column="text", output_column="category")
+    # 40 steps, a validation loss after each: a 4-step trial on the tiny model could end between
+    # two of the sweep's reads (CI, stop 29), and a trial that has ended is rightly recorded as
+    # complete, not pruned. The losing trial must outlast several reads to be pruned.
+    base.update(data="train.csv", input_column="text", output_column="category", max_steps=40)
     (sweep_dir / "run.yaml").write_text(yaml.safe_dump(base))
     path = write_sweep(sweep_dir, search_space={"learning_rate": {"type": "choice", "values": [1e-2, 1e-7]},
                                                 "lora_rank": {"type": "choice", "values": [4]}},
