@@ -62,7 +62,12 @@ def test_a_grid_sweep_prunes_the_losing_trial_and_keeps_the_best(sweep_dir, _iso
     # 40 steps, a validation loss after each: a 4-step trial on the tiny model could end between
     # two of the sweep's reads (CI, stop 29), and a trial that has ended is rightly recorded as
     # complete, not pruned. The losing trial must outlast several reads to be pruned.
-    base.update(data="train.csv", input_column="text", output_column="category", max_steps=40)
+    # A validation file, as bench/banking77_sweep.py has: trials judged on the validation loss
+    # skip the jobs' base-against-tuned evaluation of it.
+    (sweep_dir / "valid.csv").write_text("text,category\n" + "".join(
+        f"What is the capital of France? {i},Paris {i % 3}\n" for i in range(16, 20)))
+    base.pop("val_split")
+    base.update(data="train.csv", validation="valid.csv", input_column="text", output_column="category", max_steps=40)
     (sweep_dir / "run.yaml").write_text(yaml.safe_dump(base))
     path = write_sweep(sweep_dir, search_space={"learning_rate": {"type": "choice", "values": [1e-2, 1e-7]},
                                                 "lora_rank": {"type": "choice", "values": [4]}},
@@ -82,6 +87,9 @@ def test_a_grid_sweep_prunes_the_losing_trial_and_keeps_the_best(sweep_dir, _iso
     store = open_store()
     jobs = {j["id"]: j for j in store.list_jobs(metadata_filter={"sweep": "tiny"})[0]}
     assert {j["status"] for j in jobs.values()} == {"succeeded", "cancelled"}
+    assert all(j["validation_file"] and j["metadata"]["sweep_objective"] == "valid_loss" for j in jobs.values())
+    events = [e["message"] for j in jobs for e in store.list_events(j, limit=1000)[0]]
+    assert not any("Evaluating" in m for m in events) and any("validation loss" in m for m in events)
     best_job = jobs[results["best"]["job_id"]]
     assert best_job["overrides"]["learning_rate"] == 1e-2 and best_job["overrides"]["lora_rank"] == 4
     assert best_job["lineage"]["config"]["lora_rank"] == 4  # the trainer ran with the trial's values

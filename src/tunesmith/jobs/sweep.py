@@ -213,16 +213,17 @@ def _start_trial(cfg: SweepConfig, store: JobStore, study: Any, files: dict[str,
         "id": job_id, "model": cfg.base.get("model", DEFAULT_MODEL), "training_file": files["training_file"],
         "validation_file": files["validation_file"], "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
         "suffix": f"{cfg.name}-t{trial.number}"[:64], "seed": int(overrides.get("seed", 42)),
-        "metadata": _metadata(cfg.name, trial.number, params), "overrides": overrides,
+        "metadata": _metadata(cfg.name, trial.number, params, cfg.objective), "overrides": overrides,
     }, first_event=f"Created fine-tuning job: {job_id} (sweep {cfg.name}, trial {trial.number})")
     trial.set_user_attr("job_id", job_id)
     log(f"trial {trial.number}: job {job_id}, " + ", ".join(f"{k}={_fmt(v)}" for k, v in params.items()))
     return Watched(trial, job_id)
 
 
-def _metadata(name: str, number: int, params: dict[str, Any]) -> dict[str, str]:
-    """What links a job to its sweep in the jobs API (OpenAI's metadata: strings up to 512 characters)."""
-    meta = {"sweep": name, "sweep_trial": str(number)}
+def _metadata(name: str, number: int, params: dict[str, Any], objective: str) -> dict[str, str]:
+    """What links a job to its sweep in the jobs API (OpenAI's metadata: strings up to 512 characters).
+    `sweep_objective` tells the worker whether the trial needs its evaluation stage (eval:<metric>)."""
+    meta = {"sweep": name, "sweep_trial": str(number), "sweep_objective": objective[:512]}
     text = json.dumps(params)
     if len(text) <= 512:
         meta["sweep_params"] = text

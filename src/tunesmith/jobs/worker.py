@@ -301,8 +301,11 @@ class Worker:
             if outcome == "finished" and rc != 0:
                 self._fail(job_id, "training_failed", last_error(root / "train.log", rc))
                 return
-            # A reinforcement job measured its held-out reward while training (metrics events).
-            if outcome == "finished" and job["validation_file"] and job["method"]["type"] != "reinforcement":
+            # A reinforcement job measured its held-out reward while training (metrics events); a
+            # sweep trial judged on its validation loss has it already, and every trial would
+            # evaluate the same base model again.
+            if outcome == "finished" and job["validation_file"] and job["method"]["type"] != "reinforcement" \
+                    and (job["metadata"] or {}).get("sweep_objective") != "valid_loss":
                 outcome, evaluation = self._evaluate(job, run_dir, root, lock_fd, stop)
         finally:
             os.close(lock_fd)
