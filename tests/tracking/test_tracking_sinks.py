@@ -210,3 +210,46 @@ def test_a_tracker_not_installed_is_named_with_its_extra(monkeypatch):
     text = str(exc.value)
     assert "pip install 'tunesmith[wandb]'" in text and "pip install 'tunesmith[trackio]'" in text
     assert "tensorboard" not in text
+
+
+def test_eval_by_hand_sends_its_scores_to_the_runs_the_adapter_reported_to(tiny_model_dir, chat_file, tmp_path,
+                                                                          monkeypatch):
+    pytest.importorskip("mlflow"), pytest.importorskip("tensorboard")
+    from in_process import run_tunesmith
+
+    out, db = tmp_path / "run", tmp_path / "mlflow.db"
+    env = {"OMP_NUM_THREADS": "1"}
+    proc = train(tiny_model_dir, chat_file, out, "--report-to", "mlflow,tensorboard", "--tracking-project", "byhand",
+                 "--mlflow-tracking-uri", f"sqlite:///{db}", env=env, in_process=True)
+    assert proc.returncode == 0, proc.stderr
+    test = tmp_path / "held out.jsonl"  # a name a tracker key cannot hold as it is
+    test.write_text(chat_file.read_text())
+    ev = run_tunesmith("eval", "--model", str(tiny_model_dir), "--adapter", str(out / "adapter"), "--data", str(test),
+                       "--limit", "4", "--max-new-tokens", "4", "--metric", "exact", "--out", str(tmp_path / "eval"),
+                       env=env)
+    assert ev.returncode == 0, ev.stderr
+    assert "sent 2 scores to mlflow, tensorboard" in ev.stderr
+    scores = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    last_step = json.loads((out / "run.json").read_text())["metrics"]["steps"]
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    (mrun,) = mlflow.search_runs(experiment_names=["byhand"], output_format="list")
+    assert mrun.info.run_id == read_tracking_file(out)["runs"]["mlflow"]  # the training's own run, continued
+    (point,) = MlflowClient(tracking_uri=f"sqlite:///{db}").get_metric_history(mrun.info.run_id,
+                                                                               "eval/held_out/exact_match")
+    assert (point.step, point.value) == (last_step, pytest.approx(scores["scores"]["exact_match"]))
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("eval/held_out/loss")] == [(last_step, pytest.approx(scores["loss"]))]
+
+    # --no-trackers keeps an evaluation out of them.
+    ev = run_tunesmith("eval", "--model", str(tiny_model_dir), "--adapter", str(out), "--data", str(test),
+                       "--limit", "4", "--max-new-tokens", "4", "--metric", "exact", "--out", str(tmp_path / "eval2"),
+                       "--no-trackers", env=env)
+    assert ev.returncode == 0 and "sent" not in ev.stderr

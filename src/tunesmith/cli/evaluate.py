@@ -100,6 +100,8 @@ def eval_cmd(
                                "{input, reference, line}. Reports the mean and per-row scores."),
     judge_base_url: Optional[str] = typer.Option(None, "--judge-base-url", help=JUDGE_BASE_URL_HELP),
     judge_api_key: Optional[str] = typer.Option(None, "--judge-api-key", help=JUDGE_API_KEY_HELP),
+    to_trackers: bool = typer.Option(True, "--to-trackers/--no-trackers", help="Send the scores to the trackers the "
+                                     "adapter's run reported to (as eval/<data file>/<score>, at its last step)."),
 ) -> None:
     """Evaluate a model or adapter on held-out data."""
     from tunesmith.evaluate.evaluation import evaluate, print_eval, write_eval
@@ -129,10 +131,31 @@ def eval_cmd(
         typer.echo(format_summary(summary))
         write_eval(out, result)
     log(f"wrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}")
+    if adapter is not None and to_trackers:
+        _send_to_trackers(adapter, data, result.metrics)
     if report:
         from tunesmith.evaluate.report import build_report
 
         log(f"report: {build_report(out)}")
+
+
+def _send_to_trackers(adapter: Path, data: Path, metrics: dict) -> None:
+    """The scores into the runs the adapter's training opened in its trackers, if any."""
+    import re
+
+    from tunesmith.tracking.sinks import log_after_training, run_dir_of
+
+    run_dir = run_dir_of(adapter)
+    if run_dir is None:
+        return
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(data).stem) or "data"
+    numbers = {f"eval/{name}/{k}": float(v) for k, v in (metrics.get("scores") or {}).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if metrics.get("loss") is not None:
+        numbers[f"eval/{name}/loss"] = float(metrics["loss"])
+    sent = log_after_training(run_dir, numbers, warn=log)
+    if sent:
+        log(f"sent {len(numbers)} scores to {', '.join(sent)} (the runs {run_dir} reported to)")
 
 
 def compare_cmd(

@@ -99,19 +99,29 @@ class Tracking:
                              json.dumps({"runs": runs, "failed": failed}, indent=2) + "\n")
 
 
-def log_after_training(run_dir: Path, metrics: dict[str, float], warn: Callable[[str], None]) -> None:
-    """Numbers measured after the run ended (a job's evaluation) into the runs its trackers
-    opened, continued by their ids in RUN/tracking.json, at the run's last step. A run that
-    reported to no tracker (or none that started) is left alone."""
+def run_dir_of(adapter: Path) -> Path | None:
+    """The training run an adapter path belongs to: RUN itself, RUN/adapter or RUN/checkpoints/step-N."""
+    adapter = Path(adapter)
+    for candidate in (adapter, adapter.parent, adapter.parent.parent):
+        if (candidate / RUN_FILE).is_file():
+            return candidate
+    return None
+
+
+def log_after_training(run_dir: Path, metrics: dict[str, float], warn: Callable[[str], None]) -> list[str]:
+    """Numbers measured after the run ended (a job's evaluation, `tunesmith eval` of its
+    adapter) into the runs its trackers opened, continued by their ids in RUN/tracking.json,
+    at the run's last step. A run that reported to no tracker (or none that started) is left
+    alone. Returns the trackers that were sent the numbers."""
     run_dir = Path(run_dir)
     if not (run_dir / RUN_FILE).is_file():
-        return
+        return []
     info = read_run_json(run_dir)
     cfg = info.get("config", {})
     started = read_tracking_file(run_dir).get("runs", {})
     names = [n for n in cfg.get("report_to") or [] if n in started]
     if not names:
-        return
+        return []
     settings = TrackingSettings(
         run_dir=run_dir, project=cfg.get("tracking_project") or "tunesmith",
         run_name=cfg.get("run_name") or run_dir.name, tags=tuple(cfg.get("tracking_tags") or ()),
@@ -121,3 +131,4 @@ def log_after_training(run_dir: Path, metrics: dict[str, float], warn: Callable[
     tracking = Tracking(names, settings, config, warn)
     tracking.log_metrics({"step": (info.get("metrics") or {}).get("steps") or 0, **metrics})
     tracking.finish()
+    return [sink for sink in names if sink not in tracking.failed]
