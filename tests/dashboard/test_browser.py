@@ -252,7 +252,8 @@ def test_the_sweeps_page_lists_each_trial_and_marks_the_best(dashboard_server, p
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({
         "name": "dash", "sampler": "grid", "trials": 2, "parallelism": 1,
-        "base": {"model": str(tiny_model_dir), "data": "train.jsonl", "val_split": 0.25, "max_steps": 4,
+        # 40 steps: the losing trial must outlast a few of the sweep's reads to be pruned (test_sweep.py).
+        "base": {"model": str(tiny_model_dir), "data": "train.jsonl", "val_split": 0.25, "max_steps": 40,
                  "batch_size": 4, "eval_every_steps": 1, "precision": "fp32"},
         "search_space": {"learning_rate": {"type": "choice", "values": [1e-2, 1e-7]}}}))
     cfg = load_sweep_config(tmp_path / "sweep.yaml")
@@ -277,6 +278,15 @@ def test_the_sweeps_page_lists_each_trial_and_marks_the_best(dashboard_server, p
     pruned = page.inner_text(f"#sweep-dash tbody tr[data-trial='{1 - results['best']['number']}']")
     assert "cancelled" in pruned.lower() and "1.00e-7" in pruned, pruned
     assert f"{results['best']['value']:.4f}" in best
+    # Both trials' validation curves in one chart (from GET /v1/sweeps/dash), the pruned one
+    # with its single point; one finished trial is too few for importances.
+    page.wait_for_selector("#sweep-chart-dash svg path.series")
+    curves = {p.get_attribute("data-series"): p for p in page.query_selector_all("#sweep-chart-dash path.series")}
+    loser = 1 - results["best"]["number"]
+    assert set(curves) == {f"trial {results['best']['number']}", f"trial {loser} (pruned)"}
+    assert "(40)" in page.inner_text("#sweep-chart-dash .legend") and "(pruned) (1)" in page.inner_text(
+        "#sweep-chart-dash .legend")
+    assert "once two trials have finished" in page.inner_text("#sweep-importance-dash")
     screenshot(page, "sweeps")
     page.click("#sweep-dash tbody tr.best a")
     page.wait_for_selector(".page-head .badge[data-status='succeeded']")

@@ -13,9 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from in_process import run_tunesmith
+from jobs_helpers import jobs_server  # noqa: F401 (a fixture)
 
 from tunesmith.errors import ConfigError
 from tunesmith.jobs.store import open_store
@@ -103,7 +105,7 @@ def test_a_grid_sweep_prunes_the_losing_trial_and_keeps_the_best(sweep_dir, _iso
     assert report.count('class="series"') == 2 and "trial 1 (pruned)" in report and "<tr class=win>" in report
 
 
-def test_trials_run_in_parallel_and_a_second_run_continues_the_study(sweep_dir, _isolated_home):
+def test_trials_run_in_parallel_and_a_second_run_continues_the_study(sweep_dir, _isolated_home, jobs_server):
     space = {"learning_rate": {"type": "log-uniform", "low": 1e-4, "high": 1e-2},
              "lora_rank": {"type": "int", "low": 2, "high": 8}}
     out = sweep_dir / "out"
@@ -123,6 +125,18 @@ def test_trials_run_in_parallel_and_a_second_run_continues_the_study(sweep_dir, 
     assert all(t["state"] == "complete" and 2 <= t["params"]["lora_rank"] <= 8 for t in results["trials"])
     assert len(store.list_jobs(metadata_filter={"sweep": "tiny"})[0]) == 3  # one new job, not three
     assert set(results["importance"]) == {"learning_rate", "lora_rank"}
+
+    # The server on the same database reads the sweep back for the dashboard: the same
+    # trials, curves, best trial and importances as OUT/sweep.json.
+    live = jobs_server(workers=0)
+    got = httpx.get(f"{live.url}/v1/sweeps/tiny", timeout=60).json()
+    assert got["object"] == "sweep" and got["objective"] == "valid_loss" and got["direction"] == "minimize"
+    assert [(t["number"], t["state"], t["value"], t["params"], t["job_id"], t["curve"]) for t in got["trials"]] == \
+        [(t["number"], t["state"], t["value"], t["params"], t["job_id"], t["curve"]) for t in results["trials"]]
+    assert got["best"]["number"] == results["best"]["number"] and got["importance"] == pytest.approx(results["importance"])
+    for name, status in (("nope", 404), ("a;b", 404), ("x" * 65, 404)):
+        r = httpx.get(f"{live.url}/v1/sweeps/{name}", timeout=60)
+        assert r.status_code == status and r.json()["error"]["param"] == "name", (name, r.text)
 
 
 @pytest.mark.parametrize(("fields", "expected"), [

@@ -66,6 +66,8 @@ def run_sweep(cfg: SweepConfig, store: JobStore, out: Path, workers: int | None 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(storage=optuna_url(store), study_name=cfg.name, direction=cfg.direction,
                                 sampler=_sampler(cfg), pruner=_pruner(cfg), load_if_exists=True)
+    study.set_user_attr("objective", cfg.objective)  # for load_sweep_results (the dashboard)
+    study.set_user_attr("sampler", cfg.sampler)
     files = _files(cfg, store, study)
     if cfg.sampler == "grid" and not study.trials:
         _queue_grid(cfg, study)
@@ -295,6 +297,25 @@ def _objective(cfg: SweepConfig, job: dict[str, Any], losses: dict[int, float]) 
 
 def sweep_results(cfg: SweepConfig, store: JobStore, study: Any) -> dict[str, Any]:
     """Every trial (number, state, value, params, job), the best one, and each parameter's importance."""
+    return study_results(store, study, cfg.objective, cfg.sampler)
+
+
+def load_sweep_results(store: JobStore, name: str) -> dict[str, Any] | None:
+    """A sweep's results read back from its optuna study in the jobs database (what the
+    dashboard shows while it runs), or None when no sweep has that name."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=name, storage=optuna_url(store))
+    except KeyError:
+        return None
+    attrs = study.user_attrs  # set by run_sweep; a study from before has the defaults
+    return study_results(store, study, attrs.get("objective", "valid_loss"), attrs.get("sampler", "tpe"))
+
+
+def study_results(store: JobStore, study: Any, objective: str, sampler: str) -> dict[str, Any]:
+    """The results of a study whose trials are jobs in `store`."""
     import optuna
     from optuna.trial import TrialState
 
@@ -314,13 +335,13 @@ def sweep_results(cfg: SweepConfig, store: JobStore, study: Any) -> dict[str, An
                 "fine_tuned_model": job["fine_tuned_model"],
                 "adapter": str(store.storage_root / adapter) if adapter else None}
     importance = {}
-    if len(complete) >= 2 and len(cfg.search_space) >= 1:
+    if len(complete) >= 2 and complete[0].params:
         try:
             importance = {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
         except (RuntimeError, ValueError):  # e.g. every trial took the same value
             importance = {}
-    return {"name": cfg.name, "objective": cfg.objective, "direction": cfg.direction, "sampler": cfg.sampler,
-            "trials": trials, "best": best, "importance": importance}
+    return {"name": study.study_name, "objective": objective, "direction": study.direction.name.lower(),
+            "sampler": sampler, "trials": trials, "best": best, "importance": importance}
 
 
 def _write_results(cfg: SweepConfig, store: JobStore, study: Any, results: dict[str, Any], out: Path) -> None:

@@ -52,6 +52,8 @@ from tunesmith.tracking.base import missing_trackers
 
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024 * 1024
 PUBLISHED_CHECKPOINTS = 3
+SWEEP_CACHE_S = 2.0
+"""How long GET /v1/sweeps/{name} reuses a sweep's results (the dashboard polls every 3 s)."""
 """Checkpoints per job that are loaded as models (the last ones, as hosted APIs keep)."""
 
 
@@ -132,6 +134,8 @@ class JobsService:
         self._validation_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._sweeps: dict[str, tuple[float, dict[str, Any] | None]] = {}
+        self._sweep_lock = threading.Lock()
         self.router = self._build_router()
 
     # -- lifecycle
@@ -191,6 +195,7 @@ class JobsService:
         router.add_api_route("/v1/fine_tuning/jobs/{job_id}/resume", self.resume_job, methods=["POST"])
         router.add_api_route("/v1/fine_tuning/jobs/{job_id}/events", self.list_events, methods=["GET"])
         router.add_api_route("/v1/fine_tuning/jobs/{job_id}/checkpoints", self.list_checkpoints, methods=["GET"])
+        router.add_api_route("/v1/sweeps/{name}", self.retrieve_sweep, methods=["GET"])
         return router
 
     # -- files
@@ -398,6 +403,33 @@ class JobsService:
         self._job(job_id)
         rows, more = self.store.list_checkpoints(job_id, after, _limit(limit, 1000))
         return page([checkpoint_object(r) for r in rows], more)
+
+
+    def retrieve_sweep(self, name: str) -> dict[str, Any]:
+        """tunesmith's own: a `tunesmith sweep`'s trials, curves, best trial and importances,
+        read from its optuna study in this server's database. The dashboard polls it, so one
+        result per sweep is reused for SWEEP_CACHE_S (the importances fit a forest)."""
+        import importlib.util
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+            raise APIError(404, "no sweep by that name: a sweep's name is 1-64 letters, digits, '_', '.' or '-'",
+                           code="not_found", param="name")
+        if importlib.util.find_spec("optuna") is None:
+            raise APIError(501, "this server cannot read sweeps: optuna is not installed (pip install "
+                                "'tunesmith[sweep]')", code="not_supported", param="name")
+        from tunesmith.jobs.sweep import load_sweep_results
+
+        with self._sweep_lock:  # one reader at a time: a burst of polls costs one read
+            now = time.monotonic()
+            hit = self._sweeps.get(name)
+            if hit is None or now - hit[0] > SWEEP_CACHE_S:
+                if len(self._sweeps) >= 64:
+                    self._sweeps.pop(min(self._sweeps, key=lambda k: self._sweeps[k][0]))
+                hit = self._sweeps[name] = (now, load_sweep_results(self.store, name))
+        if hit[1] is None:
+            raise APIError(404, f"no sweep named '{name}' in this server's database", code="not_found", param="name")
+        return {"object": "sweep", **hit[1]}
 
 
 def _validation_object(file_id: str, model: str | None, report: dict[str, Any]) -> dict[str, Any]:

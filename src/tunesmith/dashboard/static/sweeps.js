@@ -1,8 +1,11 @@
 // Sweeps: the jobs `tunesmith sweep` queued, grouped by their metadata.sweep. Each trial
 // shows its settings (metadata.sweep_params), status and best validation loss so far (from
-// its metrics events), best first, with a link to the job's page and its curves.
+// its metrics events), best first, with a link to the job's page and its curves. Under the
+// table, every trial's validation curve in one chart and each hyperparameter's importance,
+// from the sweep's optuna study (GET /v1/sweeps/{name}).
 
 import { api } from "./api.js";
+import { lineChart } from "./chart.js";
 import { RUNNING, card, h, pollJobs, statusBadge } from "./util.js";
 
 const FAST_MS = 3000;
@@ -13,6 +16,7 @@ export async function sweepsPage(main, _params, page) {
   const note = h("span", { class: "muted small", id: "sweeps-refresh" });
   main.append(h("div", { class: "page-head" }, h("div", {}, h("h1", {}, "Sweeps"), note)), box);
   const best = new Map(); // job id -> best validation loss; kept once the job has ended
+  const studies = new Map(); // sweep name -> GET /v1/sweeps/{name}, or null where the server cannot read it
   pollJobs(main, page, note, {
     fastMs: FAST_MS, slowMs: SLOW_MS, running: "a trial", noun: "trial",
     load: async () => {
@@ -20,9 +24,13 @@ export async function sweepsPage(main, _params, page) {
       for (const job of jobs) {
         if (!best.has(job.id) || RUNNING.includes(job.status)) best.set(job.id, await bestLoss(job.id));
       }
+      for (const name of new Set(jobs.map((j) => j.metadata.sweep))) {
+        const live = jobs.some((j) => j.metadata.sweep === name && RUNNING.includes(j.status));
+        if (!studies.has(name) || live) studies.set(name, await api(`/v1/sweeps/${encodeURIComponent(name)}`).catch(() => null));
+      }
       return jobs;
     },
-    draw: (jobs) => draw(box, jobs, best),
+    draw: (jobs) => draw(box, jobs, best, studies),
   });
 }
 
@@ -33,7 +41,7 @@ async function bestLoss(jobId) {
   return losses.length ? Math.min(...losses) : null;
 }
 
-function draw(box, jobs, best) {
+function draw(box, jobs, best, studies) {
   if (!jobs.length) {
     box.replaceChildren(card(null, h("p", { class: "empty" },
       "No sweeps yet. Run ", h("code", {}, "tunesmith sweep -c sweep.yaml"),
@@ -45,10 +53,10 @@ function draw(box, jobs, best) {
     if (!byName.has(job.metadata.sweep)) byName.set(job.metadata.sweep, []);
     byName.get(job.metadata.sweep).push(job);
   }
-  box.replaceChildren(...[...byName].map(([name, trials]) => sweepCard(name, trials, best)));
+  box.replaceChildren(...[...byName].map(([name, trials]) => sweepCard(name, trials, best, studies.get(name))));
 }
 
-function sweepCard(name, trials, best) {
+function sweepCard(name, trials, best, study) {
   const params = trials.map((j) => parseParams(j.metadata.sweep_params));
   const keys = [...new Set(params.flatMap((p) => Object.keys(p)))].sort();
   const rows = trials.map((job, i) => ({ job, params: params[i], loss: best.get(job.id) }))
@@ -65,7 +73,35 @@ function sweepCard(name, trials, best) {
   const done = trials.filter((j) => !RUNNING.includes(j.status)).length;
   return card(`${name} · ${done}/${trials.length} ended`, h("div", { class: "table-wrap" }, table),
     winner ? h("p", { class: "small" }, "Best so far: trial ", winner.job.metadata.sweep_trial, ", ",
-      h("span", { class: "mono" }, winner.job.fine_tuned_model || winner.job.id)) : null);
+      h("span", { class: "mono" }, winner.job.fine_tuned_model || winner.job.id)) : null,
+    study ? studyView(name, study) : h("p", { class: "small muted" },
+      "The curves and importances need the server to read the sweep's study (optuna installed)."));
+}
+
+// Every trial's intermediate values (the validation loss at each reported step) in one chart,
+// then each hyperparameter's importance (optuna's fANOVA) as bars.
+function studyView(name, study) {
+  const chart = h("div", { class: "chart-box", id: `sweep-chart-${name}` });
+  const series = study.trials.map((t, i) => ({
+    name: `trial ${t.number}${t.state === "pruned" ? " (pruned)" : ""}`,
+    color: `hsl(${(i * 137.5) % 360} 65% 45%)`,
+    points: Object.entries(t.curve).map(([step, v]) => [Number(step), v]),
+  }));
+  lineChart(chart, { series, yLabel: study.objective === "valid_loss" ? "validation loss" : study.objective,
+    empty: "No trial has reported a validation loss yet." });
+  const entries = Object.entries(study.importance || {});
+  const importance = entries.length
+    ? h("div", { class: "importance", id: `sweep-importance-${name}` }, h("h3", {}, "Importance"),
+      ...entries.map(([param, v]) => {
+        const bar = h("div", { class: "bar" });
+        bar.style.width = `${Math.round(100 * v)}%`; // CSSOM: allowed by the page's CSP
+        return h("div", { class: "importance-row", "data-param": param },
+          h("span", { class: "mono" }, param), h("div", { class: "track" }, bar),
+          h("span", { class: "num" }, v.toFixed(2)));
+      }))
+    : h("p", { class: "small muted", id: `sweep-importance-${name}` },
+      "Importances appear once two trials have finished with different settings.");
+  return h("div", {}, chart, importance);
 }
 
 function parseParams(text) {
