@@ -31,6 +31,7 @@ from tunesmith.generate.engine import ADAPTER_NAME
 from tunesmith.graders.run import validate_grader
 from tunesmith.graders.types import GraderError, parse_grader
 from tunesmith.jobs.store import ACTIVE, JobStore, new_id, open_store
+from tunesmith.jobs.sweep import load_sweep_results
 from tunesmith.jobs.validation import audit_problems, check_file
 from tunesmith.jobs.worker import Executor, Worker, WorkerConfig, ft_model_name
 from tunesmith.models.registry import REGISTRY, resolve_model
@@ -418,8 +419,6 @@ class JobsService:
         if importlib.util.find_spec("optuna") is None:
             raise APIError(501, "this server cannot read sweeps: optuna is not installed (pip install "
                                 "'tunesmith[sweep]')", code="not_supported", param="name")
-        from tunesmith.jobs.sweep import load_sweep_results
-
         with self._sweep_lock:  # one reader at a time: a burst of polls costs one read
             now = time.monotonic()
             hit = self._sweeps.get(name)
