@@ -151,7 +151,8 @@ class CallStream:
             at = opens_call(self.syntax, self.text)
             if at is not None and at >= self.sent:
                 self.in_calls = True
-                end = at
+                # Only whitespace before the call is no content (parse_calls strips it too).
+                end = at if self.text[:at].strip() else self.sent
             elif finished:
                 end = len(self.text)
             else:  # hold back what may begin the opener
