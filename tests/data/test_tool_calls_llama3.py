@@ -95,6 +95,10 @@ def test_the_call_trained_is_what_serve_prompts_with_parses_and_constrains_to(ll
     matcher = llama3_engine.compile(grammar).deep_copy()
     assert matcher.consume_tokens(tok(text, add_special_tokens=False)["input_ids"]) and matcher.is_accepting()
 
+    # The template writes tools with tojson: a file's key order is OpenAI's before it renders.
+    shuffled = {"function": {"parameters": WEATHER["function"]["parameters"], "name": "weather"}, "type": "function"}
+    assert render_example(tok, parse_chat({**ROW, "tools": [shuffled]}, 1, [], [])).input_ids == trained.input_ids
+
     served = llama3_engine.render_chat([ASK, {"role": "assistant", "content": "", "tool_calls": [CALL]}, RESULT],
                                        [WEATHER])
     answer = [i for i, label in enumerate(trained.labels) if label != IGNORE_INDEX and i >= len(prompt) + len(first)]

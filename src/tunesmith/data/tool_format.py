@@ -59,10 +59,26 @@ def template_renders_tools(tokenizer: Any) -> bool:
     return template_syntax(tokenizer) is not None
 
 
+FUNCTION_KEYS = ("name", "description", "parameters", "strict")
+"""A function definition's fields in OpenAI's order, which serve's request model keeps."""
+
+
+def canonical_tool(tool: Any) -> Any:
+    """A tool as `{"type": "function", "function": {...}}` with the function's fields in
+    OpenAI's order (unset ones left out, others after): templates write tools with tojson, so
+    a training file's key order must not make its prompt differ from the one serve renders."""
+    fn = tool.get("function", tool) if isinstance(tool, dict) else None
+    if not isinstance(fn, dict):
+        return tool
+    ordered = {k: fn[k] for k in FUNCTION_KEYS if fn.get(k) is not None}
+    return {"type": "function", "function": {**ordered, **{k: v for k, v in fn.items() if k not in FUNCTION_KEYS}}}
+
+
 def for_template(tokenizer: Any, messages: Sequence[Message], tools: Any) -> tuple[list[Message], Any]:
     """The messages and tools to give the chat template (see the module's rules)."""
     if not tools and not any(m.tool_calls or m.role == "tool" for m in messages):
         return list(messages), tools
+    tools = [canonical_tool(t) for t in tools] if isinstance(tools, list) else tools
     if template_renders_tools(tokenizer):
         out = []
         for m in messages:
