@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from tunesmith.data.tool_syntax import HERMES, ToolSyntax, opens_call, parse_calls
+from tunesmith.data.tool_syntax import ToolSyntax, opens_call, parse_calls
 from tunesmith.generate.constraints import Constraint, ConstraintError, check_schema_limits
 from tunesmith.serve import protocol as p
 from tunesmith.serve.errors import APIError
@@ -55,7 +55,7 @@ def tool_definitions(req: p.ChatCompletionRequest) -> list[dict[str, Any]] | Non
     return [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
 
 
-def plan(req: p.ChatCompletionRequest, other_constraint: bool, syntax: ToolSyntax = HERMES) -> ToolPlan | None:
+def plan(req: p.ChatCompletionRequest, other_constraint: bool, syntax: ToolSyntax) -> ToolPlan | None:
     """The tool plan of a request in the model's `syntax`, None without tools or with
     tool_choice none; a 400 for a tool_choice that names no declared function, or parameters
     over OpenAI's limits. A syntax without parallel calls (Llama 3.x's) makes one call:
