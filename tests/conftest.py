@@ -20,7 +20,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 
 from tiny_model import (  # noqa: F401,E402
-    ADAPTERS, CHATML_TEMPLATE, build_tiny_model, build_tiny_tokenizer, make_adapter, save_tiny_model,
+    ADAPTERS, CHATML_TEMPLATE, build_tiny_model, build_tiny_tokenizer, make_adapter, save_tiny_llama3_model,
+    save_tiny_model,
 )
 
 
@@ -47,6 +48,23 @@ def tiny_tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3_dir(tmp_path_factory) -> Path:
+    """The tiny random Llama with Llama 3.1's special tokens and JSON tool-calling template."""
+    return save_tiny_llama3_model(tmp_path_factory.mktemp("tiny-llama3"))
+
+
+@pytest.fixture(scope="module")
+def llama3_engine(tiny_llama3_dir, tmp_path_factory):
+    """The engine on the tiny Llama 3.1-templated model, with one adapter, "tools" (tool-calling tests)."""
+    from tunesmith.generate.engine import LocalEngine
+
+    adapter = make_adapter(tiny_llama3_dir, tmp_path_factory.mktemp("llama3-adapter"), seed=7)
+    eng = LocalEngine.load(str(tiny_llama3_dir), [("tools", adapter)])
+    yield eng
+    eng.close()
 
 
 @pytest.fixture(scope="session")

@@ -128,3 +128,17 @@ def test_tool_call_metric_compares_names_and_arguments_by_value():
     assert s.metric == "tool_call" and s.correct == [True, True, False, False, False]
     assert s.summary == {"exact_call_rate": 0.4, "parse_rate": 0.6, "name_accuracy": 0.6}
     assert score(["plain text answer here"] * 3, ["x"] * 3).metric != "tool_call"
+
+
+def test_tool_call_metric_reads_a_llama3_models_bare_json_calls():
+    """A model with Llama 3.x's template answers `{"name", "parameters"}`; the references are
+    written in the default syntax; calls compare by value across the two."""
+    from tunesmith.data.tool_syntax import HERMES, LLAMA3_JSON, call_text
+
+    references = [call_text(HERMES, "weather", {"city": "Paris", "days": 2})] * 3
+    predictions = ['{"name": "weather", "parameters": {"days": 2.0, "city": "Paris"}}',
+                   call_text(LLAMA3_JSON, "weather", {"city": "Rome", "days": 2}),
+                   'I would call {"name": "weather", "parameters": {"city": "Paris", "days": 2}}']  # text, no call
+    s = score(references, predictions, "tool_call")
+    assert s.correct == [True, False, False]
+    assert s.summary == {"exact_call_rate": 1 / 3, "parse_rate": 2 / 3, "name_accuracy": 2 / 3}

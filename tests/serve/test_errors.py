@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
+from tunesmith.data.tool_syntax import HERMES
 from tunesmith.errors import DataError, ModelNotFoundError, TunesmithError, UsageError
 from tunesmith.generate.engine import ModelCard
 from tunesmith.serve.app import create_app
@@ -27,6 +28,7 @@ class RaisingEngine:
     base_id = "base"
     max_context = 64
     message_tokens: dict = {}
+    tool_syntax = HERMES
 
     def __init__(self) -> None:
         self.error: Exception = RuntimeError("no error set")

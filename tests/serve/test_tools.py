@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 
-from tunesmith.data.tool_syntax import HERMES, call_text
+from tunesmith.data.tool_syntax import HERMES, LLAMA3_JSON, call_text
 from tunesmith.serve.tools import CallStream, message
 
 CALLS = call_text(HERMES, "weather", {"city": "Paris"}) + "\n" + call_text(HERMES, "alarm", {"on": True})
 
 
-def _stream(text: str):
-    reader, deltas = CallStream(HERMES), []
+def _stream(text: str, syntax=HERMES):
+    reader, deltas = CallStream(syntax), []
     for i, ch in enumerate(text):
         deltas += reader.feed(ch, i == len(text) - 1)
     return reader, deltas
@@ -43,3 +43,26 @@ def test_a_finished_answer_becomes_tool_calls_or_stays_text():
         ("weather", {"city": "Paris"}), ("alarm", {"on": True})]
     msg, reason = message(HERMES, "<tool_call>\n{\"name\": \"weather\", \"argu", "length")
     assert reason == "length" and msg.tool_calls is None and msg.content.startswith("<tool_call>")
+
+
+def test_a_bare_json_call_is_the_answer_that_opens_with_a_brace():
+    """Llama 3.x's syntax: an answer whose first character other than whitespace is `{` is
+    a call (held back until it parses, as content if it never does); any other is text."""
+    call = call_text(LLAMA3_JSON, "weather", {"city": "Paris"})
+    reader, deltas = _stream(call, LLAMA3_JSON)
+    assert [(t.index, t.id is not None, t.function.name) for d in deltas for t in d.tool_calls] == [
+        (0, True, "weather"), (0, False, None)]
+    assert json.loads(deltas[1].tool_calls[0].function.arguments) == {"city": "Paris"}
+    assert reader.finish_reason("stop") == "tool_calls" and all(d.content is None for d in deltas)
+    held = CallStream(LLAMA3_JSON)
+    assert held.feed("\n ", False) == [] and held.feed('{"name"', False) == []
+    text = 'Sure: {"name": "weather", "parameters": {}}'
+    reader, deltas = _stream(text, LLAMA3_JSON)
+    assert "".join(d.content for d in deltas) == text and reader.finish_reason("stop") == "stop"
+    cut = '{"name": "weather", "parameters": {"ci'
+    reader, deltas = _stream(cut, LLAMA3_JSON)
+    assert "".join(d.content or "" for d in deltas) == cut and reader.finish_reason("length") == "length"
+    msg, reason = message(LLAMA3_JSON, cut, "length")
+    assert msg.content == cut and msg.tool_calls is None
+    msg, reason = message(LLAMA3_JSON, call, "stop")
+    assert reason == "tool_calls" and msg.content is None and msg.tool_calls[0].function.name == "weather"

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from tunesmith.data.example import Example, Message
-from tunesmith.data.tool_format import for_template
+from tunesmith.data.tool_format import for_template, template_syntax
 from tunesmith.errors import DataError
 
 IGNORE_INDEX = -100
@@ -377,7 +377,8 @@ def tokens_per_message(tokenizer: Any) -> dict[str, int]:
 
 
 def end_of_turn_ids(tokenizer: Any) -> list[int]:
-    """Token ids that end an assistant turn: the template's closing special token and EOS."""
+    """Token ids that end an assistant turn: the template's closing special token, EOS, and
+    the special tokens the template's tool syntax may end a call with (Llama 3.x's <|eom_id|>)."""
     probe = [Message("user", "x"), Message("assistant", "y", train=True)]
     segs, _ = conversation_segments(tokenizer, probe)
     ids: set[int] = set()
@@ -390,6 +391,10 @@ def end_of_turn_ids(tokenizer: Any) -> list[int]:
                     ids.add(tokenizer.convert_tokens_to_ids(sp))
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
+    syntax = template_syntax(tokenizer)
+    for token in syntax.end_tokens if syntax else ():
+        if token in specials:
+            ids.add(tokenizer.convert_tokens_to_ids(token))
     return sorted(ids)
 
 

@@ -1,11 +1,16 @@
 """How tools and tool calls are written into a conversation's text, for training and serving
 alike (data/render.py applies it, so the text trained is the text served).
 
-A chat template that renders tools itself in Hermes' syntax (it mentions `tools`,
-`tool_calls` and `<tool_call>`: Qwen2.5, Hermes, SmolLM3...) gets them as they are, with each
-call's `arguments` as an object, as those templates expect. Any other template (SmolLM2's
-plain ChatML; also Llama 3.x's, whose bare-JSON call syntax is not read yet) gets the one
-documented default, Hermes' syntax (Qwen2.5's own):
+A chat template that renders tools itself gets them as they are, with each call's
+`arguments` as an object, as those templates expect; its syntax (data/tool_syntax.py) is
+what serve constrains and parses:
+- Hermes' when it mentions `tools`, `tool_calls` and `<tool_call>` (Qwen2.5, Hermes, SmolLM3);
+- Llama 3.x's JSON when it mentions `tools`, `tool_calls`, `ipython` and writes a call's
+  `"parameters": ` itself (Meta's Llama 3.1/3.2/3.3 templates, vLLM's llama3.1_json one):
+  tools in the first user turn (or the system turn), a call as the bare object
+  `{"name": ..., "parameters": {...}}`, a `tool` message as an `ipython` turn.
+Any other template (SmolLM2's plain ChatML) gets the one documented default, Hermes'
+syntax (Qwen2.5's own):
 - the tools are listed in the system message, after its text, with how to call them;
 - an assistant call is written in its content as
   `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, one block per call,
@@ -22,7 +27,7 @@ from dataclasses import replace
 from typing import Any, Sequence
 
 from tunesmith.data.example import Message
-from tunesmith.data.tool_syntax import HERMES, arguments_object, calls_text, function_of
+from tunesmith.data.tool_syntax import HERMES, LLAMA3_JSON, ToolSyntax, arguments_object, calls_text, function_of
 
 
 DEFAULT_SYSTEM = (
@@ -31,16 +36,49 @@ DEFAULT_SYSTEM = (
 )
 
 
-def template_renders_tools(tokenizer: Any) -> bool:
-    """Whether the chat template writes tools and calls itself, in Hermes' syntax."""
+def template_syntax(tokenizer: Any) -> ToolSyntax | None:
+    """The syntax in which the chat template writes tools and calls itself; None when it
+    does not (the default is then rendered around it, see tool_syntax)."""
     template = getattr(tokenizer, "chat_template", None) or ""
-    return isinstance(template, str) and all(word in template for word in ("tools", "tool_calls", "<tool_call>"))
+    if not isinstance(template, str) or not all(word in template for word in ("tools", "tool_calls")):
+        return None
+    if "<tool_call>" in template:
+        return HERMES
+    if "ipython" in template and '"parameters": ' in template:
+        return LLAMA3_JSON
+    return None
+
+
+def tool_syntax(tokenizer: Any) -> ToolSyntax:
+    """The syntax a model is trained and served with: its template's own, else the default."""
+    return template_syntax(tokenizer) or HERMES
+
+
+def template_renders_tools(tokenizer: Any) -> bool:
+    """Whether the chat template writes tools and calls itself."""
+    return template_syntax(tokenizer) is not None
+
+
+FUNCTION_KEYS = ("name", "description", "parameters", "strict")
+"""A function definition's fields in OpenAI's order, which serve's request model keeps."""
+
+
+def canonical_tool(tool: Any) -> Any:
+    """A tool as `{"type": "function", "function": {...}}` with the function's fields in
+    OpenAI's order (unset ones left out, others after): templates write tools with tojson, so
+    a training file's key order must not make its prompt differ from the one serve renders."""
+    fn = tool.get("function", tool) if isinstance(tool, dict) else None
+    if not isinstance(fn, dict):
+        return tool
+    ordered = {k: fn[k] for k in FUNCTION_KEYS if fn.get(k) is not None}
+    return {"type": "function", "function": {**ordered, **{k: v for k, v in fn.items() if k not in FUNCTION_KEYS}}}
 
 
 def for_template(tokenizer: Any, messages: Sequence[Message], tools: Any) -> tuple[list[Message], Any]:
     """The messages and tools to give the chat template (see the module's rules)."""
     if not tools and not any(m.tool_calls or m.role == "tool" for m in messages):
         return list(messages), tools
+    tools = [canonical_tool(t) for t in tools] if isinstance(tools, list) else tools
     if template_renders_tools(tokenizer):
         out = []
         for m in messages:

@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from tunesmith.data.tool_syntax import HERMES, parse_calls
+from tunesmith.data.tool_syntax import HERMES, LLAMA3_JSON, parse_calls
 from tunesmith.errors import UsageError
 
 METRICS = ("auto", "label", "exact", "json", "rouge", "tool_call")
@@ -54,7 +54,7 @@ def pick_metric(references: Sequence[str]) -> str:
     refs = [normalize(r) for r in references]
     if not refs:
         return "exact"
-    if all(parse_calls(HERMES, r)[1] for r in references):
+    if all(parse_calls(HERMES, r)[1] for r in references):  # references write calls in the default syntax
         return "tool_call"
     if all(isinstance(_parse_json(r)[1], (dict, list)) for r in refs):
         return "json"
@@ -213,10 +213,16 @@ def _calls(text: str) -> list[str] | None:
     """An answer's calls as sorted canonical (name, arguments) texts; None when it has none
     that parse. Arguments compare by value, as BFCL's AST checker does: key order, spacing
     and 1 against 1.0 do not matter."""
-    _, calls = parse_calls(HERMES, text)
+    calls = _read_calls(text)
     if not calls:
         return None
     return sorted(json.dumps([name, _canonical(args)], sort_keys=True) for name, args in calls)
+
+
+def _read_calls(text: str) -> list[tuple[str, Any]]:
+    """An answer's calls in either syntax a model may be trained with: the default (Hermes'
+    tags, which references are written in) or Llama 3.x's bare JSON object."""
+    return parse_calls(HERMES, text)[1] or parse_calls(LLAMA3_JSON, text)[1]
 
 
 def _canonical(value: Any) -> Any:

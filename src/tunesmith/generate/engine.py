@@ -34,6 +34,8 @@ from typing import Any, Callable, Protocol, Sequence
 
 from tunesmith.data.example import Message
 from tunesmith.data.render import end_of_turn_ids, render_prompt, tokens_per_message
+from tunesmith.data.tool_format import tool_syntax
+from tunesmith.data.tool_syntax import ToolSyntax
 from tunesmith.errors import TunesmithError, UsageError
 from tunesmith.generate import batch
 from tunesmith.generate.constraints import Constraint, ConstraintError
@@ -94,6 +96,7 @@ class Engine(Protocol):
     base_id: str
     max_context: int
     message_tokens: dict[str, int]
+    tool_syntax: ToolSyntax
 
     def models(self) -> list[ModelCard]: ...
     def stats(self) -> dict[str, int]: ...
@@ -171,6 +174,8 @@ class LocalEngine:
         self._eot = set(end_of_turn_ids(loaded.tokenizer))
         self.message_tokens = tokens_per_message(loaded.tokenizer)
         """Per role, the fewest tokens a message adds to a prompt (the server's cheap length check)."""
+        self.tool_syntax = tool_syntax(loaded.tokenizer)
+        """How the model writes a tool call: its chat template's syntax, or the default."""
         self._pad_id = pad_id(loaded.tokenizer)
         self._created = int(time.time())
         self._adapters: dict[str, ModelCard] = {

@@ -286,7 +286,7 @@ async def chat_completions(req: p.ChatCompletionRequest, request: Request, engin
     for i, tool in enumerate(req.tools or ()):
         if tool.function.parameters is not None:
             lim.check_schema(tool.function.parameters, limits, param=f"tools[{i}].function.parameters")
-    calls = tools.plan(req, constraint is not None)
+    calls = tools.plan(req, constraint is not None, engine.tool_syntax)
     if calls is not None:
         constraint, param = calls.constraint, "tools"
     messages = tools.wire_messages(req)

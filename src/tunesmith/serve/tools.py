@@ -5,8 +5,9 @@ The call syntax is the model's chat template's own, or the documented default
 (data/tool_format.py, data/tool_syntax.py). With tool_choice `required` or a named function the whole answer is
 held to a grammar of calls whose arguments are each function's `parameters` schema; with
 `auto` (the default) the answer is either free text without a call, or calls from its first
-token on, so a call, once opened, is always held to the grammar. `none` renders the tools
-and generates free text.
+token on, so a call, once opened, is always held to the grammar (for Llama 3.x's bare JSON:
+an answer whose first character is `{` is a call, any other first character begins text).
+`none` renders the tools and generates free text.
 
     client.chat.completions.create(model=..., messages=..., tools=[{"type": "function", "function": {...}}])
 """
@@ -18,7 +19,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from tunesmith.data.tool_syntax import HERMES, ToolSyntax, parse_calls
+from tunesmith.data.tool_syntax import ToolSyntax, opens_call, parse_calls
 from tunesmith.generate.constraints import Constraint, ConstraintError, check_schema_limits
 from tunesmith.serve import protocol as p
 from tunesmith.serve.errors import APIError
@@ -54,9 +55,11 @@ def tool_definitions(req: p.ChatCompletionRequest) -> list[dict[str, Any]] | Non
     return [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
 
 
-def plan(req: p.ChatCompletionRequest, other_constraint: bool, syntax: ToolSyntax = HERMES) -> ToolPlan | None:
-    """The tool plan of a request, None without tools or with tool_choice none; a 400 for a
-    tool_choice that names no declared function, or parameters over OpenAI's limits."""
+def plan(req: p.ChatCompletionRequest, other_constraint: bool, syntax: ToolSyntax) -> ToolPlan | None:
+    """The tool plan of a request in the model's `syntax`, None without tools or with
+    tool_choice none; a 400 for a tool_choice that names no declared function, or parameters
+    over OpenAI's limits. A syntax without parallel calls (Llama 3.x's) makes one call:
+    `parallel_tool_calls` allows several, it never asks for them."""
     if req.tool_choice is not None and not req.tools:
         raise APIError(400, "'tool_choice' is only allowed when 'tools' are given", param="tool_choice")
     if not req.tools or req.tool_choice == "none":
@@ -79,8 +82,8 @@ def plan(req: p.ChatCompletionRequest, other_constraint: bool, syntax: ToolSynta
             raise APIError(400, f"tool_choice names function '{choice.function.name}', which is not in 'tools' "
                                 f"({', '.join(functions)})", param="tool_choice")
         functions = {choice.function.name: functions[choice.function.name]}
-    grammar = call_grammar(syntax, functions, parallel=req.parallel_tool_calls and not isinstance(
-        choice, p.NamedToolChoice), free_text=choice == "auto")
+    parallel = req.parallel_tool_calls and syntax.parallel and not isinstance(choice, p.NamedToolChoice)
+    grammar = call_grammar(syntax, functions, parallel=parallel, free_text=choice == "auto")
     return ToolPlan(syntax, Constraint.lark(grammar))
 
 
@@ -92,13 +95,19 @@ def call_grammar(syntax: ToolSyntax, functions: dict[str, dict[str, Any]], paral
              for name, params in functions.items()]
     schema = {"anyOf": calls} if len(calls) > 1 else calls[0]
     schema = {**schema, "x-guidance": CALL_JSON}
-    lines = [f"call: {json.dumps(syntax.open)} %json {json.dumps(schema)} {json.dumps(syntax.close)}",
+    call = [json.dumps(syntax.open)] * bool(syntax.open) + [f"%json {json.dumps(schema)}"] + \
+        [json.dumps(syntax.close)] * bool(syntax.close)
+    lines = [f"call: {' '.join(call)}",
              f"calls: call ({json.dumps(syntax.separator)} call)*" if parallel else "calls: call"]
-    if free_text:
+    if free_text and syntax.open:
         # Text that never opens a call. (Text and then a call is not allowed: llguidance's
         # lexer cannot end the text where the call's opening tag begins.)
         text = f"/(?s:.+)/ & ~/(?s:.*{_regex_literal(syntax.open.strip())}.*)/"
         lines = ["start: TEXT | calls", *lines, f"TEXT: {text}"]
+    elif free_text:
+        # A bare-JSON call is the answer's first object: text is anything that begins with
+        # neither `{` nor whitespace (which the template trims from every answer it renders).
+        lines = ["start: TEXT | calls", *lines, "TEXT: /[^{\\s](?s:.*)/"]
     else:
         lines = ["start: calls", *lines]
     return "\n".join(lines) + "\n"
@@ -138,14 +147,16 @@ class CallStream:
     def feed(self, piece: str, finished: bool) -> list[p.Delta]:
         self.text += piece
         out: list[p.Delta] = []
-        opener = self.syntax.open.strip()
         if not self.in_calls:
-            at = self.text.find(opener, self.sent)
-            if at >= 0:
+            at = opens_call(self.syntax, self.text)
+            if at is not None and at >= self.sent:
                 self.in_calls = True
-                end = at
+                # Only whitespace before the call is no content (parse_calls strips it too).
+                end = at if self.text[:at].strip() else self.sent
+            elif finished:
+                end = len(self.text)
             else:  # hold back what may begin the opener
-                end = len(self.text) if finished else _safe_end(self.text, opener)
+                end = _safe_end(self.text, self.syntax)
             if end > self.sent:
                 out.append(p.Delta(content=self.text[self.sent:end]))
             self.sent = max(self.sent, end)
@@ -159,14 +170,23 @@ class CallStream:
                 out.append(p.Delta(tool_calls=[p.ToolCallDelta(
                     index=index, function=p.FunctionCallDelta(arguments=call.function.arguments))]))
                 self.calls_sent += 1
+            if finished and not self.calls_sent and len(self.text) > self.sent:
+                # No call parsed after all (cut off by max_tokens): the text goes out as
+                # content, as the whole answer's message has it.
+                out.append(p.Delta(content=self.text[self.sent:]))
+                self.sent = len(self.text)
         return out
 
     def finish_reason(self, reason: str) -> str:
         return "tool_calls" if self.calls_sent and reason == "stop" else reason
 
 
-def _safe_end(text: str, opener: str) -> int:
-    """Where content can be sent up to: before any tail of `text` that begins `opener`."""
+def _safe_end(text: str, syntax: ToolSyntax) -> int:
+    """Where content can be sent up to: before any tail of `text` that may begin a call (for
+    a bare-JSON syntax, the whitespace that may come before its `{`)."""
+    if not syntax.open:
+        return len(text) if text.strip() else 0
+    opener = syntax.open.strip()
     for n in range(min(len(opener) - 1, len(text)), 0, -1):
         if text.endswith(opener[:n]):
             return len(text) - n
