@@ -75,11 +75,11 @@ def repunctuate(text: str, rng: random.Random) -> str:
     return text + rng.choice(("?", ".", "!", " ?"))
 
 
-def plant(train: list[tuple[str, str]], test: list[tuple[str, str]], seed: int = 0):
+def plant(train: list[tuple[str, str]], test: list[tuple[str, str]], seed: int = 0, flip_share: float = 0.05):
     rng = random.Random(seed)
     labels = sorted({c for _, c in train})
     rows = list(train)
-    flipped = set(rng.sample(range(len(train)), round(0.05 * len(train))))
+    flipped = set(rng.sample(range(len(train)), round(flip_share * len(train))))
     for i in flipped:
         rows[i] = (rows[i][0], rng.choice([c for c in labels if c != rows[i][1]]))
     planted: dict[str, dict[int, int]] = {"exact_duplicate": {}, "near_duplicate": {}, "leakage": {}}
