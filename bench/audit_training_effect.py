@@ -34,14 +34,14 @@ from audit_planted import plant, read, write  # noqa: E402 (the bench folder is 
 SYSTEM = "Classify the banking customer query into its intent label."
 
 
-def run(cmd: list, log: Path) -> None:
+def run(cmd: list, log: Path, ok: tuple[int, ...] = (0,)) -> None:
     print("$ " + " ".join(shlex.quote(str(c)) for c in cmd), flush=True)
     t0 = time.perf_counter()
     with open(log, "a", encoding="utf-8") as fh:
         proc = subprocess.run([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT,
                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
     print(f"  ({time.perf_counter() - t0:.0f} s, log {log})", flush=True)
-    if proc.returncode != 0:
+    if proc.returncode not in ok:
         raise SystemExit(f"failed with exit code {proc.returncode}; see {log}")
 
 
@@ -68,7 +68,7 @@ def main() -> None:
     if not paths["fixed"].is_file():
         run([tunesmith, "audit", paths["planted"], "--test", test_path, "--input-column", "text",
              "--output-column", "category", "--fix", paths["fixed"], "--fix-labels", "drop",
-             "--json"], out / "audit.log")
+             "--json"], out / "audit.log", ok=(0, 1))  # 1: the audit found problems, as planted
 
     scores, train_s = {}, {}
     for name, data in paths.items():
