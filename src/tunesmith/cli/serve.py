@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from tunesmith.cli.common import WEIGHTS_HELP
 from tunesmith.models.registry import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from tunesmith.settings import Settings
 
 MODEL_HELP = "Base model: registry name or path."
 LEAKAGE_HELP = ("Fail a job whose training file repeats validation rows (exact or near duplicates) instead of "
@@ -25,7 +28,11 @@ EXECUTOR_HELP = ("Where jobs train: local (a child process here; a job's n_worke
                  "'tunesmith\\[ray]').")
 RAY_ADDRESS_HELP = "With --executor ray: the cluster (HOST:6379, ray://HOST:10001; default auto, the local `ray start`)."
 RAY_STORAGE_HELP = ("With --executor ray: where Ray keeps the jobs' checkpoints, a folder every node shares or an "
-                    "object store URI (default: each job's folder under $TUNESMITH_HOME/jobs).")
+                    "object store URI (default: STORAGE/ray with --storage, else each job's folder under "
+                    "$TUNESMITH_HOME/jobs).")
+STORAGE_HELP = ("A URI the API node and every worker read (s3://bucket/prefix, gs://..., file:///shared/folder; "
+                "default: $TUNESMITH_STORAGE): uploads and finished adapters go there too, so workers need not "
+                "share $TUNESMITH_HOME, only --db (docs/scale-out.md; needs pyarrow, which Ray brings).")
 DB_HELP = "Jobs database: sqlite:///PATH or postgresql://USER@HOST/DB (default: $TUNESMITH_HOME/tunesmith.db)."
 
 
@@ -63,6 +70,7 @@ def serve_cmd(
     executor: str = typer.Option("local", "--executor", help=EXECUTOR_HELP),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
     ray_storage: Optional[str] = typer.Option(None, "--ray-storage", help=RAY_STORAGE_HELP),
+    storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP),
 ) -> None:
     """OpenAI-compatible server for a base model and many adapters, with the fine-tuning jobs API."""
     import dataclasses
@@ -77,8 +85,10 @@ def serve_cmd(
                          "(kept out of `ps`, unlike --api-key), or pass --insecure-no-key to serve it open")
     _check_weights(weights)
     from tunesmith.jobs.worker import Executor
+    from tunesmith.settings import Settings
 
-    placement = Executor(executor, ray_address, ray_storage)
+    settings = _with_storage(Settings.from_env(), storage)
+    placement = Executor(executor, ray_address, _ray_storage(ray_storage, settings.storage, executor))
     placement.check()
 
     import torch
@@ -86,11 +96,9 @@ def serve_cmd(
 
     from tunesmith.generate.engine import LocalEngine
     from tunesmith.serve.app import create_app
-    from tunesmith.settings import Settings
 
     if threads:
         torch.set_num_threads(threads)
-    settings = Settings.from_env()
     if api_key:
         settings = dataclasses.replace(settings, api_key=api_key)
     if allow_path:
@@ -119,6 +127,26 @@ def serve_cmd(
         uvicorn.run(server_app, host=host, port=port, log_level="info")
     finally:
         engine.close()
+
+
+def _with_storage(settings: Settings, storage: Optional[str]) -> Settings:
+    """Settings with --storage, when given, in place of $TUNESMITH_STORAGE; a URI pyarrow cannot
+    open fails here, before a model loads."""
+    import dataclasses
+
+    from tunesmith.jobs.shared_storage import SharedStorage
+
+    settings = dataclasses.replace(settings, storage=storage) if storage else settings
+    if settings.storage:
+        SharedStorage(settings.storage, settings.home)
+    return settings
+
+
+def _ray_storage(ray_storage: Optional[str], storage: Optional[str], executor: str) -> Optional[str]:
+    """--ray-storage, else STORAGE/ray for the Ray executor: checkpoints go where every node reads."""
+    if ray_storage or not storage or executor != "ray":
+        return ray_storage
+    return storage.rstrip("/") + "/ray"
 
 
 def _is_loopback(host: str) -> bool:
@@ -195,6 +223,7 @@ def worker_cmd(
     executor: str = typer.Option("local", "--executor", help=EXECUTOR_HELP),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
     ray_storage: Optional[str] = typer.Option(None, "--ray-storage", help=RAY_STORAGE_HELP),
+    storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP),
 ) -> None:
     """Run one fine-tuning jobs worker (no API) against a shared jobs database."""
     import signal
@@ -202,10 +231,12 @@ def worker_cmd(
 
     from tunesmith.jobs.store import open_store
     from tunesmith.jobs.worker import Executor, Worker, WorkerConfig
+    from tunesmith.settings import Settings
 
-    placement = Executor(executor, ray_address, ray_storage)
+    settings = _with_storage(Settings.from_env(), storage)
+    placement = Executor(executor, ray_address, _ray_storage(ray_storage, settings.storage, executor))
     placement.check()
-    store = open_store(db)
+    store = open_store(db, settings)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         # Stop cleanly: the running trainer checkpoints and the job is queued again.

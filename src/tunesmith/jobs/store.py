@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from tunesmith.errors import ModelNotFoundError, UsageError
+from tunesmith.jobs.shared_storage import SharedStorage, StorageError
 from tunesmith.runs import ADAPTER_CONFIG_FILE
 from tunesmith.settings import Settings
 
@@ -199,12 +200,16 @@ def _row(r: Any) -> dict[str, Any] | None:
 
 
 class JobStore:
-    """Files, jobs, events and checkpoints; every method is one short transaction."""
+    """Files, jobs, events and checkpoints; every method is one short transaction, except the
+    `local_*` ones, which bring a file or an adapter from the shared storage when it is
+    missing under `storage_root`, and `publish_*`, which put one there."""
 
-    def __init__(self, engine: Engine, storage_root: Path):
+    def __init__(self, engine: Engine, storage_root: Path, shared: SharedStorage | None = None):
         self.engine = engine
         self.storage_root = storage_root
-        """Where uploaded files and job run directories live (shared by every worker)."""
+        """Where uploaded files and job run directories live on this machine."""
+        self.shared = shared
+        """Storage every node reads (--storage): without it, every worker shares storage_root."""
 
     @property
     def url(self) -> str:
@@ -216,6 +221,35 @@ class JobStore:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    # ------------------------------------------------------------------ this machine's copies
+
+    def local_file(self, row: dict[str, Any]) -> Path:
+        """A file row's path here, fetched from the shared storage (and checked against the
+        row's size and sha256) when this machine does not have it."""
+        if self.shared is None:
+            return self.storage_root / row["path"]
+        return self.shared.fetch_file(row["path"], size=row["bytes"], sha256=row["sha256"])
+
+    def local_dir(self, rel: str | Path) -> Path:
+        """An adapter folder's path here (`rel` under storage_root), fetched from the shared
+        storage when missing; the path as it is when neither has it."""
+        if self.shared is not None:
+            self.shared.fetch_dir(rel)
+        return self.storage_root / rel
+
+    def publish_file(self, rel: str | Path) -> None:
+        """Put storage_root/rel into the shared storage (no-op without one)."""
+        if self.shared is not None:
+            self.shared.put_file(rel)
+
+    def publish_dir(self, rel: str | Path) -> None:
+        if self.shared is not None:
+            self.shared.put_dir(rel)
+
+    def unpublish_file(self, rel: str | Path) -> None:
+        if self.shared is not None:
+            self.shared.delete_file(rel)
 
     # ------------------------------------------------------------------ files
 
@@ -298,9 +332,13 @@ class JobStore:
                     "checkpoint's fine_tuned_model_checkpoint (GET /v1/fine_tuning/jobs), or a base model")
             return model, None
         job, adapter = found
-        path = self.storage_root / adapter
+        try:
+            path = self.local_dir(adapter)
+        except StorageError as exc:
+            raise ModelNotFoundError(f"model '{model}': {exc}") from None
         if not (path / ADAPTER_CONFIG_FILE).is_file():
-            raise ModelNotFoundError(f"model '{model}': its adapter {path} is gone from the server's storage")
+            where = f"the server's storage and {self.shared.uri}" if self.shared else "the server's storage"
+            raise ModelNotFoundError(f"model '{model}': its adapter {path} is gone from {where}")
         base, _ = self.base_and_adapter(job["model"])
         return base, path
 
@@ -481,8 +519,10 @@ def _page(conn: Connection, table: sa.Table, q: Any, after: str | None, limit: i
 
 
 def open_store(url: str | None = None, settings: Settings | None = None) -> JobStore:
-    """Open (and migrate) the jobs database; files live under $TUNESMITH_HOME."""
+    """Open (and migrate) the jobs database; files live under $TUNESMITH_HOME, and also in
+    settings.storage when one is given."""
     settings = settings or Settings.from_env()
+    shared = SharedStorage(settings.storage, settings.home) if settings.storage else None
     engine = build_engine(url or default_db_url(settings))
     try:
         migrate(engine)
@@ -491,4 +531,4 @@ def open_store(url: str | None = None, settings: Settings | None = None) -> JobS
             f"cannot open the jobs database {engine.url.render_as_string(hide_password=True)}: "
             f"{str(exc.orig).strip().splitlines()[0]}; check --db and that the server is running"
         ) from None
-    return JobStore(engine, settings.home)
+    return JobStore(engine, settings.home, shared)

@@ -181,6 +181,7 @@ def _upload(store: JobStore, path: Path, digest: str) -> str:
     rel = Path("files") / f"{file_id}{path.suffix}"
     (store.storage_root / rel).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(path, store.storage_root / rel)
+    store.publish_file(rel)  # before the row: workers on other machines fetch it (--storage)
     store.add_file({"id": file_id, "created_at": int(time.time()), "bytes": path.stat().st_size,
                     "filename": path.name, "purpose": "fine-tune", "status": "processed", "status_details": None,
                     "sha256": digest, "path": str(rel), "validation": None})

@@ -39,6 +39,7 @@ from tunesmith.fileio import write_atomically
 from tunesmith.jobs.evaluation_stage import SUMMARY_FILE, summary_sentence
 from tunesmith.jobs.ray_executor import RAY_MISSING, ray_available
 from tunesmith.jobs.run_reader import MetricsTail, has_checkpoint, last_error, metrics_csv, trained_tokens
+from tunesmith.jobs.shared_storage import StorageError
 from tunesmith.jobs.store import JobStore, new_id
 from tunesmith.jobs.validation import AUDIT_CHECKS, MIN_EXAMPLES, check_file, check_prompt_file, method_mismatch
 from tunesmith.runs import (
@@ -193,26 +194,27 @@ class Worker:
             if row is None:
                 self._fail(job["id"], f"invalid_{param}", f"{param} {file_id} was deleted before the job started", param)
                 return
-            against = None
-            if param == "training_file" and job["validation_file"]:
-                vrow = self.store.get_file(job["validation_file"])
-                against = self.store.storage_root / vrow["path"] if vrow else None
             overrides = job.get("overrides") or {}
             columns = ColumnMapping(overrides.get("input_column", "text"), overrides.get("output_column"),
                                     overrides.get("system")) if overrides.get("output_column") else None
             try:
+                # Fetched from the shared storage (--storage) when this machine lacks them.
+                path = self.store.local_file(row)
+                against = None
+                if param == "training_file" and job["validation_file"]:
+                    vrow = self.store.get_file(job["validation_file"])
+                    against = self.store.local_file(vrow) if vrow else None
                 if job["method"]["type"] == "reinforcement":  # prompt rows, the item fields beside them
-                    check = check_prompt_file(self.store.storage_root / row["path"],
-                                              MIN_EXAMPLES if param == "training_file" else 1)
+                    check = check_prompt_file(path, MIN_EXAMPLES if param == "training_file" else 1)
                 else:
-                    check = self._heartbeating(job["id"], check_file, self.store.storage_root / row["path"],
+                    check = self._heartbeating(job["id"], check_file, path,
                                                model=base, min_examples=MIN_EXAMPLES if param == "training_file" else 1,
                                                validation=against, leakage_error=self.config.leakage_error,
                                                columns=columns)
                     if not check.ok:  # a reinforcement file given to another method: say which method takes it
-                        prompts = check_prompt_file(self.store.storage_root / row["path"])
+                        prompts = check_prompt_file(path)
                         check = prompts if prompts.ok else check
-            except TunesmithError as exc:  # e.g. the model is gone, or the file cannot be read at all
+            except TunesmithError as exc:  # e.g. the model is gone, the file cannot be read or fetched
                 self._fail(job["id"], f"invalid_{param}", f"{param} {file_id}: {exc}", param)
                 return
             wrong_kind = method_mismatch(check, job["method"]["type"])
@@ -339,7 +341,7 @@ class Worker:
         self.store.add_event(job_id, "Evaluating the base and the tuned model on the validation file")
         base = read_run_json(run_dir)["config"]["model"]  # what was trained on
         cmd = [sys.executable, "-m", "tunesmith.jobs.evaluation_stage", "--model", base,
-               "--adapter", str(run_dir / ADAPTER_DIR), "--data", str(self.store.storage_root / valid["path"]),
+               "--adapter", str(run_dir / ADAPTER_DIR), "--data", str(self.store.local_file(valid)),
                "--out", str(out)]
         outcome, rc = self._run_child(job_id, cmd, root / "evaluation.log", lock_fd, stop,
                                       tick=lambda: None, eta=lambda: None)
@@ -351,7 +353,11 @@ class Worker:
             return outcome, None
         summary = json.loads((out / SUMMARY_FILE).read_text())
         self.store.add_event(job_id, summary_sentence(summary), data=summary)
-        return outcome, self._store_result_file(job_id, "evaluation.json", (out / SUMMARY_FILE).read_bytes())
+        try:
+            return outcome, self._store_result_file(job_id, "evaluation.json", (out / SUMMARY_FILE).read_bytes())
+        except StorageError as exc:
+            self.store.add_event(job_id, f"The evaluation's result file could not be stored: {exc}", level="warn")
+            return outcome, None
 
     def _wait_for_lock(self, path: Path, job_id: str) -> int | None:
         """Wait (heartbeating) until no earlier trainer of this job still runs."""
@@ -376,12 +382,12 @@ class Worker:
             shutil.rmtree(run_dir)
         train_file = self.store.get_file(job["training_file"])
         base, init_adapter = self.store.base_and_adapter(job["model"])
-        cmd += ["--model", base, "--data", str(self.store.storage_root / train_file["path"]),
+        cmd += ["--model", base, "--data", str(self.store.local_file(train_file)),
                 "--out", str(run_dir), "--seed", str(job["seed"]),
                 "--epochs", str(hp["n_epochs"]), "--batch-size", str(hp["batch_size"])]
         if job["validation_file"]:
             valid_file = self.store.get_file(job["validation_file"])
-            cmd += ["--validation", str(self.store.storage_root / valid_file["path"])]
+            cmd += ["--validation", str(self.store.local_file(valid_file))]
         if kind == "dpo":
             cmd += ["--method", "dpo", "--beta", repr(float(hp["beta"]))]
         if kind == "reinforcement":
@@ -527,6 +533,11 @@ class Worker:
             "full_valid_loss": m.get("valid_loss"),
             "full_valid_mean_token_accuracy": m.get("token_accuracy"),
         }
+        try:  # before the row: an API node that sees the row can fetch the adapter
+            self.store.publish_dir(dest.relative_to(self.store.storage_root))
+        except StorageError as exc:
+            self.store.add_event(job["id"], f"Checkpoint step {step} is not in the shared storage, so other machines "
+                                 f"cannot serve it: {exc}", level="warn")
         name = ft_model_name(job["model"], job["suffix"], job["id"]) + f":ckpt-step-{step}"
         added = self.store.add_checkpoint({
             "id": new_id("ftckpt"), "job_id": job["id"], "created_at": int(time.time()), "step": step,
@@ -541,7 +552,13 @@ class Worker:
         job_id = job["id"]
         run = read_run_json(run_dir)
         adapter = run_dir / ADAPTER_DIR
-        result_files = [self._metrics_file(job_id, run_dir)] + ([evaluation] if evaluation else [])
+        try:  # before "succeeded": an API node that sees it can fetch them (--storage)
+            self.store.publish_dir(adapter.relative_to(self.store.storage_root))
+            result_files = [self._metrics_file(job_id, run_dir)] + ([evaluation] if evaluation else [])
+        except StorageError as exc:
+            self._fail(job_id, "publish_failed", f"the model was trained, but could not be put into the shared storage "
+                       f"that the API node reads ({exc}); its adapter is at {adapter} on worker {self.worker_id}")
+            return
         name = ft_model_name(job["model"], job["suffix"], job_id)
         files_hashes = {}
         for fid in (job["training_file"], job["validation_file"]):
@@ -586,6 +603,7 @@ class Worker:
         dest = self.store.storage_root / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(dest, content)
+        self.store.publish_file(rel)
         self.store.add_file({
             "id": file_id, "created_at": int(time.time()), "bytes": len(content), "filename": filename,
             "purpose": "fine-tune-results", "status": "processed", "status_details": None,

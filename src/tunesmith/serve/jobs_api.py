@@ -30,6 +30,7 @@ from tunesmith.errors import TunesmithError, UsageError
 from tunesmith.generate.engine import ADAPTER_NAME
 from tunesmith.graders.run import validate_grader
 from tunesmith.graders.types import GraderError, parse_grader
+from tunesmith.jobs.shared_storage import StorageError
 from tunesmith.jobs.store import ACTIVE, JobStore, new_id, open_store
 from tunesmith.jobs.sweep import load_sweep_results
 from tunesmith.jobs.validation import audit_problems, check_file
@@ -67,6 +68,7 @@ class ModelPublisher:
     def __init__(self, store: JobStore, engine: Any | None, log: Callable[[str], None]):
         self.store, self.engine, self.log = store, engine, log
         self.published: set[str] = set()
+        self.fetch_failed: set[str] = set()
         self.lock = threading.Lock()
 
     def publish(self, name: str, path: Path) -> None:
@@ -107,10 +109,23 @@ class ModelPublisher:
             return
         lineage = job["lineage"] or {}
         if job["fine_tuned_model"] and lineage.get("adapter"):
-            self.publish(job["fine_tuned_model"], self.store.storage_root / lineage["adapter"])
+            self.publish(job["fine_tuned_model"], self._local(job["fine_tuned_model"], lineage["adapter"]))
         ckpts, _ = self.store.list_checkpoints(job["id"], limit=PUBLISHED_CHECKPOINTS)
         for c in ckpts:
-            self.publish(c["fine_tuned_model_checkpoint"], self.store.storage_root / c["path"])
+            self.publish(c["fine_tuned_model_checkpoint"], self._local(c["fine_tuned_model_checkpoint"], c["path"]))
+
+    def _local(self, name: str, rel: str) -> Path:
+        """The adapter's folder here, fetched from the shared storage when another machine's
+        worker trained it (--storage); a failure is logged once, and tried again next sync."""
+        if name in self.published:
+            return self.store.storage_root / rel
+        try:
+            return self.store.local_dir(rel)
+        except StorageError as exc:
+            if name not in self.fetch_failed:
+                self.fetch_failed.add(name)
+                self.log(f"could not fetch {name}: {exc}")
+            return self.store.storage_root / rel
 
 
 class JobsService:
@@ -221,6 +236,14 @@ class JobsService:
             file_id = new_id("file")
             rel = Path("files") / f"{file_id}.jsonl"
             os.replace(upload["path"], self.store.storage_root / rel)
+            try:  # before the row: a worker that sees the file's id can fetch it (--storage)
+                await run_in_threadpool(self.store.publish_file, rel)
+            except StorageError as exc:
+                (self.store.storage_root / rel).unlink(missing_ok=True)
+                self.log(f"upload {file_id}: {exc}")
+                raise APIError(503, "the file could not be written to the shared storage the workers read "
+                                    "(--storage); see the server log, and upload it again", code="storage_unavailable",
+                               param="file") from None
             details = None if check.ok else check.summary("the file")
             row = self.store.add_file({
                 "id": file_id, "created_at": int(time.time()), "bytes": upload["bytes"],
@@ -249,7 +272,7 @@ class JobsService:
 
     def file_content(self, file_id: str) -> FileResponse:
         row = self._file(file_id)
-        return FileResponse(self.store.storage_root / row["path"], media_type="application/octet-stream")
+        return FileResponse(self.store.local_file(row), media_type="application/octet-stream")
 
     async def file_validation(self, file_id: str, model: str | None = None,
                               validation_file: str | None = None) -> dict[str, Any]:
@@ -273,8 +296,9 @@ class JobsService:
         base = self._base_model(model)
         against = None
         if validation_file is not None:
-            against = self.store.storage_root / self._file(validation_file)["path"]
-        report = await run_in_threadpool(self._validate_with_model, self.store.storage_root / row["path"], base, against)
+            against = await run_in_threadpool(self.store.local_file, self._file(validation_file))
+        path = await run_in_threadpool(self.store.local_file, row)
+        report = await run_in_threadpool(self._validate_with_model, path, base, against)
         return _validation_object(file_id, model, report)
 
     def _base_model(self, model: str) -> str:
@@ -310,6 +334,10 @@ class JobsService:
         row = self.store.delete_file(file_id)
         if row:
             (self.store.storage_root / row["path"]).unlink(missing_ok=True)
+            try:
+                self.store.unpublish_file(row["path"])
+            except StorageError as exc:  # the row is gone: the copy left there is never read
+                self.log(f"delete {file_id}: {exc}")
         return {"id": file_id, "object": "file", "deleted": True}
 
     # -- jobs
