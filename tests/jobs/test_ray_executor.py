@@ -1,8 +1,9 @@
 """Jobs trained as Ray Train jobs (`--executor ray`) on a real local Ray cluster: through the
 official openai client against a real `tunesmith serve`, 2 Ray workers train the tiny model
 to the same weights as `tunesmith train --nproc 2`; a Ray worker killed mid-run is replaced
-and the run resumes from its last checkpoint, and pausing the job ends the Ray job (resume
-continues from Ray's storage). One cluster for the module (2 CPUs)."""
+and the run resumes from its last checkpoint, and pausing the job has the Ray workers save at
+the end of their step and end (resume continues from that step, through Ray's storage). One
+cluster for the module (2 CPUs)."""
 
 from __future__ import annotations
 
@@ -145,7 +146,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_a_killed_ray_worker_resumes_from_the_checkpoint_and_pause_stops_the_ray_job(
+def test_a_killed_ray_worker_resumes_from_the_checkpoint_and_pause_saves_and_stops_the_ray_job(
         ray_cluster, jobs_server, tiny_model_dir, tmp_path, monkeypatch):
     from tunesmith.jobs.worker import Executor
 
@@ -175,18 +176,28 @@ def test_a_killed_ray_worker_resumes_from_the_checkpoint_and_pause_stops_the_ray
     wait_for(lambda: "resuming" in log_path.read_text(), 240, "the new worker group to resume")
     second = _ray_train_workers(log_path)[2:4]
     assert len(second) == 2 and workers[1] not in second, second
-    # Pause stops the Ray job: the driver exits and its workers end with it.
+    # Pause stops the Ray job as SIGTERM stops a local run: the workers finish their step, save
+    # it (off the every-6-steps interval, as a rule) and end, then the driver exits.
     client.fine_tuning.jobs.pause(job.id)
     wait_for(lambda: client.fine_tuning.jobs.retrieve(job.id).status == "paused", 60, "the pause")
     wait_for(lambda: not any(_alive(p) for p in second), 60, "the Ray workers to end")
+    paused = wait_for(lambda: re.search(r"Training paused; checkpoint step (\d+) kept", " | ".join(
+        e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=200))), 60, "the pause's event")
+    at = int(paused.group(1))
+    log = log_path.read_text()
+    assert f"stopped by its executor (pause or cancel) at step {at}/120; checkpoint step {at} saved" in log, log[-3000:]
+    run = live.home / "jobs" / job.id / "run"
+    rows = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1] == at and (run / "checkpoints" / f"step-{at:06d}").is_dir()  # every step trained is kept
     client.fine_tuning.jobs.resume(job.id)
 
     job = wait_for(_finished(client, job.id), 300, "the job to finish after the lost worker and the pause")
     log = log_path.read_text()
     assert job.status == "succeeded", (job.error, log[-3000:])
-    # Two resumed worker groups (after the kill, after the pause), each in its own run directory.
+    # Two resumed worker groups (after the kill, after the pause), each in its own run directory;
+    # the second from the step the pause saved: nothing was redone.
     assert len(set(re.findall(r"resuming (\S+) from step-", log))) >= 2, log[-3000:]
-    run = live.home / "jobs" / job.id / "run"
+    assert re.search(rf"resuming \S+ from step-{at:06d}", log), log[-3000:]
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 121)), steps  # every step once: the redone ones replaced, none missing
     events = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=200)]

@@ -20,8 +20,12 @@ directory of their own, in a temporary folder of their node:
   to the local metrics.jsonl and copies each reported snapshot's checkpoint into the local
   run directory, so the jobs worker tails and records them as it does for a local child.
 
-Stopping this process (SIGTERM: cancel, pause) ends the Ray job: the trainer's actors are
-owned by this driver. ray is imported inside the functions: the default install has none.
+Stopping this process (SIGTERM: cancel, pause) stops the Ray job as SIGTERM stops a local
+run: the driver puts a stop message on a second Ray queue, rank 0 sees it before its next step
+(`RunObserver.stop_requested`), every worker finishes that step, saves and reports a
+checkpoint, and returns; the driver mirrors the checkpoint and exits. Should they not have
+done so within SAVE_ON_STOP_S, the driver exits anyway, and the trainer's actors, which it
+owns, end with it. ray is imported inside the functions: the default install has none.
 """
 
 from __future__ import annotations
@@ -89,6 +93,9 @@ class RayPlacement:
             raise ConfigError("; ".join(problems))
 
 
+SAVE_ON_STOP_S = 15.0
+"""After SIGTERM, how long the Ray workers may take to finish their step and save (the jobs
+worker sends SIGKILL after its stop_timeout_s, 30 s by default)."""
 CONNECT_TIMEOUT_S = 10.0
 """How long a HOST:PORT cluster address may take to accept a TCP connection."""
 
@@ -150,10 +157,11 @@ def train_on_ray(cfg: TrainConfig, placement: RayPlacement) -> None:
     write_atomically(out / RAY_FILE, json.dumps(run, indent=2) + "\n")
     mirror = _Mirror(out, cfg, run)
     queue = Queue(actor_options={"num_cpus": 0})
+    control = Queue(maxsize=1, actor_options={"num_cpus": 0})  # the driver's stop message to rank 0
     resources = {"CPU": placement.cpus_per_worker, **({"GPU": placement.gpus_per_worker} if placement.gpus_per_worker else {})}
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"cfg": cfg.to_json(), "files": files, "queue": queue},
+        train_loop_config={"cfg": cfg.to_json(), "files": files, "queue": queue, "control": control},
         scaling_config=ScalingConfig(num_workers=placement.n_workers, use_gpu=placement.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=run["name"], storage_path=run["storage"],
@@ -164,10 +172,12 @@ def train_on_ray(cfg: TrainConfig, placement: RayPlacement) -> None:
     stop = threading.Event()
     relay = threading.Thread(target=mirror.follow, args=(queue, stop), daemon=True)
     relay.start()
-    # SIGTERM (the jobs worker's cancel and pause, `kill`) ends this process at once: Ray ends
-    # the trainer's controller and workers with their owner, this driver (an exception raised
-    # from the handler would not get out of Ray's blocking wait).
-    signal.signal(signal.SIGTERM, lambda _signum, _frame: _stop_now(out, stop, relay))
+    # SIGTERM (the jobs worker's cancel and pause, `kill`) asks the workers to save and return;
+    # fit() then returns here. Past SAVE_ON_STOP_S this process exits anyway, and Ray ends the
+    # trainer's controller and workers with their owner (an exception raised from the handler
+    # would not get out of Ray's blocking wait, so the handler only starts a thread).
+    stopping = _Stopping(out, stop, relay)
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: stopping.begin(control))
     try:
         trainer.fit()
     except Exception as exc:
@@ -178,6 +188,8 @@ def train_on_ray(cfg: TrainConfig, placement: RayPlacement) -> None:
         stop.set()
         relay.join(timeout=30)
         ray.shutdown()
+    if stopping.started.is_set():  # the workers saved and returned: their checkpoint is mirrored
+        stopping.exit()
     mirror.finish()
 
 
@@ -194,15 +206,44 @@ def _passed_env() -> dict[str, str]:
     return env
 
 
-def _stop_now(out: Path, stop: threading.Event, relay: threading.Thread) -> None:
-    stop.set()
-    relay.join(timeout=2)  # the rows already queued
-    last = ck.latest_checkpoint(out)
-    print("error: stopped by SIGTERM; the Ray job ends with this driver; "
-          + (f"checkpoint {last.name} saved" if last else "no checkpoint was saved")
-          + f"; continue with: tunesmith train --resume {out} --ray-address ADDRESS", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(130)
+class _Stopping:
+    """SIGTERM on the driver: a stop message to rank 0, then exit once the workers have saved
+    (fit() returned) or SAVE_ON_STOP_S has passed, whichever comes first."""
+
+    def __init__(self, out: Path, stop: threading.Event, relay: threading.Thread) -> None:
+        self.out, self.stop, self.relay = out, stop, relay
+        self.started = threading.Event()
+        self.lock = threading.Lock()
+
+    def begin(self, control: Any) -> None:
+        if self.started.is_set():  # a second SIGTERM: stop waiting
+            threading.Thread(target=self.exit, daemon=True).start()
+            return
+        self.started.set()
+        threading.Thread(target=self._ask_and_wait, args=(control,), daemon=True).start()
+
+    def _ask_and_wait(self, control: Any) -> None:
+        print(f"stopping: asking the Ray workers to save at the end of their step (at most {SAVE_ON_STOP_S:.0f} s)",
+              file=sys.stderr, flush=True)
+        try:
+            control.put("stop", timeout=5)
+        except Exception as exc:  # the queue's actor is gone: nothing will save
+            print(f"warning: could not ask the Ray workers to save: {exc}", file=sys.stderr, flush=True)
+        else:
+            time.sleep(SAVE_ON_STOP_S)
+        self.exit()
+
+    def exit(self) -> None:
+        with self.lock:  # the waiting thread and the main thread (fit() returned) may both get here
+            self.stop.set()
+            self.relay.join(timeout=10)  # the rows and the snapshot already queued
+            last = ck.latest_checkpoint(self.out)
+            print("error: stopped by SIGTERM; "
+                  + (f"checkpoint {last.name} saved" if last else "no checkpoint was saved")
+                  + f"; continue with: tunesmith train --resume {self.out} --ray-address ADDRESS",
+                  file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(130)
 
 
 def _ray_run(out: Path, placement: RayPlacement, resuming: bool) -> dict[str, str]:
@@ -248,7 +289,10 @@ def _train_worker(config: dict[str, Any]) -> None:
             restored.to_directory(str(out))
         cfg = TrainConfig.model_validate({**config["cfg"], **{k: str(v) for k, v in paths.items()}, "out": str(out),
                                           "resume": str(out) if restored is not None else None})
-        train(cfg, progress=False, observer=_Reporter(rank, config["queue"], local / "snapshots"))
+        try:
+            train(cfg, progress=False, observer=_Reporter(rank, config["queue"], local / "snapshots", config["control"]))
+        except ck.TrainingInterrupted as exc:  # the driver's stop: saved and reported; a return, not a failure to retry
+            print(f"rank {rank}: {exc}", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(local, ignore_errors=True)
 
@@ -256,8 +300,12 @@ def _train_worker(config: dict[str, Any]) -> None:
 class _Reporter:
     """train()'s observer on a Ray worker: rows to the driver's queue, checkpoints to Ray."""
 
-    def __init__(self, rank: int, queue: Any, staging: Path) -> None:
-        self.rank, self.queue, self.staging = rank, queue, staging
+    def __init__(self, rank: int, queue: Any, staging: Path, control: Any) -> None:
+        self.rank, self.queue, self.staging, self.control = rank, queue, staging, control
+
+    def stop_requested(self) -> bool:
+        # Rank 0 only (train() asks no other): its stop reaches the others with the step's all-reduce.
+        return not self.control.empty()
 
     def started(self, out: Path, step: int) -> None:
         self.queue.put(("started", step, (out / RUN_FILE).read_text()))

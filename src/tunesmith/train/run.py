@@ -94,6 +94,10 @@ class RunObserver(Protocol):
         """Every process, together: checkpoint `step` is on rank 0's disk (final: and OUT/adapter
         and the finished run.json)."""
 
+    def stop_requested(self) -> bool:
+        """Asked on rank 0 before each step: True stops the run as SIGTERM does, with a checkpoint
+        of the last finished step (a Ray worker gets no signal: its driver asks it this way)."""
+
 
 def default_out(cfg: TrainConfig) -> Path:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -283,7 +287,7 @@ def train(cfg: TrainConfig, progress: bool = True, observer: RunObserver | None 
 
     def interrupted(where: str) -> ck.TrainingInterrupted:
         return ck.TrainingInterrupted(
-            f"stopped by {stop.signal_name} {where}; checkpoint step {step} saved; "
+            f"stopped by {stop.signal_name or 'a stop request of another process'} {where}; checkpoint step {step} saved; "
             f"continue with: tunesmith train --resume {out}"
         )
 
@@ -304,6 +308,8 @@ def train(cfg: TrainConfig, progress: bool = True, observer: RunObserver | None 
                     for p in params:
                         p.grad.zero_()
                     model.train()
+                    if observer is not None and dist.main and not stop.requested and observer.stop_requested():
+                        stop.request("its executor (pause or cancel)")
                     try:
                         stop.check()
                         args = (model, [train_ex[i] for i in mine], step_targets, cfg, pad_id, compute_dtype,
@@ -629,6 +635,10 @@ class StopFlag:
     def _handle(self, signum, _frame) -> None:
         self.requested = True
         self.signal_name = signal.Signals(signum).name
+
+    def request(self, by: str) -> None:
+        """A stop asked for without a signal (see RunObserver.stop_requested)."""
+        self.requested, self.signal_name = True, by
 
     def check(self) -> None:
         if self.requested and self.abandon:
