@@ -82,6 +82,33 @@ def test_a_worker_on_another_home_trains_through_the_storage_and_the_api_serves_
     # The worker's result file (step metrics) is read on A through the storage too.
     csv_text = client.files.content(job.result_files[0]).text
     assert csv_text.startswith("step,epoch,train_loss") and len(csv_text.strip().splitlines()) == 4  # 3 steps
+    # So is the checkpoint the worker recorded (one per epoch: step 3), served as a model.
+    assert (folder / "jobs" / job.id / "checkpoints" / "step-000003" / "manifest.json").is_file()
+    wait_for(lambda: f"{job.fine_tuned_model}:ckpt-step-3" in [m.id for m in client.models.list()], 30,
+             "the checkpoint to be served")
+    # Deleting the upload deletes the storage's copy too.
+    assert client.files.delete(f.id).deleted and not (folder / "files" / f"{f.id}.jsonl").exists()
+
+
+def test_an_upload_the_storage_refuses_is_a_503_and_leaves_no_file(jobs_server, storage, tmp_path):
+    import openai
+
+    folder, _ = storage
+    (folder / "files").write_text("a file where the storage's files/ folder should be")
+    live = jobs_server(workers=0)
+    with pytest.raises(openai.APIStatusError) as err:
+        live.client.files.create(file=open(write_chat_jsonl(tmp_path / "t.jsonl"), "rb"), purpose="fine-tune")
+    assert err.value.status_code == 503 and err.value.body["param"] == "file"
+    assert "shared storage" in err.value.body["message"] and "object-store" not in err.value.body["message"]
+    assert live.client.files.list().data == [] and not list((live.home / "files").glob("file-*"))
+
+
+def test_ray_checkpoints_default_to_the_storage():
+    from tunesmith.cli.serve import _ray_storage
+
+    assert _ray_storage(None, "s3://bucket/tunesmith/", "ray") == "s3://bucket/tunesmith/ray"
+    assert _ray_storage("s3://other/ray", "s3://bucket/tunesmith", "ray") == "s3://other/ray"
+    assert _ray_storage(None, "s3://bucket/tunesmith", "local") is None
 
 
 def test_a_changed_upload_in_the_storage_fails_the_job_with_a_sentence(jobs_server, storage, tiny_model_dir, tmp_path):
