@@ -167,3 +167,53 @@ def test_a_storage_uri_pyarrow_cannot_open_is_one_sentence():
     r = run_tunesmith("worker", "--storage", "nosuchscheme://bucket/x")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.startswith("error: --storage 'nosuchscheme://bucket/x'") and "s3://bucket/prefix" in r.stderr
+
+
+def _worker(home: Path, db: str, uri: str) -> subprocess.Popen:
+    env = {**os.environ, "TUNESMITH_HOME": str(home), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("TUNESMITH_STORAGE", None)
+    return subprocess.Popen([sys.executable, "-m", "tunesmith", "worker", "--db", db, "--storage", uri,
+                             "--poll-interval-s", "0.3"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def test_a_paused_job_resumes_on_another_machine_from_its_checkpoint(jobs_server, storage, tiny_model_dir, tmp_path):
+    folder, uri = storage
+    live = jobs_server(workers=0)
+    jobs = live.client.fine_tuning.jobs
+    db = f"sqlite:///{live.home / 'tunesmith.db'}"
+    f = live.client.files.create(file=open(write_chat_jsonl(tmp_path / "t.jsonl", n=12), "rb"), purpose="fine-tune")
+    job = jobs.create(model=str(tiny_model_dir), training_file=f.id, seed=4,
+                      hyperparameters={"n_epochs": 20, "batch_size": 4})  # 60 steps, a checkpoint every 3
+
+    def events():
+        return [e.message for e in jobs.list_events(job.id, limit=200)]
+
+    first = _worker(tmp_path / "home-b", db, uri)
+    try:
+        wait_for(lambda: jobs.checkpoints.list(job.id).data, 180, "a first checkpoint")
+        jobs.pause(job.id)
+        paused = wait_for(lambda: next((m for m in events() if m.startswith("Training paused; checkpoint step")), None),
+                          60, "the trainer to pause")
+    finally:
+        first.send_signal(signal.SIGTERM)
+        _, first_log = first.communicate(timeout=60)
+    at = int(paused.split("checkpoint step ")[1].split(" ")[0])
+    manifest = json.loads((folder / "jobs" / job.id / "run-snapshot" / "manifest.json").read_text())
+    assert f"checkpoints/step-{at:06d}/optimizer.safetensors" in manifest["files"], (manifest, first_log[-2000:])
+
+    # Another machine (home C) takes the resumed job: from the paused step, not from step 0.
+    jobs.resume(job.id)
+    second = _worker(tmp_path / "home-c", db, uri)
+    try:
+        done = wait_for(lambda: (j := jobs.retrieve(job.id)).status in ("succeeded", "failed", "cancelled") and j,
+                        180, "the job to finish on the other machine")
+    finally:
+        second.send_signal(signal.SIGTERM)
+        _, second_log = second.communicate(timeout=60)
+    assert done.status == "succeeded", (done.error, second_log[-3000:])
+    log = (tmp_path / "home-c" / "jobs" / job.id / "train.log").read_text()
+    assert f"resuming {tmp_path / 'home-c' / 'jobs' / job.id / 'run'} from step-{at:06d}" in log, log[-3000:]
+    assert events().count("Resuming from the last checkpoint") == 1
+    steps = [e.data["step"] for e in jobs.list_events(job.id, limit=300) if e.type == "metrics"]
+    assert sorted(steps) == list(range(1, 61))  # every step once: none redone, none missing

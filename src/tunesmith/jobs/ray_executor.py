@@ -45,6 +45,7 @@ from typing import Any
 
 from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.fileio import write_atomically
+from tunesmith.jobs.run_snapshot import RAY_FILE, snapshot_run
 from tunesmith.models.registry import resolve_model
 from tunesmith.runs import (
     ADAPTER_DIR,
@@ -58,12 +59,9 @@ from tunesmith.runs import (
 )
 from tunesmith.train import checkpoint as ck
 from tunesmith.train.config import TrainConfig
-from tunesmith.train.preference import REFERENCE_FILE
 from tunesmith.train.progress import truncate_metrics
 from tunesmith.train.run import default_out, train
 
-RAY_FILE = "ray.json"
-"""In the local run directory: the Ray run's storage path and name, so --resume finds its checkpoints."""
 RAY_MISSING = "the Ray executor needs Ray Train: pip install 'tunesmith[ray]'"
 
 
@@ -317,7 +315,7 @@ class _Reporter:
         import ray.train
 
         name = f"{'final' if final else 'step'}-{step:06d}"
-        snapshot = _snapshot(out, self.staging / name, final) if self.rank == 0 else None
+        snapshot = snapshot_run(out, self.staging / name, final) if self.rank == 0 else None
         # Every worker calls report (a barrier); only rank 0 has files to persist.
         ray.train.report({"step": step, "final": final},
                          checkpoint=ray.train.Checkpoint.from_directory(str(snapshot)) if snapshot else None,
@@ -325,34 +323,6 @@ class _Reporter:
         if snapshot is not None:
             shutil.rmtree(snapshot, ignore_errors=True)
             self.queue.put(("saved", step, name, final))
-
-
-def _snapshot(out: Path, dest: Path, final: bool) -> Path:
-    """What a restarted worker needs to resume, and the driver to mirror: the run's files, the
-    newest and the best checkpoint (adapter/ once final). Hard links where the disk allows."""
-    dest.mkdir(parents=True)
-    for name in (RUN_FILE, TRAIN_METRICS_FILE, TRACKING_FILE, REFERENCE_FILE):  # DPO's reference log-probs too
-        if (out / name).is_file():
-            shutil.copy2(out / name, dest / name)
-    kept = list_checkpoints(out)
-    wanted = {kept[-1][0]} if kept else set()
-    best = out / CHECKPOINTS_DIR / BEST_FILE
-    if best.is_file():
-        wanted.add(json.loads(best.read_text())["step"])
-        (dest / CHECKPOINTS_DIR).mkdir(exist_ok=True)
-        shutil.copy2(best, dest / CHECKPOINTS_DIR / BEST_FILE)
-    for step in wanted:
-        shutil.copytree(checkpoint_dir(out, step), checkpoint_dir(dest, step), copy_function=_link_or_copy)
-    if final and (out / ADAPTER_DIR).is_dir():
-        shutil.copytree(out / ADAPTER_DIR, dest / ADAPTER_DIR, copy_function=_link_or_copy)
-    return dest
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 # ---------------------------------------------------------------------------- back on the driver

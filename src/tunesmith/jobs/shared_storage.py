@@ -114,9 +114,15 @@ class SharedStorage:
     # ------------------------------------------------------------------ folders
 
     def put_dir(self, rel: str | os.PathLike[str]) -> None:
-        """Copy the folder ROOT/rel to the storage, its manifest last."""
+        """Copy the folder ROOT/rel to the storage, its manifest last; files an earlier copy had
+        and this one has not are deleted after it (a folder published again, e.g. a run's
+        snapshot at each checkpoint)."""
         key = storage_key(rel)
         local = self._local(key)
+        try:
+            before = self._manifest(key) or {}
+        except StorageError:  # unreadable: overwritten below, its files left
+            before = {}
         manifest: dict[str, Any] = {}
         for path in sorted(p for p in local.rglob("*") if p.is_file()):
             name = storage_key(path.relative_to(local).as_posix())
@@ -124,6 +130,23 @@ class SharedStorage:
             manifest[name] = {"bytes": size, "sha256": digest}
         body = (json.dumps({"files": manifest}, indent=2) + "\n").encode()
         self._write(f"{key}/{MANIFEST_FILE}", body)
+        for name in set(before) - set(manifest):
+            try:
+                self.fs.delete_file(self._remote(f"{key}/{storage_key(name)}"))
+            except (OSError, StorageError):  # gone already, or a name that was never ours
+                pass
+
+    def _manifest(self, key: str) -> dict[str, Any] | None:
+        try:
+            with self.fs.open_input_stream(self._remote(f"{key}/{MANIFEST_FILE}")) as fh:
+                files = json.loads(fh.read())["files"]
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise StorageError(f"could not read {self.uri}/{key}/{MANIFEST_FILE}: {exc}") from None
+        if not isinstance(files, dict):
+            raise StorageError(f"{self.uri}/{key}/{MANIFEST_FILE} lists no files")
+        return files
 
     def fetch_dir(self, rel: str | os.PathLike[str]) -> Path | None:
         """ROOT/rel, fetched from the storage when missing here; None when the storage has no
@@ -132,17 +155,15 @@ class SharedStorage:
         dest = self._local(key)
         if dest.is_dir():
             return dest
-        try:
-            with self.fs.open_input_stream(self._remote(f"{key}/{MANIFEST_FILE}")) as fh:
-                manifest = json.loads(fh.read())["files"]
-        except FileNotFoundError:
+        manifest = self._manifest(key)
+        if manifest is None:
             return None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise StorageError(f"could not read {self.uri}/{key}/{MANIFEST_FILE}: {exc}") from None
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent))
         try:
             for name, want in manifest.items():
+                if not isinstance(want, dict) or not isinstance(want.get("sha256"), str):
+                    raise StorageError(f"{self.uri}/{key}/{MANIFEST_FILE} gives no sha256 for '{name}'")
                 target = tmp / storage_key(name)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with open(target, "wb") as out:

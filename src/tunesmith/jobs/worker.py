@@ -39,6 +39,7 @@ from tunesmith.fileio import write_atomically
 from tunesmith.jobs.evaluation_stage import SUMMARY_FILE, summary_sentence
 from tunesmith.jobs.ray_executor import RAY_MISSING, ray_available
 from tunesmith.jobs.run_reader import MetricsTail, has_checkpoint, last_error, metrics_csv, trained_tokens
+from tunesmith.jobs.run_snapshot import snapshot_run
 from tunesmith.jobs.shared_storage import StorageError
 from tunesmith.jobs.store import JobStore, new_id
 from tunesmith.jobs.validation import AUDIT_CHECKS, MIN_EXAMPLES, check_file, check_prompt_file, method_mismatch
@@ -108,6 +109,8 @@ class WorkerConfig:
     """Where training runs: child processes here, or a Ray Train job (jobs/ray_executor.py)."""
 
 
+RUN_SNAPSHOT_DIR = "run-snapshot"
+"""JOB/run-snapshot in the shared storage (--storage): what resuming the job on another machine needs."""
 GRADER_FILE = "grader.json"
 """JOB/grader.json: a reinforcement job's grader, as the trainer's --grader."""
 
@@ -378,12 +381,15 @@ class Worker:
         cmd = [sys.executable, "-m", "tunesmith", "train"]
         if (run_dir / RUN_FILE).is_file() and has_checkpoint(run_dir):
             return cmd + ["--resume", str(run_dir)] + self.config.executor.train_flags(hp)
-        if run_dir.exists():  # started but never checkpointed: start over
+        # Another machine's worker trained it before (--storage): continue its last checkpoint,
+        # given every flag again, since the run's own paths were that machine's.
+        place = ["--resume", str(run_dir)] if self._fetch_run_snapshot(job["id"], run_dir) else ["--out", str(run_dir)]
+        if place[0] == "--out" and run_dir.exists():  # started but never checkpointed: start over
             shutil.rmtree(run_dir)
         train_file = self.store.get_file(job["training_file"])
         base, init_adapter = self.store.base_and_adapter(job["model"])
         cmd += ["--model", base, "--data", str(self.store.local_file(train_file)),
-                "--out", str(run_dir), "--seed", str(job["seed"]),
+                *place, "--seed", str(job["seed"]),
                 "--epochs", str(hp["n_epochs"]), "--batch-size", str(hp["batch_size"])]
         if job["validation_file"]:
             valid_file = self.store.get_file(job["validation_file"])
@@ -464,7 +470,7 @@ class Worker:
 
     def _publish_progress(self, job: dict[str, Any], run_dir: Path, tail: MetricsTail, seen: set[int],
                           warned: set[str]) -> None:
-        total = tail.total_steps(run_dir)
+        total, new = tail.total_steps(run_dir), False
         for row in tail.new_rows():
             step = row.get("step")
             parts = [f"Step {step}/{total}" if total else f"Step {step}"]
@@ -499,6 +505,43 @@ class Worker:
                 continue
             seen.add(step)
             self._record_checkpoint(job, path, step, tail)
+            new = True
+        if new:
+            self._publish_run_snapshot(job["id"], run_dir)
+
+    def _publish_run_snapshot(self, job_id: str, run_dir: Path) -> None:
+        """With --storage: the run cut down to its newest and best checkpoints (training state
+        included), as JOB/run-snapshot in the storage, so that a worker on another machine
+        resumes the job (paused, or its worker lost) from there instead of from step 0."""
+        if self.store.shared is None:
+            return
+        staging = job_dir(self.store, job_id) / RUN_SNAPSHOT_DIR
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            snapshot_run(run_dir, staging, final=False)
+            self.store.publish_dir(staging.relative_to(self.store.storage_root))
+        except (OSError, StorageError) as exc:  # e.g. a checkpoint pruned while copied: the next one goes
+            self.log(f"{job_id}: could not publish the run's snapshot: {exc}")
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _fetch_run_snapshot(self, job_id: str, run_dir: Path) -> bool:
+        """Lay the storage's JOB/run-snapshot out as `run_dir`; False when there is none."""
+        if self.store.shared is None:
+            return False
+        rel = job_dir(self.store, job_id).relative_to(self.store.storage_root) / RUN_SNAPSHOT_DIR
+        shutil.rmtree(self.store.storage_root / rel, ignore_errors=True)  # an earlier fetch's copy is stale
+        try:
+            fetched = self.store.shared.fetch_dir(rel)
+        except StorageError as exc:
+            self.store.add_event(job_id, f"Could not fetch the run's last checkpoint from the shared storage ({exc}); "
+                                 "training starts over", level="warn")
+            return False
+        if fetched is None or not has_checkpoint(fetched):
+            return False
+        shutil.rmtree(run_dir, ignore_errors=True)
+        os.rename(fetched, run_dir)
+        return True
 
     def _record_checkpoint(self, job: dict[str, Any], path: Path, step: int, tail: MetricsTail) -> None:
         # Keep the adapter weights (not the optimizer state): the trainer prunes old checkpoints,
