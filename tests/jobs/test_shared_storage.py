@@ -16,7 +16,7 @@ import pytest
 
 from jobs_helpers import jobs_server, wait_for, write_chat_jsonl  # noqa: F401 (jobs_server is a fixture)
 
-pytest.importorskip("pyarrow.fs", reason="--storage needs pyarrow (pip install 'tunesmith[ray]')")
+pytest.importorskip("pyarrow.fs", reason="--storage needs pyarrow: pip install 'tunesmith[storage]'")
 
 
 @pytest.fixture

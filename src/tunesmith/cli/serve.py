@@ -32,7 +32,7 @@ RAY_STORAGE_HELP = ("With --executor ray: where Ray keeps the jobs' checkpoints,
                     "$TUNESMITH_HOME/jobs).")
 STORAGE_HELP = ("A URI the API node and every worker read (s3://bucket/prefix, gs://..., file:///shared/folder; "
                 "default: $TUNESMITH_STORAGE): uploads and finished adapters go there too, so workers need not "
-                "share $TUNESMITH_HOME, only --db (docs/scale-out.md; needs pyarrow, which Ray brings).")
+                "share $TUNESMITH_HOME, only --db (docs/scale-out.md; pip install 'tunesmith\\[storage]').")
 DB_HELP = "Jobs database: sqlite:///PATH or postgresql://USER@HOST/DB (default: $TUNESMITH_HOME/tunesmith.db)."
 
 

@@ -16,8 +16,8 @@ the same place under its own home:
 
 Every part of a key is checked (letters, digits, '.', '_', '-', never '..'), so no id or name
 read from the database or a manifest reaches outside the prefix or the local home.
-pyarrow.fs does the I/O (file://, s3://, gs://, abfs://, hdfs://); it comes with Ray Train
-and is imported only when a storage URI is set.
+pyarrow.fs does the I/O (file://, s3://, gs://, abfs://, hdfs://): `pip install
+'tunesmith[storage]'` (Ray Train brings it too); it is imported only when a storage URI is set.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ MANIFEST_FILE = "manifest.json"
 """In a published folder: {"files": {relative path: {"bytes": N, "sha256": HEX}}}, written last."""
 _PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")
 _CHUNK = 1 << 20
-PYARROW_MISSING = "--storage needs pyarrow (it comes with pip install 'tunesmith[ray]', or pip install pyarrow)"
+PYARROW_MISSING = "--storage needs pyarrow: pip install 'tunesmith[storage]' (the ray extra brings it too)"
 
 
 class StorageError(TunesmithError):
