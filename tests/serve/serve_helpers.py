@@ -48,3 +48,16 @@ def live_server(app) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+# Tools for the tool-calling tests. Small: the tiny model reads one byte a token or so, in a
+# 512-token context.
+WEATHER = {"type": "function", "function": {
+    "name": "weather", "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}},
+                                      "required": ["city"], "additionalProperties": False}}}
+ALARM = {"type": "function", "function": {
+    "name": "alarm", "parameters": {"type": "object", "properties": {"on": {"type": "boolean"}}, "required": ["on"],
+                                    "additionalProperties": False}}}
+TOOLS = [WEATHER, ALARM]
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}

@@ -11,16 +11,7 @@ import jsonschema
 import openai
 import pytest
 
-# Small: the tiny model reads one byte a token or so, in a 512-token context.
-WEATHER = {"type": "function", "function": {
-    "name": "weather", "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}},
-                                      "required": ["city"], "additionalProperties": False}}}
-ALARM = {"type": "function", "function": {
-    "name": "alarm", "parameters": {"type": "object", "properties": {"on": {"type": "boolean"}}, "required": ["on"],
-                                    "additionalProperties": False}}}
-TOOLS = [WEATHER, ALARM]
-ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
-SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+from serve_helpers import ALARM, ASK, SCHEMAS, TOOLS, WEATHER  # noqa: F401 (shared with the Llama 3 tests)
 
 
 def _check_calls(calls) -> None:

@@ -10,17 +10,7 @@ from typing import Iterator
 
 import jsonschema
 import pytest
-from serve_helpers import live_server
-
-WEATHER = {"type": "function", "function": {
-    "name": "weather", "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}},
-                                      "required": ["city"], "additionalProperties": False}}}
-ALARM = {"type": "function", "function": {
-    "name": "alarm", "parameters": {"type": "object", "properties": {"on": {"type": "boolean"}}, "required": ["on"],
-                                    "additionalProperties": False}}}
-TOOLS = [WEATHER, ALARM]
-ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
-SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+from serve_helpers import ALARM, ASK, SCHEMAS, TOOLS, WEATHER, live_server  # noqa: F401
 
 
 @pytest.fixture(scope="module")
