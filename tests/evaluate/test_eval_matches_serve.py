@@ -19,13 +19,18 @@ SYSTEM = "Answer with one of these labels: card_arrival, card_linking, exchange_
 SCHEMA = {"type": "object", "properties": {"label": {"enum": ["card_arrival", "exchange_rate"]}}, "required": ["label"]}
 
 
+@pytest.mark.parametrize("merge", [False, True], ids=["unmerged", "merged"])
 @pytest.mark.parametrize("constraint", [None, Constraint.json_schema(SCHEMA),
                                         Constraint.choice(["card_arrival", "exchange_rate", "positive"])])
-def test_eval_predictions_equal_the_served_answers(tiny_model_dir, tmp_path, constraint):
+def test_eval_predictions_equal_the_served_answers(tiny_model_dir, tmp_path, constraint, merge):
+    # merged: as `tunesmith eval` loads an adapter (folded into the base's weights), while
+    # serve keeps it as a LoRA layer beside others.
     adapter = make_adapter(tiny_model_dir, tmp_path / "tuned", seed=3)
     examples = [chat(("system", SYSTEM), ("user", q), ("assistant", "card_arrival")) for q in QUESTIONS]
-    result = evaluate_loaded(load_for_inference(tiny_model_dir, adapter), examples, max_new_tokens=12, batch_size=2,
-                             with_loss=False, constraint=constraint, log=lambda _: None)
+    loaded = load_for_inference(tiny_model_dir, adapter, merge=merge)
+    assert loaded.merged is merge and hasattr(loaded.model, "peft_config") is (not merge)
+    result = evaluate_loaded(loaded, examples, max_new_tokens=12, batch_size=2,
+                             with_loss=merge, constraint=constraint, log=lambda _: None)
     predictions = [row["prediction"] for row in result.predictions]
     # Free text varies with the question; held to 3 labels or one enum, all 5 may agree
     # (which they do for some adapters: the test's adapter depends on torch's RNG state).
@@ -40,3 +45,7 @@ def test_eval_predictions_equal_the_served_answers(tiny_model_dir, tmp_path, con
             assert predicted == text.strip()
     finally:
         engine.close()
+    if merge:  # the reference loss too, against the unmerged adapter's
+        unmerged = evaluate_loaded(load_for_inference(tiny_model_dir, adapter), examples, max_new_tokens=1,
+                                   batch_size=2, with_loss=True, constraint=constraint, log=lambda _: None)
+        assert result.metrics["loss"] == pytest.approx(unmerged.metrics["loss"], rel=1e-4)

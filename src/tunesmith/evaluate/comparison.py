@@ -220,7 +220,7 @@ def compare(
         strategies.append(Strategy(name, result, price_per_million))
     if adapter is not None:
         log(f"{FINE_TUNED}: adapter {adapter}")
-        tuned = load_for_inference(model, adapter, weights=weights)
+        tuned = load_for_inference(model, adapter, weights=weights, merge=True)
         tuned_system = system if system is not None else run_system_prompt(adapter)
         tuned_ex = [with_system(ex, tuned_system) for ex in test_ex] if tuned_system else list(test_ex)
         result = evaluate_loaded(

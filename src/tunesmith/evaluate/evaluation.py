@@ -168,8 +168,9 @@ def evaluate_examples(
     log: Callable[[str], None] = print,
 ) -> EvalResult:
     """Load the model (and adapter), score it on examples already read from `data`, record
-    where they came from and the system prompt they carry, and write the results to `out`."""
-    loaded = load_for_inference(model, adapter, weights=weights)
+    where they came from and the system prompt they carry, and write the results to `out`.
+    The adapter is merged into the base for the run (one adapter, every row)."""
+    loaded = load_for_inference(model, adapter, weights=weights, merge=True)
     result = evaluate_loaded(
         loaded, examples, labels=labels, metric=metric, max_new_tokens=max_new_tokens, batch_size=batch_size,
         precision=precision, with_loss=with_loss, constraint=constraint, log=log,

@@ -44,18 +44,26 @@ class LoadedModel:
     """The adapter directory loaded under ADAPTER, if any."""
     weights: str = "fp32"
     """How the base's linear layers are stored: one of WEIGHTS."""
+    merged: bool = False
+    """The adapter is folded into the base's weights (`model` is a plain CausalLM)."""
 
     @property
     def model_id(self) -> str:
-        """The model to generate with: the adapter when one is loaded, else the base."""
-        return ADAPTER if self.adapter is not None else self.base_id
+        """The model to generate with: the adapter when one is loaded unmerged, else the base."""
+        return ADAPTER if self.adapter is not None and not self.merged else self.base_id
 
 
 def load_for_inference(
-    model: str | Path | None, adapter: str | Path | None = None, home: Path | None = None, weights: str = "fp32"
+    model: str | Path | None, adapter: str | Path | None = None, home: Path | None = None, weights: str = "fp32",
+    merge: bool = False,
 ) -> LoadedModel:
     """Load a base model (registry name, HF directory or .gguf; None: the default) and
     optionally a trained adapter (a run directory or an adapter directory).
+
+    merge=True folds the adapter into the base's fp32 weights (W + BA), for a model that
+    serves this one adapter only (an evaluation): every forward then costs what the base's
+    does, instead of the LoRA layers' extra matmuls and peft's per-layer dispatch. int8
+    weights cannot take it; the adapter then stays unmerged.
 
     weights="int8" stores every linear layer of the base but the LM head as int8 before any
     adapter goes on it (models/int8.py); the LM head, embeddings, norms and adapters stay fp32.
@@ -76,9 +84,12 @@ def load_for_inference(
     lm = load_model(ref).eval().requires_grad_(False)
     if weights == "int8":
         quantize_frozen_linears(lm)
+    merged = False
     if adapter_dir is not None:
         lm = put_adapter(lm, adapter_dir, ADAPTER, base_id)
-    return LoadedModel(lm, tokenizer, ref.name, base_id, ident, adapter_dir, weights)
+        if merge and weights == "fp32":
+            lm, merged = lm.merge_and_unload().eval(), True
+    return LoadedModel(lm, tokenizer, ref.name, base_id, ident, adapter_dir, weights, merged)
 
 
 def check_weights(weights: str) -> None:
