@@ -6,6 +6,7 @@ are not near duplicates), keeps its intent as the answer, and carries one system
 1% are exact copies of earlier rows and 1% copies with a typo. Wall time on a shared
 machine depends on its load, so the CPU time of the process is printed too.
 Lengths are counted with SmolLM2's chat template (pulled), as `tunesmith audit` does.
+Each phase prints its wall and CPU seconds.
 
     OMP_NUM_THREADS=1 python bench/audit_speed.py --rows 100000
 """
@@ -65,11 +66,15 @@ def main() -> None:
         path.write_text("".join(json.dumps(r) + "\n" for r in make_rows(args.rows)))
         start, cpu_start = time.perf_counter(), time.process_time()
         marks = []
-        report = audit_data(path, tokenizer=tokenizer, log=lambda m: marks.append((time.perf_counter() - start, m)))
+        report = audit_data(path, tokenizer=tokenizer, log=lambda m: marks.append(
+            (time.perf_counter() - start, time.process_time() - cpu_start, m)))
         total, cpu_end = time.perf_counter() - start, time.process_time()
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    for t, m in marks:
-        print(f"  {t:6.1f} s  {m}")
+    # Each phase's wall and CPU seconds (the process's CPU: the tokenizer's threads count).
+    marks.append((total, cpu_end - cpu_start, "end"))
+    print("  wall s   CPU s  phase")
+    for (t, cpu, m), (t_next, cpu_next, _) in zip(marks, marks[1:]):
+        print(f"  {t_next - t:6.1f}  {cpu_next - cpu:6.1f}  {m}")
     print(f"audited {args.rows:,} chat rows in {total:.1f} s wall, {cpu_end - cpu_start:.1f} s CPU; "
           f"peak RSS {usage.ru_maxrss / 1024:.0f} MB; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(json.dumps(report.counts()))
