@@ -219,7 +219,8 @@ def test_token_lengths_equal_rendering_each_example(tmp_path, tiny_tokenizer):
     assert len(examples) == len(rows)
     # The fast path (the Rust tokenizer's batch call) is the one measured here.
     assert hasattr(tiny_tokenizer.backend_tokenizer, "encode_batch_fast")
-    assert _token_counts(tiny_tokenizer, texts) == [len(i) for i in tiny_tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    ids = tiny_tokenizer(texts, add_special_tokens=False)["input_ids"]
+    assert _token_counts(tiny_tokenizer, texts) == [len(i) for i in ids]
     assert _TokenLengths(tiny_tokenizer)(examples) == [render_examples(tiny_tokenizer, [ex])[0].full_length
                                                         for ex in examples]
 
