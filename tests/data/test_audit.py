@@ -198,3 +198,54 @@ def test_files_with_the_same_name_are_told_apart(tmp_path):
     assert (leak.file, leak.line, leak.other_file, leak.other_line) == (str(train_path), len(rows) + 2, str(test_path), 4)
     result = write_fixed(report, tmp_path / "clean.csv", COLUMNS)
     assert len(rows) + 2 in result.dropped["leakage"]
+
+
+def test_token_lengths_equal_rendering_each_example(tmp_path, tiny_tokenizer):
+    """The audit's lengths (each message counted once in a batch, plus the template's own
+    tokens per sequence of roles) are the lengths of the examples rendered whole."""
+    from tunesmith.data.audit import _token_counts, _TokenLengths
+    from tunesmith.data.formats import read_data
+    from tunesmith.data.render import render_examples
+
+    texts = [t for t, _ in single_line(banking77("train.csv")[::100])]
+    rows = [{"messages": [{"role": "user", "content": t}, {"role": "assistant", "content": "a short answer"}]}
+            for t in texts]
+    rows += [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": t},
+                           {"role": "assistant", "content": t[::-1]}, {"role": "user", "content": "And then?"},
+                           {"role": "assistant", "content": "Nothing."}]} for t in texts[:5]]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples = read_data(path).examples
+    assert len(examples) == len(rows)
+    # The fast path (the Rust tokenizer's batch call) is the one measured here.
+    assert hasattr(tiny_tokenizer.backend_tokenizer, "encode_batch_fast")
+    ids = tiny_tokenizer(texts, add_special_tokens=False)["input_ids"]
+    assert _token_counts(tiny_tokenizer, texts) == [len(i) for i in ids]
+    assert _TokenLengths(tiny_tokenizer)(examples) == [render_examples(tiny_tokenizer, [ex])[0].full_length
+                                                        for ex in examples]
+
+
+def test_near_index_finds_the_same_pairs_in_every_process(tmp_path):
+    """MinHash is seeded and hashes 3-grams by their code points, not Python's per-process
+    string hash: another interpreter (another PYTHONHASHSEED) finds the same pairs."""
+    import os
+    import subprocess
+
+    code = ("import json, sys; from tunesmith.data.near_duplicates import NearIndex, normalize\n"
+            "texts = [normalize(t) for t in json.load(sys.stdin)]\n"
+            "index = NearIndex(0.8); out = []\n"
+            "for text, sig in zip(texts, index.signatures(texts)):\n"
+            "    out.append(index.best_match(text, sig)); index.add(text, sig)\n"
+            "print(json.dumps(out))\n")
+    texts = [t for t, _ in single_line(banking77("train.csv")[::3])]
+    texts += [t.upper() + "!" for t in texts[:20]] + [t[:-2] + "x" + t[-1] for t in texts[20:40]]
+    runs = [subprocess.run([sys.executable, "-c", code], input=json.dumps(texts), capture_output=True, text=True,
+                           check=True, env={**os.environ, "PYTHONHASHSEED": seed,
+                                                    "PYTHONPATH": str(REPO / "src")}).stdout
+            for seed in ("1", "2")]
+    assert runs[0] == runs[1]
+    found = json.loads(runs[0])
+    # Every upper-cased copy is the same text once normalised: found, at similarity 1.
+    first = len(texts) - 40
+    assert all(found[first + k] is not None and found[first + k][1] == 1.0 for k in range(20))
+    assert sum(m is not None for m in found[first + 20:]) >= 18

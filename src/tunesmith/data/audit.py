@@ -224,8 +224,7 @@ class _TokenLengths:
         contents = [m.content for ex in examples for m in ex.messages]
         # A system prompt repeated on every row is tokenized once.
         distinct = list(dict.fromkeys(contents))
-        ids = self.tokenizer(distinct, add_special_tokens=False)["input_ids"]
-        size = {text: len(t) for text, t in zip(distinct, ids)}
+        size = dict(zip(distinct, _token_counts(self.tokenizer, distinct)))
         counts = [size[text] for text in contents]
         out, k = [], 0
         for ex in examples:
@@ -238,6 +237,17 @@ class _TokenLengths:
                 self.overhead[roles] = render_examples(self.tokenizer, [ex])[0].full_length - body
             out.append(body + self.overhead[roles])
         return out
+
+
+def _token_counts(tokenizer: Any, texts: list[str]) -> list[int]:
+    """Tokens in each text, without special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    fast = getattr(backend, "encode_batch_fast", None)
+    if fast is not None and backend.truncation is None and backend.padding is None:
+        # The Rust tokenizer's batch call (parallel) without transformers' wrapping and
+        # without the character offsets, which nothing here reads: about a fifth less CPU.
+        return [len(e) for e in fast(texts, add_special_tokens=False)]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 def _read_file(role: str, path: Path, name: str, fmt: str, columns: ColumnMapping | None, tokenizer: Any,
