@@ -9,6 +9,8 @@ random weights: an untrained adapter costs what a trained one does):
   labels  as it does now (flows.demo.label_answers): answers held to the 77 intent labels, at
           most the longest label's tokens + 1, the rest of a label written without forward
           passes once its first tokens single it out; no reference loss
+The adapter runs twice: as a LoRA layer (how serve keeps it), and merged into the base's
+weights (how eval, compare and the demo load it since load_for_inference(merge=True)).
 Prints per variant: decode steps (forward passes after the prefill; they do not depend on how
 busy the machine is), completion tokens per row, and seconds (interleaved, so a busy machine
 slows every variant alike). With ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
@@ -82,15 +84,16 @@ def main() -> None:
         held = [held[i * len(held) // args.rows] for i in range(min(args.rows, len(held)))]
         labels = sorted({split_example(ex)[1] for ex in load_examples(data / "train.csv", output_column="category")})
         answers, max_new_tokens = demo.label_answers(DEFAULT_MODEL, labels)
-        sides = {"base": load_for_inference(DEFAULT_MODEL),
-                 "adapter": load_for_inference(DEFAULT_MODEL, random_adapter(DEFAULT_MODEL, Path(tmp) / "adapter"))}
+        adapter = random_adapter(DEFAULT_MODEL, Path(tmp) / "adapter")
+        sides = {"base": load_for_inference(DEFAULT_MODEL), "adapter": load_for_inference(DEFAULT_MODEL, adapter),
+                 "adapter merged": load_for_inference(DEFAULT_MODEL, adapter, merge=True)}
         prompts = [render_prompt(sides["base"].tokenizer, split_example(ex)[0]) for ex in held]
         print(f"{len(held)} held-out rows, prompts {statistics.mean(map(len, prompts)):.0f} tokens on average; "
               f"labels: at most {max_new_tokens} new tokens", flush=True)
         results: dict[tuple[str, str], list] = {}
         for r in range(args.rounds):
             for side, loaded in sides.items():
-                for variant in ("free", "labels"):
+                for variant in ("free", "labels") if side != "adapter merged" else ("labels",):
                     out = run(loaded, prompts, held, variant, answers, max_new_tokens)
                     results.setdefault((side, variant), []).append(out)
                     print(f"round {r + 1} {side} {variant}: {out[0]} decode steps, {out[1]:.1f} tokens/row, "
