@@ -61,7 +61,8 @@ def validate_grader(grader: Any, param: str = "grader", limits: PythonLimits = P
     if isinstance(grader, ScoreModelGrader) and grader.range and not grader.range[0] < grader.range[1]:
         raise GraderError(f"{param}.range must be [low, high] with low < high (got {grader.range})", f"{param}.range")
     if isinstance(grader, LabelModelGrader):
-        extra = [label for label in grader.passing_labels if label not in grader.labels]
+        labels = set(grader.labels)  # a set: two lists of 1,000 compared pairwise are a million steps
+        extra = [label for label in grader.passing_labels if label not in labels]
         if extra:
             raise GraderError(f"{param}.passing_labels must be among labels; {extra} are not", f"{param}.passing_labels")
 
@@ -74,6 +75,9 @@ def _check_source(source: str, param: str, limits: PythonLimits) -> None:
         tree = ast.parse(source)  # parsing runs nothing
     except SyntaxError as exc:
         raise GraderError(f"{param} does not compile: {exc.msg} (line {exc.lineno})", param) from None
+    except (MemoryError, RecursionError, ValueError) as exc:  # past the parser's nesting limits; a NUL byte
+        why = str(exc) if isinstance(exc, ValueError) else "it is nested too deep for Python's parser"
+        raise GraderError(f"{param} does not compile: {why}", param) from None
     if not any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == "grade" for n in tree.body):
         raise GraderError(f"{param} must define grade(sample, item) -> float at its top level", param)
 

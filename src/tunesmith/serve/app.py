@@ -56,7 +56,8 @@ def create_app(engine: Engine, settings: Settings | None = None, routers: Sequen
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     app.add_middleware(KeyGate, api_key=settings.api_key)  # added last: runs first
     app.include_router(health_router)
-    for router in (models_router, completions_router, adapters_router, build_graders_router(allow_python=settings.python_graders), *routers):
+    graders_router = build_graders_router(allow_python=settings.python_graders, limits=limits)
+    for router in (models_router, completions_router, adapters_router, graders_router, *routers):
         app.include_router(router, dependencies=[Depends(require_api_key)])
     return app
 
