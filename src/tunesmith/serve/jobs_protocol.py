@@ -94,15 +94,21 @@ class Method(BaseModel):
     reinforcement: ReinforcementMethod | None = None
 
 
+Name = Annotated[str, Field(max_length=128)]
+"""A tracker's project, run or entity name (W&B's limit for a project name is 128 characters)."""
+Tags = Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=64)]
+"""At most 64 tags of at most 64 characters (W&B's limit per tag)."""
+
+
 class WandbIntegration(BaseModel):
     """OpenAI's W&B integration: the run tunesmith's trainer opens in W&B."""
 
     model_config = ConfigDict(extra="forbid")
 
-    project: str = Field(description="W&B project the run goes into.")
-    name: str | None = Field(None, description="The run's name; default the job id.")
-    entity: str | None = Field(None, description="W&B team or user; default the server's W&B default entity.")
-    tags: list[Annotated[str, Field(max_length=64)]] | None = Field(
+    project: Name = Field(description="W&B project the run goes into.")
+    name: Name | None = Field(None, description="The run's name; default the job id.")
+    entity: Name | None = Field(None, description="W&B team or user; default the server's W&B default entity.")
+    tags: Tags | None = Field(
         None, description="Tags on the run, besides tunesmith/finetune, tunesmith/<base model> and tunesmith/<job id>.")
 
 
@@ -111,10 +117,11 @@ class MlflowIntegration(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    project: str = Field(description="MLflow experiment the run goes into.")
-    name: str | None = Field(None, description="The run's name; default the job id.")
-    tags: list[Annotated[str, Field(max_length=64)]] | None = None
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default the server's (MLFLOW_TRACKING_URI).")
+    project: Name = Field(description="MLflow experiment the run goes into.")
+    name: Name | None = Field(None, description="The run's name; default the job id.")
+    tags: Tags | None = None
+    tracking_uri: Annotated[str, Field(max_length=2048)] | None = Field(
+        None, description="MLflow tracking URI; default the server's (MLFLOW_TRACKING_URI).")
 
 
 class TrackioIntegration(BaseModel):
@@ -122,8 +129,8 @@ class TrackioIntegration(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    project: str = Field(description="trackio project the run goes into.")
-    name: str | None = Field(None, description="The run's name; default the job id.")
+    project: Name = Field(description="trackio project the run goes into.")
+    name: Name | None = Field(None, description="The run's name; default the job id.")
 
 
 class TensorboardIntegration(BaseModel):
