@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tunesmith.serve.protocol import Text
+from tunesmith.train.config import RL_BOUNDS
 
 Auto = Literal["auto"]
 HYPERPARAMETER_KEYS = ("n_epochs", "batch_size", "learning_rate_multiplier", "n_workers", "gpus_per_worker")
@@ -52,14 +53,16 @@ class ReinforcementHyperparameters(Hyperparameters):
         "auto", description="Scales the answers sampled per prompt (group_size 4 at 1.0); ignored when group_size is given.")
     eval_interval: Auto | Annotated[int, Field(ge=1)] = Field(
         "auto", description="Steps between held-out reward measurements on the validation file (auto: once per epoch).")
-    eval_samples: Auto | Annotated[int, Field(ge=1, le=16)] = Field(
+    eval_samples: Auto | Annotated[int, Field(ge=1, le=RL_BOUNDS["eval_samples"][1])] = Field(
         "auto", description="Answers sampled per validation prompt for the held-out reward (auto: 1).")
-    group_size: Auto | Annotated[int, Field(ge=2, le=64)] = Field("auto", description="Answers sampled per prompt (auto: 4).")
-    kl_coef: Auto | Annotated[float, Field(ge=0, le=10)] = Field(
+    group_size: Auto | Annotated[int, Field(ge=2, le=RL_BOUNDS["group_size"][1])] = Field(
+        "auto", description="Answers sampled per prompt (auto: 4).")
+    kl_coef: Auto | Annotated[float, Field(ge=0, le=RL_BOUNDS["kl_coef"][1])] = Field(
         "auto", description="KL penalty to the base model (auto: 0, no penalty).")
-    max_completion_tokens: Auto | Annotated[int, Field(ge=1, le=4096)] = Field(
+    max_completion_tokens: Auto | Annotated[int, Field(ge=1, le=RL_BOUNDS["max_completion_tokens"][1])] = Field(
         "auto", description="Longest sampled answer in tokens (auto: 64).")
-    temperature: Auto | Annotated[float, Field(ge=0, le=2)] = Field("auto", description="Sampling temperature (auto: 1.0).")
+    temperature: Auto | Annotated[float, Field(ge=0, le=RL_BOUNDS["temperature"][1])] = Field(
+        "auto", description="Sampling temperature (auto: 1.0).")
 
 
 class ReinforcementMethod(BaseModel):
