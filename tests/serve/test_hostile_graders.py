@@ -109,6 +109,19 @@ def test_many_graders_labels_and_messages_are_bounded(server):
     assert post(server, VALIDATE, {"grader": judge}).status_code == 200
 
 
+@pytest.mark.parametrize(("metric", "words"), [
+    ("rouge_l", 20_000),     # a table of 20,000 x 20,000 words in pure Python: minutes (400,000: a day)
+    ("fuzzy_match", 60_000),  # over 100,000 characters
+])
+def test_text_similarity_on_texts_too_long_scores_zero_with_an_error(server, metric, words):
+    text = " ".join(["refund"] * words)
+    grader = {"type": "text_similarity", "name": "s", "input": "{{sample.output_text}}", "reference": "{{item.label}}",
+              "evaluation_metric": metric}
+    with normal_chat(server):
+        resp = run(server, grader, model_sample=text, item={"label": text}, timeout=60)
+    assert resp.json()["reward"] == 0.0 and errors(resp)["other_error"] is True
+
+
 @pytest.mark.parametrize("source", [
     "def grade(sample, item):\n    return " + "-" * 100_000 + "1\n",     # MemoryError in the parser: a 500
     "def grade(sample, item):\n    return " + "1+" * 100_000 + "1\n",    # RecursionError in ast: a 500

@@ -23,7 +23,7 @@ from typing import Any
 from tunesmith.graders.formula import FormulaError, evaluate, parse_formula
 from tunesmith.graders.judge import Endpoint, ask_judge
 from tunesmith.graders.python_sandbox import PythonLimits, PythonSandbox
-from tunesmith.graders.similarity import similarity
+from tunesmith.graders.similarity import TextTooLong, similarity
 from tunesmith.graders.templates import TemplateError, build_sample, check_template, render
 from tunesmith.graders.types import (
     GraderError, LabelModelGrader, MultiGrader, PythonGrader, ScoreModelGrader, StringCheckGrader,
@@ -177,6 +177,9 @@ class Grading:
         except TemplateError as exc:
             result.errors["invalid_variable_error"] = True
             result.errors["invalid_variable_details"] = f"{key}: {exc}"
+        except TextTooLong as exc:
+            result.errors["other_error"] = True
+            result.errors["other_error_details"] = f"{key}: {exc}"
         return 0.0
 
     def _python(self, grader: PythonGrader, key: str, sample: dict[str, Any], item: Any, result: GradeResult) -> float:
