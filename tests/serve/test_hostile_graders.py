@@ -205,6 +205,24 @@ def test_a_flood_of_grader_runs_is_admitted_in_turn_and_others_are_served(engine
     assert all(r.json()["reward"] == 1.0 for r in answers if r.status_code == 200)
 
 
+def test_the_python_graders_of_a_run_share_one_time_budget(engine, tmp_path):
+    """Each python grader had 2 minutes: a multi of 32 that spin held a thread and a core for
+    64 minutes. Now a run's python graders share one budget (OpenAI's 2 minutes; 1 s here)."""
+    from tunesmith.serve.app import create_app
+    from tunesmith.serve.limits import Limits
+    from tunesmith.settings import Settings
+
+    spin = python("def grade(sample, item):\n    while True:\n        pass\n")
+    graders = {f"p{k}": spin for k in range(8)}
+    settings = Settings(home=tmp_path, api_key=None, python_graders=True)
+    with live_server(create_app(engine, settings, limits=Limits(grader_run_s=1.0))) as url:
+        with normal_chat(url):
+            resp = run(url, multi("p0", **graders), timeout=60)
+    flags = errors(resp)
+    assert resp.json()["reward"] == 0.0 and flags["python_grader_runtime_error"] is True
+    assert flags["unresponsive_reward_error"] is True  # the later graders were not started
+
+
 def test_what_held(server):
     """Attacks that were already answered well, kept so that they stay so."""
     # a 5 MB body (a 10 MB calculate_output cannot arrive at all)

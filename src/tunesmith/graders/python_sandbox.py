@@ -77,9 +77,11 @@ class PythonSandbox:
         self._buffer = b""
         self._folder: tempfile.TemporaryDirectory | None = None
 
-    def grade(self, sample: dict[str, Any], item: Any) -> Outcome:
+    def grade(self, sample: dict[str, Any], item: Any, timeout_s: float | None = None) -> Outcome:
+        """One sample's score; `timeout_s` (at most the limits') bounds starting the child too."""
+        timeout_s = self.limits.timeout_s if timeout_s is None else min(timeout_s, self.limits.timeout_s)
         if self._proc is None:
-            failed = self._start()
+            failed = self._start(min(timeout_s, self.limits.start_timeout_s))
             if failed:
                 return failed
         try:
@@ -91,11 +93,11 @@ class PythonSandbox:
         except (BrokenPipeError, OSError):
             return self._fail("the grader's process died")
         try:
-            reply = self._read(self.limits.timeout_s)
+            reply = self._read(timeout_s)
         except ProtocolError as exc:
             return self._fail(str(exc))
         if reply is None:
-            return self._fail(self._why_gone(f"timed out after {self.limits.timeout_s:g} s"))
+            return self._fail(self._why_gone(f"timed out after {timeout_s:g} s"))
         cpu_s = reply.get("cpu_s", 0)
         if not isinstance(cpu_s, (int, float)) or cpu_s > self.limits.cpu_s / 2:
             # RLIMIT_CPU counts a child's whole life: retire it while every sample still has
@@ -108,7 +110,7 @@ class PythonSandbox:
             return Outcome(None, f"grade() returned {score!r}, not a finite number")
         return Outcome(score)
 
-    def _start(self) -> Outcome | None:
+    def _start(self, timeout_s: float) -> Outcome | None:
         self._folder = tempfile.TemporaryDirectory(prefix="tunesmith-grader-")
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": self._folder.name, "LANG": "C.UTF-8",
                "OMP_NUM_THREADS": "1"}
@@ -119,12 +121,11 @@ class PythonSandbox:
         limits = {k: v for k, v in asdict(self.limits).items() if k in ("cpu_s", "memory_bytes", "file_bytes")}
         self._send_line(json.dumps({"source": self.source, "limits": limits}))
         try:
-            reply = self._read(self.limits.start_timeout_s)
+            reply = self._read(timeout_s)
         except ProtocolError as exc:
             reply = {"fatal": str(exc)}
         if reply is None or "fatal" in reply:
-            why = str(reply["fatal"])[-2000:] if reply else self._why_gone(
-                f"did not start in {self.limits.start_timeout_s:g} s")
+            why = str(reply["fatal"])[-2000:] if reply else self._why_gone(f"did not start in {timeout_s:g} s")
             self.close()
             return Outcome(None, why, setup_error=True)
         return None

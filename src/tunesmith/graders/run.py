@@ -133,15 +133,21 @@ class GradeResult:
 class Grading:
     """One grader, ready to grade many samples (call `close`, or use it in a `with`)."""
 
-    def __init__(self, grader: Any, endpoint: Endpoint = Endpoint(), limits: PythonLimits = PythonLimits()):
+    def __init__(self, grader: Any, endpoint: Endpoint = Endpoint(), limits: PythonLimits = PythonLimits(),
+                 sample_budget_s: float | None = None):
         validate_grader(grader, limits=limits)
         self.grader, self.endpoint, self.limits = grader, endpoint, limits
+        self.sample_budget_s = sample_budget_s
+        """Wall-clock time for all of one sample's python graders together (None: each has the
+        limits' timeout): a multi of 32 graders that spin would otherwise hold 64 minutes."""
         self._sandboxes: dict[str, PythonSandbox] = {}
         self._client: Any = None
+        self._deadline: float | None = None
 
     def run(self, output_text: str, item: Any) -> GradeResult:
         """Grade one answer against its dataset row."""
         started = time.perf_counter()
+        self._deadline = None if self.sample_budget_s is None else time.monotonic() + self.sample_budget_s
         sample = build_sample(output_text)
         result = GradeResult(self.grader.name, self.grader.type, 0.0)
         if isinstance(self.grader, MultiGrader):
@@ -183,10 +189,18 @@ class Grading:
         return 0.0
 
     def _python(self, grader: PythonGrader, key: str, sample: dict[str, Any], item: Any, result: GradeResult) -> float:
+        timeout_s = self.limits.timeout_s
+        if self._deadline is not None:
+            timeout_s = min(timeout_s, self._deadline - time.monotonic())
+            if timeout_s <= 0:
+                result.errors["unresponsive_reward_error"] = True
+                result.errors["unresponsive_reward_details"] = (f"{key}: not run; the sample's graders used their "
+                                                                f"{self.sample_budget_s:g} s")
+                return 0.0
         sandbox = self._sandboxes.get(key)
         if sandbox is None:
             sandbox = self._sandboxes[key] = PythonSandbox(grader.source, self.limits)
-        outcome = sandbox.grade(sample, item)
+        outcome = sandbox.grade(sample, item, timeout_s)
         if outcome.score is not None:
             return outcome.score
         if outcome.setup_error:
@@ -235,9 +249,9 @@ class Grading:
 
 
 def run_grader(grader: Any, output_text: str, item: Any, endpoint: Endpoint = Endpoint(),
-               limits: PythonLimits = PythonLimits()) -> GradeResult:
-    """Grade one answer (a Grading for a single sample)."""
-    with Grading(grader, endpoint, limits) as grading:
+               limits: PythonLimits = PythonLimits(), budget_s: float | None = None) -> GradeResult:
+    """Grade one answer (a Grading for a single sample; `budget_s` for its python graders together)."""
+    with Grading(grader, endpoint, limits, budget_s) as grading:
         return grading.run(output_text, item)
 
 

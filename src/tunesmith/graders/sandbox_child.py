@@ -2,7 +2,8 @@
 
 It reads its limits and the grader's source as the first line of stdin, makes the OS hold
 it to them (a new user and network namespace: no network interface but a loopback that is
-down; rlimits on CPU time, address space, file size and open files, lowered for good), and
+down; rlimits on CPU time, address space, file size and open files, lowered for good; a
+lower CPU priority than the server's), and
 only then runs the source. Then, for each line {"sample": ..., "item": ...}, it writes one
 line {"score": x} or {"error": "..."} to the protocol pipe; the grader's own prints go to
 stderr, never into the protocol.
@@ -27,6 +28,7 @@ def isolate(limits):
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     resource.setrlimit(resource.RLIMIT_FSIZE, (files, files))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    os.nice(10)  # a grader that spins yields the CPU to the server that started it
 
 
 def main():

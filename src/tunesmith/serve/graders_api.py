@@ -28,6 +28,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
 from tunesmith.graders.judge import Endpoint
+from tunesmith.graders.python_sandbox import PythonLimits
 from tunesmith.graders.run import run_grader, validate_grader
 from tunesmith.graders.types import GraderError, MultiGrader, PythonGrader, parse_grader
 from tunesmith.serve import protocol as p
@@ -106,7 +107,8 @@ def build_graders_router(judge: Endpoint | None = None, allow_python: bool = Fal
 
         grader = await run_in_threadpool(check)
         endpoint = judge or own_endpoint(request)
-        result = await slots.run(run_grader, grader, body.model_sample, body.item, endpoint)
+        result = await slots.run(run_grader, grader, body.model_sample, body.item, endpoint, PythonLimits(),
+                                 limits.grader_run_s)
         return result.to_openai()
 
     return router

@@ -50,6 +50,9 @@ class Limits:
     they never take the threads that chats render in."""
     max_waiting_graders: int = 16
     """Grader runs waiting for one of those; more are refused with 429 `server_overloaded`."""
+    grader_run_s: float = 120.0
+    """Wall-clock time for one run's python graders together (OpenAI's limit for one): a multi
+    of 32 graders that spin held its thread, and a core, for 64 minutes."""
 
 
 def check_prompts(n_prompts: int, n: int, limits: Limits) -> None:
