@@ -53,7 +53,7 @@ def test_unclosed_templates_are_scanned_in_linear_time(server):
 @pytest.mark.parametrize(("formula", "code_in_message"), [
     ("-" * 1990 + "a", "nested"),               # RecursionError when evaluated: a 500
     ("a" + "+a" * 990, "nested"),               # the same, through a left-deep sum
-    ("a * 1e309", "not a finite number"),        # inf: the response could not be written (500)
+    ("a * 1e309", "not a finite number"),        # inf: a reward of null
     ("max(a)", "takes 2 to 64"),                 # TypeError when evaluated: a 500
 ])
 def test_a_formula_too_deep_or_not_finite_is_a_400_naming_it(server, formula, code_in_message):
@@ -88,8 +88,8 @@ def test_a_formula_that_fails_on_a_sample_scores_zero_with_a_formula_error(serve
      '"range": [-1e400, 1]}}', "grader.range[0]"),
 ])
 def test_non_finite_numbers_in_a_grader_are_400s(server, body, param):
-    """NaN and Infinity parse (Python's json takes them) and were echoed by /validate, whose
-    answer then could not be written: a 500."""
+    """NaN and Infinity parse (Python's json takes them); /validate answered them as null, a
+    grader other than the one sent (and a job stored its grader so)."""
     with normal_chat(server):
         err = error_of(post(server, VALIDATE, body), 400)
     assert (err["param"], err["code"]) == (param, "invalid_grader")
@@ -161,14 +161,16 @@ def _deep(depth: int) -> list:
 
 @pytest.mark.parametrize(("body", "param"), [
     ({"grader": check(name=_deep(900))}, "grader.name"),
-    ({"grader": check(), "model_sample": "x", "item": {"a": _deep(900)}}, "item"),
     ({"grader": _deep(900)}, "grader"),
 ])
 def test_deeply_nested_json_is_a_400_naming_where(server, body, param):
-    route = RUN if "item" in body else VALIDATE
     with normal_chat(server):
-        err = error_of(post(server, route, body), 400)
+        err = error_of(post(server, VALIDATE, body), 400)
     assert err["param"] == param
+    # an item as deep as the JSON parser goes reaches a python grader and a template whole
+    item = {"label": "refund", "a": _deep(900)}
+    assert run(server, python("def grade(sample, item):\n    return 1.0\n"), item=item).json()["reward"] == 1.0
+    assert run(server, check(input="{{item.a}}"), item=item).json()["reward"] == 0.0
 
 
 def test_a_python_grader_that_writes_into_the_protocol_fails_alone(server):
@@ -203,6 +205,33 @@ def test_a_flood_of_grader_runs_is_admitted_in_turn_and_others_are_served(engine
     refused = next(r for r in answers if r.status_code == 429)
     assert refused.headers["Retry-After"] and refused.json()["error"]["code"] == "server_overloaded"
     assert all(r.json()["reward"] == 1.0 for r in answers if r.status_code == 200)
+
+
+def test_judges_run_at_once_do_not_wait_for_their_own_chats(engine, tmp_path):
+    """A judge's run held a thread of the pool while it asked this server for a chat, whose
+    rendering needs a thread of the same pool: as many judges at once as threads, and no chat
+    could render, so every judge waited out its timeout (a pool of 4 here stands in for 40)."""
+    import anyio
+
+    from tunesmith.serve.app import create_app
+    from tunesmith.settings import Settings
+
+    app = create_app(engine, Settings(home=tmp_path, api_key=None))
+
+    @app.post("/test/shrink-thread-pool")
+    async def shrink() -> dict:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 4
+        return {}
+
+    judge = {"type": "score_model", "name": "j", "model": engine.base_id, "sampling_params": {"max_completions_tokens": 4},
+             "input": [{"role": "user", "content": "{{sample.output_text}}"}]}
+    with live_server(app) as url:
+        assert httpx.post(url + "/test/shrink-thread-pool").status_code == 200
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda _: run(url, judge, timeout=60), range(4)))
+        assert httpx.get(url + "/health", timeout=60).status_code == 200
+    assert [r.status_code for r in answers] == [200] * 4
+    assert not any(errors(r)["model_grader_server_error"] for r in answers)
 
 
 def test_the_python_graders_of_a_run_share_one_time_budget(engine, tmp_path):

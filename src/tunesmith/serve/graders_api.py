@@ -33,7 +33,7 @@ from tunesmith.graders.run import run_grader, validate_grader
 from tunesmith.graders.types import GraderError, MultiGrader, PythonGrader, parse_grader
 from tunesmith.serve import protocol as p
 from tunesmith.serve.errors import APIError
-from tunesmith.serve.limits import Limits, check_json
+from tunesmith.serve.limits import Limits
 
 RETRY_AFTER_S = 2
 
@@ -101,11 +101,7 @@ def build_graders_router(judge: Endpoint | None = None, allow_python: bool = Fal
 
     @router.post("/run")
     async def run(body: p.GraderRunRequest, request: Request) -> dict[str, Any]:
-        def check() -> Any:
-            check_json(body.item, limits.max_item_depth, limits.max_schema_nodes, "item", "item", "item")
-            return checked_grader(body.grader, allow_python)
-
-        grader = await run_in_threadpool(check)
+        grader = await run_in_threadpool(checked_grader, body.grader, allow_python)
         endpoint = judge or own_endpoint(request)
         result = await slots.run(run_grader, grader, body.model_sample, body.item, endpoint, PythonLimits(),
                                  limits.grader_run_s)

@@ -42,9 +42,6 @@ class Limits:
     max_schema_depth: int = 64
     """Nesting of a response_format schema, in JSON levels (OpenAI's 10 object levels are
     about 20-30 JSON levels)."""
-    max_item_depth: int = 64
-    """Nesting of a graders run's `item` (a dataset row), in JSON levels: deeper cannot be sent
-    to a python grader or written into a template."""
     max_running_graders: int = 4
     """Grader runs at once, each in its own thread (a python grader's child, a judge's call);
     they never take the threads that chats render in."""
@@ -91,23 +88,17 @@ def check_message_tokens(roles: Sequence[str], per_role: dict[str, int], max_con
 def check_schema(schema: Any, limits: Limits, param: str = "response_format.json_schema.schema") -> None:
     """Refuse a schema with more than max_schema_nodes values or nested deeper than
     max_schema_depth, walking the raw dict without recursion (so depth itself is safe)."""
-    check_json(schema, limits.max_schema_depth, limits.max_schema_nodes, param, "the schema", "schema")
-
-
-def check_json(value: Any, max_depth: int, max_nodes: int, param: str, what: str, code: str) -> None:
-    """Refuse JSON (`what`, e.g. "the schema") nested deeper than max_depth or of more than
-    max_nodes values, with the codes `{code}_too_deep` and `{code}_too_large`."""
     nodes = 0
-    stack: list[tuple[Any, int]] = [(value, 1)]
+    stack: list[tuple[Any, int]] = [(schema, 1)]
     while stack:
         value, depth = stack.pop()
         nodes += 1
-        if depth > max_depth:
-            raise APIError(400, f"{what} is nested more than {max_depth} levels deep; flatten it",
-                           param=param, code=f"{code}_too_deep")
-        if nodes > max_nodes:
-            raise APIError(400, f"{what} has more than {max_nodes:,} values; make it smaller",
-                           param=param, code=f"{code}_too_large")
+        if depth > limits.max_schema_depth:
+            raise APIError(400, f"the schema is nested more than {limits.max_schema_depth} levels deep; flatten it",
+                           param=param, code="schema_too_deep")
+        if nodes > limits.max_schema_nodes:
+            raise APIError(400, f"the schema has more than {limits.max_schema_nodes:,} values; make it smaller",
+                           param=param, code="schema_too_large")
         if isinstance(value, dict):
             stack.extend((v, depth + 1) for v in value.values())
         elif isinstance(value, list):
