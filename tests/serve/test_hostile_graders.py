@@ -173,6 +173,24 @@ def test_deeply_nested_json_is_a_400_naming_where(server, body, param):
     assert run(server, check(input="{{item.a}}"), item=item).json()["reward"] == 0.0
 
 
+JUDGE = {"type": "score_model", "name": "j", "model": "m", "input": [{"role": "user", "content": "{{sample.output_text}}"}]}
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"grader": JUDGE, "model_sample": "x\ud800"}, "model_sample"),
+    ({"grader": JUDGE, "model_sample": "x", "item": {"a": ["\udfff"]}}, "item"),
+    ({"grader": {**JUDGE, "name": "j\ud800"}, "model_sample": "x"}, "grader.name"),
+    ({"grader": {**JUDGE, "input": [{"role": "user", "content": "\ud800"}]}, "model_sample": "x"}, "grader.input[0].content"),
+    ({"grader": python("def grade(s, i):\n    return '\ud800'\n"), "model_sample": "x"}, "grader.source"),
+])
+def test_lone_surrogates_are_400s_naming_where(server, body, param):
+    """JSON's "\\ud800" escape decodes to a string that is not valid Unicode: a judge's request
+    could not be encoded (a 500)."""
+    with normal_chat(server):
+        err = error_of(post(server, RUN, body), 400)  # json.dumps writes the escape, as a hostile client would
+    assert err["param"] == param and "lone surrogate" in err["message"]
+
+
 def test_a_python_grader_that_writes_into_the_protocol_fails_alone(server):
     """The grader's code can write to the pipe its answers travel on: garbage (or 20 MB with no
     end of line, which the server buffered) is the grader's error, not a 500 or the server's memory."""

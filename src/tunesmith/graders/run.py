@@ -219,6 +219,10 @@ class Grading:
             self._client = self.endpoint.client()
         try:
             answer = ask_judge(self._client, grader, sample, item)
+        except UnicodeEncodeError:  # a lone surrogate (JSON's "\ud800") in the sample or the row
+            result.errors["other_error"] = True
+            result.errors["other_error_details"] = f"{grader.name}: the judge's messages are not valid Unicode"
+            return 0.0
         except openai.OpenAIError as exc:
             result.errors["model_grader_server_error"] = True
             result.errors["model_grader_server_error_details"] = f"{grader.model}: {type(exc).__name__}: {exc}"[:500]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import reprlib
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tunesmith.errors import UsageError
 
@@ -42,8 +42,21 @@ class GraderError(UsageError):
 
 class _Strict(BaseModel):
     # NaN and Infinity parse (Python's json takes them) but no grader can use them, and a
-    # grader is echoed back and stored with jobs, where they could not be written as JSON.
+    # grader is echoed back and stored with jobs, where JSON writes them as null.
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        # JSON's "\ud800" escape decodes to a string no judge's request can encode.
+        for text in (value if isinstance(value, list) else [value]):
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError("holds a lone surrogate (an unpaired \\ud800-\\udfff escape); send valid "
+                                     "Unicode") from None
+        return value
 
 
 class StringCheckGrader(_Strict):
@@ -177,7 +190,8 @@ def parse_grader(obj: Any, param: str = "grader") -> Any:
             elif err["type"] == "missing":
                 problems.setdefault(where, f"missing field '{where}'")
             else:
-                problems.setdefault(where, f"invalid '{where}': {err['msg']} (got {_SHORT.repr(err.get('input'))})")
+                msg = err["msg"].removeprefix("Value error, ")
+                problems.setdefault(where, f"invalid '{where}': {msg} (got {_SHORT.repr(err.get('input'))})")
         raise GraderError("; ".join(problems.values()), next(iter(problems), param)) from None
 
 
