@@ -73,6 +73,7 @@ def test_a_reinforcement_grader_gets_the_graders_api_checks(live, tmp_path, body
     ('{"compute_multiplier": [1]}', "compute_multiplier"),
     ('{"eval_samples": {"a": 1}}', "eval_samples"),
     ('[]', ""),
+    ('{"judge_base_url": "http://169.254.169.254/v1"}', "judge_base_url"),  # judges ask this server only
 ])
 def test_reinforcement_hyperparameters_of_any_wrong_type_or_size_are_400s_naming_them(live, hyperparameters, param):
     body = json.dumps(rft(CHECK)).replace('"hyperparameters": {}', f'"hyperparameters": {hyperparameters}')
