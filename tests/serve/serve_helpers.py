@@ -1,7 +1,8 @@
 """Helpers for the serving tests: a live uvicorn server on a free loopback port (in a
 thread); a normal streamed chat that must finish beside a hostile request (`normal_chat`,
-`post`, `error_of`); the tool-calling tests' tools; the engine's helpers (adapters made with peft, waiting for the engine
-to go idle, a JSON schema) re-exported from tests/generate and tests/tiny_model.py."""
+`post`, `error_of`); the tool-calling tests' tools; the engine's helpers (adapters made with
+peft, waiting for the engine to go idle, a JSON schema) re-exported from tests/generate and
+tests/tiny_model.py."""
 
 from __future__ import annotations
 
