@@ -7,6 +7,7 @@ the hostile request still gets its whole answer."""
 from __future__ import annotations
 
 import concurrent.futures
+import time
 
 import httpx
 import pytest
@@ -199,6 +200,27 @@ def test_a_python_grader_that_writes_into_the_protocol_fails_alone(server):
         flags = errors(run(server, python(source), timeout=60))
         assert flags["python_grader_runtime_error"] is True, payload
         assert "protocol" in flags["python_grader_runtime_error_details"]
+
+
+def test_processes_a_python_grader_starts_end_with_its_run(server, tmp_path):
+    """A grader could fork a child that called setsid() and lived on after the run (the
+    parent killed only its own child): each run could leave processes behind, for ever."""
+    beat = tmp_path / "beat"
+    source = ("import os, time\n"
+              "def grade(sample, item):\n"
+              "    if os.fork() == 0:\n"
+              "        os.setsid()\n"
+              "        while True:\n"
+              "            with open(item['beat'], 'a') as f:\n"
+              "                f.write('.')\n"
+              "            time.sleep(0.05)\n"
+              "    while not os.path.exists(item['beat']):\n"
+              "        time.sleep(0.01)\n"
+              "    return 1.0\n")
+    assert run(server, python(source), item={"beat": str(beat)}).json()["reward"] == 1.0
+    size = beat.stat().st_size
+    time.sleep(1)  # the child would have beaten ~20 times by now
+    assert beat.stat().st_size == size
 
 
 def test_a_flood_of_grader_runs_is_admitted_in_turn_and_others_are_served(engine, tmp_path):
