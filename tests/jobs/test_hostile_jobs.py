@@ -146,3 +146,11 @@ def test_what_held(live):
     body = rft({"type": "python", "name": "p", "source": "def grade(s, i):\n    return 1.0\n"})
     err = error_of(post(live.url, JOBS, body), 400)  # python graders are off unless the operator allows them
     assert err["param"] == "method.reinforcement.grader.type"
+
+
+def test_python_graders_are_refused_before_their_source_is_parsed(live):
+    """Parsing 256 kB of source takes half a second holding the GIL; a server that runs no
+    python graders parsed them anyway, then refused them."""
+    body = rft({"type": "python", "name": "p", "source": "def grade(s, i)\n" + "x = 1\n" * 40_000})
+    err = error_of(post(live.url, JOBS, body), 400)
+    assert err["param"] == "method.reinforcement.grader.type"  # not .source: it was never parsed

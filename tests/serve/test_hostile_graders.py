@@ -274,6 +274,23 @@ def test_judges_run_at_once_do_not_wait_for_their_own_chats(engine, tmp_path):
     assert not any(errors(r)["model_grader_server_error"] for r in answers)
 
 
+def test_grader_checks_run_one_at_a_time_and_a_flood_of_them_is_refused(engine, tmp_path):
+    """Parsing 256 kB of python source takes half a second holding the GIL (a 4 MB body of it,
+    7 s): checks ran in the shared pool, 40 at once, starving the event loop and the engine.
+    Now one runs at a time, as many wait as grader runs may, the rest are told to retry."""
+    from tunesmith.serve.app import create_app
+    from tunesmith.serve.limits import Limits
+    from tunesmith.settings import Settings
+
+    source = "def grade(sample, item):\n    return 1.0\n" + "x = 1\n" * 40_000
+    settings = Settings(home=tmp_path, api_key=None, python_graders=True)
+    with live_server(create_app(engine, settings, limits=Limits(max_running_graders=1, max_waiting_graders=1))) as url:
+        with normal_chat(url), concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: post(url, VALIDATE, {"grader": python(source)}), range(8)))
+    codes = [r.status_code for r in answers]
+    assert 200 in codes and 429 in codes and set(codes) == {200, 429}, codes
+
+
 def test_the_python_graders_of_a_run_share_one_time_budget(engine, tmp_path):
     """Each python grader had 2 minutes: a multi of 32 that spin held a thread and a core for
     64 minutes. Now a run's python graders share one budget (OpenAI's 2 minutes; 1 s here)."""

@@ -12,7 +12,7 @@ A run holds a thread (and a python grader's child, or a judge's call to this ser
 long as it grades, so runs are admitted by `GraderSlots`: `Limits.max_running_graders` at once,
 in threads of their own (never those that chats render in, which a judge's call needs),
 `max_waiting_graders` waiting, the rest a 429 `server_overloaded` to retry. Parsing and
-checking a grader (its templates, formula and source) run off the event loop.
+checking a grader (its templates, formula and source) run off the event loop, one at a time.
 
     curl -s localhost:8000/v1/fine_tuning/alpha/graders/run -H 'content-type: application/json' -d \
       '{"grader": {"type": "string_check", "name": "label", "input": "{{sample.output_text}}",
@@ -25,7 +25,6 @@ from typing import Any, Callable
 
 import anyio
 from fastapi import APIRouter, Request
-from fastapi.concurrency import run_in_threadpool
 
 from tunesmith.graders.judge import Endpoint
 from tunesmith.graders.python_sandbox import PythonLimits
@@ -81,10 +80,11 @@ class GraderSlots:
 
 
 def checked_grader(obj: Any, allow_python: bool) -> Any:
-    """The typed grader, checked (a GraderError naming the field otherwise)."""
+    """The typed grader, checked (a GraderError naming the field otherwise). Python graders are
+    refused before their source is parsed: parsing 256 kB takes half a second, holding the GIL."""
     grader = parse_grader(obj)
-    validate_grader(grader)
     refuse_python(grader, allow_python)
+    validate_grader(grader)
     return grader
 
 
@@ -93,15 +93,18 @@ def build_graders_router(judge: Endpoint | None = None, allow_python: bool = Fal
     """The two routes; `judge` None asks judges at this server (the address it is bound to)."""
     router = APIRouter(prefix="/v1/fine_tuning/alpha/graders", tags=["graders"])
     slots = GraderSlots(limits.max_running_graders, limits.max_waiting_graders)
+    # Checks one at a time: python source is parsed holding the GIL (a 4 MB body of it, 7 s
+    # here), so concurrent checks would starve the event loop and the engine of it.
+    checks = GraderSlots(1, limits.max_running_graders + limits.max_waiting_graders)
 
     @router.post("/validate")
     async def validate(body: p.GraderValidateRequest) -> dict[str, Any]:
-        grader = await run_in_threadpool(checked_grader, body.grader, allow_python)
+        grader = await checks.run(checked_grader, body.grader, allow_python)
         return {"grader": grader.model_dump(exclude_none=True)}
 
     @router.post("/run")
     async def run(body: p.GraderRunRequest, request: Request) -> dict[str, Any]:
-        grader = await run_in_threadpool(checked_grader, body.grader, allow_python)
+        grader = await checks.run(checked_grader, body.grader, allow_python)
         endpoint = judge or own_endpoint(request)
         result = await slots.run(run_grader, grader, body.model_sample, body.item, endpoint, PythonLimits(),
                                  limits.grader_run_s)

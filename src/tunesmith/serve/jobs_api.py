@@ -548,8 +548,8 @@ def _method(body: JobCreate, allow_python_graders: bool = False) -> dict[str, An
         param = "method.reinforcement.grader"
         try:
             grader = parse_grader(body.method.reinforcement.grader, param)
+            refuse_python(grader, allow_python_graders, param)  # before parsing any source
             validate_grader(grader, param)
-            refuse_python(grader, allow_python_graders, param)
         except GraderError as exc:
             raise APIError(400, str(exc), code="invalid_grader", param=exc.param) from None
         return {"type": "reinforcement", "reinforcement": {
