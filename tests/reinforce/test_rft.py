@@ -208,3 +208,36 @@ def test_sigterm_saves_the_last_finished_step_and_resume_finishes_the_run(tiny_m
     assert [r["step"] for r in rows(out / "metrics.jsonl")] == list(range(1, 25))
     assert sorted({s["step"] for s in rows(out / "samples.jsonl")}) == list(range(1, 25))
     assert len(rows(out / "samples.jsonl")) == 24 * 2
+
+
+@pytest.mark.parametrize(("flag", "value", "says"), [
+    ("--group-size", "100000", "'group_size' must be at most 64"),
+    ("--max-completion-tokens", "1000000000", "'max_completion_tokens' must be at most 4096"),
+    ("--eval-samples", "17", "'eval_samples' must be at most 16"),
+    ("--temperature", "nan", "'temperature' must be a finite number"),
+    ("--kl-coef", "inf", "'kl_coef' must be a finite number"),
+])
+def test_reinforcement_settings_are_bounded_as_in_the_jobs_api(tiny_model_dir, tmp_path, flag, value, says):
+    """The jobs API bounded these; `tunesmith train` took any value (hours of sampling, or an
+    allocation that cannot succeed, or NaN rewards)."""
+    from tunesmith.errors import ConfigError
+    from pydantic import ValidationError
+
+    from tunesmith.serve.jobs_protocol import ReinforcementHyperparameters
+    from tunesmith.train.config import RL_BOUNDS, build_config
+
+    data = write_prompts(tmp_path / "p.jsonl")
+    grader = write_grader(tmp_path / "g.json", LABEL_GRADER)
+    key = flag.removeprefix("--").replace("-", "_")
+    with pytest.raises(ConfigError, match=says):
+        build_config({"data": str(data), "method": "reinforcement", "grader": str(grader), key: float(value)})
+    high = RL_BOUNDS[key][1]  # the most both take
+    build_config({"data": str(data), "method": "reinforcement", "grader": str(grader), key: high})
+    ReinforcementHyperparameters(**{key: high})
+    with pytest.raises(ValidationError):
+        ReinforcementHyperparameters(**{key: high * 2})
+    if flag == "--group-size":  # once through the real CLI: a sentence and a non-zero exit, no traceback
+        proc = subprocess.run([*TUNESMITH, "train", "--model", str(tiny_model_dir), "--data", str(data), "--method",
+                               "reinforcement", "--grader", str(grader), flag, value],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and says in proc.stderr and "Traceback" not in proc.stderr

@@ -8,53 +8,12 @@ import json
 import shutil
 import threading
 import time
-from contextlib import contextmanager
 
 import httpx
 import pytest
-from serve_helpers import live_server, wait_until_idle
+from serve_helpers import NORMAL, error_of, live_server, normal_chat, post, wait_until_idle
 
 from tunesmith.generate.engine import SamplingParams
-
-NORMAL = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-@contextmanager
-def normal_chat(server: str, model: str = "alpha"):
-    """A normal streamed chat running in a thread; on exit, asserts it finished with text."""
-    from openai import OpenAI
-
-    client = OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=120)
-    result: dict = {}
-
-    def run() -> None:
-        try:
-            chunks = list(client.chat.completions.create(model=model, messages=NORMAL, max_tokens=24, temperature=0,
-                                                         stream=True))
-            result["finish"] = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
-            result["text"] = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        except Exception as exc:  # reported by the assertion below
-            result["error"] = exc
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    try:
-        yield
-    finally:
-        thread.join(timeout=120)
-    assert "error" not in result, result
-    assert result["finish"] in ("stop", "length") and (result["text"] or result["finish"] == "stop")
-
-
-def post(server: str, path: str, body, headers: dict | None = None, timeout: float = 120) -> httpx.Response:
-    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return httpx.post(server + path, content=content, timeout=timeout,
-                      headers={"content-type": "application/json", **(headers or {})})
-
-
-def error_of(resp: httpx.Response, status: int) -> dict:
-    assert resp.status_code == status, resp.text
-    return resp.json()["error"]
 
 
 def chat_body(engine, **extra) -> dict:

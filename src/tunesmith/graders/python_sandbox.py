@@ -30,6 +30,13 @@ from pathlib import Path
 from typing import Any
 
 CHILD = Path(__file__).with_name("sandbox_child.py")
+MAX_REPLY_BYTES = 1024 * 1024
+"""Longest line the child may answer with: its code can write to the protocol pipe itself, so
+the parent reads at most this much before it calls the child broken (never buffering more)."""
+
+
+class ProtocolError(Exception):
+    """The child wrote something that is not one of its answers (the grader's code can reach the pipe)."""
 
 
 @dataclass(frozen=True)
@@ -70,30 +77,40 @@ class PythonSandbox:
         self._buffer = b""
         self._folder: tempfile.TemporaryDirectory | None = None
 
-    def grade(self, sample: dict[str, Any], item: Any) -> Outcome:
+    def grade(self, sample: dict[str, Any], item: Any, timeout_s: float | None = None) -> Outcome:
+        """One sample's score; `timeout_s` (at most the limits') bounds starting the child too."""
+        timeout_s = self.limits.timeout_s if timeout_s is None else min(timeout_s, self.limits.timeout_s)
         if self._proc is None:
-            failed = self._start()
+            failed = self._start(min(timeout_s, self.limits.start_timeout_s))
             if failed:
                 return failed
         try:
-            self._send({"sample": sample, "item": item})
+            line = json.dumps({"sample": sample, "item": item})
+        except (ValueError, RecursionError):
+            return Outcome(None, "the sample or item is nested too deep to send to the grader")
+        try:
+            self._send_line(line)
         except (BrokenPipeError, OSError):
             return self._fail("the grader's process died")
-        reply = self._read(self.limits.timeout_s)
+        try:
+            reply = self._read(timeout_s)
+        except ProtocolError as exc:
+            return self._fail(str(exc))
         if reply is None:
-            return self._fail(self._why_gone(f"timed out after {self.limits.timeout_s:g} s"))
-        if reply.get("cpu_s", 0) > self.limits.cpu_s / 2:
+            return self._fail(self._why_gone(f"timed out after {timeout_s:g} s"))
+        cpu_s = reply.get("cpu_s", 0)
+        if not isinstance(cpu_s, (int, float)) or cpu_s > self.limits.cpu_s / 2:
             # RLIMIT_CPU counts a child's whole life: retire it while every sample still has
             # at least half the budget, rather than let a later sample die of earlier ones.
             self.close()
         if "error" in reply:
-            return Outcome(None, reply["error"])
+            return Outcome(None, str(reply["error"])[-2000:])
         score = reply.get("score")
         if not isinstance(score, float) or not math.isfinite(score):
             return Outcome(None, f"grade() returned {score!r}, not a finite number")
         return Outcome(score)
 
-    def _start(self) -> Outcome | None:
+    def _start(self, timeout_s: float) -> Outcome | None:
         self._folder = tempfile.TemporaryDirectory(prefix="tunesmith-grader-")
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": self._folder.name, "LANG": "C.UTF-8",
                "OMP_NUM_THREADS": "1"}
@@ -102,21 +119,25 @@ class PythonSandbox:
                                       stderr=subprocess.DEVNULL, start_new_session=True)
         self._buffer = b""
         limits = {k: v for k, v in asdict(self.limits).items() if k in ("cpu_s", "memory_bytes", "file_bytes")}
-        self._send({"source": self.source, "limits": limits})
-        reply = self._read(self.limits.start_timeout_s)
+        self._send_line(json.dumps({"source": self.source, "limits": limits}))
+        try:
+            reply = self._read(timeout_s)
+        except ProtocolError as exc:
+            reply = {"fatal": str(exc)}
         if reply is None or "fatal" in reply:
-            why = reply["fatal"] if reply else self._why_gone(f"did not start in {self.limits.start_timeout_s:g} s")
+            why = str(reply["fatal"])[-2000:] if reply else self._why_gone(f"did not start in {timeout_s:g} s")
             self.close()
             return Outcome(None, why, setup_error=True)
         return None
 
-    def _send(self, obj: dict[str, Any]) -> None:
+    def _send_line(self, line: str) -> None:
         assert self._proc is not None and self._proc.stdin is not None
-        self._proc.stdin.write((json.dumps(obj) + "\n").encode())
+        self._proc.stdin.write((line + "\n").encode())
         self._proc.stdin.flush()
 
     def _read(self, timeout_s: float) -> dict[str, Any] | None:
-        """The child's next line, or None when it does not come in time or the child is gone."""
+        """The child's next answer, or None when it does not come in time or the child is gone;
+        a ProtocolError when what came is no answer (too long, not a JSON object)."""
         assert self._proc is not None and self._proc.stdout is not None
         fd = self._proc.stdout.fileno()
         deadline = time.monotonic() + timeout_s
@@ -132,8 +153,18 @@ class PythonSandbox:
                     pass
                 return None
             self._buffer += chunk
+            if len(self._buffer) > MAX_REPLY_BYTES and b"\n" not in self._buffer:
+                raise ProtocolError(f"the grader wrote over {MAX_REPLY_BYTES} bytes into its protocol pipe "
+                                    "without ending a line; print to stdout or stderr instead")
         line, self._buffer = self._buffer.split(b"\n", 1)
-        return json.loads(line)
+        try:
+            reply = json.loads(line)
+        except (ValueError, RecursionError):
+            reply = None
+        if not isinstance(reply, dict):
+            raise ProtocolError(f"the grader wrote {line[:80]!r} into its protocol pipe, which is no answer; print "
+                                "to stdout or stderr instead")
+        return reply
 
     def _why_gone(self, otherwise: str) -> str:
         assert self._proc is not None

@@ -23,7 +23,7 @@ from typing import Any
 from tunesmith.graders.formula import FormulaError, evaluate, parse_formula
 from tunesmith.graders.judge import Endpoint, ask_judge
 from tunesmith.graders.python_sandbox import PythonLimits, PythonSandbox
-from tunesmith.graders.similarity import similarity
+from tunesmith.graders.similarity import TextTooLong, similarity
 from tunesmith.graders.templates import TemplateError, build_sample, check_template, render
 from tunesmith.graders.types import (
     GraderError, LabelModelGrader, MultiGrader, PythonGrader, ScoreModelGrader, StringCheckGrader,
@@ -61,7 +61,8 @@ def validate_grader(grader: Any, param: str = "grader", limits: PythonLimits = P
     if isinstance(grader, ScoreModelGrader) and grader.range and not grader.range[0] < grader.range[1]:
         raise GraderError(f"{param}.range must be [low, high] with low < high (got {grader.range})", f"{param}.range")
     if isinstance(grader, LabelModelGrader):
-        extra = [label for label in grader.passing_labels if label not in grader.labels]
+        labels = set(grader.labels)  # a set: two lists of 1,000 compared pairwise are a million steps
+        extra = [label for label in grader.passing_labels if label not in labels]
         if extra:
             raise GraderError(f"{param}.passing_labels must be among labels; {extra} are not", f"{param}.passing_labels")
 
@@ -74,6 +75,9 @@ def _check_source(source: str, param: str, limits: PythonLimits) -> None:
         tree = ast.parse(source)  # parsing runs nothing
     except SyntaxError as exc:
         raise GraderError(f"{param} does not compile: {exc.msg} (line {exc.lineno})", param) from None
+    except (MemoryError, RecursionError, ValueError) as exc:  # past the parser's nesting limits; a NUL byte
+        why = str(exc) if isinstance(exc, ValueError) else "it is nested too deep for Python's parser"
+        raise GraderError(f"{param} does not compile: {why}", param) from None
     if not any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == "grade" for n in tree.body):
         raise GraderError(f"{param} must define grade(sample, item) -> float at its top level", param)
 
@@ -129,15 +133,21 @@ class GradeResult:
 class Grading:
     """One grader, ready to grade many samples (call `close`, or use it in a `with`)."""
 
-    def __init__(self, grader: Any, endpoint: Endpoint = Endpoint(), limits: PythonLimits = PythonLimits()):
+    def __init__(self, grader: Any, endpoint: Endpoint = Endpoint(), limits: PythonLimits = PythonLimits(),
+                 sample_budget_s: float | None = None):
         validate_grader(grader, limits=limits)
         self.grader, self.endpoint, self.limits = grader, endpoint, limits
+        self.sample_budget_s = sample_budget_s
+        """Wall-clock time for all of one sample's python graders together (None: each has the
+        limits' timeout): a multi of 32 graders that spin would otherwise hold 64 minutes."""
         self._sandboxes: dict[str, PythonSandbox] = {}
         self._client: Any = None
+        self._deadline: float | None = None
 
     def run(self, output_text: str, item: Any) -> GradeResult:
         """Grade one answer against its dataset row."""
         started = time.perf_counter()
+        self._deadline = None if self.sample_budget_s is None else time.monotonic() + self.sample_budget_s
         sample = build_sample(output_text)
         result = GradeResult(self.grader.name, self.grader.type, 0.0)
         if isinstance(self.grader, MultiGrader):
@@ -173,13 +183,24 @@ class Grading:
         except TemplateError as exc:
             result.errors["invalid_variable_error"] = True
             result.errors["invalid_variable_details"] = f"{key}: {exc}"
+        except TextTooLong as exc:
+            result.errors["other_error"] = True
+            result.errors["other_error_details"] = f"{key}: {exc}"
         return 0.0
 
     def _python(self, grader: PythonGrader, key: str, sample: dict[str, Any], item: Any, result: GradeResult) -> float:
+        timeout_s = self.limits.timeout_s
+        if self._deadline is not None:
+            timeout_s = min(timeout_s, self._deadline - time.monotonic())
+            if timeout_s <= 0:
+                result.errors["unresponsive_reward_error"] = True
+                result.errors["unresponsive_reward_details"] = (f"{key}: not run; the sample's graders used their "
+                                                                f"{self.sample_budget_s:g} s")
+                return 0.0
         sandbox = self._sandboxes.get(key)
         if sandbox is None:
             sandbox = self._sandboxes[key] = PythonSandbox(grader.source, self.limits)
-        outcome = sandbox.grade(sample, item)
+        outcome = sandbox.grade(sample, item, timeout_s)
         if outcome.score is not None:
             return outcome.score
         if outcome.setup_error:
@@ -198,6 +219,10 @@ class Grading:
             self._client = self.endpoint.client()
         try:
             answer = ask_judge(self._client, grader, sample, item)
+        except UnicodeEncodeError:  # a lone surrogate (JSON's "\ud800") in the sample or the row
+            result.errors["other_error"] = True
+            result.errors["other_error_details"] = f"{grader.name}: the judge's messages are not valid Unicode"
+            return 0.0
         except openai.OpenAIError as exc:
             result.errors["model_grader_server_error"] = True
             result.errors["model_grader_server_error_details"] = f"{grader.model}: {type(exc).__name__}: {exc}"[:500]
@@ -228,9 +253,9 @@ class Grading:
 
 
 def run_grader(grader: Any, output_text: str, item: Any, endpoint: Endpoint = Endpoint(),
-               limits: PythonLimits = PythonLimits()) -> GradeResult:
-    """Grade one answer (a Grading for a single sample)."""
-    with Grading(grader, endpoint, limits) as grading:
+               limits: PythonLimits = PythonLimits(), budget_s: float | None = None) -> GradeResult:
+    """Grade one answer (a Grading for a single sample; `budget_s` for its python graders together)."""
+    with Grading(grader, endpoint, limits, budget_s) as grading:
         return grading.run(output_text, item)
 
 

@@ -6,7 +6,9 @@ Where OpenAI's shapes leave room:
 - `text_similarity` takes `pass_threshold` (as the evals API's does; optional here);
 - `multi.graders` is a map of name -> grader, as OpenAI's guide writes it; the SDK's single
   grader object is also taken, under its own name;
-- message content is text: a string, `input_text` or `output_text` parts (no images or audio).
+- message content is text: a string, `input_text` or `output_text` parts (no images or audio);
+- bounds OpenAI leaves unsaid: a multi holds at most MAX_GRADERS graders, a label_model at most
+  MAX_LABELS labels (OpenAI's structured outputs take 1,000 enum values), numbers are finite.
 
     python -c "from tunesmith.graders.types import parse_grader; print(parse_grader({'type': 'string_check', \
 'name': 'n', 'input': 'a', 'reference': 'a', 'operation': 'eq'}))"
@@ -14,13 +16,18 @@ Where OpenAI's shapes leave room:
 
 from __future__ import annotations
 
+import reprlib
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tunesmith.errors import UsageError
 
 GRADER_TYPES = ("string_check", "text_similarity", "python", "score_model", "label_model", "multi")
+MAX_GRADERS = 32
+"""Graders in one multi: each may be a process (python) or a model call (judges) per sample."""
+MAX_LABELS = 1000
+"""Labels of a label_model: they become the judge's JSON schema enum (OpenAI's limit: 1,000 values)."""
 SIMILARITY_METRICS = ("fuzzy_match", "bleu", "gleu", "meteor", "rouge_1", "rouge_2", "rouge_3", "rouge_4",
                       "rouge_5", "rouge_l")
 
@@ -34,7 +41,22 @@ class GraderError(UsageError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # NaN and Infinity parse (Python's json takes them) but no grader can use them, and a
+    # grader is echoed back and stored with jobs, where JSON writes them as null.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        # JSON's "\ud800" escape decodes to a string no judge's request can encode.
+        for text in (value if isinstance(value, list) else [value]):
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError("holds a lone surrogate (an unpaired \\ud800-\\udfff escape); send valid "
+                                     "Unicode") from None
+        return value
 
 
 class StringCheckGrader(_Strict):
@@ -114,10 +136,11 @@ class LabelModelGrader(_Strict):
     """A judge model picks one of `labels`; the score is 1 for one of `passing_labels`, else 0."""
 
     input: list[Message] = Field(min_length=1, description="The messages the judge reads; may hold templates.")
-    labels: list[str] = Field(min_length=1, description="The labels the judge picks from.")
+    labels: list[str] = Field(min_length=1, max_length=MAX_LABELS, description="The labels the judge picks from.")
     model: str = Field(description="The judge model, as the endpoint names it.")
     name: str = Field(description="The grader's name.")
-    passing_labels: list[str] = Field(min_length=1, description="The labels that pass; a subset of labels.")
+    passing_labels: list[str] = Field(min_length=1, max_length=MAX_LABELS,
+                                      description="The labels that pass; a subset of labels.")
     type: Literal["label_model"]
 
 
@@ -131,7 +154,7 @@ class MultiGrader(_Strict):
     """Several graders, combined by the `calculate_output` formula over their names."""
 
     calculate_output: str = Field(description="A formula over the graders' names, e.g. 0.5 * a + 0.5 * b.")
-    graders: dict[str, SingleGrader] = Field(min_length=1, description="Name -> grader.")
+    graders: dict[str, SingleGrader] = Field(min_length=1, max_length=MAX_GRADERS, description="Name -> grader.")
     name: str = Field(description="The grader's name.")
     type: Literal["multi"]
 
@@ -167,8 +190,13 @@ def parse_grader(obj: Any, param: str = "grader") -> Any:
             elif err["type"] == "missing":
                 problems.setdefault(where, f"missing field '{where}'")
             else:
-                problems.setdefault(where, f"invalid '{where}': {err['msg']} (got {str(err.get('input'))[:60]!r})")
+                msg = err["msg"].removeprefix("Value error, ")
+                problems.setdefault(where, f"invalid '{where}': {msg} (got {_SHORT.repr(err.get('input'))})")
         raise GraderError("; ".join(problems.values()), next(iter(problems), param)) from None
+
+
+_SHORT = reprlib.Repr()  # the received value in a message: bounded in length and depth, whatever was sent
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict = 2, 60, 60, 4, 4
 
 
 def _param(prefix: str, loc: tuple) -> str:

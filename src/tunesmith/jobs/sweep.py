@@ -301,16 +301,27 @@ def sweep_results(cfg: SweepConfig, store: JobStore, study: Any) -> dict[str, An
     return study_results(store, study, cfg.objective, cfg.sampler)
 
 
-def load_sweep_results(store: JobStore, name: str) -> dict[str, Any] | None:
-    """A sweep's results read back from its optuna study in the jobs database (what the
-    dashboard shows while it runs), or None when no sweep has that name."""
+def open_sweep_storage(store: JobStore) -> Any:
+    """optuna's storage on the jobs database, to reuse across reads: opening it checks the
+    schema (about 0.1 s each time, a second the first)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.storages.RDBStorage(optuna_url(store))
+
+
+def load_sweep_results(store: JobStore, name: str, storage: Any = None) -> dict[str, Any] | None:
+    """A sweep's results read back from its optuna study in the jobs database (what the
+    dashboard shows while it runs), or None when no sweep has that name. `storage`: one from
+    `open_sweep_storage` (else one is opened for this read)."""
+    import optuna
+
+    storage = storage if storage is not None else open_sweep_storage(store)
     try:
-        study = optuna.load_study(study_name=name, storage=optuna_url(store))
+        storage.get_study_id_from_name(name)  # one query: a missing name costs no more
     except KeyError:
         return None
+    study = optuna.load_study(study_name=name, storage=storage)
     attrs = study.user_attrs  # set by run_sweep; a study from before has the defaults
     return study_results(store, study, attrs.get("objective", "valid_loss"), attrs.get("sampler", "tpe"))
 

@@ -21,11 +21,11 @@ from typing import Any, AsyncIterator, Callable, Sequence
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunesmith.generate.engine import Engine, Event, SamplingParams, UnknownModelError
 from tunesmith.generate.constraints import Constraint
 from tunesmith.serve import limits as lim
+from tunesmith.serve.limits import MAX_BODY_BYTES, BodyLimit
 from tunesmith.serve import protocol as p
 from tunesmith.serve import tools
 from tunesmith.serve.errors import APIError, KeyGate, add_error_handlers, require_api_key
@@ -35,8 +35,6 @@ from tunesmith.settings import Settings
 
 log = logging.getLogger("tunesmith.serve")
 
-MAX_BODY_BYTES = 4 * 1024 * 1024
-"""Largest request body accepted; far above any prompt that fits the context."""
 DISCONNECT_POLL_S = 0.5
 """How often a request waiting for tokens checks that its client is still there."""
 GENERATION_FAILED = "generation failed; see the server log"
@@ -56,42 +54,10 @@ def create_app(engine: Engine, settings: Settings | None = None, routers: Sequen
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     app.add_middleware(KeyGate, api_key=settings.api_key)  # added last: runs first
     app.include_router(health_router)
-    for router in (models_router, completions_router, adapters_router, build_graders_router(allow_python=settings.python_graders), *routers):
+    graders_router = build_graders_router(allow_python=settings.python_graders, limits=limits)
+    for router in (models_router, completions_router, adapters_router, graders_router, *routers):
         app.include_router(router, dependencies=[Depends(require_api_key)])
     return app
-
-
-# ----------------------------------------------------------------------------- body size
-
-
-class BodyLimit:
-    """ASGI middleware: refuse bodies over max_bytes (by Content-Length, or while streaming)."""
-
-    # File uploads are larger than any inference request; the files API enforces its own
-    # (configurable) limit while streaming them to disk.
-    EXEMPT_PREFIXES = ("/v1/files",)
-
-    def __init__(self, app: Any, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http" or scope.get("path", "").startswith(self.EXEMPT_PREFIXES):
-            return await self.app(scope, receive, send)
-        too_large = APIError(413, f"request body larger than {self.max_bytes} bytes", code="request_too_large")
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await too_large.response()(scope, receive, send)
-        seen = 0
-
-        async def limited_receive() -> dict:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise StarletteHTTPException(413, too_large.message)
-            return message
-
-        await self.app(scope, limited_receive, send)
 
 
 # ----------------------------------------------------------------------------- generation bridge

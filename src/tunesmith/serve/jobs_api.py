@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Sequence
 
+import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse
 
@@ -32,7 +33,7 @@ from tunesmith.graders.run import validate_grader
 from tunesmith.graders.types import GraderError, parse_grader
 from tunesmith.jobs.shared_storage import StorageError
 from tunesmith.jobs.store import ACTIVE, JobStore, new_id, open_store
-from tunesmith.jobs.sweep import load_sweep_results
+from tunesmith.jobs.sweep import load_sweep_results, open_sweep_storage
 from tunesmith.jobs.validation import audit_problems, check_file
 from tunesmith.jobs.worker import Executor, Worker, WorkerConfig, ft_model_name
 from tunesmith.models.registry import REGISTRY, resolve_model
@@ -48,15 +49,15 @@ from tunesmith.serve.jobs_protocol import (
     job_object,
     page,
 )
-from tunesmith.serve.limits import confined_path, looks_like_path
+from tunesmith.serve.limits import MAX_BODY_BYTES, BodyLimit, confined_path, looks_like_path
 from tunesmith.serve.uploads import receive_upload
 from tunesmith.tracking.base import missing_trackers
 
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024 * 1024
 PUBLISHED_CHECKPOINTS = 3
+"""Checkpoints per job that are loaded as models (the last ones, as hosted APIs keep)."""
 SWEEP_CACHE_S = 2.0
 """How long GET /v1/sweeps/{name} reuses a sweep's results (the dashboard polls every 3 s)."""
-"""Checkpoints per job that are loaded as models (the last ones, as hosted APIs keep)."""
 
 
 # ----------------------------------------------------------------------------- the service
@@ -150,8 +151,9 @@ class JobsService:
         self._validation_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._sweeps: dict[str, tuple[float, dict[str, Any] | None]] = {}
-        self._sweep_lock = threading.Lock()
+        self._sweeps: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._sweep_storage: Any = None
+        self._sweep_limiter = anyio.CapacityLimiter(1)
         self.router = self._build_router()
 
     # -- lifecycle
@@ -434,10 +436,12 @@ class JobsService:
         return page([checkpoint_object(r) for r in rows], more)
 
 
-    def retrieve_sweep(self, name: str) -> dict[str, Any]:
+    async def retrieve_sweep(self, name: str) -> dict[str, Any]:
         """tunesmith's own: a `tunesmith sweep`'s trials, curves, best trial and importances,
         read from its optuna study in this server's database. The dashboard polls it, so one
-        result per sweep is reused for SWEEP_CACHE_S (the importances fit a forest)."""
+        result per sweep is reused for SWEEP_CACHE_S (the importances fit a forest). Reads run
+        one at a time in a thread of their own: a flood of them waits on the event loop, never
+        in the thread pool every other jobs route needs."""
         import importlib.util
         import re
 
@@ -447,16 +451,26 @@ class JobsService:
         if importlib.util.find_spec("optuna") is None:
             raise APIError(501, "this server cannot read sweeps: optuna is not installed (pip install "
                                 "'tunesmith[sweep]')", code="not_supported", param="name")
-        with self._sweep_lock:  # one reader at a time: a burst of polls costs one read
-            now = time.monotonic()
-            hit = self._sweeps.get(name)
-            if hit is None or now - hit[0] > SWEEP_CACHE_S:
-                if len(self._sweeps) >= 64:
-                    self._sweeps.pop(min(self._sweeps, key=lambda k: self._sweeps[k][0]))
-                hit = self._sweeps[name] = (now, load_sweep_results(self.store, name))
-        if hit[1] is None:
+        results = await anyio.to_thread.run_sync(self._sweep_results, name, limiter=self._sweep_limiter)
+        if results is None:
             raise APIError(404, f"no sweep named '{name}' in this server's database", code="not_found", param="name")
-        return {"object": "sweep", **hit[1]}
+        return {"object": "sweep", **results}
+
+    def _sweep_results(self, name: str) -> dict[str, Any] | None:
+        """The cached results of a sweep (misses are not cached: they cost one query and would
+        push out the real sweeps)."""
+        now = time.monotonic()
+        hit = self._sweeps.get(name)
+        if hit is not None and now - hit[0] <= SWEEP_CACHE_S:
+            return hit[1]
+        if self._sweep_storage is None:
+            self._sweep_storage = open_sweep_storage(self.store)
+        results = load_sweep_results(self.store, name, self._sweep_storage)
+        if results is not None:
+            if name not in self._sweeps and len(self._sweeps) >= 64:
+                self._sweeps.pop(min(self._sweeps, key=lambda k: self._sweeps[k][0]))
+            self._sweeps[name] = (now, results)
+        return results
 
 
 def _validation_object(file_id: str, model: str | None, report: dict[str, Any]) -> dict[str, Any]:
@@ -534,8 +548,8 @@ def _method(body: JobCreate, allow_python_graders: bool = False) -> dict[str, An
         param = "method.reinforcement.grader"
         try:
             grader = parse_grader(body.method.reinforcement.grader, param)
+            refuse_python(grader, allow_python_graders, param)  # before parsing any source
             validate_grader(grader, param)
-            refuse_python(grader, allow_python_graders, param)
         except GraderError as exc:
             raise APIError(400, str(exc), code="invalid_grader", param=exc.param) from None
         return {"type": "reinforcement", "reinforcement": {
@@ -563,6 +577,7 @@ def create_jobs_app(service: JobsService, api_key: str | None = None) -> FastAPI
     app = FastAPI(title="tunesmith jobs")
     app.state.api_key = api_key
     add_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)  # uploads have their own, --max-upload-mb
     app.add_middleware(KeyGate, api_key=api_key)
     app.include_router(service.router, dependencies=[Depends(require_api_key)])
     return app

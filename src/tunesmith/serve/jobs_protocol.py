@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tunesmith.serve.protocol import Text
+from tunesmith.train.config import RL_BOUNDS
 
 Auto = Literal["auto"]
 HYPERPARAMETER_KEYS = ("n_epochs", "batch_size", "learning_rate_multiplier", "n_workers", "gpus_per_worker")
@@ -52,14 +53,16 @@ class ReinforcementHyperparameters(Hyperparameters):
         "auto", description="Scales the answers sampled per prompt (group_size 4 at 1.0); ignored when group_size is given.")
     eval_interval: Auto | Annotated[int, Field(ge=1)] = Field(
         "auto", description="Steps between held-out reward measurements on the validation file (auto: once per epoch).")
-    eval_samples: Auto | Annotated[int, Field(ge=1, le=16)] = Field(
+    eval_samples: Auto | Annotated[int, Field(ge=1, le=RL_BOUNDS["eval_samples"][1])] = Field(
         "auto", description="Answers sampled per validation prompt for the held-out reward (auto: 1).")
-    group_size: Auto | Annotated[int, Field(ge=2, le=64)] = Field("auto", description="Answers sampled per prompt (auto: 4).")
-    kl_coef: Auto | Annotated[float, Field(ge=0, le=10)] = Field(
+    group_size: Auto | Annotated[int, Field(ge=2, le=RL_BOUNDS["group_size"][1])] = Field(
+        "auto", description="Answers sampled per prompt (auto: 4).")
+    kl_coef: Auto | Annotated[float, Field(ge=0, le=RL_BOUNDS["kl_coef"][1])] = Field(
         "auto", description="KL penalty to the base model (auto: 0, no penalty).")
-    max_completion_tokens: Auto | Annotated[int, Field(ge=1, le=4096)] = Field(
+    max_completion_tokens: Auto | Annotated[int, Field(ge=1, le=RL_BOUNDS["max_completion_tokens"][1])] = Field(
         "auto", description="Longest sampled answer in tokens (auto: 64).")
-    temperature: Auto | Annotated[float, Field(ge=0, le=2)] = Field("auto", description="Sampling temperature (auto: 1.0).")
+    temperature: Auto | Annotated[float, Field(ge=0, le=RL_BOUNDS["temperature"][1])] = Field(
+        "auto", description="Sampling temperature (auto: 1.0).")
 
 
 class ReinforcementMethod(BaseModel):
@@ -94,15 +97,21 @@ class Method(BaseModel):
     reinforcement: ReinforcementMethod | None = None
 
 
+Name = Annotated[str, Field(max_length=128)]
+"""A tracker's project, run or entity name (W&B's limit for a project name is 128 characters)."""
+Tags = Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=64)]
+"""At most 64 tags of at most 64 characters (W&B's limit per tag)."""
+
+
 class WandbIntegration(BaseModel):
     """OpenAI's W&B integration: the run tunesmith's trainer opens in W&B."""
 
     model_config = ConfigDict(extra="forbid")
 
-    project: str = Field(description="W&B project the run goes into.")
-    name: str | None = Field(None, description="The run's name; default the job id.")
-    entity: str | None = Field(None, description="W&B team or user; default the server's W&B default entity.")
-    tags: list[Annotated[str, Field(max_length=64)]] | None = Field(
+    project: Name = Field(description="W&B project the run goes into.")
+    name: Name | None = Field(None, description="The run's name; default the job id.")
+    entity: Name | None = Field(None, description="W&B team or user; default the server's W&B default entity.")
+    tags: Tags | None = Field(
         None, description="Tags on the run, besides tunesmith/finetune, tunesmith/<base model> and tunesmith/<job id>.")
 
 
@@ -111,10 +120,11 @@ class MlflowIntegration(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    project: str = Field(description="MLflow experiment the run goes into.")
-    name: str | None = Field(None, description="The run's name; default the job id.")
-    tags: list[Annotated[str, Field(max_length=64)]] | None = None
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default the server's (MLFLOW_TRACKING_URI).")
+    project: Name = Field(description="MLflow experiment the run goes into.")
+    name: Name | None = Field(None, description="The run's name; default the job id.")
+    tags: Tags | None = None
+    tracking_uri: Annotated[str, Field(max_length=2048)] | None = Field(
+        None, description="MLflow tracking URI; default the server's (MLFLOW_TRACKING_URI).")
 
 
 class TrackioIntegration(BaseModel):
@@ -122,8 +132,8 @@ class TrackioIntegration(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    project: str = Field(description="trackio project the run goes into.")
-    name: str | None = Field(None, description="The run's name; default the job id.")
+    project: Name = Field(description="trackio project the run goes into.")
+    name: Name | None = Field(None, description="The run's name; default the job id.")
 
 
 class TensorboardIntegration(BaseModel):

@@ -13,9 +13,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
+
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunesmith.serve.errors import APIError
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+"""Largest request body accepted (uploads aside); far above any prompt that fits the context."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,14 @@ class Limits:
     max_schema_depth: int = 64
     """Nesting of a response_format schema, in JSON levels (OpenAI's 10 object levels are
     about 20-30 JSON levels)."""
+    max_running_graders: int = 4
+    """Grader runs at once, each in its own thread (a python grader's child, a judge's call);
+    they never take the threads that chats render in."""
+    max_waiting_graders: int = 16
+    """Grader runs waiting for one of those; more are refused with 429 `server_overloaded`."""
+    grader_run_s: float = 120.0
+    """Wall-clock time for one run's python graders together (OpenAI's limit for one): a multi
+    of 32 graders that spin held its thread, and a core, for 64 minutes."""
 
 
 def check_prompts(n_prompts: int, n: int, limits: Limits) -> None:
@@ -90,6 +103,39 @@ def check_schema(schema: Any, limits: Limits, param: str = "response_format.json
             stack.extend((v, depth + 1) for v in value.values())
         elif isinstance(value, list):
             stack.extend((v, depth + 1) for v in value)
+
+
+# ----------------------------------------------------------------------------- body size
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over max_bytes (by Content-Length, or while streaming)."""
+
+    # File uploads are larger than any inference request; the files API enforces its own
+    # (configurable) limit while streaming them to disk.
+    EXEMPT_PREFIXES = ("/v1/files",)
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope.get("path", "").startswith(self.EXEMPT_PREFIXES):
+            return await self.app(scope, receive, send)
+        too_large = APIError(413, f"request body larger than {self.max_bytes} bytes", code="request_too_large")
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await too_large.response()(scope, receive, send)
+        seen = 0
+
+        async def limited_receive() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise StarletteHTTPException(413, too_large.message)
+            return message
+
+        await self.app(scope, limited_receive, send)
 
 
 # ----------------------------------------------------------------------------- paths from clients

@@ -28,6 +28,25 @@ def _no_lone_surrogates(v: str) -> str:
 
 Text = Annotated[str, AfterValidator(_no_lone_surrogates)]
 """Every string a client sends: valid Unicode."""
+
+
+def _json_of_text(value: Any) -> Any:
+    """Every string (and key) in a JSON value is valid Unicode; walked without recursion."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            _no_lone_surrogates(v)
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return value
+
+
+JsonOfText = Annotated[Any, AfterValidator(_json_of_text)]
+"""Any JSON a client sends (a dataset row) whose strings are valid Unicode."""
 INT64_MAX = 2**63 - 1
 
 
@@ -301,5 +320,5 @@ class GraderRunRequest(_Strict):
     """POST /v1/fine_tuning/alpha/graders/run."""
 
     grader: dict[str, Any]
-    model_sample: str = Field(description="The answer graded: sample.output_text, and sample.output_json when it is JSON.")
-    item: Any = Field(None, description="The dataset row: the item namespace of templates and python graders.")
+    model_sample: Text = Field(description="The answer graded: sample.output_text, and sample.output_json when it is JSON.")
+    item: JsonOfText = Field(None, description="The dataset row: the item namespace of templates and python graders.")

@@ -33,6 +33,15 @@ RL_DEFAULTS = {"grader": None, "group_size": DEFAULT_GROUP_SIZE, "kl_coef": 0.0,
                "policy_updates": 1, "max_completion_tokens": 64, "temperature": 1.0, "eval_samples": 1,
                "judge_base_url": None}
 """The reinforcement-only settings and their defaults (any other value with another method is an error)."""
+RL_BOUNDS = {"group_size": (2, 64), "max_completion_tokens": (1, 4096), "eval_samples": (1, 16),
+             "temperature": (0.0, 2.0), "kl_coef": (0.0, 10.0)}
+"""The ranges the reinforcement settings take, here and in the jobs API (serve/jobs_protocol.py):
+each step samples batch_size x group_size answers of up to max_completion_tokens, so an unbounded
+value is hours of sampling or an allocation that cannot succeed."""
+_WHY_BOUND = {"group_size": "each step samples batch_size x group_size answers",
+              "max_completion_tokens": "each answer is sampled a token at a time, and kept in memory to train on",
+              "eval_samples": "each held-out prompt is answered this many times",
+              "temperature": "as OpenAI's sampling", "kl_coef": "the penalty would outweigh the reward"}
 
 
 def _field(default: Any, group: str, help: str) -> Any:
@@ -166,8 +175,11 @@ class TrainConfig(BaseModel):
             raise ValueError("must be a positive integer")
         if info.field_name == "group_size" and v < 2:
             raise ValueError("must be at least 2 (an advantage compares answers to the same prompt)")
-        if info.field_name in ("kl_coef", "clip_epsilon", "temperature") and v < 0:
-            raise ValueError("must be 0 or more")
+        if info.field_name in ("kl_coef", "clip_epsilon", "temperature") and not 0 <= v < float("inf"):  # NaN too
+            raise ValueError("must be a finite number, 0 or more")
+        _low, high = RL_BOUNDS.get(info.field_name, (None, None))
+        if high is not None and v > high:
+            raise ValueError(f"must be at most {high:g}, the jobs API's limit too ({_WHY_BOUND[info.field_name]})")
         if v != RL_DEFAULTS[info.field_name] and info.data.get("method") != "reinforcement":
             raise ValueError("applies to --method reinforcement only")
         return v
