@@ -193,9 +193,12 @@ def test_eval_and_compare_hold_answers_to_a_json_schema_or_choices(tiny_model_di
             assert starts_a_match(tiny_tokenizer, Constraint.json_schema(schema), r["prediction"]), r
     assert json.loads((out / "metrics.json").read_text())["json_schema"] == schema
 
+    # 2 new tokens cannot hold a label (the tiny tokenizer spends about one a byte): --choices
+    # raises the limit to the longest label's tokens and the end of turn, and says so.
     proc = run_tunesmith("eval", "--model", tiny_model_dir, "--adapter", adapter, "--data", test, "--out", tmp_path / "ch",
-                   "--max-new-tokens", "32", "--metric", "exact", "--choices", ",".join(LABELS))
+                   "--max-new-tokens", "2", "--metric", "exact", "--choices", ",".join(LABELS))
     assert proc.returncode == 0, proc.stderr
+    assert "--max-new-tokens 2 is too few for the longest choice" in proc.stderr
     assert {r["prediction"] for r in _rows(tmp_path / "ch" / "predictions.jsonl")} <= set(LABELS)
     assert json.loads((tmp_path / "ch" / "metrics.json").read_text())["choices"] == LABELS
 

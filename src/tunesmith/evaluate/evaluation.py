@@ -204,6 +204,7 @@ def evaluate_loaded(
     split = [split_example(ex) for ex in examples]
     references = [ref for _, ref in split]
     prompts = prompts if prompts is not None else [p for p, _ in split]
+    max_new_tokens = _room_for_choices(loaded.tokenizer, constraint, max_new_tokens, log)
     t0 = time.perf_counter()
     gens = generate_greedy(loaded, prompts, max_new_tokens, batch_size, precision, constraint,
                            _progress(len(prompts), log), tools=[ex.tools for ex in examples])
@@ -274,6 +275,20 @@ def generate_greedy(
     finally:
         engine.close()
     return [replace(g, text=g.text.strip()) for g in gens]
+
+
+def _room_for_choices(tokenizer: Any, constraint: Constraint | None, max_new_tokens: int,
+                      log: Callable[[str], None]) -> int:
+    """Answers held to a choice list get tokens for the longest choice and the end of turn: a
+    shorter limit would cut the long choices into invalid answers."""
+    if constraint is None or constraint.kind != "choice":
+        return max_new_tokens
+    need = max(len(tokenizer.encode(c, add_special_tokens=False)) for c in json.loads(constraint.source)) + 1
+    if max_new_tokens < need:
+        log(f"--max-new-tokens {max_new_tokens} is too few for the longest choice ({need - 1} tokens and the end "
+            f"of turn); answers get {need}")
+        return need
+    return max_new_tokens
 
 
 def answer_format(constraint: Constraint | None) -> dict[str, Any]:
