@@ -1,6 +1,6 @@
 """The demo's calibration curve: held-out accuracy after N training steps of its recipe.
 
-    HF_HUB_OFFLINE=1 nice .venv/bin/python bench/demo_calibration.py --steps 30,60,100,150,193,290,386
+    HF_HUB_OFFLINE=1 nice .venv/bin/python bench/demo_calibration.py --steps 30,60,90,150,290
 
 For each N it trains the demo's LoRA recipe (flows.demo.DEMO_TRAIN with max_steps=N, so the
 one-cycle schedule fits N) on data/banking77/train.csv and measures the adapter on the
@@ -21,7 +21,7 @@ from pathlib import Path
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", default="30,60,100,150,193,290,386")
+    ap.add_argument("--steps", default="30,60,90,150,290")
     ap.add_argument("--learning-rate", type=float, default=None)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--lora-layers", type=int, default=None, help="LoRA on the last N decoder layers only.")
