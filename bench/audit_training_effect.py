@@ -21,28 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from audit_planted import plant, read, write  # noqa: E402 (the bench folder is not a package)
+from banking77_sweep import run  # noqa: E402
 
 SYSTEM = "Classify the banking customer query into its intent label."
-
-
-def run(cmd: list, log: Path, ok: tuple[int, ...] = (0,)) -> None:
-    print("$ " + " ".join(shlex.quote(str(c)) for c in cmd), flush=True)
-    t0 = time.perf_counter()
-    with open(log, "a", encoding="utf-8") as fh:
-        proc = subprocess.run([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    print(f"  ({time.perf_counter() - t0:.0f} s, log {log})", flush=True)
-    if proc.returncode not in ok:
-        raise SystemExit(f"failed with exit code {proc.returncode}; see {log}")
 
 
 def main() -> None:

@@ -31,6 +31,9 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from banking77 import limited_test, subset  # noqa: E402 (the bench folder is not a package)
+
 REPO = Path(__file__).resolve().parent.parent
 SYSTEM = "Classify the banking customer query into its intent label."
 PAPER = 0.8519  # Casanueva et al. 2020, Table 3: USE+ConveRT, 10 per intent, 3,080 test rows
@@ -44,45 +47,34 @@ SEARCH_SPACE = {
 
 
 def split_rows(train_csv: Path, out: Path, per_intent: int, valid_per_intent: int) -> tuple[Path, Path, list[str]]:
-    """The first `per_intent` rows of each intent: all but the last `valid_per_intent` train."""
-    kept: dict[str, list[list[str]]] = defaultdict(list)
-    with open(train_csv, encoding="utf-8", newline="") as fh:
+    """bench/banking77.py's first `per_intent` rows of each intent: all but the last
+    `valid_per_intent` of each train, those validate."""
+    by_intent: dict[str, list[list[str]]] = defaultdict(list)
+    with open(subset(train_csv, per_intent, out), encoding="utf-8", newline="") as fh:
         reader = csv.reader(fh)
         header = next(reader)
         for row in reader:
-            if len(kept[row[1]]) < per_intent:
-                kept[row[1]].append(row)
+            by_intent[row[1]].append(row)
     paths = out / "train.csv", out / "valid.csv"
     cut = per_intent - valid_per_intent
     for path, part in zip(paths, (slice(0, cut), slice(cut, per_intent))):
         with open(path, "w", encoding="utf-8", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(header)
-            for rows in kept.values():
+            for rows in by_intent.values():
                 w.writerows(rows[part])
-    return paths[0], paths[1], sorted(kept)
+    return paths[0], paths[1], sorted(by_intent)
 
 
-def limited_test(test_csv: Path, limit: int | None, out: Path) -> Path:
-    """The test set, or `limit` rows spread evenly over it."""
-    if not limit:
-        return test_csv
-    with open(test_csv, encoding="utf-8", newline="") as fh:
-        rows = list(csv.reader(fh))
-    step = max(1, (len(rows) - 1) // limit)
-    path = out / f"test-{limit}.csv"
-    with open(path, "w", encoding="utf-8", newline="") as fh:
-        csv.writer(fh).writerows([rows[0]] + rows[1:][::step][:limit])
-    return path
-
-
-def run(cmd: list[str], env: dict[str, str], log: Path) -> None:
+def run(cmd: list, log: Path, env: dict[str, str] | None = None, ok: tuple[int, ...] = (0,)) -> None:
+    """Print the command, run it with its output appended to `log`, stop on an exit code not in `ok`."""
     print("$ " + " ".join(shlex.quote(str(c)) for c in cmd), flush=True)
     t0 = time.perf_counter()
     with open(log, "a", encoding="utf-8") as fh:
-        proc = subprocess.run([str(c) for c in cmd], env=env, stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.run([str(c) for c in cmd], env=env or {**os.environ, "HF_HUB_OFFLINE": "1"},
+                              stdout=fh, stderr=subprocess.STDOUT)
     print(f"  ({time.perf_counter() - t0:.0f} s, log {log})", flush=True)
-    if proc.returncode != 0:
+    if proc.returncode not in ok:
         raise SystemExit(f"failed with exit code {proc.returncode}; see {log}")
 
 
@@ -93,7 +85,7 @@ def evaluate(tunesmith: str, adapter: Path, test_csv: Path, labels: list[str], o
         cmd = [tunesmith, "eval", "--model", "smollm2-135m-instruct", "--adapter", adapter, "--data", test_csv,
                "--input-column", "text", "--output-column", "category", "--system", SYSTEM, "--metric", "label",
                "--max-new-tokens", "16", "--out", out]
-        run(cmd + (["--choices", ",".join(labels)] if held else []), env, out.parent / f"{out.name}.log")
+        run(cmd + (["--choices", ",".join(labels)] if held else []), out.parent / f"{out.name}.log", env)
     return json.loads(summary.read_text())
 
 
@@ -126,7 +118,7 @@ def main() -> None:
         "trials": args.trials, "parallelism": 1, "objective": "valid_loss", "pruner": "median", "seed": 0,
     }, sort_keys=False))
     t0 = time.perf_counter()
-    run([tunesmith, "sweep", "-c", out / "sweep.yaml", "--out", out / "sweep"], env, out / "sweep.log")
+    run([tunesmith, "sweep", "-c", out / "sweep.yaml", "--out", out / "sweep"], out / "sweep.log", env)
     sweep_s = time.perf_counter() - t0
     results = json.loads((out / "sweep" / "sweep.json").read_text())
 
@@ -134,7 +126,7 @@ def main() -> None:
     (out / "default.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
     default_run = out / "default"
     if not (default_run / "adapter").is_dir():
-        run([tunesmith, "train", "-c", out / "default.yaml", "--out", default_run], env, out / "default.log")
+        run([tunesmith, "train", "-c", out / "default.yaml", "--out", default_run], out / "default.log", env)
     default_cfg = json.loads((default_run / "run.json").read_text())["config"]
 
     test_csv = limited_test(args.data / "test.csv", args.test_limit, out)
