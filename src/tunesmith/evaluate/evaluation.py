@@ -277,13 +277,18 @@ def generate_greedy(
     return [replace(g, text=g.text.strip()) for g in gens]
 
 
+def choice_tokens(tokenizer: Any, choices: Sequence[str]) -> int:
+    """New tokens an answer held to `choices` may need: the longest choice and the end of turn."""
+    return max(len(tokenizer.encode(c, add_special_tokens=False)) for c in choices) + 1
+
+
 def _room_for_choices(tokenizer: Any, constraint: Constraint | None, max_new_tokens: int,
                       log: Callable[[str], None]) -> int:
-    """Answers held to a choice list get tokens for the longest choice and the end of turn: a
-    shorter limit would cut the long choices into invalid answers."""
+    """Answers held to a choice list get choice_tokens: a shorter limit would cut the long
+    choices into invalid answers."""
     if constraint is None or constraint.kind != "choice":
         return max_new_tokens
-    need = max(len(tokenizer.encode(c, add_special_tokens=False)) for c in json.loads(constraint.source)) + 1
+    need = choice_tokens(tokenizer, json.loads(constraint.source))
     if max_new_tokens < need:
         log(f"--max-new-tokens {max_new_tokens} is too few for the longest choice ({need - 1} tokens and the end "
             f"of turn); answers get {need}")

@@ -39,7 +39,7 @@ from tunesmith.data.formats import ColumnMapping
 from tunesmith.data.validate import validate_data
 from tunesmith.errors import DataError, UsageError
 from tunesmith.evaluate.comparison import write_comparison
-from tunesmith.evaluate.evaluation import load_examples
+from tunesmith.evaluate.evaluation import choice_tokens, load_examples
 from tunesmith.evaluate.report import build_report
 from tunesmith.flows.heldout import HeldoutResult, evaluate_side
 from tunesmith.generate.constraints import Constraint
@@ -136,8 +136,7 @@ def label_answers(model: str, labels: list[str]) -> tuple[Constraint, int]:
     a row stops decoding as soon as its first tokens single out a label (the engine writes the
     forced rest without a forward pass): about 3 decode steps a row instead of 7-8."""
     tokenizer = load_tokenizer(resolve_model(model))
-    longest = max(len(tokenizer.encode(label, add_special_tokens=False)) for label in labels)
-    return Constraint.choice(labels), longest + 1
+    return Constraint.choice(labels), choice_tokens(tokenizer, labels)
 
 
 def find_demo_data() -> Path:
