@@ -102,6 +102,11 @@ def test_sort_keeps_unkeyed_lines_at_the_end_and_leaves_an_ordered_file_alone(tm
     assert not sort_by_prompt(folder / "missing.jsonl")
 
 
+# The child dumps every thread's stack on SIGUSR1, for the message of a test that times out.
+CHILD = ("import faulthandler, signal; faulthandler.register(signal.SIGUSR1, all_threads=True); "
+         "from tunesmith.cli import main; main()")
+
+
 def test_ctrl_c_leaves_the_answers_so_far_in_prompt_order(tmp_path, tiny_model_dir):
     """Prompts 1-6 stall until the test is over; 7-12 are let through one at a time, 12
     first, each once the previous answer is in the file. SIGINT once those six are saved."""
@@ -113,7 +118,7 @@ def test_ctrl_c_leaves_the_answers_so_far_in_prompt_order(tmp_path, tiny_model_d
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     with fake_teacher(script) as url:
         proc = subprocess.Popen(
-            [sys.executable, "-c", "from tunesmith.cli import main; main()", "distill", "--prompts", str(prompts),
+            [sys.executable, "-c", CHILD, "distill", "--prompts", str(prompts),
              "--teacher-model", "teacher", "--teacher-base-url", url, "--out", str(out),
              "--model", str(tiny_model_dir), "--concurrency", "12"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -126,7 +131,16 @@ def test_ctrl_c_leaves_the_answers_so_far_in_prompt_order(tmp_path, tiny_model_d
             # Appended as they arrived, last prompt first: the order Ctrl-C has to undo.
             assert _order([json.loads(line) for line in arrived]) == [(line, 0) for line in range(12, 6, -1)]
             proc.send_signal(signal.SIGINT)
-            stdout, stderr = proc.communicate(timeout=60)
+            try:
+                stdout, stderr = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:  # say where it is stuck: every thread's stack
+                proc.send_signal(signal.SIGUSR1)
+                try:
+                    stdout, stderr = proc.communicate(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    stdout, stderr = proc.communicate()
+                pytest.fail(f"distill did not stop within 60 s of SIGINT; its output:\n{stdout}\n{stderr}")
         finally:
             proc.kill()
     assert proc.returncode == 130, stdout + stderr

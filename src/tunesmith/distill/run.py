@@ -34,7 +34,7 @@ from tunesmith.distill.filters import AnswerFilter, build_filter
 from tunesmith.distill.order import sort_by_prompt
 from tunesmith.distill.prompts import Prompt, load_prompts
 from tunesmith.errors import UsageError
-from tunesmith.generate.remote import TeacherFailure, ask, build_client, run_coroutine
+from tunesmith.generate.remote import TeacherFailure, ask, build_client, gather_interruptible, run_coroutine
 from tunesmith.models.registry import DEFAULT_MODEL, resolve_model
 
 
@@ -350,7 +350,7 @@ async def _run_all(client: Any, jobs: list[Job], s: _Settings, concurrency: int,
             writer.answered(job, reply.texts, s)
 
     try:
-        await asyncio.gather(*(worker() for _ in range(min(concurrency, len(jobs)))))
+        await gather_interruptible(*(worker() for _ in range(min(concurrency, len(jobs)))))
     finally:
         await client.close()
 

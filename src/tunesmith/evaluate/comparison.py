@@ -36,7 +36,7 @@ from tunesmith.evaluate.evaluation import (
 from tunesmith.evaluate.metrics import pick_metric, score
 from tunesmith.evaluate.retrieval import BM25
 from tunesmith.generate.constraints import Constraint
-from tunesmith.generate.remote import TeacherFailure, ask, build_client, run_coroutine
+from tunesmith.generate.remote import TeacherFailure, ask, build_client, gather_interruptible, run_coroutine
 from tunesmith.models.inference import check_weights, load_for_inference
 from tunesmith.runs import COMPARE_FILE
 
@@ -280,7 +280,7 @@ def teacher_result(
                                  secret=api_key, fields=constraint.request_fields() if constraint else None)
 
         try:
-            return await asyncio.gather(*(one(w) for w in wires))
+            return await gather_interruptible(*(one(w) for w in wires))
         finally:
             await client.close()
 

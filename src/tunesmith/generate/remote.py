@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -111,6 +113,11 @@ async def ask(
             raise TeacherFailure(str(exc), attempt) from None
         if attempt > max_retries:
             raise TeacherFailure(f"{error} (gave up after {attempt} attempts)", attempt)
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # httpx can turn a cancellation that lands mid-connect into a connection error
+            # (encode/httpx#2381): asking again would outlive the Ctrl-C that cancelled us.
+            raise asyncio.CancelledError()
         await asyncio.sleep(backoff_s(attempt - 1, retry_after, base_s=backoff_base_s))
 
 
@@ -153,6 +160,45 @@ def _retry_after(exc: Any) -> float | None:
 
 def _scrub(text: str, secret: str | None) -> str:
     return text.replace(secret, "***") if secret else text
+
+
+async def gather_interruptible(*coros: Any) -> list[Any]:
+    """asyncio.gather of `coros`, where Ctrl-C cancels every one of them at once and, once
+    they have stopped, raises KeyboardInterrupt.
+
+    asyncio.run's own Ctrl-C handling cancels only its main task and relies on that
+    cancellation reaching each request through gather and the HTTP stack. Here the handler
+    is installed with `loop.add_signal_handler`, which wakes the loop through its wakeup fd
+    whichever thread the signal lands on, and it cancels each task directly. A second
+    Ctrl-C is Python's default (KeyboardInterrupt at once). Outside the main thread (a
+    Jupyter kernel's loop in another thread) this is a plain gather."""
+    loop = asyncio.get_running_loop()
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    interrupted = False
+
+    def on_sigint() -> None:
+        nonlocal interrupted
+        interrupted = True
+        loop.remove_signal_handler(signal.SIGINT)
+        for task in tasks:
+            task.cancel()
+
+    installed = False
+    if threading.current_thread() is threading.main_thread():
+        try:
+            loop.add_signal_handler(signal.SIGINT, on_sigint)
+            installed = True
+        except (NotImplementedError, RuntimeError, ValueError):  # Windows' loop, an embedded interpreter
+            pass
+    try:
+        return await asyncio.gather(*tasks)
+    except asyncio.CancelledError:
+        if interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        if installed and not interrupted:
+            loop.remove_signal_handler(signal.SIGINT)
 
 
 def run_coroutine(coro):
