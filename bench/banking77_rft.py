@@ -5,7 +5,7 @@ string_check grader on the label, both measured on the same held-out test rows.
     HF_HUB_OFFLINE=1 nice .venv/bin/python bench/banking77_rft.py --sft-per-intent 3 --rft-steps 30 --test-limit 200
 
 1. SFT: the first --sft-per-intent rows of each intent of the bundled train.csv, LoRA r=16,
-   lr 1e-3, batch 16, --sft-epochs epochs (bench/banking77.py's recipe, fewer rows).
+   lr --sft-lr (1e-3), batch 16, --sft-epochs epochs (bench/banking77.py's recipe, fewer rows).
 2. Held-out accuracy of that adapter (greedy, label accuracy) on --test-limit rows of test.csv.
 3. RFT from it (`--init-adapter`): prompts are the next --rft-per-intent rows of each intent
    (rows the SFT never saw), with the same system prompt; the grader is string_check `eq` of
@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench-runs/banking77-rft"))
     ap.add_argument("--sft-per-intent", type=int, default=3)
     ap.add_argument("--sft-epochs", type=int, default=3)
+    ap.add_argument("--sft-lr", type=float, default=1e-3)
     ap.add_argument("--rft-per-intent", type=int, default=2)
     ap.add_argument("--rft-steps", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=8, help="RFT prompts per step")
@@ -85,8 +86,9 @@ def main() -> None:
     if not (sft_dir / "adapter").is_dir():
         train(TrainConfig(data=subset(data / "train.csv", args.sft_per_intent, out), input_column="text",
                           output_column="category", system=SYSTEM, out=sft_dir, epochs=args.sft_epochs,
-                          learning_rate=1e-3, batch_size=16), progress=False)
-    results["sft"] = {"per_intent": args.sft_per_intent, "epochs": args.sft_epochs, "train_s": time.perf_counter() - t0}
+                          learning_rate=args.sft_lr, batch_size=16), progress=False)
+    results["sft"] = {"per_intent": args.sft_per_intent, "epochs": args.sft_epochs, "learning_rate": args.sft_lr,
+                      "train_s": time.perf_counter() - t0}
     results["sft"]["accuracy"], results["sft"]["eval_s"] = accuracy(sft_dir, test_csv, sft_dir / "eval")
     print(f"SFT adapter: {100 * results['sft']['accuracy']:.1f}% on {args.test_limit} test rows", flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
