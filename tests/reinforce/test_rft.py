@@ -156,6 +156,46 @@ def test_resume_from_a_checkpoint_continues_identically(tiny_model_dir, tmp_path
     assert any(wa[k].abs().max() > 0 for k in wa if "lora_B" in k)  # it did train
 
 
+def test_grpo_moves_probability_towards_what_the_grader_rewards(tiny_model_dir, tmp_path):
+    """The direction of learning, measured without sampling noise: rewarding answers that
+    contain a "q" must raise the policy's probability of starting its answer with a token
+    that holds one, over the training prompts, against the same model with the adapter off."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    grader = {"type": "string_check", "name": "has_q", "input": "{{sample.output_text}}", "reference": "q",
+              "operation": "ilike"}
+    data = write_prompts(tmp_path / "p.jsonl", n=8)
+    result = train_rft(TrainConfig(method="reinforcement", model=str(tiny_model_dir), data=data,
+                                   grader=write_grader(tmp_path / "g.json", grader), batch_size=4, group_size=8,
+                                   max_steps=16, max_completion_tokens=8, precision="fp32", learning_rate=1e-2,
+                                   val_split=0.0, out=tmp_path / "run"), progress=False)
+    metrics = rows(result.out_dir / "metrics.jsonl")
+    assert sum(m["zero_variance_groups"] < 1 for m in metrics) >= 4  # the reward told answers apart
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    with_q = torch.tensor(["q" in tok.decode([i]).lower() for i in range(len(tok))])
+    assert 0 < int(with_q.sum()) < len(tok) // 10
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(result.adapter_dir))
+    prompts = [tok(tok.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=False),
+                   add_special_tokens=False)["input_ids"] for r in rows(data)]
+
+    def mass() -> float:
+        total = 0.0
+        with torch.no_grad():
+            for ids in prompts:
+                probs = model(torch.tensor([ids])).logits[0, -1].float().softmax(-1)
+                total += float(probs[: len(with_q)][with_q].sum())
+        return total / len(prompts)
+
+    trained = mass()
+    with model.disable_adapter():
+        base = mass()
+    # 16 steps took it from 0.98% to 1.50%; a sign error in the loss would lower it.
+    assert trained > 1.25 * base, (base, trained)
+
+
 def test_bad_settings_are_one_sentence_each(tiny_model_dir, tmp_path):
     from tunesmith.data.prompts import read_prompt_rows
     from tunesmith.errors import ConfigError
