@@ -97,11 +97,14 @@ def save_checkpoint(
     meta: dict[str, Any],
     tokenizer: Any = None,
     gathered: tuple[dict[str, Any], tuple[dict, dict]] | None = None,
+    only_adapter: str | None = None,
 ) -> Path:
     """Write checkpoints/step-N atomically; on a full disk raise TrainingError naming the last good one.
 
     gathered: (model state dict, optimizer_tensors) already collected from a sharded (FSDP)
-    model by every process; without it both are read from the model and optimizer here."""
+    model by every process; without it both are read from the model and optimizer here.
+    only_adapter: the one peft adapter to save when the model holds others (reinforcement's
+    frozen KL reference); peft's save_pretrained would write each other one into a subfolder."""
     import torch
     from safetensors.torch import save_file
 
@@ -111,10 +114,11 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
+        selected = {"selected_adapters": [only_adapter]} if only_adapter else {}
         if gathered is not None:
-            model.save_pretrained(tmp, safe_serialization=True, state_dict=gathered[0])
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=gathered[0], **selected)
         else:
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp, safe_serialization=True, **selected)
         if tokenizer is not None:  # full fine-tuning: the directory is a complete HF model
             tokenizer.save_pretrained(tmp)
         (tmp / ADAPTER_META_FILE).write_text(json.dumps({**meta, "step": step}, indent=2) + "\n")
