@@ -156,6 +156,90 @@ def test_resume_from_a_checkpoint_continues_identically(tiny_model_dir, tmp_path
     assert any(wa[k].abs().max() > 0 for k in wa if "lora_B" in k)  # it did train
 
 
+def test_with_an_init_adapter_the_kl_reference_is_that_adapter_frozen(tiny_model_dir, tmp_path):
+    """SFT then RFT: with --init-adapter the KL penalty anchors the policy where RL started
+    (the init adapter, a frozen second peft adapter), not at the bare base the SFT moved
+    away from. Step 1's kl is 0 while the same answers' KL to the base is clearly not; the
+    engine samples from the trained adapter, not the reference; checkpoints and the
+    published adapter hold only the trained adapter."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunesmith.generate.engine import LocalEngine
+    from tunesmith.generate.requests import SamplingParams
+    from tunesmith.reinforce.run import sample_seed
+    from tunesmith.train.inputs import load_training_items
+    from tiny_model import make_adapter
+
+    init = make_adapter(tiny_model_dir, tmp_path / "sft", seed=5, scale=2.0)  # LoRA B non-zero: not the base
+    cfg = TrainConfig(method="reinforcement", model=str(tiny_model_dir), data=write_prompts(tmp_path / "p.jsonl"),
+                      grader=write_grader(tmp_path / "g.json", LENGTH_GRADER), init_adapter=init, kl_coef=0.1,
+                      batch_size=2, group_size=3, max_steps=2, max_completion_tokens=8, save_every_steps=1,
+                      val_split=0.0, precision="fp32", learning_rate=1e-2, out=tmp_path / "run")
+    result = train_rft(cfg, progress=False)
+    run = json.loads((result.out_dir / "run.json").read_text())
+    assert run["resolved"]["reference"] == f"init adapter {init} (frozen)"
+    metrics = rows(result.out_dir / "metrics.jsonl")
+    assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at the start
+    assert metrics[1]["kl"] > 1e-5  # the trained adapter moved; the reference did not
+
+    # Regenerate each step's answers with its seeds: step 1's come from the init adapter,
+    # step 2's from the adapter after step 1 (checkpoint 1), which answers otherwise.
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    prompt_ids = {p.line: p.prompt_ids for p in load_training_items(tok, cfg.data, cfg)[0]}
+    logged = rows(result.out_dir / "samples.jsonl")
+    engine = LocalEngine.load(str(tiny_model_dir), [("init", init), ("step1", result.out_dir / "checkpoints" /
+                                                     "step-000001")], precision="fp32")
+    try:
+        answers = {}
+        for step, adapter in ((1, "init"), (2, "step1"), (2, "init")):
+            lines = [s["line"] for s in logged if s["step"] == step]
+            answers[step, adapter] = engine.generate_batch(
+                [prompt_ids[n] for n in lines], adapter, SamplingParams(8, 1.0),
+                seeds=[sample_seed(cfg.seed, step - 1, k) for k in range(len(lines))])
+    finally:
+        engine.close()
+    for step, adapter in ((1, "init"), (2, "step1")):
+        assert [c.text for c in answers[step, adapter]] == [s["text"] for s in logged if s["step"] == step]
+    assert [c.text for c in answers[2, "step1"]] != [c.text for c in answers[2, "init"]]
+
+    # The anchor before this change: the same step-1 answers against the base (adapter off).
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(init))
+    step1 = [grpo.Sample(0, s["line"], prompt_ids[s["line"]], list(c.token_ids), c.text, c.finish_reason)
+             for s, c in zip([s for s in logged if s["step"] == 1], answers[1, "init"])]
+    batch = grpo.collate_samples(step1, False, tok.pad_token_id)
+    with torch.no_grad():
+        policy = grpo.policy_logps(model, batch, torch.float32)
+        with model.disable_adapter():
+            base = grpo.policy_logps(model, batch, torch.float32)
+    _, kl_to_base = grpo.grpo_token_loss(policy, batch, None, base, 0.2, 0.1)
+    # 0.025 per token here, what step 1 logged with the base as the reference; now 0.0
+    assert kl_to_base.mean().item() > 0.01, kl_to_base.mean().item()
+
+    init_keys = load_file(str(init / "adapter_model.safetensors")).keys()
+    for saved in [result.adapter_dir, *(result.out_dir / "checkpoints").glob("step-*")]:
+        weights = load_file(str(saved / "adapter_model.safetensors"))
+        assert weights.keys() == init_keys and not any("reference" in k for k in weights)
+        assert not (saved / "reference").exists()  # peft writes other adapters into subfolders
+    trained = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+    assert any((trained[k] - v).abs().max() > 0 for k, v in load_file(str(init / "adapter_model.safetensors")).items())
+
+    # Resumed from checkpoint 1, the reference is the init adapter again (not the checkpoint):
+    # step 2 and the final adapter come out as in the uninterrupted run.
+    part = tmp_path / "part"
+    shutil.copytree(result.out_dir, part)
+    shutil.rmtree(part / "checkpoints" / "step-000002")
+    shutil.rmtree(part / "adapter")
+    resumed = train_rft(cfg.model_copy(update={"out": part, "resume": part}), progress=False)
+    again = rows(part / "metrics.jsonl")[1]
+    assert again["kl"] == pytest.approx(metrics[1]["kl"], abs=1e-7)
+    assert again["train_loss"] == pytest.approx(metrics[1]["train_loss"], abs=1e-6)
+    final = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
+    assert all((final[k] - trained[k]).abs().max() < 1e-6 for k in trained)
+
+
 def test_grpo_moves_probability_towards_what_the_grader_rewards(tiny_model_dir, tmp_path):
     """The direction of learning, measured without sampling noise: rewarding answers that
     contain a "q" must raise the policy's probability of starting its answer with a token

@@ -20,7 +20,8 @@ normalisation tunesmith's supervised loss already uses (sum over the step's trai
 
 `pi_old` is the policy that sampled the answers: with one update per sampled batch
 (--policy-updates 1) it is the policy being trained, the ratio is exactly 1 and its
-gradient is the plain policy gradient. `ref` is the base with the adapter disabled.
+gradient is the plain policy gradient. `ref` is the policy as training started: the
+--init-adapter (frozen) when given, else the base with the adapter disabled (reinforce/run.py).
 
     python -c "from tunesmith.reinforce.grpo import group_advantages; print(group_advantages([1, 0, 0, 1], 2))"
 """

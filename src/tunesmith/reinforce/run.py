@@ -6,7 +6,9 @@ Each step takes --batch-size prompts, samples --group-size answers to each from 
 being trained (the base plus the adapter, through the one engine, `generate.engine`, on the
 live model: no copy of the weights), grades them (`graders.run.Grading`), turns the rewards
 into group-normalised advantages and takes --policy-updates optimizer steps on the GRPO loss
-(reinforce/grpo.py). The KL reference is the same model with the adapter disabled.
+(reinforce/grpo.py). The KL reference is the policy as training started: with --init-adapter,
+that adapter loaded a second time as a frozen peft adapter on the same model (REFERENCE);
+without one, the same model with the adapter disabled (the base).
 
 The run directory is a supervised run's (runs.py): run.json, metrics.jsonl (with the reward
 keys of train.progress.RFT_METRIC_KEYS), samples.jsonl (every answer and its grade),
@@ -17,6 +19,7 @@ uninterrupted one would have (that is the sampler's RNG state; trainer_state.jso
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -46,6 +49,7 @@ from tunesmith.train.model import (
     add_stop_checks,
     build_model,
     load_adapter_weights,
+    load_frozen_adapter,
     parameter_count,
     precision_dtype,
     resolve_init_adapter,
@@ -68,6 +72,10 @@ from tunesmith.train.run import (
 
 POLICY = "default"
 """The name peft (and so the engine) knows the adapter being trained by."""
+
+REFERENCE = "reference"
+"""The name peft knows the frozen copy of --init-adapter by, the KL reference (only with
+--init-adapter and --kl-coef above 0); never trained, never saved."""
 
 
 def sample_seed(seed: int, step: int, answer: int, held_out: bool = False) -> int:
@@ -117,6 +125,12 @@ def train_rft(cfg: TrainConfig, progress: bool = True) -> RunResult:
     model = build_model(ref, model_cfg, compute_dtype)
     if init_adapter:
         load_adapter_weights(model, init_adapter)
+    # The KL reference is where RL started (as TRL's ref_model and verl's reference policy):
+    # the --init-adapter, not the bare base, which the SFT start was trained away from on
+    # purpose. A second, frozen peft adapter holds it; the base weights stay one copy.
+    reference = REFERENCE if init_adapter and cfg.kl_coef else None
+    if reference:
+        load_frozen_adapter(model, init_adapter, reference)
     model.to(dist.device)
     groups, names = param_groups(model, cfg.weight_decay)
     params = [p for g in groups for p in g["params"]]
@@ -144,7 +158,8 @@ def train_rft(cfg: TrainConfig, progress: bool = True) -> RunResult:
                      "precision": precision, "world_size": 1, "compile": False, "machine": machine.to_dict(),
                      "precision_reason": precision_reason(machine, cfg.precision, precision),
                      "answers_per_step": answers_per_step, "grader": grader.model_dump(),
-                     "reference": "base model (adapter disabled)" if cfg.kl_coef else None,
+                     "reference": (f"init adapter {init_adapter} (frozen)" if reference else
+                                   "base model (adapter disabled)" if cfg.kl_coef else None),
                      "loss_normalisation": "token-level: sum over the step's answer tokens / their count (docs/rft.md)",
                      **({"init_adapter": str(init_adapter), "lora_rank": model_cfg.lora_rank,
                          "lora_alpha": model_cfg.lora_alpha} if init_adapter else {})},
@@ -165,7 +180,9 @@ def train_rft(cfg: TrainConfig, progress: bool = True) -> RunResult:
         f"(prompt + --max-completion-tokens {cfg.max_completion_tokens} over --max-seq-len {cfg.max_seq_len})")
     say(f"plan: {total_steps} steps ({epochs} epoch(s) of {spe}), {answers_per_step} answers/step "
         f"({cfg.group_size} per prompt), up to {cfg.max_completion_tokens} tokens each, temperature {cfg.temperature:g}, "
-        f"lr {cfg.lr:g}, kl_coef {cfg.kl_coef:g}, {cfg.policy_updates} update(s) per batch")
+        f"lr {cfg.lr:g}, kl_coef {cfg.kl_coef:g}"
+        + (f" (reference: {run_info['resolved']['reference']})" if cfg.kl_coef else "")
+        + f", {cfg.policy_updates} update(s) per batch")
     tracking = Tracking(cfg.report_to, tracking_settings(cfg, out, resume_from is not None),
                         {k: v for k, v in run_info.items() if k != "status"}, warn=say)
 
@@ -176,7 +193,7 @@ def train_rft(cfg: TrainConfig, progress: bool = True) -> RunResult:
                         METRIC_KEYS + RFT_METRIC_KEYS, on_row=tracking.log_metrics)
     step, saved_step, row = start_step, start_step if resume_from is not None else None, {}
     t_run = time.perf_counter()
-    ctx = _Context(cfg, model, engine, grading, pad_id, compute_dtype, dist.device, params, stop)
+    ctx = _Context(cfg, model, engine, grading, pad_id, compute_dtype, dist.device, params, stop, reference)
 
     def save() -> None:
         nonlocal saved_step
@@ -185,7 +202,7 @@ def train_rft(cfg: TrainConfig, progress: bool = True) -> RunResult:
                  "trained_tokens": tokens_trained,
                  "rng": "sampling seeds derive from (seed, step, answer): reinforce.run.sample_seed; data order "
                         "from (seed, step); rng.safetensors is the torch state at save"}
-        ck.save_checkpoint(out, step, model, optimizer, names, state, meta)
+        ck.save_checkpoint(out, step, model, optimizer, names, state, meta, only_adapter=POLICY)
         ck.prune_checkpoints(out)
         saved_step = step
 
@@ -282,9 +299,10 @@ class _Context:
     """What one step uses, held for the run: the model, the engine on it, the grader."""
 
     def __init__(self, cfg: TrainConfig, model: Any, engine: LocalEngine, grading: Grading, pad_id: int,
-                 compute_dtype: Any, device: str, params: list, stop: StopFlag):
+                 compute_dtype: Any, device: str, params: list, stop: StopFlag, reference: str | None):
         self.cfg, self.model, self.engine, self.grading = cfg, model, engine, grading
         self.pad_id, self.compute_dtype, self.device, self.params, self.stop = pad_id, compute_dtype, device, params, stop
+        self.reference = reference
 
     def generate(self, prompt_ids: list[list[int]], seeds: list[int]) -> list[Any]:
         """Sample through the engine from the adapter as it is now. The engine decodes with a
@@ -308,6 +326,24 @@ class _Context:
             # freezes its weights; they are this run's trained parameters.
             for p in self.params:
                 p.requires_grad_(True)
+
+    @contextlib.contextmanager
+    def reference_active(self):
+        """The model answers as the KL reference inside: the frozen init adapter (REFERENCE)
+        when there is one, else the base (the adapter disabled)."""
+        if self.reference is None:
+            with self.model.disable_adapter():
+                yield
+            return
+        self.model.set_adapter(self.reference, inference_mode=True)
+        try:
+            yield
+        finally:
+            # Back to the trained adapter, whatever happened inside: the engine samples from
+            # the active adapter and switches only when its own record says another one is
+            # active (it says POLICY), and set_adapter outside inference mode makes the
+            # trained weights require grad again (the reference's stay frozen).
+            self.model.set_adapter(POLICY)
 
     def sample(self, step_prompts: list, indices: list[int], step: int) -> tuple[list[grpo.Sample], float]:
         t0 = time.perf_counter()
@@ -349,7 +385,7 @@ class _Context:
         model.eval()
         with torch.no_grad():
             if cfg.kl_coef:
-                with model.disable_adapter():
+                with self.reference_active():
                     refs = [grpo.policy_logps(model, b, self.compute_dtype) for b in batches]
             if cfg.policy_updates > 1:  # later updates are off-policy: the sampler's log-probs
                 olds = [grpo.policy_logps(model, b, self.compute_dtype) for b in batches]

@@ -58,7 +58,8 @@ class ReinforcementHyperparameters(Hyperparameters):
     group_size: Auto | Annotated[int, Field(ge=2, le=RL_BOUNDS["group_size"][1])] = Field(
         "auto", description="Answers sampled per prompt (auto: 4).")
     kl_coef: Auto | Annotated[float, Field(ge=0, le=RL_BOUNDS["kl_coef"][1])] = Field(
-        "auto", description="KL penalty to the base model (auto: 0, no penalty).")
+        "auto", description="KL penalty to the policy as training started: the fine-tuned model given as "
+        "`model`, else the base model (auto: 0, no penalty).")
     max_completion_tokens: Auto | Annotated[int, Field(ge=1, le=RL_BOUNDS["max_completion_tokens"][1])] = Field(
         "auto", description="Longest sampled answer in tokens (auto: 64).")
     temperature: Auto | Annotated[float, Field(ge=0, le=RL_BOUNDS["temperature"][1])] = Field(

@@ -82,15 +82,17 @@ class TrainConfig(BaseModel):
         "computes fewer FLOPs; the layers below run forward only.", )
     beta: float = _field(DEFAULT_BETA, "method", "DPO: how strongly the policy is held to the reference (the reward "
                          "is beta times the log-probability gained over the reference); higher stays closer.")
-    init_adapter: Path | None = _field(None, "method", "lora and dpo: start from this LoRA adapter (a run directory or an "
-                                       "adapter directory, e.g. an earlier SFT run) and continue training it; with dpo it "
-                                       "is also the reference.")
+    init_adapter: Path | None = _field(None, "method", "lora, dpo and reinforcement: start from this LoRA adapter "
+                                       "(a run directory or an adapter directory, e.g. an earlier SFT run) and continue "
+                                       "training it; with dpo, and with reinforcement's --kl-coef, it is also the "
+                                       "reference.")
     grader: Path | None = _field(None, "method", "reinforcement: the grader that scores each sampled answer (a JSON "
                                  "file with one grader in OpenAI's shape; docs/rft.md).")
     group_size: int = _field(DEFAULT_GROUP_SIZE, "method", "reinforcement: answers sampled per prompt; each answer's "
                              "advantage is its reward against the mean of its group.")
-    kl_coef: float = _field(0.0, "method", "reinforcement: weight of the KL penalty to the base model (the adapter "
-                            "disabled); 0 skips the reference forward pass (KL is then not measured).")
+    kl_coef: float = _field(0.0, "method", "reinforcement: weight of the KL penalty to the reference, the policy as "
+                            "training started: the --init-adapter (frozen) when given, else the base model (the "
+                            "adapter disabled); 0 skips the reference forward pass (KL is then not measured).")
     clip_epsilon: float = _field(0.2, "method", "reinforcement: the probability ratio is clipped to 1 +- this when "
                                  "--policy-updates is above 1 (with 1 the ratio is always 1).")
     policy_updates: int = _field(1, "method", "reinforcement: optimizer steps on each batch of sampled answers "

@@ -477,3 +477,20 @@ def load_adapter_weights(model: Any, adapter: Path) -> None:
     bad = [k for k in result.unexpected_keys if "lora_" in k] + [k for k in result.missing_keys if k in lora]
     if bad:
         raise UsageError(f"--init-adapter {adapter} does not fit this model (weights {bad[:3]}); check --model")
+
+
+def load_frozen_adapter(model: Any, adapter: Path, name: str) -> None:
+    """Load a LoRA adapter beside the one being trained, as peft's adapter `name`: frozen
+    (requires_grad False) and inactive until switched to with `model.set_adapter(name)`.
+
+    Reinforcement's KL reference with --init-adapter: the adapter as training started, kept
+    while the trained copy moves. It shares the base's weights (one more adapter's worth
+    of memory, not a second model). Its weights are created empty and filled from the file,
+    so loading it draws nothing from torch's RNG. Checkpoints leave it out
+    (save_checkpoint's only_adapter)."""
+    training = model.training
+    result = model.load_adapter(str(adapter), adapter_name=name, is_trainable=False, low_cpu_mem_usage=True)
+    model.train(training)  # peft's load_adapter leaves the model in eval mode
+    if result.missing_keys:
+        raise UsageError(f"--init-adapter {adapter} does not fit this model (weights {result.missing_keys[:3]} "
+                         "missing); check --model")
