@@ -67,6 +67,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8, help="RFT prompts per step")
     ap.add_argument("--group-size", type=int, default=4)
     ap.add_argument("--rft-lr", type=float, default=2e-4)
+    ap.add_argument("--kl-coef", type=float, default=0.0, help="KL to the SFT adapter (the init adapter, frozen)")
+    ap.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature of the RFT answers")
     ap.add_argument("--test-limit", type=int, default=200)
     args = ap.parse_args()
 
@@ -102,9 +104,11 @@ def main() -> None:
     train_rft(TrainConfig(method="reinforcement", model=str(resolve_model(MODEL).path), data=prompts, grader=grader,
                           init_adapter=sft_dir, out=rft_dir, max_steps=args.rft_steps, batch_size=args.batch_size,
                           group_size=args.group_size, max_completion_tokens=16, learning_rate=args.rft_lr,
+                          kl_coef=args.kl_coef, temperature=args.temperature,
                           val_split=0.1, eval_every_steps=5, save_every_steps=5), progress=False)
     results["rft"] = {"steps": args.rft_steps, "batch_size": args.batch_size, "group_size": args.group_size,
-                      "learning_rate": args.rft_lr, "train_s": time.perf_counter() - t0,
+                      "learning_rate": args.rft_lr, "kl_coef": args.kl_coef, "temperature": args.temperature,
+                      "train_s": time.perf_counter() - t0,
                       "curves": str(rft_dir / "metrics.jsonl")}
     results["rft"]["accuracy"], results["rft"]["eval_s"] = accuracy(rft_dir, test_csv, rft_dir / "eval")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
