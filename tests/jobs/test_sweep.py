@@ -139,6 +139,86 @@ def test_trials_run_in_parallel_and_a_second_run_continues_the_study(sweep_dir, 
         assert r.status_code == status and r.json()["error"]["param"] == "name", (name, r.text)
 
 
+def test_optuna_sees_validation_losses_by_examples_seen_so_batch_sizes_compare_fairly(sweep_dir, _isolated_home):
+    # Step N of a batch-2 trial has seen half the examples of step N of a batch-4 trial: the
+    # pruner, which compares trials at equal reported steps, must get examples seen (step x batch
+    # size), else it prunes small batches for having trained less (issue 21).
+    import optuna
+
+    from tunesmith.jobs.sweep import optuna_url
+
+    space = {"batch_size": {"type": "choice", "values": [4, 2]}, "learning_rate": {"type": "choice", "values": [1e-3]}}
+    out = sweep_dir / "out"
+    proc = sweep_here(write_sweep(sweep_dir, search_space=space, sampler="grid", trials=2, parallelism=1,
+                                  pruner="none"), out)
+    assert proc.returncode == 0, proc.stderr
+
+    store = open_store()
+    study = optuna.load_study(study_name="tiny", storage=optuna_url(store))
+    seen = {t.params["batch_size"]: (t.user_attrs.get("examples_per_step"), t.intermediate_values) for t in study.trials}
+    assert set(seen) == {4, 2}
+    for batch, (per_step, values) in seen.items():
+        job = store.get_job(next(t.user_attrs["job_id"] for t in study.trials if t.params["batch_size"] == batch))
+        steps = [e["data"]["step"] for e in reversed(store.list_events(job["id"], limit=1000)[0])
+                 if e["type"] == "metrics" and e["data"]["valid_loss"] is not None]
+        assert steps == [1, 2, 3, 4]
+        assert sorted(values) == [s * batch for s in steps]  # 4, 8, 12, 16 and 2, 4, 6, 8
+        assert per_step == batch  # what a restarted sweep and the curves below divide by
+    # Only equal training meets: the batch-2 trial's 4 and 8 examples are the batch-4 trial's steps 1 and 2.
+    assert set(seen[4][1]) & set(seen[2][1]) == {4, 8}
+
+    # Everything a person reads stays in optimizer steps: the curves of sweep.json (and the dashboard).
+    results = json.loads((out / "sweep.json").read_text())
+    for t in results["trials"]:
+        batch = t["params"]["batch_size"]
+        assert list(t["curve"]) == ["1", "2", "3", "4"]
+        assert list(t["curve"].values()) == [seen[batch][1][s * batch] for s in (1, 2, 3, 4)]
+
+
+def test_a_restarted_sweep_reports_each_step_once_on_the_axis_it_began(sweep_dir, _isolated_home):
+    # _running_again rebuilds what was reported from optuna's keys (examples seen): a step already
+    # reported must not go twice, the next one must go under step x batch size; and a trial a
+    # sweep from before examples-seen left running goes on in steps, as it began.
+    import optuna
+
+    from tunesmith.jobs.sweep import Watched, _follow, _running_again, optuna_url
+
+    cfg = load_sweep_config(write_sweep(sweep_dir, search_space={}, pruner="none"))
+    store = open_store()
+    study = optuna.create_study(storage=optuna_url(store), study_name="tiny")
+
+    def running_job(job_id: str, batch_size: int) -> None:
+        hp = {"n_epochs": 1, "batch_size": batch_size, "learning_rate_multiplier": 1.0}
+        store.create_job({"id": job_id, "model": "tiny", "training_file": "file-x", "validation_file": None,
+                          "method": {"type": "supervised", "supervised": {"hyperparameters": hp}}, "seed": 0},
+                         first_event="Created")
+        store.transition(job_id, ("validating_files",), "running", "Started")
+
+    def loss(job_id: str, step: int) -> None:
+        store.add_event(job_id, f"step {step}", type="metrics", data={"step": step, "valid_loss": 1.0 / step})
+
+    new, old = study.ask(), study.ask()
+    running_job("ftjob-new", 8)
+    running_job("ftjob-old", 8)
+    new.set_user_attr("job_id", "ftjob-new")
+    old.set_user_attr("job_id", "ftjob-old")
+    old.report(1.0, 1)  # a sweep from before reported optimizer steps and set no examples_per_step
+    loss("ftjob-old", 1)
+    loss("ftjob-new", 1)
+    loss("ftjob-new", 2)
+    assert _follow(cfg, store, study, Watched(new, "ftjob-new"), print) is False
+
+    loss("ftjob-new", 3)  # logged while no sweep was watching
+    loss("ftjob-old", 2)
+    watching = _running_again(study, store, print)
+    assert [w.job_id for w in watching] == ["ftjob-new", "ftjob-old"]
+    for w in watching:
+        assert _follow(cfg, store, study, w, print) is False
+    values = {t.user_attrs["job_id"]: t.intermediate_values for t in study.get_trials(deepcopy=False)}
+    assert values["ftjob-new"] == {8: 1.0, 16: 0.5, 24: pytest.approx(1 / 3)}
+    assert values["ftjob-old"] == {1: 1.0, 2: 0.5}
+
+
 @pytest.mark.parametrize(("fields", "expected"), [
     ({"search_space": {"learning_rate": {"type": "log-uniform", "low": 0, "high": 1}}}, "log-uniform needs low > 0"),
     ({"search_space": {"data": {"type": "choice", "values": ["a.jsonl"]}}}, "the sweep sets data for every trial"),

@@ -1,11 +1,12 @@
 """A hyperparameter sweep: optuna asks for trials, each trial is a job on the durable queue.
 
 N workers (threads of this process, `tunesmith worker`s elsewhere on the same database, or
-both) run N trials at once. While a trial trains, its validation losses go to optuna,
-whose pruner may stop it early (the job is cancelled). The optuna study lives in the jobs
-database, so killing the sweep and running it again continues it: trials still running
-are watched again, and only the missing ones are asked for. At the end, OUT holds the
-table of trials, the best trial's config and its adapter.
+both) run N trials at once. While a trial trains, its validation losses go to optuna keyed by
+training examples seen (step x batch size), whose pruner may stop it early (the job is
+cancelled) by comparing trials at equal training, whatever their batch sizes. The optuna
+study lives in the jobs database, so killing the sweep and running it again continues it:
+trials still running are watched again, and only the missing ones are asked for. At the
+end, OUT holds the table of trials, the best trial's config and its adapter.
 
     tunesmith sweep -c sweep.yaml
     python -c "from tunesmith.jobs.sweep import run_sweep"
@@ -45,7 +46,14 @@ class Watched:
     """optuna.trial.Trial, asked or found running again."""
     job_id: str
     reported: set[int] = field(default_factory=set)
+    """optuna steps already reported: training examples seen (see _follow)."""
+    examples_per_step: int | None = None
+    """The job's batch size, once its worker has resolved it (the trial's user attr of that name)."""
 
+
+EXAMPLES_PER_STEP = "examples_per_step"
+"""A trial's user attr: its batch size, the factor from the job's optimizer steps to optuna's
+steps (training examples seen). A trial without it (from before) reported optimizer steps."""
 
 # How often the sweep reads its running trials' validation losses: a trial the pruner stops is
 # cancelled within this long of the loss that condemned it (a few indexed reads each time).
@@ -247,8 +255,11 @@ def _running_again(study: Any, store: JobStore, log: Callable[[str], None]) -> l
             continue
         if job["status"] == "paused":  # the sweep goes on: a paused trial is queued again
             store.transition(job["id"], ("paused",), "queued", "Job resumed by the sweep")
+        # The same factor as before the restart, so each step maps to the key it was reported under
+        # (a trial begun before this attr existed reported steps: 1 example per step keeps it whole).
+        per_step = t.user_attrs.get(EXAMPLES_PER_STEP, 1 if t.intermediate_values else None)
         watching.append(Watched(optuna.trial.Trial(study, t._trial_id), job["id"],
-                                reported=set(t.intermediate_values)))
+                                reported=set(t.intermediate_values), examples_per_step=per_step))
     return watching
 
 
@@ -258,14 +269,23 @@ def _follow(cfg: SweepConfig, store: JobStore, study: Any, w: Watched, log: Call
 
     job = store.get_job(w.job_id)
     losses = _valid_losses(store, w.job_id)
-    for step in sorted(set(losses) - w.reported):
-        w.trial.report(losses[step], step)
-        w.reported.add(step)
+    if w.examples_per_step is None and losses:
+        w.examples_per_step = _batch_size(job)
+        w.trial.set_user_attr(EXAMPLES_PER_STEP, w.examples_per_step)
+    # optuna's pruner compares trials at equal reported steps: reported as examples seen, step N of a
+    # batch-8 trial meets step N/2 of a batch-16 one, not step N (half as much training).
+    for step in sorted(losses):
+        seen = step * w.examples_per_step
+        if seen in w.reported:
+            continue
+        w.trial.report(losses[step], seen)
+        w.reported.add(seen)
         if job["status"] in ACTIVE and cfg.objective == "valid_loss" and w.trial.should_prune():
-            store.transition(w.job_id, ACTIVE, "cancelled", f"Job cancelled: pruned by sweep {cfg.name} at step "
-                             f"{step} (validation loss {losses[step]:.4f})", finished_at=int(time.time()))
+            where = f"step {step} ({seen} examples, validation loss {losses[step]:.4f})"
+            store.transition(w.job_id, ACTIVE, "cancelled", f"Job cancelled: pruned by sweep {cfg.name} at {where}",
+                             finished_at=int(time.time()))
             study.tell(w.trial, state=TrialState.PRUNED)
-            log(f"trial {w.trial.number}: pruned at step {step} (validation loss {losses[step]:.4f})")
+            log(f"trial {w.trial.number}: pruned at {where}")
             return True
     if job["status"] not in TERMINAL:
         return False
@@ -278,6 +298,16 @@ def _follow(cfg: SweepConfig, store: JobStore, study: Any, w: Watched, log: Call
         study.tell(w.trial, value)
         log(f"trial {w.trial.number}: {cfg.objective} {value:.4f}")
     return True
+
+
+def _batch_size(job: dict[str, Any]) -> int:
+    """Training examples per optimizer step of the job: its batch size as the worker resolved it
+    (the trial's own, the base config's, or the worker's "auto"), which is what the trainer runs
+    with. batch_size counts examples per optimizer step over all processes, so gradient
+    accumulation (micro_batch_size) and --nproc do not change it. The last step of an epoch may
+    hold fewer (ceil(n / batch_size) steps), so this counts nominal examples."""
+    hp = job["method"][job["method"]["type"]]["hyperparameters"]
+    return int(hp["batch_size"])  # resolved before the job trains, so before any validation loss
 
 
 def _valid_losses(store: JobStore, job_id: str) -> dict[int, float]:
@@ -334,9 +364,10 @@ def study_results(store: JobStore, study: Any, objective: str, sampler: str) -> 
     trials = []
     for t in study.trials:
         job = store.get_job(t.user_attrs.get("job_id", "")) or {}
+        per_step = t.user_attrs.get(EXAMPLES_PER_STEP) or 1  # the curve in the job's steps, as its metrics
         trials.append({"number": t.number, "state": t.state.name.lower(), "value": t.value, "params": t.params,
                        "job_id": job.get("id"), "fine_tuned_model": job.get("fine_tuned_model"),
-                       "curve": {str(k): v for k, v in sorted(t.intermediate_values.items())}})
+                       "curve": {str(k // per_step): v for k, v in sorted(t.intermediate_values.items())}})
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     best = None
     if complete:
