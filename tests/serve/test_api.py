@@ -181,17 +181,28 @@ def test_malformed_and_huge_bodies_are_refused(server):
 
 
 def test_client_disconnect_mid_stream_frees_the_row(server, engine):
+    """A client that hangs up mid-stream gets its row cancelled (the engine counts it) long
+    before its 400 tokens. On a loaded machine the tiny model can outrun this thread and the
+    server's disconnect poll (DISCONNECT_POLL_S) and finish the row first; such a try proves
+    nothing either way and is repeated. A server that never cancels fails every try."""
     body = {"model": "alpha", "messages": QUESTION, "max_tokens": 400, "temperature": 0, "stream": True}
-    with httpx.stream("POST", server + "/v1/chat/completions", json=body, timeout=60) as r:
-        seen = 0
-        for line in r.iter_lines():
-            seen += bool(line)
-            if seen >= 3:
-                break
-        assert engine.stats()["running"] == 1
-    # the connection is closed here, long before 400 tokens
-    stats = wait_until_idle(engine)
-    assert stats["running"] == 0 and stats["cancelled"] >= 1
+    tries = []
+    for _ in range(5):
+        cancelled = engine.stats()["cancelled"]
+        with httpx.stream("POST", server + "/v1/chat/completions", json=body, timeout=60) as r:
+            seen = 0
+            for line in r.iter_lines():
+                seen += bool(line)
+                if seen >= 3:
+                    break
+            running = engine.stats()["running"]
+        # the connection is closed here
+        stats = wait_until_idle(engine)
+        assert stats["running"] == 0
+        tries.append((running, stats["cancelled"] - cancelled))
+        if tries[-1] == (1, 1):
+            break
+    assert tries[-1] == (1, 1), f"(rows running at the hang-up, rows cancelled) in each try: {tries}"
     assert greedy(engine, "alpha")[1] == "length"  # and the engine still serves
 
 
