@@ -300,16 +300,44 @@ def build_llama3_tokenizer():
 def save_tiny_llama3_model(path: Path, seed: int = 0) -> Path:
     """The tiny random Llama with Llama 3.1's tokenizer shape and tool template, and a
     2,048-token context (a prompt with tools is some hundreds of tokens here)."""
+    tokenizer = build_llama3_tokenizer()
+    _tiny_llama3(tokenizer, seed, tied=True).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def save_tiny_llama3_python_tag_model(path: Path, seed: int = 0) -> Path:
+    """The tiny Llama 3.1-templated model made to call as Llama 3.1 often does: it writes the
+    special token <|python_tag|> first wherever that is allowed, and a token that begins with
+    `{` right after it and nowhere else. Its output head is untied and reads two residual
+    dimensions that the input embeddings set: dimension 0 is positive after every token (the
+    tag's row reads it), dimension 1 is positive after the tag only and negative after any
+    other token (the `{` rows read it). The rest of the weights are the random model's."""
+    import torch
+
+    tokenizer = build_llama3_tokenizer()
+    model = _tiny_llama3(tokenizer, seed, tied=False)
+    tag = tokenizer.convert_tokens_to_ids("<|python_tag|>")
+    braces = [i for token, i in tokenizer.get_vocab().items() if token.startswith("{")]
+    lead, pull = 0.2, 10.0  # 10x the embeddings' init std; far above the random logits (< 1)
+    with torch.no_grad():
+        embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+        embed[:, 0], embed[:, 1], embed[tag, 1] = lead, -lead, lead
+        head[:, :2] = 0.0
+        head[tag, 0] = head[braces, 1] = pull
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _tiny_llama3(tokenizer, seed: int, tied: bool):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = build_llama3_tokenizer()
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=tied,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
-    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    return path
+    return LlamaForCausalLM(config)

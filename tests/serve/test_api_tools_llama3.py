@@ -110,3 +110,123 @@ def test_with_auto_a_call_is_held_to_the_schema_from_its_opening_brace(llama3_en
     for bad in ('{"name": "weather", "parameters": {"city": "Lyon', '{"city": "Paris"}', '{"name": "forecast"',
                 ' {"name": "weather"', call + " and more", call + "; " + call):
         assert not starts_a_match(tok, auto, bad), bad
+
+
+PYTHON_TAG = "<|python_tag|>"
+
+
+@pytest.fixture(scope="module")
+def tag_engine(tmp_path_factory):
+    """The engine on a tiny Llama 3.1-templated model that opens every answer it may with the
+    special token <|python_tag|> and then `{` (tests/tiny_model.py), as Llama 3.1 calls tools."""
+    from tiny_model import save_tiny_llama3_python_tag_model
+
+    from tunesmith.generate.engine import LocalEngine
+
+    eng = LocalEngine.load(str(save_tiny_llama3_python_tag_model(tmp_path_factory.mktemp("tiny-llama3-tag"))))
+    yield eng
+    eng.close()
+
+
+def test_a_call_opened_with_python_tag_is_held_to_the_schema_and_read_as_a_call_whole_and_streamed(tag_engine,
+                                                                                                   tmp_path):
+    """The model writes the real token: with auto it opens the call, which is held to the schema
+    and comes back as tool_calls, not content, whole and streamed (the engine's text leaves
+    special tokens out); with required and a named function the tag may come first as well."""
+    from openai import OpenAI
+
+    from tunesmith.generate.requests import SamplingParams
+    from tunesmith.serve import protocol as p
+    from tunesmith.serve.app import create_app
+    from tunesmith.serve.tools import plan
+    from tunesmith.settings import Settings
+
+    tag = tag_engine.tokenizer.convert_tokens_to_ids(PYTHON_TAG)
+    named = {"type": "function", "function": {"name": "weather"}}
+    settings = Settings(home=tmp_path, api_key=None)
+    with live_server(create_app(tag_engine, settings)) as url:
+        client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        for choice in ("auto", "required", named):
+            req = p.ChatCompletionRequest(model=tag_engine.base_id, messages=ASK, tools=TOOLS, tool_choice=choice)
+            held = plan(req, False, tag_engine.tool_syntax).constraint
+            done = tag_engine.generate_batch([tag_engine.render_chat(ASK, TOOLS)], tag_engine.base_id,
+                                             SamplingParams(60, 0.0, constraint=held))[0]
+            assert done.token_ids[0] == tag and done.text.startswith('{"name": '), (choice, done)
+            kwargs = dict(model=tag_engine.base_id, messages=ASK, tools=TOOLS, tool_choice=choice, max_tokens=60,
+                          temperature=0)
+            whole = client.chat.completions.create(**kwargs)
+            _check_call(whole.choices[0])
+            assert whole.usage.completion_tokens == len(done.token_ids)  # the same answer, its tag included
+            if choice == named:
+                assert whole.choices[0].message.tool_calls[0].function.name == "weather"
+            calls, finish, content = {}, None, ""
+            for chunk in client.chat.completions.create(**kwargs, stream=True):
+                delta = chunk.choices[0].delta
+                content += delta.content or ""
+                for call in delta.tool_calls or []:
+                    if call.index not in calls:
+                        calls[call.index] = call
+                    else:
+                        calls[call.index].function.arguments += call.function.arguments
+                finish = chunk.choices[0].finish_reason or finish
+            assert finish == "tool_calls" and content == ""
+            assert [(c.function.name, json.loads(c.function.arguments)) for c in calls.values()] == \
+                [(c.function.name, json.loads(c.function.arguments)) for c in whole.choices[0].message.tool_calls]
+
+
+def test_python_tag_opens_a_call_held_to_the_schema_or_with_auto_a_builtin_tools_text(llama3_engine):
+    """Fed the real token id: after <|python_tag|> a call must be valid; with auto, text that is
+    no call may follow it instead (a built-in tool's call, content for OpenAI's API); the tag
+    comes once, first, and never before whitespace or after text."""
+    from tunesmith.serve import protocol as p
+    from tunesmith.serve.tools import plan
+
+    tok = llama3_engine.tokenizer
+    tag = tok.convert_tokens_to_ids(PYTHON_TAG)
+    assert PYTHON_TAG in [str(t) for t in tok.added_tokens_decoder.values() if t.special]  # as Llama 3.1's
+
+    def accepts(constraint, ids: list[int], whole: bool = True) -> bool:
+        matcher = llama3_engine.compile(constraint).deep_copy()
+        return matcher.consume_tokens(ids) and not matcher.is_error() and (matcher.is_accepting() or not whole)
+
+    def ids(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    call = '{"name": "weather", "parameters": {"city": "Paris"}}'
+    builtin = 'brave_search.call(query="weather in Paris")'
+    named = {"type": "function", "function": {"name": "weather"}}
+    constraints = {choice if isinstance(choice, str) else "named": plan(p.ChatCompletionRequest(
+        model="tools", messages=ASK, tools=TOOLS, tool_choice=choice), False, llama3_engine.tool_syntax).constraint
+        for choice in ("auto", "required", named)}
+    for name, constraint in constraints.items():
+        assert accepts(constraint, [tag] + ids(call)) and accepts(constraint, ids(call)), name
+        for bad in ('{"name": "weather", "parameters": {"city": "Lyon', '{"city": "Paris"}', " " + call):
+            assert not accepts(constraint, [tag] + ids(bad), whole=False), (name, bad)
+        assert not accepts(constraint, [tag, tag], whole=False), name
+        assert accepts(constraint, [tag] + ids(builtin)) == (name == "auto"), name
+    assert not accepts(constraints["auto"], ids("It is sunny") + [tag], whole=False)
+
+
+def test_a_llama3_template_on_a_tokenizer_without_python_tag_gets_a_grammar_without_it(tiny_model_dir):
+    """A grammar that names a special token the tokenizer lacks does not compile, so the tag is
+    allowed only where the tokenizer has it (here the ChatML tiny model's, given Llama's template)."""
+    from dataclasses import replace
+
+    import llguidance
+    import llguidance.hf
+    from tiny_model import LLAMA31_JSON_TEMPLATE
+    from transformers import AutoTokenizer
+
+    from tunesmith.data.tool_format import tool_syntax
+    from tunesmith.serve import protocol as p
+    from tunesmith.serve.tools import plan
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    tok.chat_template = LLAMA31_JSON_TEMPLATE
+    syntax = tool_syntax(tok)
+    assert syntax.name == "llama3_json" and syntax.call_token == ""
+    req = p.ChatCompletionRequest(model="tools", messages=ASK, tools=TOOLS)
+    ll_tokenizer = llguidance.hf.from_tokenizer(tok)
+    for syntax, compiles in ((syntax, True), (replace(syntax, call_token=PYTHON_TAG), False)):
+        matcher = llguidance.LLMatcher(ll_tokenizer, plan(req, False, syntax).constraint.grammar(), log_level=0)
+        assert matcher.is_error() != compiles, matcher.get_error()

@@ -50,8 +50,19 @@ def template_syntax(tokenizer: Any) -> ToolSyntax | None:
 
 
 def tool_syntax(tokenizer: Any) -> ToolSyntax:
-    """The syntax a model is trained and served with: its template's own, else the default."""
-    return template_syntax(tokenizer) or HERMES
+    """The syntax a model is trained and served with: its template's own, else the default;
+    without the syntax's call token where the tokenizer has no such special token (a grammar
+    that names a token the tokenizer lacks does not compile)."""
+    syntax = template_syntax(tokenizer) or HERMES
+    if syntax.call_token and not _has_special_token(tokenizer, syntax.call_token):
+        syntax = replace(syntax, call_token="")
+    return syntax
+
+
+def _has_special_token(tokenizer: Any, token: str) -> bool:
+    added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+    return token in getattr(tokenizer, "all_special_tokens", ()) or any(
+        getattr(t, "special", False) and str(t) == token for t in added)
 
 
 def template_renders_tools(tokenizer: Any) -> bool:

@@ -7,6 +7,9 @@ serving and scoring alike.
   bare object `{"name": ..., "parameters": {...}}` (`parameters`, not `arguments`) and
   nothing else; an answer is a call when its first character other than whitespace is `{`.
   The templates write one call per message (they refuse several), so no parallel calls.
+  The model may write the special token `<|python_tag|>` before the call (Meta's template
+  writes it before a built-in tool's call, and the models write it before JSON calls too):
+  the engine's text leaves special tokens out, so the call is read the same either way.
 
     python -c "from tunesmith.data.tool_syntax import LLAMA3_JSON, call_text; print(call_text(LLAMA3_JSON, 'f', {'x': 1}))"
 """
@@ -34,12 +37,16 @@ class ToolSyntax:
     end_tokens: tuple[str, ...] = ()
     """Special tokens besides the template's end of turn that may end an answer which calls
     (Llama 3.x ends a call with <|eom_id|> when its system turn says `Environment: ipython`)."""
+    call_token: str = ""
+    """A special token the model may write just before its calls (Llama 3.x's <|python_tag|>);
+    serve's grammar allows it there when the tokenizer has it (data/tool_format.tool_syntax)."""
 
 
 HERMES = ToolSyntax("hermes", "<tool_call>\n", "\n</tool_call>", "\n", "arguments")
 """Qwen2.5's, Hermes', SmolLM3's, and the default for templates without tools."""
 
-LLAMA3_JSON = ToolSyntax("llama3_json", "", "", "", "parameters", parallel=False, end_tokens=("<|eom_id|>",))
+LLAMA3_JSON = ToolSyntax("llama3_json", "", "", "", "parameters", parallel=False, end_tokens=("<|eom_id|>",),
+                         call_token="<|python_tag|>")
 """Llama 3.1/3.2/3.3's custom-tool syntax: one bare JSON object."""
 
 

@@ -6,7 +6,8 @@ The call syntax is the model's chat template's own, or the documented default
 held to a grammar of calls whose arguments are each function's `parameters` schema; with
 `auto` (the default) the answer is either free text without a call, or calls from its first
 token on, so a call, once opened, is always held to the grammar (for Llama 3.x's bare JSON:
-an answer whose first character is `{` is a call, any other first character begins text).
+an answer whose first character is `{` is a call, any other first character begins text;
+the special token `<|python_tag|>` may come first, before a call or a built-in tool's text).
 `none` renders the tools and generates free text.
 
     client.chat.completions.create(model=..., messages=..., tools=[{"type": "function", "function": {...}}])
@@ -97,8 +98,11 @@ def call_grammar(syntax: ToolSyntax, functions: dict[str, dict[str, Any]], paral
     schema = {**schema, "x-guidance": CALL_JSON}
     call = [json.dumps(syntax.open)] * bool(syntax.open) + [f"%json {json.dumps(schema)}"] + \
         [json.dumps(syntax.close)] * bool(syntax.close)
+    # Llama 3.x may open its calls with the special token <|python_tag|>; the call after it
+    # is held to the same grammar (a grammar names a special token as `<|python_tag|>`).
+    lead = f"{syntax.call_token}? " if syntax.call_token else ""
     lines = [f"call: {' '.join(call)}",
-             f"calls: call ({json.dumps(syntax.separator)} call)*" if parallel else "calls: call"]
+             f"calls: {lead}call ({json.dumps(syntax.separator)} call)*" if parallel else f"calls: {lead}call"]
     if free_text and syntax.open:
         # Text that never opens a call. (Text and then a call is not allowed: llguidance's
         # lexer cannot end the text where the call's opening tag begins.)
@@ -107,7 +111,10 @@ def call_grammar(syntax: ToolSyntax, functions: dict[str, dict[str, Any]], paral
     elif free_text:
         # A bare-JSON call is the answer's first object: text is anything that begins with
         # neither `{` nor whitespace (which the template trims from every answer it renders).
-        lines = ["start: TEXT | calls", *lines, "TEXT: /[^{\\s](?s:.*)/"]
+        # After the call token, text that is not a call is a built-in tool's call (Llama's
+        # `brave_search.call(...)`, python code): it has no OpenAI form and comes back as content.
+        builtin = f" | {syntax.call_token} TEXT" if syntax.call_token else ""
+        lines = [f"start: TEXT | calls{builtin}", *lines, "TEXT: /[^{\\s](?s:.*)/"]
     else:
         lines = ["start: calls", *lines]
     return "\n".join(lines) + "\n"
