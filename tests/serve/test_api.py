@@ -91,9 +91,15 @@ def test_text_completions(client, engine):
     want = engine.generate(engine.encode("The quick brown fox"), "beta", SamplingParams(5, 0.0))
     assert (resp.choices[0].text, resp.choices[0].finish_reason) == (want[0], "length")
     assert resp.usage.prompt_tokens == len(engine.encode("The quick brown fox")) and resp.object == "text_completion"
-    streamed = client.completions.create(model="beta", prompt="The quick brown fox", max_tokens=5, temperature=0,
-                                         stream=True)
+    streamed = list(client.completions.create(model="beta", prompt="The quick brown fox", max_tokens=5,
+                                              temperature=0, stream=True))
     assert "".join(c.choices[0].text for c in streamed if c.choices) == want[0]
+    assert all(c.choices for c in streamed)  # no usage chunk unless asked for
+    asked = list(client.completions.create(model="beta", prompt="The quick brown fox", max_tokens=5, temperature=0,
+                                           stream=True, stream_options={"include_usage": True}))
+    usage, n_prompt = asked[-1].usage, len(engine.encode("The quick brown fox"))
+    assert asked[-1].choices == [] and (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (
+        n_prompt, 5, n_prompt + 5)
 
 
 def test_concurrent_requests_do_not_cross_talk(server, engine):
