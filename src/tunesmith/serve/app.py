@@ -186,6 +186,16 @@ async def _stream(gen: Generation, request: Request, chunks: Callable[[int, Even
         gen.cancel()  # a client that went away mid-stream frees its rows at the next step
 
 
+def _usage(prompt_tokens: int, completion_tokens: int) -> p.Usage:
+    return p.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+def _wants_usage(req: p.ChatCompletionRequest | p.CompletionRequest) -> bool:
+    """Whether a stream ends with a usage chunk: only when asked (stream_options.include_usage), as OpenAI's."""
+    return bool(req.stream_options and req.stream_options.include_usage)
+
+
 async def _collect(gen: Generation, request: Request, n_choices: int) -> tuple[list[str], list[str], int]:
     texts, reasons, completion = [""] * n_choices, ["stop"] * n_choices, 0
     try:
@@ -273,7 +283,7 @@ async def chat_completions(req: p.ChatCompletionRequest, request: Request, engin
     return p.ChatCompletion(
         id=rid, created=created, model=req.model,
         choices=[p.ChatChoice(index=i, message=m, finish_reason=r) for i, (m, r) in enumerate(answers)],
-        usage=p.Usage(prompt_tokens=len(prompt), completion_tokens=completion, total_tokens=len(prompt) + completion),
+        usage=_usage(len(prompt), completion),
     )
 
 
@@ -301,11 +311,10 @@ def _stream_chat(gen: Generation, request: Request, req: p.ChatCompletionRequest
         return out
 
     def final() -> Any:
-        if not (req.stream_options and req.stream_options.include_usage):
+        if not _wants_usage(req):
             return None
-        usage = p.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion[0],
-                        total_tokens=prompt_tokens + completion[0])
-        return p.ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[], usage=usage)
+        return p.ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[],
+                                     usage=_usage(prompt_tokens, completion[0]))
 
     return StreamingResponse(_stream(gen, request, chunks, final), media_type="text/event-stream")
 
@@ -341,18 +350,17 @@ async def completions(req: p.CompletionRequest, request: Request, engine: Engine
                                  choices=[p.CompletionChoice(index=index, text=ev.text, finish_reason=ev.finish_reason)])]
 
         def final() -> Any:
-            if not (req.stream_options and req.stream_options.include_usage):
+            if not _wants_usage(req):
                 return None
-            usage = p.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion[0],
-                            total_tokens=prompt_tokens + completion[0])
-            return p.Completion(id=rid, created=created, model=req.model, choices=[], usage=usage)
+            return p.Completion(id=rid, created=created, model=req.model, choices=[],
+                                usage=_usage(prompt_tokens, completion[0]))
 
         return StreamingResponse(_stream(gen, request, chunks, final), media_type="text/event-stream")
     texts, reasons, completion = await _collect(gen, request, len(jobs))
     return p.Completion(
         id=rid, created=created, model=req.model,
         choices=[p.CompletionChoice(index=i, text=t, finish_reason=r) for i, (t, r) in enumerate(zip(texts, reasons))],
-        usage=p.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion),
+        usage=_usage(prompt_tokens, completion),
     )
 
 
