@@ -109,6 +109,9 @@ def test_compare_four_strategies_and_verdict(tiny_model_dir, tmp_path):
         total = s["prompt_tokens_per_request"] + s["completion_tokens_per_request"]
         assert s["cost_per_million_requests"] == pytest.approx(2 * total)
         assert (out / s["folder"] / "predictions.jsonl").is_file()
+        metrics = json.loads((out / s["folder"] / "metrics.json").read_text())
+        # Each strategy names its test file; only the adapter is scored on the reference loss.
+        assert metrics["data"] == str(test) and (metrics["loss"] is not None) == (s["name"] == "fine-tuned")
     assert c["verdict"] and c["verdict"].endswith(".")
     assert c["verdict"] in " ".join(proc.stdout.split())
     # Few-shot prompts hold the label list and two training answers.
