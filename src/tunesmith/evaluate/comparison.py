@@ -37,7 +37,7 @@ from tunesmith.evaluate.metrics import pick_metric, score
 from tunesmith.evaluate.retrieval import BM25
 from tunesmith.generate.constraints import Constraint
 from tunesmith.generate.remote import TeacherFailure, ask, build_client, gather_interruptible, run_coroutine
-from tunesmith.models.inference import check_weights, load_for_inference
+from tunesmith.models.inference import LoadedModel, check_weights, load_for_inference
 from tunesmith.runs import COMPARE_FILE
 
 DEFAULT_SYSTEM = "You are a precise assistant. Reply with the answer only, without explanation."
@@ -207,38 +207,39 @@ def compare(
         labels = sorted({split_example(ex)[1].strip() for ex in list(train_ex) + list(test_ex)})
     system_prompt = base_system(system, labels)
 
-    loaded = load_for_inference(model, None, weights=weights)
+    def measure(name: str, loaded: LoadedModel, examples: Sequence[Example],
+                prompts: Sequence[Sequence[Message]] | None, with_loss: bool) -> Strategy:
+        # Every local strategy is scored with the same metric, token budget, batch, precision
+        # and constraint: only the model and the prompts differ, or the comparison is unfair.
+        result = evaluate_loaded(
+            loaded, examples, prompts, kind, labels, max_new_tokens, batch_size, precision, with_loss=with_loss,
+            constraint=constraint, log=log,
+        )
+        return Strategy(name, result, price_per_million)
+
+    base = load_for_inference(model, None, weights=weights)
     strategies = []
     for name in (ZERO_SHOT, FEW_SHOT, RETRIEVAL):
         log(f"{name}: base model, {shots if name != ZERO_SHOT else 0} examples in the prompt")
         prompts = prompting_prompts(name, test_ex, train_ex, shots, system_prompt)
-        result = evaluate_loaded(
-            loaded, test_ex, prompts, kind, labels, max_new_tokens, batch_size, precision, with_loss=False,
-            constraint=constraint, log=log,
-        )
-        result.metrics["data"] = str(test)
-        strategies.append(Strategy(name, result, price_per_million))
+        strategies.append(measure(name, base, test_ex, prompts, with_loss=False))
     if adapter is not None:
         log(f"{FINE_TUNED}: adapter {adapter}")
         tuned = load_for_inference(model, adapter, weights=weights, merge=True)
         tuned_system = system if system is not None else run_system_prompt(adapter)
         tuned_ex = [with_system(ex, tuned_system) for ex in test_ex] if tuned_system else list(test_ex)
-        result = evaluate_loaded(
-            tuned, tuned_ex, None, kind, labels, max_new_tokens, batch_size, precision, with_loss=True,
-            constraint=constraint, log=log,
-        )
-        result.metrics["data"] = str(test)
-        strategies.append(Strategy(FINE_TUNED, result, price_per_million))
+        strategies.append(measure(FINE_TUNED, tuned, tuned_ex, None, with_loss=True))
     if teacher_model is not None:
         log(f"{TEACHER}: {teacher_model} at {teacher_base_url or 'the OpenAI API'}")
         result = teacher_result(test_ex, teacher_model, teacher_base_url, teacher_api_key, kind, labels,
                                 system, max_new_tokens, constraint=constraint)
-        result.metrics["data"] = str(test)
         price = teacher_price_per_million if teacher_price_per_million is not None else price_per_million
         strategies.append(Strategy(TEACHER, result, price))
+    for strategy in strategies:
+        strategy.result.metrics["data"] = str(test)
     main_name = strategies[0].main[0]
     info = {
-        "model": loaded.name,
+        "model": base.name,
         "adapter": str(adapter) if adapter is not None else None,
         "train": str(train),
         "test": str(test),
