@@ -558,6 +558,12 @@ class LocalEngine:
 
         (DynamicCache,) = transformers_names("DynamicCache")  # this engine's thread, beside validating ones
         offset = len(prefix.ids) if prefix is not None else 0
+        # Only the last position's logits, picked by an index tensor rather than logits_to_keep=1:
+        # transformers' slice of it is a strided view, and torch's linear on a strided 3-D bf16
+        # input expands the LM head's weight to one copy per row (a 64-row prefill of
+        # SmolLM2 spent 12 s copying 64 x 576 x 49,152 weights); the index gives a contiguous
+        # input, an ordinary matmul and the same logits.
+        last = torch.tensor([-1], device=self._device)
         ids, mask, positions = batch.left_padded([s.prompt_ids[offset:] for s in new], self._pad_id, offset,
                                                  self._device)
         if prefix is None:
@@ -566,13 +572,13 @@ class LocalEngine:
             if prefix.cache is None:
                 prefix.cache = DynamicCache(config=self._config)
                 self._forward(new[:1], input_ids=torch.tensor([prefix.ids], device=self._device),
-                              cache=prefix.cache, logits_to_keep=1)
+                              cache=prefix.cache, logits_to_keep=last)
             cache = batch.repeat_prefix(prefix.cache, len(new))
             mask = torch.cat([torch.ones((len(new), offset), dtype=mask.dtype, device=self._device), mask], dim=1)
         for s in new:
             s.n_cached = len(s.prompt_ids)
         out = self._forward(
-            new, input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=1
+            new, input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=last
         )
         next_ids = self._sample(new, out.logits[:, -1, :])
         self._merge(new, cache, mask, next_ids)
