@@ -91,3 +91,27 @@ def test_shared_prefix_is_computed_once_and_gives_the_same_outputs(tiny_tokenize
 def test_shared_prefix_leaves_every_prompt_a_token():
     assert shared_prefix([[1, 2, 3], [1, 2, 3, 4]]) == [1, 2]
     assert shared_prefix([[1, 2], [3, 4]]) == []
+
+
+def test_a_group_of_answers_to_one_prompt_prefills_it_once_and_samples_each_row_with_its_seed(tiny_tokenizer):
+    # Reinforcement samples --group-size answers to each prompt: the prompt's forward is
+    # computed once per group, and every answer is still the one its seed gives alone.
+    model = build_varied_model(tiny_tokenizer, seed=5)
+    a, b = (render_prompt(tiny_tokenizer, [Message("user", q)]) for q in QUESTIONS[2:4])
+    ids, seeds = [a, a, a, b, b, b], [11, 12, 13, 21, 22, 23]
+    embedded = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda _m, args, _out: embedded.append(tuple(args[0].shape)))
+    engine = LocalEngine(LoadedModel(model, tiny_tokenizer, "tiny", "tiny"), precision="fp32", max_batch_rows=6)
+    params = SamplingParams(5, 1.0)
+    try:
+        grouped = engine.generate_batch(ids, "tiny", params, seeds=seeds)
+        prefill_rows = [rows for rows, width in embedded if width > 1]  # decode steps embed one token a row
+        alone = [engine.generate_batch([p], "tiny", params, seeds=[s])[0] for p, s in zip(ids, seeds)]
+    finally:
+        hook.remove()
+        engine.close()
+    assert len(shared_prefix(ids)) >= MIN_SHARED_PREFIX  # the template's system turn, computed once
+    assert prefill_rows == [1, 2]  # the shared prefix, then the two prompts' own tokens: not six rows
+    assert [g.token_ids for g in grouped] == [g.token_ids for g in alone]
+    assert [g.text for g in grouped] == [g.text for g in alone]
+    assert len({g.token_ids for g in grouped[:3]}) > 1  # the group's answers differ: each row its own seed

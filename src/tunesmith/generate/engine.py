@@ -553,18 +553,24 @@ class LocalEngine:
 
     def _prefill(self, new: list[_Seq], prefix: _Prefix | None) -> None:
         """Prefill newcomers together (left-padded), sample their first token, join the batch.
-        With a prefix, only each row's own tokens are computed, after a copy of its cache."""
+        With a prefix, only each row's own tokens are computed, after a copy of its cache.
+        Rows with the same prompt on the same model (a group of answers to one prompt, as
+        reinforcement samples them, or a request's n choices) are computed once: each row
+        starts from a copy of its prompt's cache and logits, and samples with its own seed."""
         import torch
 
         (DynamicCache,) = transformers_names("DynamicCache")  # this engine's thread, beside validating ones
         offset = len(prefix.ids) if prefix is not None else 0
+        distinct: dict[tuple, int] = {}
+        spread = [distinct.setdefault((s.adapter, tuple(s.prompt_ids[offset:])), len(distinct)) for s in new]
+        heads = [new[spread.index(k)] for k in range(len(distinct))]
         # Only the last position's logits, picked by an index tensor rather than logits_to_keep=1:
         # transformers' slice of it is a strided view, and torch's linear on a strided 3-D bf16
         # input expands the LM head's weight to one copy per row (a 64-row prefill of
         # SmolLM2 spent 12 s copying 64 x 576 x 49,152 weights); the index gives a contiguous
         # input, an ordinary matmul and the same logits.
         last = torch.tensor([-1], device=self._device)
-        ids, mask, positions = batch.left_padded([s.prompt_ids[offset:] for s in new], self._pad_id, offset,
+        ids, mask, positions = batch.left_padded([s.prompt_ids[offset:] for s in heads], self._pad_id, offset,
                                                  self._device)
         if prefix is None:
             cache = DynamicCache(config=self._config)
@@ -573,14 +579,19 @@ class LocalEngine:
                 prefix.cache = DynamicCache(config=self._config)
                 self._forward(new[:1], input_ids=torch.tensor([prefix.ids], device=self._device),
                               cache=prefix.cache, logits_to_keep=last)
-            cache = batch.repeat_prefix(prefix.cache, len(new))
-            mask = torch.cat([torch.ones((len(new), offset), dtype=mask.dtype, device=self._device), mask], dim=1)
+            cache = batch.repeat_prefix(prefix.cache, len(heads))
+            mask = torch.cat([torch.ones((len(heads), offset), dtype=mask.dtype, device=self._device), mask], dim=1)
         for s in new:
             s.n_cached = len(s.prompt_ids)
         out = self._forward(
-            new, input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=last
+            heads, input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=last
         )
-        next_ids = self._sample(new, out.logits[:, -1, :])
+        logits = out.logits[:, -1, :]
+        if len(heads) < len(new):
+            index = torch.tensor(spread, dtype=torch.long, device=self._device)
+            cache.batch_select_indices(index)
+            mask, logits = mask[index], logits[index]
+        next_ids = self._sample(new, logits)
         self._merge(new, cache, mask, next_ids)
 
     def _decode_step(self) -> None:
