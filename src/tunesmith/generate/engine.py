@@ -10,7 +10,8 @@ waits at most one decode step of the others before its prefill, never for them t
 The server streams single requests through `submit`; evaluation calls `generate_batch`,
 greedy at temperature 0, which submits every row and waits: rows that share a long
 beginning (a system prompt with a label list, few-shot examples) prefill it once and start
-from copies of its KV cache. Every forward runs at the one precision rule of
+from copies of its KV cache, and rows prefilled together with the same whole prompt (n
+choices, reinforcement's group of answers) compute it once. Every forward runs at the one precision rule of
 `models.inference` (auto: bf16 autocast where the hardware is fast at it). What callers
 pass and get back (SamplingParams, Event, Completion, ...) is in generate/requests.py.
 
