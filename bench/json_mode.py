@@ -78,7 +78,7 @@ def modes(args: argparse.Namespace, engine, Constraint, SamplingParams) -> None:
               flush=True)
 
 
-def free_row_speed(engine, SamplingParams, beside=None, max_tokens: int = 64) -> float:
+def free_row_speed(engine, SamplingParams, beside=None, max_tokens: int = 64) -> tuple[float, int]:
     """tokens/s of one free-text answer of exactly max_tokens tokens (no stop), decoded
     alone or beside another row with `beside` params, which is submitted again whenever it
     ends, so the batch holds two rows for the whole answer (a free-text neighbour may end
@@ -90,7 +90,10 @@ def free_row_speed(engine, SamplingParams, beside=None, max_tokens: int = 64) ->
     others: list = []
     keeper = None
     if beside is not None:
-        ask = engine.render_chat([{"role": "user", "content": "Answer in JSON about the dragon."}])
+        # A free neighbour is asked for a story too (it may still end early, then it is prefilled
+        # again, which a held row with minItems 20 never needs); a held one is asked for JSON.
+        ask = prompt if beside.constraint is None else engine.render_chat(
+            [{"role": "user", "content": "Answer in JSON about the dragon."}])
 
         def on_other(ev) -> None:
             if ev.finish_reason:
@@ -121,7 +124,7 @@ def free_row_speed(engine, SamplingParams, beside=None, max_tokens: int = 64) ->
         keeper.join()
         for handle in others:
             handle.cancel()
-    return result["n"] / result["t"]
+    return result["n"] / result["t"], len(others)
 
 
 def hostile(args: argparse.Namespace, engine, Constraint, SamplingParams) -> None:
@@ -135,15 +138,19 @@ def hostile(args: argparse.Namespace, engine, Constraint, SamplingParams) -> Non
         engine.compile(constraint)
         print(f"compile {name}: {(time.perf_counter() - t0) * 1000:.0f} ms")
         rows.append((f"beside a row held to a {name}", SamplingParams(long, 1.0, 1.0, (), 3, constraint)))
-    print(f"\n| free-text row (64 tokens, sampled; best of {args.repeats}) | tokens/s | vs beside a free-text row |"
-          "\n|---|---:|---:|")
-    free_beside = None
+    print(f"\n| free-text row (64 tokens, sampled; best of {args.repeats}) | tokens/s | vs alone "
+          "| vs beside a free-text row | neighbour's answers started |\n|---|---:|---:|---:|---:|")
+    alone = free_beside = None
     for name, beside in rows:
-        speed = max(free_row_speed(engine, SamplingParams, beside) for _ in range(args.repeats))
+        speed, started = max(free_row_speed(engine, SamplingParams, beside) for _ in range(args.repeats))
+        if beside is None:
+            alone = speed
         if name == "beside a free-text row":
             free_beside = speed
+        vs_alone = f"{speed / alone:.2f}x" if beside is not None else ""
         ratio = f"{speed / free_beside:.2f}x" if free_beside and beside is not None else ""
-        print(f"| {name} | {speed:.1f} | {ratio} |", flush=True)
+        print(f"| {name} | {speed:.1f} | {vs_alone} | {ratio} | {started if beside is not None else ''} |",
+              flush=True)
 
 
 def main() -> None:
