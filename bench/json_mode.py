@@ -8,6 +8,7 @@ another free-text row, and beside a row held to a 1,000-value enum or a 10-deep 
 
     .venv/bin/python bench/json_mode.py                 # 6 answers per mode, 96 tokens at most
     .venv/bin/python bench/json_mode.py --answers 12 --threads 1
+    .venv/bin/python bench/json_mode.py --hostile-only --repeats 5
 """
 
 from __future__ import annotations
@@ -77,16 +78,38 @@ def modes(args: argparse.Namespace, engine, Constraint, SamplingParams) -> None:
               flush=True)
 
 
-def free_row_speed(engine, SamplingParams, beside=None, max_tokens: int = 64) -> float:
+def free_row_speed(engine, SamplingParams, beside=None, max_tokens: int = 64) -> tuple[float, int]:
     """tokens/s of one free-text answer of exactly max_tokens tokens (no stop), decoded
-    alone or beside another row with `beside` params (cancelled when the free one ends)."""
+    alone or beside another row with `beside` params, which is submitted again whenever it
+    ends, so the batch holds two rows for the whole answer (a free-text neighbour may end
+    its turn after a few tokens; a held one cannot), and cancelled when the free one ends."""
     prompt = engine.render_chat([{"role": "user", "content": "Tell me a long story about a dragon."}])
     free = SamplingParams(max_tokens, 1.0, 1.0, (), 7)
     done = threading.Event()
-    other = None
+    other_ended = threading.Event()
+    others: list = []
+    keeper = None
     if beside is not None:
-        ask = engine.render_chat([{"role": "user", "content": "Answer in JSON about the dragon."}])
-        other = engine.submit(ask, engine.base_id, beside, lambda ev: None)
+        # A free neighbour is asked for a story too (it may still end early, then it is prefilled
+        # again, which a held row with minItems 20 never needs); a held one is asked for JSON.
+        ask = prompt if beside.constraint is None else engine.render_chat(
+            [{"role": "user", "content": "Answer in JSON about the dragon."}])
+
+        def on_other(ev) -> None:
+            if ev.finish_reason:
+                other_ended.set()
+
+        def keep_beside() -> None:  # outside the engine thread: submit again while the free row runs
+            while not done.is_set():
+                other_ended.clear()
+                others.append(engine.submit(ask, engine.base_id, beside, on_other))
+                while not (other_ended.wait(0.01) or done.is_set()):
+                    pass
+
+        keeper = threading.Thread(target=keep_beside, daemon=True)
+        keeper.start()
+        while not others:
+            time.sleep(0.001)
     t0 = time.perf_counter()
     result = {}
 
@@ -97,14 +120,17 @@ def free_row_speed(engine, SamplingParams, beside=None, max_tokens: int = 64) ->
 
     engine.submit(prompt, engine.base_id, free, on_event)
     done.wait()
-    if other is not None:
-        other.cancel()
-    return result["n"] / result["t"]
+    if keeper is not None:
+        keeper.join()
+        for handle in others:
+            handle.cancel()
+    return result["n"] / result["t"], len(others)
 
 
 def hostile(args: argparse.Namespace, engine, Constraint, SamplingParams) -> None:
     long = 10 * args.max_tokens  # the other row outlives the free one
     rows = [("alone", None), ("beside a free-text row", SamplingParams(long, 1.0, 1.0, (), 3))]
+    engine.compile(Constraint.json_schema({"type": "object"}))  # the grammar library's first use, not timed
     # Arrays of at least 20, so the held row is still generating when the free one ends.
     for name, schema in (("1,000-value enum", ENUM_1000), ("10-deep schema", deep(9))):
         constraint = Constraint.json_schema({"type": "array", "items": schema, "minItems": 20})
@@ -112,10 +138,19 @@ def hostile(args: argparse.Namespace, engine, Constraint, SamplingParams) -> Non
         engine.compile(constraint)
         print(f"compile {name}: {(time.perf_counter() - t0) * 1000:.0f} ms")
         rows.append((f"beside a row held to a {name}", SamplingParams(long, 1.0, 1.0, (), 3, constraint)))
-    print("\n| free-text row (64 tokens, sampled) | tokens/s |\n|---|---:|")
+    print(f"\n| free-text row (64 tokens, sampled; best of {args.repeats}) | tokens/s | vs alone "
+          "| vs beside a free-text row | neighbour's answers started |\n|---|---:|---:|---:|---:|")
+    alone = free_beside = None
     for name, beside in rows:
-        speeds = [free_row_speed(engine, SamplingParams, beside) for _ in range(2)]
-        print(f"| {name} | {max(speeds):.1f} |", flush=True)
+        speed, started = max(free_row_speed(engine, SamplingParams, beside) for _ in range(args.repeats))
+        if beside is None:
+            alone = speed
+        if name == "beside a free-text row":
+            free_beside = speed
+        vs_alone = f"{speed / alone:.2f}x" if beside is not None else ""
+        ratio = f"{speed / free_beside:.2f}x" if free_beside and beside is not None else ""
+        print(f"| {name} | {speed:.1f} | {vs_alone} | {ratio} | {started if beside is not None else ''} |",
+              flush=True)
 
 
 def main() -> None:
@@ -124,6 +159,8 @@ def main() -> None:
     parser.add_argument("--answers", type=int, default=6, help="answers per mode (greedy, then seeds 1..)")
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--hostile-only", action="store_true", help="skip the modes' table")
+    parser.add_argument("--repeats", type=int, default=3, help="free-text answers per neighbour (the best is kept)")
     args = parser.parse_args()
 
     import torch
@@ -135,7 +172,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     engine = LocalEngine.load(args.model)
     try:
-        modes(args, engine, Constraint, SamplingParams)
+        if not args.hostile_only:
+            modes(args, engine, Constraint, SamplingParams)
         hostile(args, engine, Constraint, SamplingParams)
     finally:
         engine.close()
