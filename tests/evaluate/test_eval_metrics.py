@@ -6,7 +6,7 @@ import pytest
 
 from tunesmith.errors import UsageError
 from tunesmith.evaluate.metrics import (
-    INVALID_LABEL, chrf, json_scores, label_scores, pick_metric, rouge_l, rouge_scores, score,
+    INVALID_LABEL, SCORE_NAMES, chrf, json_scores, label_scores, pick_metric, rouge_l, rouge_scores, score,
 )
 from tunesmith.evaluate.retrieval import BM25
 
@@ -142,3 +142,10 @@ def test_tool_call_metric_reads_a_llama3_models_bare_json_calls():
     s = score(references, predictions, "tool_call")
     assert s.correct == [True, False, False]
     assert s.summary == {"exact_call_rate": 1 / 3, "parse_rate": 2 / 3, "name_accuracy": 2 / 3}
+
+
+@pytest.mark.parametrize("metric", sorted(SCORE_NAMES))
+def test_score_names_are_what_each_metric_reports(metric):
+    """A sweep checks `eval:<score>` against SCORE_NAMES, so they must be each metric's real keys."""
+    refs = ['{"a": 1}', "b"] if metric == "json" else ["a", "b"]
+    assert tuple(score(refs, refs, metric).summary) == SCORE_NAMES[metric]

@@ -225,10 +225,30 @@ def test_a_restarted_sweep_reports_each_step_once_on_the_axis_it_began(sweep_dir
     ({"search_space": {"lora_rnak": {"type": "int", "low": 2, "high": 8}}}, "did you mean 'lora_rank'?"),
     ({"search_space": {"lora_rank": {"type": "int", "low": 2, "high": 8}}, "sampler": "grid"},
      "sampler grid searches choice parameters only"),
-    ({"search_space": {}, "objective": "eval:label_accuracy"}, "base.validation, which is not set"),
+    ({"search_space": {}, "objective": "eval:accuracy"}, "base.validation, which is not set"),
+    ({"search_space": {}, "objective": "eval:label_accuracy"},
+     "the evaluation reports no score 'label_accuracy'; did you mean 'eval:accuracy'?"),
     ({"search_space": {}, "trails": 3}, "unknown key 'trails'; did you mean 'trials'?"),
 ])
 def test_a_bad_sweep_file_says_what_to_change(sweep_dir, fields, expected):
     with pytest.raises(ConfigError) as exc:
         load_sweep_config(write_sweep(sweep_dir, **fields))
     assert expected in str(exc.value)
+
+
+@pytest.mark.parametrize(("objective", "expected"), [
+    ("eval:accuracy", 0.75), ("eval:macro_f1", 0.5), ("eval:loss", 0.5), ("eval:perplexity", 1.6487212707),
+])
+def test_an_eval_objective_is_read_from_the_jobs_evaluation(sweep_dir, objective, expected):
+    """The worker's evaluation.json holds the scores, and the loss beside them."""
+    from tunesmith.jobs.sweep import _objective
+
+    base = yaml.safe_load((sweep_dir / "run.yaml").read_text())
+    base.pop("val_split")
+    (sweep_dir / "valid.jsonl").write_text((sweep_dir / "train.jsonl").read_text())
+    cfg = load_sweep_config(write_sweep(sweep_dir, search_space={}, objective=objective,
+                                        base={**base, "validation": "valid.jsonl"}))
+    job = {"lineage": {"evaluation": {"metric": "label", "base": {"scores": {"accuracy": 0.1}, "loss": 2.0},
+                                      "tuned": {"scores": {"accuracy": 0.75, "macro_f1": 0.5}, "loss": 0.5}}}}
+    assert _objective(cfg, job, {}) == pytest.approx(expected)
+    assert cfg.direction == ("minimize" if objective in ("eval:loss", "eval:perplexity") else "maximize")

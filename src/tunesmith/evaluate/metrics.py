@@ -20,6 +20,14 @@ from tunesmith.data.tool_syntax import HERMES, LLAMA3_JSON, parse_calls
 from tunesmith.errors import UsageError
 
 METRICS = ("auto", "label", "exact", "json", "rouge", "tool_call")
+SCORE_NAMES = {
+    "label": ("accuracy", "macro_f1", "invalid_label_share"),
+    "exact": ("exact_match",),
+    "json": ("exact_match", "parse_rate", "exact_keys_rate", "field_accuracy"),
+    "tool_call": ("exact_call_rate", "parse_rate", "name_accuracy"),
+    "rouge": ("rouge_l", "chrf", "exact_match"),
+}
+"""The headline scores each metric reports (an evaluation's `scores`), by metric."""
 INVALID_LABEL = "invalid label"
 
 # `auto` calls references a label set when few distinct short one-line answers repeat.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import sys
 import threading
@@ -321,8 +322,12 @@ def _objective(cfg: SweepConfig, job: dict[str, Any], losses: dict[int, float]) 
     eval:<metric>: the tuned model's score in the job's evaluation."""
     if cfg.objective == "valid_loss":
         return min(losses.values()) if losses else None
-    scores = ((job["lineage"] or {}).get("evaluation") or {}).get("tuned", {}).get("scores", {})
-    value = scores.get(cfg.objective.removeprefix("eval:"))
+    tuned = ((job["lineage"] or {}).get("evaluation") or {}).get("tuned", {})
+    name = cfg.objective.removeprefix("eval:")
+    if name in ("loss", "perplexity"):  # beside the scores, not in them
+        loss = tuned.get("loss")
+        return None if loss is None else float(loss) if name == "loss" else math.exp(float(loss))
+    value = (tuned.get("scores") or {}).get(name)
     return float(value) if value is not None else None
 
 

@@ -25,6 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tunesmith.errors import ConfigError
+from tunesmith.evaluate.metrics import SCORE_NAMES
 from tunesmith.train.config import TrainConfig, build_config, load_yaml
 
 NOT_SEARCHED = ("data", "validation", "out", "resume", "model", "report_to", "init_adapter")
@@ -56,6 +57,10 @@ class Param(BaseModel):
         return self
 
 
+EVAL_OBJECTIVES = sorted({name for names in SCORE_NAMES.values() for name in names} | {"loss", "perplexity"})
+"""What eval:<score> may name: a score of any metric the job's evaluation reports, or its loss."""
+
+
 class SweepConfig(BaseModel):
     """A hyperparameter sweep. Unknown keys are an error."""
 
@@ -67,15 +72,16 @@ class SweepConfig(BaseModel):
     sampler: Literal["grid", "random", "tpe"] = "tpe"
     trials: int = Field(16, ge=1, le=1000)
     parallelism: int = Field(1, ge=1, le=64)
-    objective: str = Field("valid_loss", description="valid_loss (minimised) or eval:<metric> (the job's "
-                                                     "evaluation of the tuned model on the validation file).")
+    objective: str = Field("valid_loss", description="valid_loss (minimised) or eval:<score> (the job's "
+                                                     "evaluation of the tuned model on the validation file: "
+                                                     "accuracy, macro_f1, exact_match, ..., or loss).")
     pruner: Literal["median", "none"] = "median"
     seed: int = 0
 
     @property
     def direction(self) -> str:
         metric = self.objective.removeprefix("eval:")
-        return "minimize" if metric in ("valid_loss", "loss", "perplexity") else "maximize"
+        return "minimize" if metric in ("valid_loss", "loss", "perplexity", "invalid_label_share") else "maximize"
 
     def base_config(self) -> TrainConfig:
         return build_config(self.base, "the sweep's base config")
@@ -115,7 +121,15 @@ def load_sweep_config(path: Path) -> SweepConfig:
     if cfg.sampler == "grid" and any(p.type != "choice" for p in cfg.search_space.values()):
         problems.append("sampler grid searches choice parameters only; give each a list of values, or use random or tpe")
     if cfg.objective != "valid_loss" and not cfg.objective.startswith("eval:"):
-        problems.append(f"objective '{cfg.objective}': use valid_loss or eval:<metric> (e.g. eval:label_accuracy)")
+        problems.append(f"objective '{cfg.objective}': use valid_loss or eval:<score> (e.g. eval:accuracy)")
+    elif cfg.objective.startswith("eval:") and cfg.objective.removeprefix("eval:") not in EVAL_OBJECTIVES:
+        score = cfg.objective.removeprefix("eval:")
+        # label_accuracy -> accuracy: a score named inside the name first, then a spelling near it
+        close = (sorted((n for n in EVAL_OBJECTIVES if n in score), key=len, reverse=True)
+                 or difflib.get_close_matches(score, EVAL_OBJECTIVES, n=1, cutoff=0.5))
+        problems.append(f"objective '{cfg.objective}': the evaluation reports no score '{score}'"
+                        + (f"; did you mean 'eval:{close[0]}'?" if close else "")
+                        + f" (scores: {', '.join(EVAL_OBJECTIVES)})")
     if cfg.objective.startswith("eval:") and not cfg.base.get("validation"):
         problems.append(f"objective {cfg.objective} scores each trial on base.validation, which is not set")
     if problems:
