@@ -20,6 +20,8 @@ WORDS = ["card", "password", "France", "dog", "quick", "lazy"]
 HP = {"n_epochs": 1, "batch_size": 4, "group_size": 2, "max_completion_tokens": 8, "eval_interval": 2}
 LABEL = {"type": "string_check", "name": "label", "input": "{{sample.output_text}}", "reference": "{{item.letter}}",
          "operation": "ilike"}
+NEAR = {"type": "text_similarity", "name": "near", "input": "{{sample.output_text}}", "reference": "say {{item.letter}}",
+        "evaluation_metric": "fuzzy_match"}
 LENGTH = {"type": "python", "name": "length",
           "source": "def grade(sample, item):\n    return min(len(sample['output_text']), 20) / 20\n"}
 
@@ -37,21 +39,21 @@ def _metrics_events(live, job_id):
 
 
 def test_a_reinforcement_job_with_a_multi_grader_reports_rewards(jobs_server, tmp_path, tiny_model_dir):
-    """One job exercises string_check, python and multi at once (multi's sub-graders)."""
+    """One job exercises string_check, text_similarity, python and multi at once (multi's sub-graders)."""
     from tunesmith.jobs.worker import job_dir
 
     live = jobs_server(workers=1, allow_python_graders=True)
     upload = _upload(live, write_prompts(tmp_path / "prompts.jsonl"))
     assert upload.status_details is None  # rows with fields beside messages are a valid upload
     valid = _upload(live, write_prompts(tmp_path / "valid.jsonl", n=2, seed=1))
-    multi = {"type": "multi", "name": "both", "graders": {"label": LABEL, "length": LENGTH},
-             "calculate_output": "0.5 * label + 0.5 * length"}
+    multi = {"type": "multi", "name": "both", "graders": {"label": LABEL, "length": LENGTH, "near": NEAR},
+             "calculate_output": "0.4 * label + 0.3 * length + 0.3 * near"}
     jobs = live.client.fine_tuning.jobs
     created = [jobs.create(model=str(tiny_model_dir), training_file=upload.id, validation_file=valid.id, seed=3,
                            method={"type": "reinforcement", "reinforcement": {"grader": g, "hyperparameters": HP}})
                for g in (multi,)]
     assert created[0].method.type == "reinforcement" and created[0].method.reinforcement.grader.type == "multi"
-    assert set(created[0].method.reinforcement.grader.graders) == {"label", "length"}
+    assert set(created[0].method.reinforcement.grader.graders) == {"label", "length", "near"}
     for job, grader in zip(created, (multi,)):
         job = wait_for(lambda: _finished(live, job.id), 300, "the reinforcement job to finish")
         assert job.status == "succeeded", job.error
@@ -106,10 +108,11 @@ def test_a_malformed_grader_is_a_400_naming_the_field(jobs_server, tmp_path, tin
     assert job.status == "failed" and '"reinforcement"' in job.error.message
 
 
-def test_a_score_model_judge_asks_the_same_server(jobs_server, tmp_path, tiny_model_dir):
-    """The judge is the tiny model served by the server that runs the job: every answer is
-    judged through its chat completions (a judge that could not be reached would be a
-    model_grader_server_error in samples.jsonl)."""
+@pytest.mark.parametrize("kind", ["score_model", "label_model"])
+def test_a_model_judge_asks_the_same_server(jobs_server, tmp_path, tiny_model_dir, kind):
+    """The judge (score_model or label_model) is the tiny model served by the server that runs
+    the job: every answer is judged through its chat completions (a judge that could not be
+    reached would be a model_grader_server_error in samples.jsonl)."""
     from tunesmith.generate.engine import LocalEngine
     from tunesmith.jobs.worker import job_dir
     from tunesmith.serve.app import create_app
@@ -122,9 +125,14 @@ def test_a_score_model_judge_asks_the_same_server(jobs_server, tmp_path, tiny_mo
                  "sampling_params": {"temperature": 0, "max_completions_tokens": 12},
                  "input": [{"role": "system", "content": "Score the answer from 0 to 10. Reply in JSON."},
                            {"role": "user", "content": "Question: {{item.messages}}\nAnswer: {{sample.output_text}}"}]}
+        if kind == "label_model":
+            judge = {"type": "label_model", "name": "judge", "model": tiny_model_dir.name,
+                     "input": [{"role": "user", "content": "Is '{{sample.output_text}}' polite? Answer in JSON."}],
+                     "labels": ["yes", "no"], "passing_labels": ["yes"]}
         hp = {"n_epochs": 1, "batch_size": 5, "group_size": 2, "max_completion_tokens": 6}
         job = live.client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=upload.id, method={
             "type": "reinforcement", "reinforcement": {"grader": judge, "hyperparameters": hp}})
+        assert job.method.reinforcement.grader.type == kind
         job = wait_for(lambda: _finished(live, job.id), 300, "the judged job to finish")
         assert job.status == "succeeded", job.error
         assert sorted(e.data["step"] for e in _metrics_events(live, job.id)) == [1, 2]
