@@ -28,7 +28,7 @@ from typing import Any, Callable
 from tunesmith.errors import ConfigError
 from tunesmith.fileio import write_atomically
 from tunesmith.jobs.store import ACTIVE, TERMINAL, JobStore, new_id
-from tunesmith.jobs.sweep_config import SweepConfig
+from tunesmith.jobs.sweep_config import BESIDE_SCORES, SweepConfig
 from tunesmith.jobs.sweep_report import render_sweep_html
 from tunesmith.jobs.worker import Worker, WorkerConfig
 from tunesmith.models.registry import DEFAULT_MODEL, load_tokenizer, resolve_model
@@ -324,7 +324,7 @@ def _objective(cfg: SweepConfig, job: dict[str, Any], losses: dict[int, float]) 
         return min(losses.values()) if losses else None
     tuned = ((job["lineage"] or {}).get("evaluation") or {}).get("tuned", {})
     name = cfg.objective.removeprefix("eval:")
-    if name in ("loss", "perplexity"):  # beside the scores, not in them
+    if name in BESIDE_SCORES:
         loss = tuned.get("loss")
         return None if loss is None else float(loss) if name == "loss" else math.exp(float(loss))
     value = (tuned.get("scores") or {}).get(name)

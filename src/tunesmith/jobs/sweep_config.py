@@ -57,7 +57,10 @@ class Param(BaseModel):
         return self
 
 
-EVAL_OBJECTIVES = sorted({name for names in SCORE_NAMES.values() for name in names} | {"loss", "perplexity"})
+BESIDE_SCORES = ("loss", "perplexity")
+"""eval:<name>s read from the evaluation's loss, not from its scores."""
+MINIMISED = ("valid_loss", *BESIDE_SCORES, "invalid_label_share")
+EVAL_OBJECTIVES = sorted({name for names in SCORE_NAMES.values() for name in names} | set(BESIDE_SCORES))
 """What eval:<score> may name: a score of any metric the job's evaluation reports, or its loss."""
 
 
@@ -81,7 +84,7 @@ class SweepConfig(BaseModel):
     @property
     def direction(self) -> str:
         metric = self.objective.removeprefix("eval:")
-        return "minimize" if metric in ("valid_loss", "loss", "perplexity", "invalid_label_share") else "maximize"
+        return "minimize" if metric in MINIMISED else "maximize"
 
     def base_config(self) -> TrainConfig:
         return build_config(self.base, "the sweep's base config")
