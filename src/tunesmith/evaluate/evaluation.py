@@ -98,21 +98,27 @@ def with_system(example: Example, system: str) -> Example:
     return Example(messages=(Message("system", system),) + rest, line=example.line, tools=example.tools)
 
 
-def run_system_prompt(adapter: str | Path | None) -> str | None:
-    """The system prompt a training run used, from its run.json (None when unknown)."""
+def run_info(adapter: str | Path | None) -> dict[str, Any]:
+    """The run.json of the training run an adapter came from ({} when unknown or unreadable)."""
     if adapter is None:
-        return None
+        return {}
     path = Path(adapter)
     for cand in (path / RUN_FILE, path.parent / RUN_FILE, path.parent.parent / RUN_FILE):
         if cand.is_file():
             try:
                 info = json.loads(cand.read_text())
-            except json.JSONDecodeError:
-                return None
-            cfg = info.get("config", info) if isinstance(info, dict) else {}
-            value = cfg.get("system") if isinstance(cfg, dict) else None
-            return value if isinstance(value, str) and value else None
-    return None
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return {}
+            return info if isinstance(info, dict) else {}
+    return {}
+
+
+def run_system_prompt(adapter: str | Path | None) -> str | None:
+    """The system prompt a training run used, from its run.json (None when unknown)."""
+    info = run_info(adapter)
+    cfg = info.get("config", info)
+    value = cfg.get("system") if isinstance(cfg, dict) else None
+    return value if isinstance(value, str) and value else None
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -36,7 +36,7 @@ from tunesmith.data.example import ColumnMapping
 from tunesmith.data.stats import auto_epochs
 from tunesmith.errors import TunesmithError, UsageError
 from tunesmith.fileio import write_atomically
-from tunesmith.jobs.evaluation_stage import SUMMARY_FILE, summary_sentence
+from tunesmith.jobs.evaluation_stage import BASE_EVALUATIONS, SUMMARY_FILE, summary_sentence
 from tunesmith.jobs.ray_executor import RAY_MISSING, ray_available
 from tunesmith.jobs.run_reader import MetricsTail, has_checkpoint, last_error, metrics_csv, trained_tokens
 from tunesmith.jobs.run_snapshot import snapshot_run
@@ -345,7 +345,7 @@ class Worker:
         base = read_run_json(run_dir)["config"]["model"]  # what was trained on
         cmd = [sys.executable, "-m", "tunesmith.jobs.evaluation_stage", "--model", base,
                "--adapter", str(run_dir / ADAPTER_DIR), "--data", str(self.store.local_file(valid)),
-               "--out", str(out)]
+               "--out", str(out), "--base-cache", str(self.store.storage_root / BASE_EVALUATIONS)]
         outcome, rc = self._run_child(job_id, cmd, root / "evaluation.log", lock_fd, stop,
                                       tick=lambda: None, eta=lambda: None)
         if outcome != "finished":
