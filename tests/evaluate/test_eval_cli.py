@@ -89,6 +89,22 @@ def test_eval_with_adapter_and_system_from_run(tiny_model_dir, tmp_path):
     assert data["eval"]["metrics"]["adapter"] == m_tuned["adapter"]
 
 
+def test_eval_no_loss_skips_the_reference_pass_and_keeps_the_scores(tiny_model_dir, tmp_path):
+    test = write_label_csv(tmp_path / "test.csv", 4, "t")
+    args = ("eval", "--model", tiny_model_dir, "--data", test, "--max-new-tokens", "3")
+    full = run_tunesmith(*args, "--out", tmp_path / "full")
+    quick = run_tunesmith(*args, "--out", tmp_path / "quick", "--no-loss", "--report")
+    assert full.returncode == 0 and quick.returncode == 0, quick.stderr
+    m_full = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    m_quick = json.loads((tmp_path / "quick" / "metrics.json").read_text())
+    assert m_full["loss"] > 0 and m_quick["loss"] is None and m_quick["perplexity"] is None
+    assert m_quick["scores"] == m_full["scores"]
+    assert [r["prediction"] for r in _rows(tmp_path / "quick" / "predictions.jsonl")] == \
+        [r["prediction"] for r in _rows(tmp_path / "full" / "predictions.jsonl")]
+    assert all(r["loss"] is None for r in _rows(tmp_path / "quick" / "predictions.jsonl"))
+    assert (tmp_path / "quick" / "report.html").is_file()
+
+
 def test_compare_four_strategies_and_verdict(tiny_model_dir, tmp_path):
     train = write_label_csv(tmp_path / "train.csv", 12, "q")
     test = write_label_csv(tmp_path / "test.csv", 4, "t")

@@ -102,6 +102,9 @@ def eval_cmd(
     judge_api_key: Optional[str] = typer.Option(None, "--judge-api-key", help=JUDGE_API_KEY_HELP),
     to_trackers: bool = typer.Option(True, "--to-trackers/--no-trackers", help="Send the scores to the trackers the "
                                      "adapter's run reported to (as eval/<data file>/<score>, at its last step)."),
+    with_loss: bool = typer.Option(True, "--loss/--no-loss", help="Also measure the loss and perplexity on the "
+                                   "reference answers: a second pass over every row (about as long as generating "
+                                   "short answers); --no-loss when only the scores are wanted."),
 ) -> None:
     """Evaluate a model or adapter on held-out data."""
     from tunesmith.evaluate.evaluation import evaluate, print_eval, write_eval
@@ -117,6 +120,7 @@ def eval_cmd(
         model, data, adapter=adapter, metric=metric, out=out, max_new_tokens=max_new_tokens,
         batch_size=batch_size, precision=precision, format=format, input_column=input_column,
         output_column=output_column, system=system, limit=limit, constraint=constraint, weights=weights, log=log,
+        with_loss=with_loss,
     )
     print_eval(result)
     if spec is not None:

@@ -141,18 +141,21 @@ def evaluate(
     constraint: Constraint | None = None,
     weights: str = "fp32",
     log: Callable[[str], None] = print,
+    with_loss: bool = True,
 ) -> EvalResult:
     """Evaluate a model (and adapter) on a data file; write predictions and metrics to `out`.
 
     system: the system prompt; by default the one the adapter's run trained with.
     constraint: hold each answer to it (a JSON Schema, a choice of labels), as serve does.
-    weights: how the base's linear layers are stored (models.inference.WEIGHTS)."""
+    weights: how the base's linear layers are stored (models.inference.WEIGHTS).
+    with_loss: also measure the loss on the reference answers (a second pass over every row)."""
     system = system if system is not None else run_system_prompt(adapter)
     examples = load_examples(data, format, input_column, output_column, system, limit)
     log(f"evaluating on {len(examples)} examples from {data}")
     return evaluate_examples(
         model, adapter, examples, data, out, system, metric=metric, max_new_tokens=max_new_tokens,
         batch_size=batch_size, precision=precision, constraint=constraint, weights=weights, log=log,
+        with_loss=with_loss,
     )
 
 
