@@ -87,6 +87,16 @@ def test_validate_report_groups_by_code(tmp_path, tiny_model_dir, home):
     assert "line 13:" in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
 
 
+def test_validate_reports_a_lone_surrogate_at_its_line_without_a_traceback(tmp_path, tiny_model_dir, home):
+    """Issue 19: the tokenizer raised a TypeError on "\\ud800" (which json.loads takes)."""
+    lone = '{"prompt": "caf\\ud800", "completion": "a"}'
+    path = write(tmp_path / "d.jsonl", rows(12) + [lone])
+    proc = cli_here("validate", str(path), "--model", str(tiny_model_dir), home=home)
+    assert proc.returncode == 1, proc.stderr
+    assert "error invalid_json (1)" in proc.stdout and "line 13:" in proc.stdout and "\\ud800" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
 def test_validate_warnings_still_exit_0(tmp_path, tiny_model_dir, home):
     path = write(tmp_path / "d.jsonl", rows(12) + [rows(1)[0]])
     proc = cli_here("validate", str(path), "--model", str(tiny_model_dir), home=home)

@@ -302,3 +302,15 @@ def test_hostile_lines_are_errors_at_their_line_not_tracebacks(tmp_path, monkeyp
     codes = {p.line: p.code for p in result.errors}
     assert codes == {2: "invalid_json", 3: "invalid_json", 4: "line_too_long"}
     assert [ex.line for ex in result.examples] == [1, 5]
+
+
+def test_a_lone_surrogate_escape_is_an_error_at_its_line_and_a_pair_is_a_character(tmp_path):
+    """json.loads takes "\\ud800", but no UTF-8 text holds it: the tokenizer raised a TypeError
+    on it, a traceback from `tunesmith validate` and a 500 from the files API's validation."""
+    chat = '{"messages": [{"role": "user", "content": "%s"}, {"role": "assistant", "content": "ok"}]}'
+    lines = [chat % "caf\\ud800", chat % "x\\udc00", chat % "smile \\ud83d\\ude00", chat % "a\\\\ud800"]
+    result = read_data(write_lines(tmp_path / "d.jsonl", lines))
+    assert [(p.line, p.code) for p in result.errors] == [(1, "invalid_json"), (2, "invalid_json")]
+    column = chat.index("%s") + len("caf") + 1  # where the escape starts, counted from 1
+    assert "\\ud800" in result.errors[0].message and f"column {column}" in result.errors[0].message
+    assert [ex.messages[0].content for ex in result.examples] == ["smile \U0001f600", "a\\ud800"]

@@ -386,6 +386,26 @@ def test_a_hostile_upload_line_is_a_line_error_not_a_500(files_server):
     assert {(e["line"], e["code"]) for e in report["errors"]} == {(2, "invalid_json"), (3, "invalid_json")}
 
 
+def test_a_lone_surrogate_in_an_upload_line_is_a_line_error_in_the_validation_through_a_model(files_server,
+                                                                                            tiny_model_dir):
+    """json.loads takes "\\ud800" and the tokenizer raised a TypeError on it: the report
+    through a model was a 500 (and a job on the file failed as an internal error)."""
+    service = files_server
+    service.path_roots = (*service.path_roots, tiny_model_dir.parent)
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    lone = '{"messages": [{"role": "user", "content": "caf\\ud800"}, {"role": "assistant", "content": "yo"}]}'
+    body = _multipart([("purpose", b"fine-tune", None), ("file", "\n".join([good] * 11 + [lone]).encode(), "t.jsonl")])
+    resp = _upload(service.url, body)
+    assert resp.status_code == 200, resp.text
+    url = service.url + f"/v1/files/{resp.json()['id']}/validation"
+    assert [(e["line"], e["code"]) for e in httpx.get(url).json()["errors"]] == [(12, "invalid_json")]
+    with normal_chat(service.url):
+        report = httpx.get(url, params={"model": str(tiny_model_dir)}, timeout=120)
+    assert report.status_code == 200, report.text
+    assert report.json()["ok"] is False and report.json()["examples"] == 11
+    assert [(e["line"], e["code"]) for e in report.json()["errors"]] == [(12, "invalid_json")]
+
+
 GOOD_LINE = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
 
 

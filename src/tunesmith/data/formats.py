@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -89,17 +90,38 @@ def iter_lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
                 yield line_no, None, f"byte {exc.start + 1} of the line is not valid UTF-8 ({raw[exc.start:exc.start + 1]!r})"
 
 
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}(?:\\u[dD][c-fC-F][0-9a-fA-F]{2})?"
+                              r"|\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+"""A UTF-16 surrogate written as a JSON escape: a high one with its low one (a character
+such as an emoji), or one alone."""
+
+
 def load_json_line(text: str) -> Any:
     """json.loads for one line, with every way it can fail as a json.JSONDecodeError: numbers
-    of thousands of digits and nesting deeper than Python's recursion raise others."""
+    of thousands of digits and nesting deeper than Python's recursion raise others, and a
+    lone surrogate escape ("\\ud800") is refused here: json.loads takes it, but no UTF-8 text
+    holds it, and the tokenizer raised a TypeError on it (a traceback from `tunesmith
+    validate`, a 500 from the files API's validation, a job failed as an internal error)."""
     try:
-        return json.loads(text)
+        obj = json.loads(text)
     except RecursionError:
         raise json.JSONDecodeError("nested too deeply", text, 0) from None
     except json.JSONDecodeError:
         raise
     except ValueError as exc:  # e.g. an integer over Python's 4,300-digit limit
         raise json.JSONDecodeError(str(exc).split(";")[0], text, 0) from None
+    if "\\u" in text and SURROGATE_ESCAPE.search(text):  # only such lines can hold one
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            lone = next((m for m in SURROGATE_ESCAPE.finditer(text) if len(m.group()) == 6), None)
+            shown = lone.group() if lone else "a \\uXXXX escape"
+            raise json.JSONDecodeError(f"{shown} is half of a UTF-16 pair, alone, not a character (write the "
+                                       "character itself, or both halves of its escape)", text,
+                                       lone.start() if lone else 0) from None
+        except RecursionError:  # json.dumps recurses as deep as json.loads did
+            raise json.JSONDecodeError("nested too deeply", text, 0) from None
+    return obj
 
 
 def check_path(path: str | Path) -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.data.example import Message, Problem
-from tunesmith.data.formats import ColumnMapping, check_path, iter_lines, iter_records, parse_messages
+from tunesmith.data.formats import ColumnMapping, check_path, iter_lines, iter_records, load_json_line, parse_messages
 from tunesmith.errors import DataError, UsageError
 
 PROMPT_FORMATS = ("jsonl", "chat", "prompt_completion", "alpaca", "csv", "tsv", "text")
@@ -92,7 +92,7 @@ def _json_prompt(line: int, text: str | None, err: str | None, errors: list[Prob
         errors.append(Problem(line, "", "invalid_encoding", err + "; save the file as UTF-8"))
         return None
     try:
-        obj: Any = json.loads(text or "")
+        obj: Any = load_json_line(text or "")
     except json.JSONDecodeError as exc:
         errors.append(Problem(line, "", "invalid_json", f"not valid JSON: {exc.msg} at column {exc.colno}"))
         return None
