@@ -455,3 +455,50 @@ def test_a_model_published_for_a_job_cancelled_before_it_succeeded_is_withdrawn(
         assert not done
         worker.on_model_gone(name)  # what _finish does when the transition did not happen
     assert name not in [m["id"] for m in httpx.get(service.url + "/v1/models").json()["data"]]
+
+
+def test_a_worker_renews_its_lease_while_it_validates_so_no_other_worker_takes_the_job(files_server, tiny_model_dir):
+    """Validating a file through a model can outlast the lease; before, no heartbeat was sent
+    meanwhile, and another worker claimed the job and validated (then trained) it a second
+    time. A rival worker tries to claim the job all along, as another machine's would."""
+    from tunesmith.jobs.worker import Worker, WorkerConfig
+
+    service = files_server
+    service.path_roots = (*service.path_roots, tiny_model_dir.parent)
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"question {k} " * 5},
+                                      {"role": "assistant", "content": f"answer {k}"}]}) for k in range(400)]
+    body = _multipart([("purpose", b"fine-tune", None), ("file", "\n".join(lines).encode(), "t.jsonl")])
+    file_id = _upload(service.url, body).json()["id"]
+    job_id = post(service.url, "/v1/fine_tuning/jobs", {"model": str(tiny_model_dir), "training_file": file_id}).json()["id"]
+    lease_s = 0.5
+    worker = Worker(service.store, WorkerConfig(poll_interval_s=0.05, lease_s=lease_s), worker_id="w1",
+                    log=lambda msg: None)
+    rival_claims, heartbeats = [], set()
+
+    def rival() -> None:
+        """Another worker, polling while w1 validates the job (before w1 claims it, and once it
+        is validated and queued, the job is anyone's)."""
+        while (job := service.store.get_job(job_id))["worker_id"] != "w1":
+            time.sleep(0.01)
+        while job["status"] == "validating_files":
+            heartbeats.add(job["heartbeat_at"])
+            service.store.requeue_lapsed(lease_s)
+            claimed = service.store.claim_job("w2", lease_s)
+            if claimed is not None:
+                rival_claims.append(claimed["id"])
+                service.store.release(claimed["id"], "w2")
+            time.sleep(0.05)
+            job = service.store.get_job(job_id)
+
+    watcher = threading.Thread(target=rival)
+    watcher.start()
+    with normal_chat(service.url):
+        assert worker.run_once()  # claims the job and validates its file
+    watcher.join(timeout=60)
+    assert rival_claims == []
+    assert len(heartbeats) >= 3  # the lease was renewed while the file was checked, many leases long
+    job = httpx.get(service.url + f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert job["status"] == "queued", job
+    events = [e["message"] for e in httpx.get(service.url + f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"]]
+    assert not any("heartbeat" in m for m in events), events
+    service.store.transition(job_id, ["queued"], "cancelled", "Job cancelled")
