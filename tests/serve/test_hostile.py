@@ -502,3 +502,34 @@ def test_a_worker_renews_its_lease_while_it_validates_so_no_other_worker_takes_t
     events = [e["message"] for e in httpx.get(service.url + f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"]]
     assert not any("heartbeat" in m for m in events), events
     service.store.transition(job_id, ["queued"], "cancelled", "Job cancelled")
+
+
+def test_a_flood_of_model_based_file_checks_takes_no_thread_chats_need(files_server, tiny_model_dir):
+    """GET /v1/files/{id}/validation?model= checks one file at a time. The checks waiting their
+    turn each held one of the threads chats render in, so 45 of them starved every chat until
+    they were done; now they wait without a thread, 16 at most, the rest a 429."""
+    from collections import Counter
+
+    service = files_server
+    service.path_roots = (*service.path_roots, tiny_model_dir.parent)
+    body = _multipart([("purpose", b"fine-tune", None), ("file", "\n".join([GOOD_LINE] * 12).encode(), "t.jsonl")])
+    url = service.url + f"/v1/files/{_upload(service.url, body).json()['id']}/validation"
+    answers: list[httpx.Response] = []
+
+    def check() -> None:
+        answers.append(httpx.get(url, params={"model": str(tiny_model_dir)}, timeout=300))
+
+    flood = [threading.Thread(target=check) for _ in range(45)]
+    with service._validation_lock:  # the first check holds its turn until the chat is answered
+        for t in flood:
+            t.start()
+        give_up = time.monotonic() + 60  # (before, none was answered: the chat below then fails)
+        while len(answers) < 45 - 17 and time.monotonic() < give_up:  # 1 checking, 16 waiting, the rest answered
+            time.sleep(0.05)
+        with normal_chat(service.url):
+            pass
+    for t in flood:
+        t.join()
+    assert Counter(r.status_code for r in answers) == {200: 17, 429: 28}
+    refused = next(r for r in answers if r.status_code == 429)
+    assert error_of(refused, 429)["code"] == "server_overloaded" and refused.headers["retry-after"] == "2"

@@ -60,17 +60,19 @@ def own_endpoint(request: Request) -> Endpoint:
 
 
 class GraderSlots:
-    """Admission for grader runs: `running` at once in threads of their own, `waiting` more
-    queued in turn, the rest refused with 429. Used from the event loop only."""
+    """Admission for grader runs (and other long work: `what`): `running` at once in threads of
+    their own, `waiting` more queued in turn without a thread, the rest refused with 429. Used
+    from the event loop only."""
 
-    def __init__(self, running: int, waiting: int):
+    def __init__(self, running: int, waiting: int, what: str = "grader runs"):
         self.limiter = anyio.CapacityLimiter(running)
         self.most = running + waiting
         self.in_flight = 0
+        self.what = what
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         if self.in_flight >= self.most:
-            raise APIError(429, f"the server is running and queueing {self.in_flight} grader runs, its most; retry "
+            raise APIError(429, f"the server is running and queueing {self.in_flight} {self.what}, its most; retry "
                                 "shortly", code="server_overloaded", retry_after_s=RETRY_AFTER_S)
         self.in_flight += 1
         try:

@@ -38,7 +38,7 @@ from tunesmith.jobs.validation import audit_problems, check_file
 from tunesmith.jobs.worker import Executor, Worker, WorkerConfig, ft_model_name
 from tunesmith.models.registry import REGISTRY, resolve_model
 from tunesmith.serve.errors import APIError, KeyGate, add_error_handlers, require_api_key
-from tunesmith.serve.graders_api import own_endpoint, refuse_python
+from tunesmith.serve.graders_api import GraderSlots, own_endpoint, refuse_python
 from tunesmith.serve.jobs_protocol import (
     DpoHyperparameters,
     Hyperparameters,
@@ -58,6 +58,9 @@ PUBLISHED_CHECKPOINTS = 3
 """Checkpoints per job that are loaded as models (the last ones, as hosted APIs keep)."""
 SWEEP_CACHE_S = 2.0
 """How long GET /v1/sweeps/{name} reuses a sweep's results (the dashboard polls every 3 s)."""
+MAX_WAITING_VALIDATIONS = 16
+"""Model-based file checks (GET /v1/files/{id}/validation?model=) waiting for the one running;
+more are refused with 429 `server_overloaded`."""
 
 
 # ----------------------------------------------------------------------------- the service
@@ -147,8 +150,11 @@ class JobsService:
         self.log = log or (lambda msg: print(f"[jobs] {msg}", file=sys.stderr, flush=True))
         self.publisher = ModelPublisher(store, engine, self.log)
         # One model-based file check at a time: loading a model (for the speed estimate) is not
-        # thread-safe in transformers, and each check uses every core anyway.
+        # thread-safe in transformers, and each check uses every core anyway. Those waiting
+        # their turn wait without a thread (each held one of the threads chats render in, and
+        # a flood of them starved every chat, issue 19); more than 16 waiting are a 429.
         self._validation_lock = threading.Lock()
+        self._validations = GraderSlots(1, MAX_WAITING_VALIDATIONS, what="model-based file checks")
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._sweeps: dict[str, tuple[float, dict[str, Any]]] = {}
@@ -300,7 +306,7 @@ class JobsService:
         if validation_file is not None:
             against = await run_in_threadpool(self.store.local_file, self._file(validation_file))
         path = await run_in_threadpool(self.store.local_file, row)
-        report = await run_in_threadpool(self._validate_with_model, path, base, against)
+        report = await self._validations.run(self._validate_with_model, path, base, against)
         return _validation_object(file_id, model, report)
 
     def _base_model(self, model: str) -> str:
