@@ -74,7 +74,9 @@ def test_many_short_messages_render_quickly_and_off_the_event_loop(server, engin
         poller.start()
         resp = post(server, "/v1/chat/completions", {"model": engine.base_id, "messages": messages, "max_tokens": 1})
         poller.join()
-    # 2,001 messages are ~15k tokens, far over the tiny model's 512: refused after rendering
+    # 2,001 messages are ~15k tokens, far over the tiny model's 512: refused by the floor of the
+    # tokens each message's template wraps it in, before rendering (that rendering is linear is
+    # tests/data/test_render.py's; that it runs in a worker thread, app.py's run_in_threadpool)
     err = error_of(resp, 400)
     assert err["code"] == "context_length_exceeded" and health == [200]
     too_many = [{"role": "user", "content": "x"}] * 2049
@@ -229,6 +231,31 @@ def test_admission_takes_turns_between_requests(small_engine):
     finally:
         eng._max_waiting = 2
     assert order.index("small") <= 2, order
+
+
+def test_the_engine_step_holds_to_its_token_budget_not_a_row_count(tiny_model_dir, tmp_path):
+    """Issue 19: MAX_BATCH_ROWS counted rows, so 32 long prompts could take the memory of 32
+    full contexts. With a budget of three rows' prompt + max_tokens, a request of eight long
+    prompts is decoded at most three rows at a time, and a chat sent beside it is answered."""
+    from tunesmith.generate.engine import LocalEngine
+    from tunesmith.models.inference import load_for_inference
+    from tunesmith.serve.app import create_app
+    from tunesmith.settings import Settings
+
+    eng = LocalEngine(load_for_inference(str(tiny_model_dir)), max_batch_rows=32)
+    long = " ".join(f"w{k}" for k in range(50))
+    width = len(eng.encode(long)) + 8  # one row's prompt + max_tokens: what the budget counts
+    eng._max_tokens = 3 * width
+    try:
+        with live_server(create_app(eng, Settings(home=tmp_path, api_key=None))) as url:
+            with normal_chat(url, model=eng.base_id):
+                resp = post(url, "/v1/completions", {"model": eng.base_id, "prompt": [long] * 8, "max_tokens": 8,
+                                                     "temperature": 0})
+        assert resp.status_code == 200, resp.text
+        assert [c["finish_reason"] for c in resp.json()["choices"]] == ["length"] * 8
+        assert 2 <= eng.stats()["peak_rows"] <= 3
+    finally:
+        eng.close()
 
 
 @pytest.fixture(scope="module")
