@@ -258,6 +258,43 @@ def test_the_engine_step_holds_to_its_token_budget_not_a_row_count(tiny_model_di
         eng.close()
 
 
+def test_a_big_request_over_http_takes_turns_with_a_small_one(small_engine, tmp_path):
+    """Issue 19's starvation, as a client sends it: a request of 64 prompts x n=2 (the most one
+    may ask) queued first, a chat after it; the engine decodes one row at a time. The chat is
+    admitted after at most one of the big request's rows, so it is answered first."""
+    from tunesmith.serve.app import create_app
+    from tunesmith.settings import Settings
+
+    eng = small_engine
+    ends: list[str] = []
+
+    def send(name: str, path: str, body: dict) -> threading.Thread:
+        def run() -> None:
+            resp = post(url, path, {"model": eng.base_id, "max_tokens": 2, "temperature": 0, **body})
+            ends.append(f"{name} {resp.status_code}")
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    def wait_for_waiting(rows: int) -> None:
+        while eng.stats()["waiting"] < rows:
+            time.sleep(0.01)
+
+    eng._max_waiting = 200
+    try:
+        with live_server(create_app(eng, Settings(home=tmp_path, api_key=None))) as url:
+            with eng._model_lock:  # hold the step: both requests queue before either runs
+                big = send("big", "/v1/completions", {"prompt": ["a b"] * 64, "n": 2})
+                wait_for_waiting(127)  # the scheduler holds the first row, waiting for the step
+                small = send("chat", "/v1/chat/completions", {"messages": NORMAL})
+                wait_for_waiting(128)
+            big.join(timeout=120)
+            small.join(timeout=120)
+    finally:
+        eng._max_waiting = 2
+    assert ends == ["chat 200", "big 200"], ends
+
+
 @pytest.fixture(scope="module")
 def confined_server(engine, tmp_path_factory):
     """A server whose clients may name paths only under its home."""
