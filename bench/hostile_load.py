@@ -3,10 +3,17 @@ kind in issue 19 keep arriving. Every normal chat must complete, and their p95 l
 stays within 2x of the run without the hostile traffic.
 
 Starts `tunesmith serve` on a free loopback port (a tiny random model with --tiny, else
---model), with an API key; runs the 16 chats alone (the baseline), then again with one
-thread per hostile kind sending its request in a loop; prints the p50/p95 latency of both
-runs, the hostile requests' answers by kind and status, and exits non-zero if a normal chat
-failed, a hostile request got a 5xx, or the p95 ratio is above 2.
+--model), with an API key, a 1 MB upload limit and a fresh $TUNESMITH_HOME holding two bad
+adapter folders; runs the 16 chats alone (the baseline), then again with one thread per
+hostile kind sending its request in a loop; prints the p50/p95 latency of both runs, the
+hostile requests' answers by kind and status, and exits non-zero if a normal chat failed, a
+hostile request got a 5xx (or no answer), or the p95 ratio is above 2.
+
+The kinds: the JSON bodies of `hostile_kinds` (sampling, sizes, schemas, unicode, numbers,
+nesting, adapter paths and names, a job on a model outside the allowed folders, no key); two
+uploads (20 MB of form fields, chunked, under the 1 MB limit; one ~1 MB line, then its
+validation report, then its deletion); and the largest request the limits accept (64
+prompts x n=2, 16 new tokens each), which is answered (200) and really loads the engine.
 
     .venv/bin/python bench/hostile_load.py --tiny --threads 1
     .venv/bin/python bench/hostile_load.py --model smollm2-135m-instruct --threads 1
@@ -27,6 +34,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import httpx
 from openai import OpenAI
@@ -45,8 +53,9 @@ def _nested_schema(depth: int) -> dict:
     return schema
 
 
-def hostile_kinds(model: str) -> dict[str, str | bytes]:
-    """One request body per hostile kind of issue 19 (raw, so that malformed ones stay malformed)."""
+def hostile_kinds(model: str, home: Path) -> dict[str, str | bytes]:
+    """One JSON request body per hostile kind of issue 19 (raw, so that malformed ones stay
+    malformed); `home` is the server's $TUNESMITH_HOME, holding `bad_adapters`' folders."""
     user = [{"role": "user", "content": "Tell me about JSON."}]
 
     def chat(**extra) -> str:
@@ -67,12 +76,81 @@ def hostile_kinds(model: str) -> dict[str, str | bytes]:
         "100,000-deep nesting": '{"model": "x", "messages": ' + "[" * 100_000 + "]" * 100_000 + "}",
         "an adapter path outside the roots": json.dumps({"name": "x", "path": "/etc"}),
         "an ft: adapter name": json.dumps({"name": "ft:x:y:z", "path": "."}),
+        "an adapter of rank 10**6": json.dumps({"name": "wide", "path": str(home / "adapters" / "wide")}),
+        "a malformed tunesmith_adapter.json": json.dumps({"name": "bad", "path": str(home / "adapters" / "bad")}),
+        "a job on a model outside the roots": json.dumps({"model": "/etc", "training_file": "file-x"}),
         "a malformed body without a key": b"{not json",
+        # Accepted: the most one request may ask (Limits: 64 prompts, 128 rows), really decoded.
+        "64 prompts x n=2 (accepted)": json.dumps({"model": model, "prompt": [f"Tell me about {t}." for t in TOPICS] * 4,
+                                                   "n": 2, "max_tokens": 16}),
     }
 
 
 PATHS = {"4,096 prompts x n=8": "/completions", "a prompt far past the context": "/completions",
-         "an adapter path outside the roots": "/adapters", "an ft: adapter name": "/adapters"}
+         "an adapter path outside the roots": "/adapters", "an ft: adapter name": "/adapters",
+         "an adapter of rank 10**6": "/adapters", "a malformed tunesmith_adapter.json": "/adapters",
+         "a job on a model outside the roots": "/fine_tuning/jobs",
+         "64 prompts x n=2 (accepted)": "/completions"}
+UPLOAD_LIMIT_MB = 1.0
+"""The bench server's --max-upload-mb (the issue's case: 20 MB of form fields under 1 MB)."""
+BOUNDARY = "hostile"
+FORM_FIELDS, ONE_LINE = "20 MB of form fields, 1 MB limit", "a one-line upload of 0.99 MB"
+
+
+def bad_adapters(home: Path) -> None:
+    """Two adapter folders under the server's home (so inside the allowed roots), each with
+    a safetensors file with no tensors: one whose adapter_config.json asks rank 10**6, one
+    whose tunesmith_adapter.json is not JSON. Both must be 400s before peft allocates."""
+    empty_safetensors = (2).to_bytes(8, "little") + b"{}"
+    for name, config, meta in (("wide", {"peft_type": "LORA", "r": 10**6, "lora_alpha": 16}, None),
+                               ("bad", {"peft_type": "LORA", "r": 8, "lora_alpha": 16}, "{not json")):
+        folder = home / "adapters" / name
+        folder.mkdir(parents=True)
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        (folder / "adapter_model.safetensors").write_bytes(empty_safetensors)
+        if meta is not None:
+            (folder / "tunesmith_adapter.json").write_text(meta)
+
+
+def multipart(parts: list[tuple[str, bytes, str | None]]) -> bytes:
+    out = b""
+    for name, data, filename in parts:
+        disp = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        out += f"--{BOUNDARY}\r\nContent-Disposition: {disp}\r\n\r\n".encode() + data + b"\r\n"
+    return out + f"--{BOUNDARY}--\r\n".encode()
+
+
+def upload_kinds() -> dict[str, Callable[[httpx.Client, str], list[tuple[str, int]]]]:
+    """The upload kinds, each a function (client, url) -> [(kind, status)] for one round."""
+    headers = {"Authorization": f"Bearer {KEY}", "content-type": f"multipart/form-data; boundary={BOUNDARY}"}
+    # 340 fields of 60 KB (each under the per-field cap, 20 MB together), sent chunked: no
+    # Content-Length, so only the server's count while streaming can stop it.
+    fields = multipart([("purpose", b"fine-tune", None), *[(f"f{k}", b"x" * 60_000, None) for k in range(340)],
+                        ("file", b'{"messages": []}\n', "t.jsonl")])
+    # One line as long as the 1 MB limit allows (the JSONL reader's own cap, 64 MB, is far
+    # above any upload limit a bench server should take): a valid chat example.
+    line = json.dumps({"messages": [{"role": "user", "content": "a" * 990_000},
+                                    {"role": "assistant", "content": "b"}]}).encode()
+    one_line = multipart([("purpose", b"fine-tune", None), ("file", line, "line.jsonl")])
+
+    def chunks(body: bytes):
+        return (body[i:i + 65536] for i in range(0, len(body), 65536))
+
+    def form_fields(http: httpx.Client, url: str) -> list[tuple[str, int]]:
+        return [(FORM_FIELDS, http.post(url + "/files", content=chunks(fields),
+                                                               headers=headers).status_code)]
+
+    def huge_line(http: httpx.Client, url: str) -> list[tuple[str, int]]:
+        resp = http.post(url + "/files", content=one_line, headers=headers)
+        out = [(ONE_LINE, resp.status_code)]
+        if resp.status_code == 200:  # the upload was checked; read the report, then delete it
+            file_id = resp.json()["id"]
+            out.append(("a one-line upload: its validation", http.get(url + f"/files/{file_id}/validation",
+                                                            headers=AUTH).status_code))
+            out.append(("a one-line upload: its deletion", http.delete(url + f"/files/{file_id}", headers=AUTH).status_code))
+        return out
+
+    return {FORM_FIELDS: form_fields, ONE_LINE: huge_line}
 
 
 def one_chat(client: OpenAI, model: str, topic: str, max_tokens: int) -> float:
@@ -111,41 +189,49 @@ def normal_run(url: str, model: str, max_tokens: int) -> list[float]:
     return sorted(results)  # type: ignore[arg-type]
 
 
-def hostile_client(url: str, model: str, stop, results) -> None:
+def hostile_client(url: str, model: str, home: Path, ready, stop, results) -> None:
     """A separate process (hostile clients are other clients: their work must not slow the
-    measured chats' own client): one thread per hostile kind, each sending its request
-    every 0.2 s until `stop`; the (kind, status) counts go to `results` at the end."""
+    measured chats' own client): one thread per hostile kind, each sending its request at
+    once (`ready` says they started) and again 0.2 s after each answer until `stop`, at
+    least once; the (kind, status) counts go to `results`."""
     answers: Counter = Counter()
 
-    def loop(kind: str, body: str | bytes) -> None:
+    def post(kind: str, body: str | bytes) -> Callable[[httpx.Client, str], list[tuple[str, int]]]:
         headers = {"content-type": "application/json"} if "without a key" in kind else AUTH
         path = PATHS.get(kind, "/chat/completions")
-        with httpx.Client(timeout=600) as http:
-            while not stop.is_set():
-                try:
-                    status = http.post(url + path, content=body, headers=headers).status_code
-                except httpx.HTTPError as exc:
-                    status = type(exc).__name__
-                answers[(kind, status)] += 1
-                stop.wait(0.2)
+        return lambda http, url: [(kind, http.post(url + path, content=body, headers=headers).status_code)]
 
-    threads = [threading.Thread(target=loop, args=kv) for kv in hostile_kinds(model).items()]
+    def loop(kind: str, send: Callable[[httpx.Client, str], list[tuple[str, int]]]) -> None:
+        with httpx.Client(timeout=600) as http:
+            while True:  # at least once, however short the measured run
+                try:
+                    for answer in send(http, url):
+                        answers[answer] += 1
+                except httpx.HTTPError as exc:
+                    answers[(kind, type(exc).__name__)] += 1
+                if stop.wait(0.2):
+                    break
+
+    sends = {kind: post(kind, body) for kind, body in hostile_kinds(model, home).items()}
+    threads = [threading.Thread(target=loop, args=kv) for kv in {**sends, **upload_kinds()}.items()]
     for t in threads:
         t.start()
+    ready.set()
     for t in threads:
         t.join()
     results.put(dict(answers))
 
 
-def start_server(model: str, threads: int | None) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, threads: int | None, home: Path) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [str(Path(sys.executable).parent / "tunesmith"), "serve", "--model", model, "--port", str(port),
-           "--workers", "0"]
+           "--workers", "0", "--max-upload-mb", str(UPLOAD_LIMIT_MB)]
     if threads:
         cmd += ["--threads", str(threads)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TUNESMITH_API_KEY": KEY}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TUNESMITH_API_KEY": KEY,
+           "TUNESMITH_HOME": str(home)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.time() + 300
@@ -169,6 +255,12 @@ def tiny_model(folder: Path) -> str:
     return str(save_tiny_model(folder))
 
 
+def registry_path(spec: str) -> str:
+    from tunesmith.models.registry import resolve_model
+
+    return str(resolve_model(spec).path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct", help="Model to serve.")
@@ -178,19 +270,24 @@ def main() -> None:
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_spec = tiny_model(Path(tmp) / "tiny") if args.tiny else args.model
-        proc, url = start_server(model_spec, args.threads)
+        # The server's home is a fresh folder (its jobs database, uploads and bad adapters),
+        # so a registry model is named by its path in the usual home.
+        model_spec = tiny_model(Path(tmp) / "tiny") if args.tiny else registry_path(args.model)
+        home = Path(tmp) / "home"
+        bad_adapters(home)
+        proc, url = start_server(model_spec, args.threads, home)
         try:
             model = httpx.get(url + "/models", headers=AUTH).json()["data"][0]["id"]
             normal_run(url, model, 4)  # warm-up
             alone = normal_run(url, model, args.max_tokens)
-            stop, results = multiprocessing.Event(), multiprocessing.Queue()
-            hostile = multiprocessing.Process(target=hostile_client, args=(url, model, stop, results))
+            ready, stop, results = multiprocessing.Event(), multiprocessing.Event(), multiprocessing.Queue()
+            hostile = multiprocessing.Process(target=hostile_client, args=(url, model, home, ready, stop, results))
             hostile.start()
+            ready.wait(timeout=300)
             time.sleep(1.0)  # the hostile requests are already arriving when the chats start
             under = normal_run(url, model, args.max_tokens)
             stop.set()
-            answers = results.get(timeout=120)
+            answers = results.get(timeout=600)  # the requests in flight end first
             hostile.join(timeout=60)
         finally:
             proc.terminate()
@@ -206,9 +303,13 @@ def main() -> None:
     print("hostile requests sent, by kind and answer:")
     for (kind, status), count in sorted(answers.items(), key=lambda kv: kv[0][0]):
         print(f"  {kind:36} {status!s:>5} x{count}")
+    accepted = sum(c for (kind, status), c in answers.items() if kind == "64 prompts x n=2 (accepted)" and status == 200)
+    print(f"the largest accepted request (64 prompts x n=2 x 16 tokens) answered 200 x{accepted}")
     server_errors = [k for (k, s) in answers if not isinstance(s, int) or s >= 500]
-    if server_errors or ratio > 2.0:
-        raise SystemExit(f"FAILED: 5xx or no answer for {sorted(set(server_errors))}; p95 ratio {ratio:.2f}")
+    unanswered = ({*hostile_kinds(model, home), FORM_FIELDS, ONE_LINE}) - {k for k, _ in answers}
+    if server_errors or unanswered or ratio > 2.0:
+        raise SystemExit(f"FAILED: 5xx or no answer for {sorted(set(server_errors) | unanswered)}; "
+                         f"p95 ratio {ratio:.2f}")
 
 
 if __name__ == "__main__":
