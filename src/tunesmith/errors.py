@@ -19,6 +19,11 @@ class ModelNotFoundError(UsageError):
     """A model name or path that resolves to nothing available offline."""
 
 
+class AdapterError(UsageError):
+    """An adapter folder whose files cannot be loaded onto this base: a config, metadata or
+    weights file that is unreadable, malformed or shaped for another model."""
+
+
 class ConfigError(UsageError):
     """A config file or option that does not validate."""
 

@@ -71,11 +71,11 @@ NORMAL = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @contextmanager
-def normal_chat(server: str, model: str = "alpha"):
+def normal_chat(server: str, model: str = "alpha", api_key: str = "unused"):
     """A normal streamed chat running in a thread; on exit, asserts it finished with text."""
     from openai import OpenAI
 
-    client = OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=120)
+    client = OpenAI(base_url=server + "/v1", api_key=api_key, max_retries=0, timeout=120)
     result: dict = {}
 
     def run() -> None:

@@ -150,13 +150,15 @@ def test_invalid_unicode_and_huge_seeds_are_400s(server, engine, body, param):
     assert (err["param"], err["code"]) == (param, "invalid_parameter")
 
 
-def test_bodies_the_parser_refuses_are_400s(server, engine):
-    deep = '{"model": "x", "messages": ' + "[" * 100_000 + "]" * 100_000 + "}"
-    number = '{"model": "x", "messages": [], "seed": 1' + "0" * 5000 + "}"
+@pytest.mark.parametrize("body", [
+    '{"model": "x", "messages": ' + "[" * 100_000 + "]" * 100_000 + "}",
+    '{"model": "x", "messages": [], "seed": 1' + "0" * 5000 + "}",
+], ids=["100,000-deep nesting", "a 5,001-digit number"])
+def test_bodies_the_parser_refuses_are_400s(server, engine, body):
+    """The JSON parser refuses both before pydantic sees them: no parameter to name."""
     with normal_chat(server):
-        for body in (deep, number):
-            err = error_of(post(server, "/v1/chat/completions", body), 400)
-            assert err["code"] in ("invalid_body", "invalid_json", "invalid_parameter")
+        err = error_of(post(server, "/v1/chat/completions", body), 400)
+    assert (err["param"], err["code"]) == (None, "invalid_body"), err
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +171,8 @@ def keyed_server(engine, tmp_path_factory):
 
 
 def test_the_key_is_checked_before_the_body_and_on_the_schema(keyed_server):
-    err = error_of(post(keyed_server, "/v1/chat/completions", "{not json"), 401)
+    with normal_chat(keyed_server, api_key="k"):
+        err = error_of(post(keyed_server, "/v1/chat/completions", "{not json"), 401)
     assert err["code"] == "invalid_api_key"
     assert httpx.get(keyed_server + "/openapi.json").status_code == 401
     assert httpx.get(keyed_server + "/openapi.json", headers={"Authorization": "Bearer k"}).status_code == 200
@@ -193,21 +196,32 @@ def test_a_full_queue_is_a_429_with_retry_after(small_engine, tmp_path):
 
     ids = small_engine.render_chat(NORMAL)
     handles = []
+
+    def wait_for_waiting(rows: int) -> None:
+        while small_engine.stats()["waiting"] != rows:
+            time.sleep(0.01)
+
     with live_server(create_app(small_engine, Settings(home=tmp_path, api_key=None))) as url:
-        with small_engine._model_lock:  # hold the step: what is queued stays queued
+        step = small_engine._model_lock
+        step.acquire()  # hold the step: what is queued stays queued
+        try:
             handles.append(small_engine.submit(ids, small_engine.base_id, SamplingParams(4, 0.0), lambda ev: None))
-            while small_engine.stats()["waiting"]:  # the first row is taken into the held step
-                time.sleep(0.01)
-            for _ in range(2):
-                handles.append(small_engine.submit(ids, small_engine.base_id, SamplingParams(4, 0.0), lambda ev: None))
-            resp = post(url, "/v1/chat/completions", chat_body(small_engine))
-            err = error_of(resp, 429)
-            assert err["code"] == "server_overloaded" and resp.headers["retry-after"] == "1"
-        for h in handles:
-            h.cancel()
+            wait_for_waiting(0)  # the first row is taken into the held step
+            with normal_chat(url, model=small_engine.base_id):  # queued before the queue is full: answered
+                wait_for_waiting(1)
+                handles.append(small_engine.submit(ids, small_engine.base_id, SamplingParams(4, 0.0),
+                                                   lambda ev: None))
+                resp = post(url, "/v1/chat/completions", chat_body(small_engine))
+                err = error_of(resp, 429)
+                assert err["code"] == "server_overloaded" and resp.headers["retry-after"] == "1"
+                for h in handles:
+                    h.cancel()
+                step.release()
+                step = None
+        finally:
+            if step is not None:
+                step.release()
         wait_until_idle(small_engine)
-        with normal_chat(url, model=small_engine.base_id):
-            pass
 
 
 def test_admission_takes_turns_between_requests(small_engine):
@@ -340,6 +354,7 @@ def test_adapter_files_are_checked_before_any_allocation(confined_server, adapte
     change(target)
     with normal_chat(url):
         err = error_of(post(url, "/v1/adapters", {"name": "bad", "path": str(target)}), 400)
+    assert (err["param"], err["code"]) == ("path", "invalid_adapter")
     assert words in err["message"]
 
 

@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tunesmith.errors import UsageError
+from tunesmith.errors import AdapterError, UsageError
 from tunesmith.runs import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_DIR,
@@ -68,9 +68,9 @@ def _json_object(path: Path) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise UsageError(f"'{path}' is not valid JSON ({str(exc)[:120]}); re-save the adapter") from None
+        raise AdapterError(f"'{path}' is not valid JSON ({str(exc)[:120]}); re-save the adapter") from None
     if not isinstance(value, dict):
-        raise UsageError(f"'{path}' must hold a JSON object, not {type(value).__name__}; re-save the adapter")
+        raise AdapterError(f"'{path}' must hold a JSON object, not {type(value).__name__}; re-save the adapter")
     return value
 
 
@@ -84,7 +84,7 @@ def check_shapes(adapter_dir: Path, base_config: Any) -> None:
     ranks = [config.get("r", 8), *dict(config.get("rank_pattern") or {}).values()]
     for r in ranks:
         if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= width:
-            raise UsageError(f"adapter '{adapter_dir}': rank {r!r} in {ADAPTER_CONFIG_FILE} does not fit a base "
+            raise AdapterError(f"adapter '{adapter_dir}': rank {r!r} in {ADAPTER_CONFIG_FILE} does not fit a base "
                              f"{width} wide; it was not trained on this base")
     weights = adapter_dir / ADAPTER_WEIGHTS_FILE
     try:
@@ -96,10 +96,10 @@ def check_shapes(adapter_dir: Path, base_config: Any) -> None:
         shapes = [t["shape"] for name, t in header.items() if name != "__metadata__"]
         numels = [math.prod(int(d) for d in shape) for shape in shapes]
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise UsageError(f"adapter '{adapter_dir}': {ADAPTER_WEIGHTS_FILE} is not a readable safetensors file "
+        raise AdapterError(f"adapter '{adapter_dir}': {ADAPTER_WEIGHTS_FILE} is not a readable safetensors file "
                          f"({str(exc)[:120]})") from None
     if any(n > largest for n in numels):
-        raise UsageError(f"adapter '{adapter_dir}' holds a tensor of {max(numels):,} values, more than this base's "
+        raise AdapterError(f"adapter '{adapter_dir}' holds a tensor of {max(numels):,} values, more than this base's "
                          f"largest weight ({largest:,}); it was not trained on this base")
 
 
@@ -107,7 +107,7 @@ def check_base(adapter_dir: Path, base_identity: dict[str, Any]) -> None:
     """Refuse an adapter trained on a different base model (by content hash)."""
     want = adapter_meta(adapter_dir).get("base_model", {})
     if want.get("sha256") and base_identity.get("sha256") and want["sha256"] != base_identity["sha256"]:
-        raise UsageError(
+        raise AdapterError(
             f"adapter '{adapter_dir}' was trained on base model '{want.get('name')}' "
             f"(sha256 {want['sha256'][:12]}), not on '{base_identity.get('name')}' "
             f"(sha256 {base_identity['sha256'][:12]}); pass --model {want.get('name')}"

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunesmith.errors import UsageError
+from tunesmith.errors import AdapterError, UsageError
 from tunesmith.models.adapters import check_base, resolve_adapter
 from tunesmith.models.int8 import quantize_frozen_linears
 from tunesmith.models.registry import REGISTRY, identity, load_model, load_tokenizer, resolve_model
@@ -101,7 +101,7 @@ def find_adapter(path: str | Path, base_identity: dict[str, Any]) -> Path:
     """The adapter directory of a run or adapter directory, checked to load onto this base."""
     adapter_dir = resolve_adapter(path)
     if not (adapter_dir / ADAPTER_WEIGHTS_FILE).is_file():
-        raise UsageError(
+        raise AdapterError(
             f"adapter '{adapter_dir}' has no {ADAPTER_WEIGHTS_FILE}; only safetensors adapters are "
             "loaded (re-save it with save_pretrained(..., safe_serialization=True))"
         )
@@ -120,7 +120,7 @@ def put_adapter(model: Any, adapter_dir: Path, name: str, base_id: str) -> Any:
 
             model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=name)
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
-        raise UsageError(f"could not load adapter '{adapter_dir}' onto {base_id}: {exc}") from exc
+        raise AdapterError(f"could not load adapter '{adapter_dir}' onto {base_id}: {exc}") from exc
     return model.eval()
 
 

@@ -23,6 +23,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from tunesmith.generate.engine import Engine, Event, SamplingParams, UnknownModelError
+from tunesmith.errors import AdapterError
 from tunesmith.generate.constraints import Constraint
 from tunesmith.serve import limits as lim
 from tunesmith.serve.limits import MAX_BODY_BYTES, BodyLimit
@@ -371,7 +372,10 @@ async def add_adapter(req: p.AdapterRequest, request: Request, engine: Engine = 
                             "fine-tuning jobs publish; choose another name", param="name", code="reserved_name")
     path = lim.confined_path(req.path, request.app.state.path_roots, "path", "adapter")
     # Loading reads files and waits for the current step: keep it off the event loop.
-    card = await run_in_threadpool(engine.add_adapter, req.name, path)
+    try:
+        card = await run_in_threadpool(engine.add_adapter, req.name, path)
+    except AdapterError as exc:  # its files are the client's to fix: name them
+        raise APIError(400, str(exc), param="path", code="invalid_adapter") from None
     return _model_object(card)
 
 
