@@ -358,6 +358,31 @@ def test_adapter_files_are_checked_before_any_allocation(confined_server, adapte
     assert words in err["message"]
 
 
+def test_clients_load_at_most_max_adapters(engine, adapter_dirs, tmp_path):
+    """Each adapter a client loads holds memory until deleted: past --max-adapters (the
+    `ft:` models jobs publish aside) a load is refused, and a DELETE makes room."""
+    from tunesmith.serve.app import create_app
+    from tunesmith.serve.limits import Limits
+    from tunesmith.settings import Settings
+
+    shutil.copytree(adapter_dirs["alpha"], tmp_path / "mine")
+    named = sum(1 for c in engine.models() if c.parent and not c.id.startswith("ft:"))
+    app = create_app(engine, Settings(home=tmp_path, api_key=None), limits=Limits(max_adapters=named + 1))
+    with live_server(app) as url:
+        try:
+            assert post(url, "/v1/adapters", {"name": "one", "path": str(tmp_path / "mine")}).status_code == 201
+            with normal_chat(url):
+                err = error_of(post(url, "/v1/adapters", {"name": "two", "path": str(tmp_path / "mine")}), 400)
+            assert (err["param"], err["code"]) == ("name", "too_many_adapters")
+            assert "DELETE" in err["message"] and "two" not in {c.id for c in engine.models()}
+            assert httpx.delete(url + "/v1/adapters/one").status_code == 200
+            assert post(url, "/v1/adapters", {"name": "two", "path": str(tmp_path / "mine")}).status_code == 201
+        finally:
+            for name in ("one", "two"):
+                if name in {c.id for c in engine.models()}:
+                    engine.remove_adapter(name)
+
+
 def _edit_config(adapter_dir, **changes) -> None:
     path = adapter_dir / "adapter_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))

@@ -54,6 +54,10 @@ def serve_cmd(
     db: Optional[str] = typer.Option(None, "--db", help=DB_HELP),
     workers: int = typer.Option(1, "--workers", help="Fine-tuning job workers in this process (0: API only)."),
     max_upload_mb: float = typer.Option(512.0, "--max-upload-mb", help="Largest file /v1/files accepts, in MB."),
+    max_adapters: int = typer.Option(
+        64, "--max-adapters", min=0, help="Adapters served under chosen names (--adapter and POST /v1/adapters; "
+        "the ft: models jobs publish aside); more are refused until one is deleted."
+    ),
     allow_path: Optional[list[Path]] = typer.Option(
         None, "--allow-path", help="A folder besides $TUNESMITH_HOME whose models and adapters clients may name "
         "over HTTP (repeatable)."
@@ -122,7 +126,9 @@ def serve_cmd(
         typer.echo(f"  dashboard: http://{host}:{port}/", err=True)
         from tunesmith.serve.dashboard import mount_dashboard
 
-        server_app = create_app(engine, settings, routers=[jobs.router])
+        from tunesmith.serve.limits import Limits
+
+        server_app = create_app(engine, settings, routers=[jobs.router], limits=Limits(max_adapters=max_adapters))
         mount_dashboard(server_app)
         uvicorn.run(server_app, host=host, port=port, log_level="info")
     finally:

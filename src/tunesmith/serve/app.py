@@ -50,6 +50,7 @@ def create_app(engine: Engine, settings: Settings | None = None, routers: Sequen
     app.state.engine = engine
     app.state.api_key = settings.api_key
     app.state.limits = limits
+    app.state.adapter_lock = asyncio.Lock()
     app.state.path_roots = settings.path_roots()
     add_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
@@ -371,11 +372,15 @@ async def add_adapter(req: p.AdapterRequest, request: Request, engine: Engine = 
         raise APIError(400, f"adapter name '{req.name}': names starting with 'ft:' are reserved for the models "
                             "fine-tuning jobs publish; choose another name", param="name", code="reserved_name")
     path = lim.confined_path(req.path, request.app.state.path_roots, "path", "adapter")
-    # Loading reads files and waits for the current step: keep it off the event loop.
-    try:
-        card = await run_in_threadpool(engine.add_adapter, req.name, path)
-    except AdapterError as exc:  # its files are the client's to fix: name them
-        raise APIError(400, str(exc), param="path", code="invalid_adapter") from None
+    # One load at a time, so that two requests cannot both pass the count below.
+    async with request.app.state.adapter_lock:
+        lim.check_adapters(sum(1 for c in engine.models() if c.parent and not c.id.startswith("ft:")),
+                           request.app.state.limits)
+        # Loading reads files and waits for the current step: keep it off the event loop.
+        try:
+            card = await run_in_threadpool(engine.add_adapter, req.name, path)
+        except AdapterError as exc:  # its files are the client's to fix: name them
+            raise APIError(400, str(exc), param="path", code="invalid_adapter") from None
     return _model_object(card)
 
 

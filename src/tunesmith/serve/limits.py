@@ -42,6 +42,9 @@ class Limits:
     max_schema_depth: int = 64
     """Nesting of a response_format schema, in JSON levels (OpenAI's 10 object levels are
     about 20-30 JSON levels)."""
+    max_adapters: int = 64
+    """Adapters served under names of the operator's or the clients' choosing (--adapter and
+    POST /v1/adapters; the `ft:` models jobs publish aside): each holds memory until DELETEd."""
     max_running_graders: int = 4
     """Grader runs at once, each in its own thread (a python grader's child, a judge's call);
     they never take the threads that chats render in."""
@@ -60,6 +63,13 @@ def check_prompts(n_prompts: int, n: int, limits: Limits) -> None:
         raise APIError(400, f"{n_prompts} prompts x n={n} is {n_prompts * n} completions; this server makes at most "
                             f"{limits.max_choices} per request: lower n or split the prompts",
                        param="n", code="too_many_choices")
+
+
+def check_adapters(loaded: int, limits: Limits) -> None:
+    if loaded >= limits.max_adapters:
+        raise APIError(400, f"this server already serves {loaded} adapters, its limit (--max-adapters "
+                            f"{limits.max_adapters}); DELETE /v1/adapters/NAME one you no longer need first",
+                       param="name", code="too_many_adapters")
 
 
 def check_messages(n_messages: int, limits: Limits) -> None:
