@@ -90,3 +90,4 @@ def test_a_run_that_does_not_name_its_base_weights_is_never_matched(run_dir, tin
     stage(run_dir, tiny_model_dir, data, tmp_path / "eval1", cache, capsys)
     _, log = stage(run_dir, tiny_model_dir, data, tmp_path / "eval2", cache, capsys)
     assert "reusing" not in log
+    assert not cache.exists() or not any(cache.iterdir())  # nothing kept that nothing could match

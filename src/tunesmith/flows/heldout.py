@@ -16,14 +16,13 @@ import json
 import os
 import shutil
 import tempfile
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from tunesmith import __version__
 from tunesmith.data.example import Example
 from tunesmith.evaluate.comparison import FINE_TUNED, ZERO_SHOT, Comparison, Strategy, verdict
-from tunesmith import __version__
 from tunesmith.evaluate.evaluation import (
     EvalResult,
     evaluate_examples,
@@ -33,8 +32,8 @@ from tunesmith.evaluate.evaluation import (
     run_system_prompt,
     write_eval,
 )
-from tunesmith.runs import EVAL_METRICS_FILE, PREDICTIONS_FILE
 from tunesmith.generate.constraints import Constraint
+from tunesmith.runs import EVAL_METRICS_FILE, PREDICTIONS_FILE
 
 
 @dataclass
@@ -85,13 +84,11 @@ def base_vs_tuned(
     system = system if system is not None else run_system_prompt(adapter)
     if examples is None:
         examples = load_examples(data, output_column=output_column, system=system)
-    base = None
-    if base_cache is not None:
-        key = base_key(model, adapter, examples, system, metric, labels, max_new_tokens)
-        base = cached_base(base_cache / key, base_out, log)
+    key = base_key(model, adapter, examples, system, metric, labels, max_new_tokens) if base_cache else None
+    base = cached_base(base_cache / key, base_out, log) if base_cache and key else None
     if base is None:
         base = evaluate_side(model, None, examples, data, base_out, system, metric, labels, max_new_tokens, True, log)
-        if base_cache is not None:
+        if base_cache and key:
             keep_base(base, base_cache / key)
     tuned = evaluate_side(model, adapter, examples, data, tuned_out, system, metric, labels, max_new_tokens, True,
                           log)
@@ -99,13 +96,13 @@ def base_vs_tuned(
 
 
 def base_key(model: str | Path | None, adapter: str | Path, examples: Sequence[Example], system: str | None,
-             metric: str, labels: Sequence[str] | None, max_new_tokens: int) -> str:
+             metric: str, labels: Sequence[str] | None, max_new_tokens: int) -> str | None:
     """What decides the base side's evaluation, hashed. The base is named by the weights the run
-    trained on (run.json's sha256); a run without one is never matched."""
+    trained on (run.json's sha256); a run without one has no key, so it is neither matched nor kept."""
     base = run_info(adapter).get("base_model") or {}
     weights = base.get("sha256") if isinstance(base, dict) else None
     if not weights:
-        weights = f"unknown-{uuid.uuid4().hex}"
+        return None
     rows = [asdict(ex) for ex in examples]
     what = {"model": str(model), "weights": weights, "rows": rows, "system": system, "metric": metric,
             "labels": list(labels) if labels else None, "max_new_tokens": max_new_tokens, "version": __version__}
