@@ -570,11 +570,13 @@ def test_a_worker_renews_its_lease_while_it_validates_so_no_other_worker_takes_t
     service = files_server
     service.path_roots = (*service.path_roots, tiny_model_dir.parent)
     lines = [json.dumps({"messages": [{"role": "user", "content": f"question {k} " * 5},
-                                      {"role": "assistant", "content": f"answer {k}"}]}) for k in range(400)]
+                                      {"role": "assistant", "content": f"answer {k}"}]}) for k in range(2000)]
     body = _multipart([("purpose", b"fine-tune", None), ("file", "\n".join(lines).encode(), "t.jsonl")])
     file_id = _upload(service.url, body).json()["id"]
     job_id = post(service.url, "/v1/fine_tuning/jobs", {"model": str(tiny_model_dir), "training_file": file_id}).json()["id"]
-    lease_s = 0.5
+    # Checking 2,000 lines takes about 4 leases (6 s on a quiet 2-core machine); the lease is 30
+    # poll intervals long, so a loaded machine (CI) that delays one renewal still keeps it.
+    lease_s = 1.5
     worker = Worker(service.store, WorkerConfig(poll_interval_s=0.05, lease_s=lease_s), worker_id="w1",
                     log=lambda msg: None)
     rival_claims, heartbeats = [], set()
