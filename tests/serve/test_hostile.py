@@ -309,6 +309,57 @@ def test_a_big_request_over_http_takes_turns_with_a_small_one(small_engine, tmp_
     assert ends == ["chat 200", "big 200"], ends
 
 
+def test_a_request_holding_the_whole_batch_gives_rows_back_when_another_arrives(tiny_model_dir, tmp_path):
+    """A big request admitted alone takes every row of the step; a chat arriving after it
+    used to wait for those rows to end (up to max_tokens steps of the big batch). Now the big
+    request keeps its fair share (8 rows over 2 requests: 4), gives the other 4 back at the
+    next step, and they resume later from their answer so far: the chat is answered first,
+    and the big request's answers are the ones it gets alone."""
+    from tunesmith.generate.engine import LocalEngine
+    from tunesmith.models.inference import load_for_inference
+    from tunesmith.serve.app import create_app
+    from tunesmith.settings import Settings
+
+    eng = LocalEngine(load_for_inference(str(tiny_model_dir)), precision="fp32", max_batch_rows=8)
+    big = {"model": eng.base_id, "prompt": ["a b", "c d e", "f", "g h i j"], "n": 2, "max_tokens": 32,
+           "temperature": 0}
+    ends: list[str] = []
+    answers: dict[str, httpx.Response] = {}
+
+    def send(name: str, path: str, body: dict) -> threading.Thread:
+        def run() -> None:
+            answers[name] = post(url, path, body)
+            ends.append(name)
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    try:
+        with live_server(create_app(eng, Settings(home=tmp_path, api_key=None))) as url:
+            with eng._model_lock:  # hold the first step: the big request is admitted whole, then the chat arrives
+                big_thread = send("big", "/v1/completions", big)
+                while eng.stats()["waiting"] or not big_thread.is_alive():
+                    time.sleep(0.01)
+                time.sleep(0.2)  # the engine took all 8 rows and waits for the step
+                assert eng.stats()["waiting"] == 0
+                chat = send("chat", "/v1/chat/completions",
+                            {"model": eng.base_id, "messages": NORMAL, "max_tokens": 2, "temperature": 0})
+                while eng.stats()["waiting"] < 1:
+                    time.sleep(0.01)
+            chat.join(timeout=120)
+            big_thread.join(timeout=120)
+            preempted = eng.stats()["preempted"]
+            alone = post(url, "/v1/completions", big)
+    finally:
+        eng.close()
+    assert answers["chat"].status_code == 200 and answers["big"].status_code == 200, answers
+    assert preempted == 4  # the big request kept its share of 8 rows over 2 requests
+    assert ends == ["chat", "big"]
+    texts = lambda r: [(c["index"], c["text"], c["finish_reason"]) for c in r.json()["choices"]]  # noqa: E731
+    assert texts(answers["big"]) == texts(alone)  # the preempted rows resumed where they were
+    assert sum(c[2] == "length" for c in texts(alone)) >= 4  # long answers: they outlasted the chat
+
+
 @pytest.fixture(scope="module")
 def confined_server(engine, tmp_path_factory):
     """A server whose clients may name paths only under its home."""

@@ -29,6 +29,7 @@ import queue
 import re
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
@@ -138,6 +139,9 @@ class _Seq:
     matcher: Any = None
     """A constrained row's llguidance LLMatcher: which tokens may come next."""
     prefix: _Prefix | None = None
+    evicted: bool = False
+    """Taken out of the batch for a fairer share (see _admit): it leaves at the next step and
+    waits again; readmitted, it prefills its prompt and its answer so far."""
     group: Any = None
     """The request this row belongs to (its n choices, its prompts): admission takes rows
     from the waiting requests in turn, so one big request cannot starve small ones."""
@@ -200,6 +204,7 @@ class LocalEngine:
         self._peak_rows = 0
         self._steps = 0
         self._cancelled = 0
+        self._preempted = 0
         self._torch = torch
         self._ll_tokenizer: Any = None
         self._compiled: dict[Constraint, Any] = {}
@@ -238,10 +243,12 @@ class LocalEngine:
 
     def stats(self) -> dict[str, int]:
         """Rows generating now, requests queued, the most rows ever decoded together, decode
-        steps run, and requests cancelled before their end (clients that went away)."""
+        steps run, requests cancelled before their end (clients that went away), and rows
+        taken out of the batch to give other requests their share (see _admit)."""
         with self._queue_cv:
             return {"running": len(self._rows), "waiting": len(self._waiting),
-                    "peak_rows": self._peak_rows, "steps": self._steps, "cancelled": self._cancelled}
+                    "peak_rows": self._peak_rows, "steps": self._steps, "cancelled": self._cancelled,
+                    "preempted": self._preempted}
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok(text, add_special_tokens=True)["input_ids"])
@@ -470,6 +477,7 @@ class LocalEngine:
                 new = self._admit()
             try:
                 with self._model_lock, torch.inference_mode(), autocast(self.precision, self._device.type):
+                    self._evict()
                     new = [s for s in new if not self._finish_if_cancelled(s)]
                     for prefix in dict.fromkeys(s.prefix for s in new):  # newcomers sharing a prefix together
                         self._prefill([s for s in new if s.prefix is prefix], prefix)
@@ -497,12 +505,40 @@ class LocalEngine:
         waiting request in turn (oldest request first) while the step stays within
         max_batch_rows and, padded to its longest row, max_batch_tokens; requests that had a
         row admitted least recently go first. Stops at the first
-        row that does not fit, so a long row waits its turn instead of being passed forever."""
-        running = [s for s in self._rows if not s.done]
-        rows, widest = len(running), max((self._row_tokens(s) for s in running), default=0)
+        row that does not fit, so a long row waits its turn instead of being passed forever.
+
+        A request holds at most its fair share of the step's rows: max_batch_rows over the
+        requests with rows running or waiting (all of them when it is alone). The share is
+        kept even when slots stay free: a step's time grows with its rows (on a CPU about in
+        proportion), so a big request's rows beyond its share would slow every other
+        request's tokens, and the chats beside a 64 x 2 request took 3.6 times as long.
+        A request already holding more than its share when others arrive gives back the
+        rows it advanced least (preempted: they leave the batch at the next step and wait at
+        the front of their request's turn), so newcomers wait for a step, not for the big
+        request's rows to end. Rows that share a prefix (`generate_batch`'s) are each their
+        own request and never hold more than one."""
+        self._waiting = [s for s in self._waiting if not self._finish_if_cancelled(s)]
         turns: dict[Any, list[_Seq]] = {}
         for s in self._waiting:
             turns.setdefault(s.group, []).append(s)
+        running = [s for s in self._rows if not s.done and not s.evicted]
+        held = Counter(s.group for s in running)
+        share = max(1, self._max_rows // max(1, len(held.keys() | turns.keys())))
+        if any(held[g] < share for g in turns):  # someone waits within its share: take back the excess
+            back: list[_Seq] = []
+            for g, n in held.items():
+                if n > share:
+                    mine = sorted((s for s in running if s.group is g and s.prefix is None), key=lambda s: len(s.out_ids))
+                    back += mine[:n - share]
+            for s in back:
+                s.evicted = True
+                held[s.group] -= 1
+                turns.setdefault(s.group, []).insert(0, s)
+            if back:
+                self._preempted += len(back)
+                self._waiting = back + self._waiting
+                running = [s for s in running if not s.evicted]
+        rows, widest = len(running), max((self._row_tokens(s) for s in running), default=0)
         # Requests not yet served first (in arrival order), then the one served longest ago.
         queues = sorted(turns.values(), key=lambda q: self._last_turn.get(q[0].group, -1))
         taken: list[_Seq] = []
@@ -510,11 +546,14 @@ class LocalEngine:
         while queues and not full:
             later = []
             for q in queues:
+                if held[q[0].group] >= share:  # this request waits until it holds fewer rows
+                    continue
                 wide = max(widest, self._row_tokens(q[0]))
                 if rows >= self._max_rows or (rows and (rows + 1) * wide > self._max_tokens):
                     full = True
                     break
                 taken.append(q.pop(0))
+                held[taken[-1].group] += 1
                 self._turns += 1
                 self._last_turn[taken[-1].group] = self._turns
                 rows, widest = rows + 1, wide
@@ -527,6 +566,21 @@ class LocalEngine:
             still = {s.group for s in self._waiting}
             self._last_turn = {g: t for g, t in self._last_turn.items() if g in still}
         return taken
+
+    def _evict(self) -> None:
+        """Take the rows _admit preempted out of the batch (they wait again in the queue)."""
+        import torch
+
+        if not any(s.evicted for s in self._rows):
+            return
+        keep = [i for i, s in enumerate(self._rows) if not s.evicted]
+        if not keep:
+            self._rows, self._cache, self._mask, self._next_ids = [], None, None, None
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self._device)
+        self._rows = [self._rows[i] for i in keep]
+        self._mask = batch.keep_rows(self._cache, self._mask, index)
+        self._next_ids = self._next_ids[index]
 
     def _finish_if_cancelled(self, s: _Seq) -> bool:
         if s.handle.cancelled and not s.done:
@@ -562,8 +616,11 @@ class LocalEngine:
 
         (DynamicCache,) = transformers_names("DynamicCache")  # this engine's thread, beside validating ones
         offset = len(prefix.ids) if prefix is not None else 0
+        for s in new:
+            s.evicted = False  # a preempted row resumes: its prompt and its answer so far
+        context = {id(s): s.prompt_ids + s.out_ids for s in new}
         distinct: dict[tuple, int] = {}
-        spread = [distinct.setdefault((s.adapter, tuple(s.prompt_ids[offset:])), len(distinct)) for s in new]
+        spread = [distinct.setdefault((s.adapter, tuple(context[id(s)][offset:])), len(distinct)) for s in new]
         heads = [new[spread.index(k)] for k in range(len(distinct))]
         # Only the last position's logits, picked by an index tensor rather than logits_to_keep=1:
         # transformers' slice of it is a strided view, and torch's linear on a strided 3-D bf16
@@ -571,7 +628,7 @@ class LocalEngine:
         # SmolLM2 spent 12 s copying 64 x 576 x 49,152 weights); the index gives a contiguous
         # input, an ordinary matmul and the same logits.
         last = torch.tensor([-1], device=self._device)
-        ids, mask, positions = batch.left_padded([s.prompt_ids[offset:] for s in heads], self._pad_id, offset,
+        ids, mask, positions = batch.left_padded([context[id(s)][offset:] for s in heads], self._pad_id, offset,
                                                  self._device)
         if prefix is None:
             cache = DynamicCache(config=self._config)
@@ -583,7 +640,7 @@ class LocalEngine:
             cache = batch.repeat_prefix(prefix.cache, len(heads))
             mask = torch.cat([torch.ones((len(heads), offset), dtype=mask.dtype, device=self._device), mask], dim=1)
         for s in new:
-            s.n_cached = len(s.prompt_ids)
+            s.n_cached = len(context[id(s)])
         out = self._forward(
             heads, input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=last
         )
