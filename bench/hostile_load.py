@@ -95,6 +95,7 @@ UPLOAD_LIMIT_MB = 1.0
 """The bench server's --max-upload-mb (the issue's case: 20 MB of form fields under 1 MB)."""
 BOUNDARY = "hostile"
 FORM_FIELDS, ONE_LINE = "20 MB of form fields, 1 MB limit", "a one-line upload of 0.99 MB"
+THROUGH_MODEL = "a one-line upload: checked through the model"
 
 
 def bad_adapters(home: Path) -> None:
@@ -120,8 +121,10 @@ def multipart(parts: list[tuple[str, bytes, str | None]]) -> bytes:
     return out + f"--{BOUNDARY}--\r\n".encode()
 
 
-def upload_kinds() -> dict[str, Callable[[httpx.Client, str], list[tuple[str, int]]]]:
-    """The upload kinds, each a function (client, url) -> [(kind, status)] for one round."""
+def upload_kinds(model_path: str) -> dict[str, Callable[[httpx.Client, str], list[tuple[str, int]]]]:
+    """The upload kinds, each a function (client, url) -> [(kind, status)] for one round.
+    model_path: the served model's folder (the server allows its parent), which the upload is
+    also checked through, a line of 0.99 MB rendered and tokenized by the server."""
     headers = {"Authorization": f"Bearer {KEY}", "content-type": f"multipart/form-data; boundary={BOUNDARY}"}
     # 340 fields of 60 KB (each under the per-field cap, 20 MB together), sent chunked: no
     # Content-Length, so only the server's count while streaming can stop it.
@@ -147,6 +150,8 @@ def upload_kinds() -> dict[str, Callable[[httpx.Client, str], list[tuple[str, in
             file_id = resp.json()["id"]
             out.append(("a one-line upload: its validation", http.get(url + f"/files/{file_id}/validation",
                                                             headers=AUTH).status_code))
+            out.append((THROUGH_MODEL, http.get(url + f"/files/{file_id}/validation", params={"model": model_path},
+                                                headers=AUTH).status_code))
             out.append(("a one-line upload: its deletion", http.delete(url + f"/files/{file_id}", headers=AUTH).status_code))
         return out
 
@@ -189,7 +194,8 @@ def normal_run(url: str, model: str, max_tokens: int) -> list[float]:
     return sorted(results)  # type: ignore[arg-type]
 
 
-def hostile_client(url: str, model: str, home: Path, ready, stop, results, skip: tuple[str, ...] = ()) -> None:
+def hostile_client(url: str, model: str, home: Path, ready, stop, results, skip: tuple[str, ...] = (),
+                   model_path: str = "") -> None:
     """A separate process (hostile clients are other clients: their work must not slow the
     measured chats' own client): one thread per hostile kind, each sending its request at
     once (`ready` says they started) and again 0.2 s after each answer until `stop`, at
@@ -213,7 +219,7 @@ def hostile_client(url: str, model: str, home: Path, ready, stop, results, skip:
                     break
 
     sends = {kind: post(kind, body) for kind, body in hostile_kinds(model, home).items()}
-    kinds = {k: v for k, v in {**sends, **upload_kinds()}.items() if not any(part in k for part in skip)}
+    kinds = {k: v for k, v in {**sends, **upload_kinds(model_path)}.items() if not any(part in k for part in skip)}
     threads = [threading.Thread(target=loop, args=kv) for kv in kinds.items()]
     for t in threads:
         t.start()
@@ -224,11 +230,13 @@ def hostile_client(url: str, model: str, home: Path, ready, stop, results, skip:
 
 
 def start_server(model: str, threads: int | None, home: Path) -> tuple[subprocess.Popen, str]:
+    """`tunesmith serve` on a free loopback port, its home `home`; the model's folder's parent
+    is an allowed root, so a file can be checked through the model by its path."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [str(Path(sys.executable).parent / "tunesmith"), "serve", "--model", model, "--port", str(port),
-           "--workers", "0", "--max-upload-mb", str(UPLOAD_LIMIT_MB)]
+           "--workers", "0", "--max-upload-mb", str(UPLOAD_LIMIT_MB), "--allow-path", str(Path(model).parent)]
     if threads:
         cmd += ["--threads", str(threads)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TUNESMITH_API_KEY": KEY,
@@ -286,7 +294,7 @@ def main() -> None:
             alone = normal_run(url, model, args.max_tokens)
             ready, stop, results = multiprocessing.Event(), multiprocessing.Event(), multiprocessing.Queue()
             hostile = multiprocessing.Process(target=hostile_client, args=(url, model, home, ready, stop, results,
-                                                                                tuple(args.skip)))
+                                                                                tuple(args.skip), model_spec))
             hostile.start()
             ready.wait(timeout=300)
             time.sleep(1.0)  # the hostile requests are already arriving when the chats start
@@ -311,7 +319,7 @@ def main() -> None:
     accepted = sum(c for (kind, status), c in answers.items() if kind == "64 prompts x n=2 (accepted)" and status == 200)
     print(f"the largest accepted request (64 prompts x n=2 x 16 tokens) answered 200 x{accepted}")
     server_errors = [k for (k, s) in answers if not isinstance(s, int) or s >= 500]
-    unanswered = {k for k in (*hostile_kinds(model, home), FORM_FIELDS, ONE_LINE)
+    unanswered = {k for k in (*hostile_kinds(model, home), FORM_FIELDS, ONE_LINE, THROUGH_MODEL)
                   if not any(part in k for part in args.skip)} - {k for k, _ in answers}
     if server_errors or unanswered or ratio > 2.0:
         raise SystemExit(f"FAILED: 5xx or no answer for {sorted(set(server_errors) | unanswered)}; "

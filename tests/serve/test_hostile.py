@@ -561,6 +561,29 @@ def test_a_lone_surrogate_in_an_upload_line_is_a_line_error_in_the_validation_th
     assert [(e["line"], e["code"]) for e in report.json()["errors"]] == [(12, "invalid_json")]
 
 
+def test_a_file_is_checked_through_a_model_in_a_process_of_its_own_at_the_lowest_priority(files_server,
+                                                                                         tiny_model_dir):
+    """Rendering and tokenizing a 1 MB line took 0.8 s of a core in the server's process,
+    holding the GIL up to 70 ms at a time, and made the chats beside a stream of such checks
+    2.3 times slower (issue 19's load run). The check now runs in a child process at nice 19,
+    and its report is the same."""
+    import os
+
+    service = files_server
+    service.path_roots = (*service.path_roots, tiny_model_dir.parent)
+    line = json.dumps({"messages": [{"role": "user", "content": "a " * 50_000}, {"role": "assistant", "content": "b"}]})
+    body = _multipart([("purpose", b"fine-tune", None), ("file", "\n".join([line] + [GOOD_LINE] * 11).encode(), "t.jsonl")])
+    url = service.url + f"/v1/files/{_upload(service.url, body).json()['id']}/validation"
+    with normal_chat(service.url):
+        report = httpx.get(url, params={"model": str(tiny_model_dir)}, timeout=120)
+    assert report.status_code == 200, report.text
+    problems = [(p["line"], p["code"]) for p in report.json()["errors"] + report.json()["warnings"]]
+    assert report.json()["examples"] == 11 and (1, "too_long") in problems, problems  # rendered and counted
+    pids = list(service._checker._processes)
+    assert pids and os.getpid() not in pids
+    assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in pids] == [19]
+
+
 GOOD_LINE = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
 
 

@@ -14,11 +14,14 @@ router's lifespan starts and stops them with the app.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import random
 import sys
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Sequence
 
@@ -132,6 +135,16 @@ class ModelPublisher:
             return self.store.storage_root / rel
 
 
+def check_through_model(path: Path, model: str, against: Path | None) -> dict[str, Any]:
+    """A file's validation report through `model`'s template, with the audit (run in the
+    service's checking process)."""
+    report = validate_data(path, model=model, validation=against).to_dict()
+    if report["examples"]:
+        problems, report["audit"] = audit_problems(path, against)
+        report["warnings"] += problems
+    return report
+
+
 class JobsService:
     """The jobs API router plus, while the app runs, `workers` worker threads and the publisher."""
 
@@ -153,7 +166,11 @@ class JobsService:
         # thread-safe in transformers, and each check uses every core anyway. Those waiting
         # their turn wait without a thread (each held one of the threads chats render in, and
         # a flood of them starved every chat, issue 19); more than 16 waiting are a 429.
+        # The check runs in a process of its own at the lowest CPU priority: rendering and
+        # tokenizing a 1 MB line takes 0.8 s of a core and holds the GIL up to 70 ms at a
+        # time, which in this process slowed the engine's decode steps (docs/benchmarks.md).
         self._validation_lock = threading.Lock()
+        self._checker: ProcessPoolExecutor | None = None
         self._validations = GraderSlots(1, MAX_WAITING_VALIDATIONS, what="model-based file checks")
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -182,6 +199,10 @@ class JobsService:
         for t in self._threads:
             t.join(timeout=self.worker_config.stop_timeout_s + 5)
         self._threads.clear()
+        with self._validation_lock:
+            if self._checker is not None:
+                self._checker.shutdown(cancel_futures=True)
+                self._checker = None
 
     def _publish_loop(self) -> None:
         while not self._stop.wait(self.worker_config.poll_interval_s):
@@ -327,11 +348,15 @@ class JobsService:
 
     def _validate_with_model(self, path: Path, model: str, against: Path | None) -> dict[str, Any]:
         with self._validation_lock:
-            report = validate_data(path, model=model, validation=against).to_dict()
-            if report["examples"]:
-                problems, report["audit"] = audit_problems(path, against)
-                report["warnings"] += problems
-            return report
+            if self._checker is None:  # started at the first check, kept for the next ones
+                self._checker = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                                    initializer=os.nice, initargs=(19,))
+            try:
+                return self._checker.submit(check_through_model, path, model, against).result()
+            except BrokenProcessPool:  # the checking process died (e.g. killed for memory)
+                self._checker = None
+                raise APIError(503, "the process checking files stopped unexpectedly; retry the request",
+                               code="server_error", retry_after_s=5)
 
     def delete_file(self, file_id: str) -> dict[str, Any]:
         self._file(file_id)
