@@ -75,3 +75,34 @@ def test_only_cli_imports_typer():
             if any(n == "typer" or n.startswith("typer.") for n in names):
                 importers.append(path.relative_to(SRC))
     assert importers and all(p.parts[0] == "cli" for p in importers), importers
+
+
+def test_ctrl_c_says_interrupted_and_exits_130(tmp_path, tiny_model_dir):
+    """Typer turns Ctrl-C into a silent exit 130: `tunesmith eval` stopped without a word."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"question {k}"},
+                                                     {"role": "assistant", "content": "yes"}]}) + "\n"
+                            for k in range(5000)))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", "from tunesmith.cli import main; main()", "eval",
+                             "--model", str(tiny_model_dir), "--data", str(data), "--max-new-tokens", "64",
+                             "--no-loss", "--no-trackers", "--out", str(tmp_path / "eval")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        while "evaluating on" not in (line := proc.stderr.readline()):  # generating now
+            assert line or proc.poll() is None, "eval ended before generating"
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stdout + stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted", stderr
+    assert "Traceback" not in stderr

@@ -8,8 +8,9 @@ answers at once; failures the user can fix print one sentence.
 from __future__ import annotations
 
 import os
+import signal
 import sys
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
 import typer
 
@@ -65,6 +66,14 @@ def main() -> None:
     # transformers draws for each model load and save ("Loading weights") only interleave
     # with it. HF_HUB_DISABLE_PROGRESS_BARS=0 brings them back.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # Typer turns a KeyboardInterrupt into a silent exit 130, so Ctrl-C is noted here to say so.
+    interrupted: list[int] = []
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        interrupted.append(signum)
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, on_sigint)
     try:
         app()
     except TunesmithError as exc:
@@ -73,3 +82,7 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except SystemExit as exc:
+        if exc.code == 130 and interrupted:
+            typer.echo("interrupted", err=True)
+        raise
