@@ -150,15 +150,17 @@ def test_invalid_unicode_and_huge_seeds_are_400s(server, engine, body, param):
     assert (err["param"], err["code"]) == (param, "invalid_parameter")
 
 
-@pytest.mark.parametrize("body", [
-    '{"model": "x", "messages": ' + "[" * 100_000 + "]" * 100_000 + "}",
-    '{"model": "x", "messages": [], "seed": 1' + "0" * 5000 + "}",
+@pytest.mark.parametrize("body, says", [
+    ('{"model": "x", "messages": ' + "[" * 100_000 + "]" * 100_000 + "}", "nests deeper than about 1,000 levels"),
+    ('{"model": "x", "messages": [], "seed": 1' + "0" * 5000 + "}", "a number has more than 4,300 digits"),
 ], ids=["100,000-deep nesting", "a 5,001-digit number"])
-def test_bodies_the_parser_refuses_are_400s(server, engine, body):
-    """The JSON parser refuses both before pydantic sees them: no parameter to name."""
+def test_bodies_the_parser_refuses_are_400s(server, engine, body, says):
+    """The JSON parser refuses both before pydantic sees them: no parameter to name, and the
+    message says which (it was FastAPI's "There was an error parsing the body")."""
     with normal_chat(server):
         err = error_of(post(server, "/v1/chat/completions", body), 400)
     assert (err["param"], err["code"]) == (None, "invalid_body"), err
+    assert says in err["message"], err
 
 
 @pytest.fixture(scope="module")

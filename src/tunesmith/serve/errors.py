@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import sys
 from typing import Any, Sequence
 
 from fastapi import FastAPI, Request
@@ -83,7 +84,21 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     # Starlette's own: no such route or method, a body over the size limit, a dashboard file.
-    return APIError(exc.status_code, str(exc.detail), code=_HTTP_CODES.get(exc.status_code)).response()
+    return APIError(exc.status_code, _unparsed_body(exc) or str(exc.detail),
+                    code=_HTTP_CODES.get(exc.status_code)).response()
+
+
+def _unparsed_body(exc: StarletteHTTPException) -> str | None:
+    """What FastAPI's "There was an error parsing the body" was: json.loads refuses a body
+    nested too deep, or an integer too long, with errors FastAPI does not pass on."""
+    if exc.status_code != 400:
+        return None
+    if isinstance(exc.__cause__, RecursionError):
+        return "the request body is not JSON this server reads: it nests deeper than about 1,000 levels"
+    if isinstance(exc.__cause__, ValueError) and "digits" in str(exc.__cause__):
+        return (f"the request body is not JSON this server reads: a number has more than "
+                f"{sys.get_int_max_str_digits():,} digits")
+    return None
 
 
 async def _tunesmith_error(request: Request, exc: TunesmithError) -> JSONResponse:
