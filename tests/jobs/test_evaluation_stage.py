@@ -91,3 +91,29 @@ def test_a_run_that_does_not_name_its_base_weights_is_never_matched(run_dir, tin
     _, log = stage(run_dir, tiny_model_dir, data, tmp_path / "eval2", cache, capsys)
     assert "reusing" not in log
     assert not cache.exists() or not any(cache.iterdir())  # nothing kept that nothing could match
+
+
+def test_a_full_fine_tune_is_evaluated_by_its_own_weights(tiny_model_dir, tmp_path):
+    """A full fine-tuning run saves whole weights where a LoRA run has its adapter: the
+    stage loaded it as an adapter and failed ("holds no adapter"), so a sweep over
+    `method: full` recorded no score for any trial."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tunesmith.models.inference import load_for_inference
+    from tunesmith.train.config import TrainConfig
+    from tunesmith.train.run import train
+
+    data = write_rows(tmp_path / "train.csv", 12)
+    out = tmp_path / "full"
+    result = train(TrainConfig(model=str(tiny_model_dir), data=data, out=out, method="full", max_steps=2,
+                               batch_size=4, precision="fp32", learning_rate=1e-2, input_column="question",
+                               output_column="intent"), progress=False)
+    saved = load_file(result.adapter_dir / "model.safetensors")
+    name = next(k for k in saved if "layers.0." in k and k.endswith("proj.weight"))
+    tuned, base = load_for_inference(str(tiny_model_dir), out), load_for_inference(str(tiny_model_dir))
+    assert torch.equal(tuned.model.state_dict()[name], saved[name])
+    assert not torch.equal(base.model.state_dict()[name], saved[name])  # training changed it
+    summary = run_stage(str(tiny_model_dir), out / "adapter", write_rows(tmp_path / "valid.csv", 6), tmp_path / "eval")
+    assert summary["n_examples"] == 6
+    assert len((tmp_path / "eval" / "tuned" / "predictions.jsonl").read_text().splitlines()) == 6

@@ -58,6 +58,16 @@ def resolve_adapter(path: str | Path, checkpoint: str = "best") -> Path:
     )
 
 
+def full_weights_dir(path: str | Path) -> Path | None:
+    """The model folder a full fine-tuning run saved (`--method full`: whole weights where a
+    LoRA run has its adapter), for a run directory or that folder itself; None otherwise."""
+    path = Path(path).expanduser()
+    for folder in (path, path / ADAPTER_DIR):
+        if (folder / "config.json").is_file() and adapter_meta(folder).get("method") == "full":
+            return folder
+    return None
+
+
 def adapter_meta(adapter_dir: Path) -> dict[str, Any]:
     meta = adapter_dir / ADAPTER_META_FILE
     return _json_object(meta) if meta.is_file() else {}

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import AdapterError, UsageError
-from tunesmith.models.adapters import check_base, resolve_adapter
+from tunesmith.models.adapters import check_base, full_weights_dir, resolve_adapter
 from tunesmith.models.int8 import quantize_frozen_linears
 from tunesmith.models.registry import REGISTRY, identity, load_model, load_tokenizer, resolve_model
 from tunesmith.runs import ADAPTER_WEIGHTS_FILE
@@ -68,11 +68,19 @@ def load_for_inference(
     weights="int8" stores every linear layer of the base but the LM head as int8 before any
     adapter goes on it (models/int8.py); the LM head, embeddings, norms and adapters stay fp32.
 
+    A full fine-tuning run given as the adapter (its folder holds whole weights) is loaded
+    instead of the base, once its recorded base is checked to be this one: a job's
+    evaluation stage and `tunesmith eval --adapter` take either kind of run.
+
     Refused before any weights load: a model without a chat template (every prompt is
     rendered with it, as in training), an adapter trained on another base, an adapter not
     saved as safetensors."""
     check_weights(weights)
     ref = resolve_model(model, home)
+    full = full_weights_dir(adapter) if adapter is not None else None
+    if full is not None:  # a full fine-tune of this base: its own weights are the model
+        check_base(full, identity(ref))
+        ref, adapter = resolve_model(str(full), home), None
     tokenizer = load_tokenizer(ref)
     if tokenizer.chat_template is None:
         raise UsageError(
