@@ -25,6 +25,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -226,7 +227,14 @@ def hostile_client(url: str, model: str, home: Path, ready, stop, results, skip:
     ready.set()
     for t in threads:
         t.join()
-    results.put(dict(answers))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    results.put((dict(answers), usage.ru_utime + usage.ru_stime))
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_server(model: str, threads: int | None, home: Path) -> tuple[subprocess.Popen, str]:
@@ -298,15 +306,20 @@ def main() -> None:
             hostile.start()
             ready.wait(timeout=300)
             time.sleep(1.0)  # the hostile requests are already arriving when the chats start
+            t0, server0, own0 = time.perf_counter(), cpu_s(proc.pid), sum(os.times()[:2])
             under = normal_run(url, model, args.max_tokens)
+            wall, server_cpu, own_cpu = (time.perf_counter() - t0, cpu_s(proc.pid) - server0,
+                                         sum(os.times()[:2]) - own0)
             stop.set()
-            answers = results.get(timeout=600)  # the requests in flight end first
+            answers, hostile_cpu = results.get(timeout=600)  # the requests in flight end first
             hostile.join(timeout=60)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
 
     pct = lambda xs, q: xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]  # noqa: E731
+    print(f"CPU seconds while the chats ran under traffic ({wall:.1f} s on {os.cpu_count()} CPUs): server "
+          f"{server_cpu:.1f}, chats' client {own_cpu:.1f}; the hostile client {hostile_cpu:.1f} over its whole run")
     print(f"16 streamed chats x {args.max_tokens} new tokens, model {model}")
     print(f"{'':24}{'p50 s':>8}{'p95 s':>8}")
     for name, lat in (("alone", alone), ("under hostile traffic", under)):
