@@ -569,18 +569,7 @@ class LocalEngine:
 
     def _evict(self) -> None:
         """Take the rows _admit preempted out of the batch (they wait again in the queue)."""
-        import torch
-
-        if not any(s.evicted for s in self._rows):
-            return
-        keep = [i for i, s in enumerate(self._rows) if not s.evicted]
-        if not keep:
-            self._rows, self._cache, self._mask, self._next_ids = [], None, None, None
-            return
-        index = torch.tensor(keep, dtype=torch.long, device=self._device)
-        self._rows = [self._rows[i] for i in keep]
-        self._mask = batch.keep_rows(self._cache, self._mask, index)
-        self._next_ids = self._next_ids[index]
+        self._keep_rows(lambda s: not s.evicted)
 
     def _finish_if_cancelled(self, s: _Seq) -> bool:
         if s.handle.cancelled and not s.done:
@@ -686,17 +675,19 @@ class LocalEngine:
 
     def _drop_done(self) -> None:
         """Remove finished or cancelled rows from the batch and trim all-padding columns."""
-        import torch
-
         for s in self._rows:
             self._finish_if_cancelled(s)
-        keep = [i for i, s in enumerate(self._rows) if not s.done]
+        self._keep_rows(lambda s: not s.done)
+
+    def _keep_rows(self, wanted: Callable[[_Seq], bool]) -> None:
+        """Keep only the batch's rows that are `wanted` (their cache, mask and next token)."""
+        keep = [i for i, s in enumerate(self._rows) if wanted(s)]
         if len(keep) == len(self._rows):
             return
         if not keep:
             self._rows, self._cache, self._mask, self._next_ids = [], None, None, None
             return
-        index = torch.tensor(keep, dtype=torch.long, device=self._device)
+        index = self._torch.tensor(keep, dtype=self._torch.long, device=self._device)
         self._rows = [self._rows[i] for i in keep]
         self._mask = batch.keep_rows(self._cache, self._mask, index)
         self._next_ids = self._next_ids[index]
