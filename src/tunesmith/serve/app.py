@@ -22,9 +22,9 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
-from tunesmith.generate.engine import Engine, Event, SamplingParams, UnknownModelError
 from tunesmith.errors import AdapterError
 from tunesmith.generate.constraints import Constraint
+from tunesmith.generate.engine import Engine, Event, SamplingParams, UnknownModelError
 from tunesmith.serve import limits as lim
 from tunesmith.serve.limits import MAX_BODY_BYTES, BodyLimit
 from tunesmith.serve import protocol as p
