@@ -117,8 +117,10 @@ def check_base(adapter_dir: Path, base_identity: dict[str, Any]) -> None:
     """Refuse an adapter trained on a different base model (by content hash)."""
     want = adapter_meta(adapter_dir).get("base_model", {})
     if want.get("sha256") and base_identity.get("sha256") and want["sha256"] != base_identity["sha256"]:
+        name = want.get("name")
         raise AdapterError(
-            f"adapter '{adapter_dir}' was trained on base model '{want.get('name')}' "
+            f"adapter '{adapter_dir}' was trained on base model '{name or 'unnamed'}' "
             f"(sha256 {want['sha256'][:12]}), not on '{base_identity.get('name')}' "
-            f"(sha256 {base_identity['sha256'][:12]}); pass --model {want.get('name')}"
+            f"(sha256 {base_identity['sha256'][:12]}); "
+            + (f"pass --model {name}" if name else "pass the --model it was trained on")
         )
