@@ -237,7 +237,31 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_server(model: str, threads: int | None, home: Path) -> tuple[subprocess.Popen, str]:
+def children(pid: int) -> list[int]:
+    """The processes below `pid` (the engine's process, the model-check pool), from /proc (Linux)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            kids = [int(k) for k in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for k in kids:
+            found += [k, *children(k)]
+    return found
+
+
+def tree_cpu_s(pid: int) -> dict[int, float]:
+    """cpu_s of `pid` and of each process below it."""
+    out = {}
+    for p in (pid, *children(pid)):
+        try:
+            out[p] = cpu_s(p)
+        except OSError:  # it ended meanwhile
+            pass
+    return out
+
+
+def start_server(model: str, threads: int | None, home: Path, in_process: bool = False) -> tuple[subprocess.Popen, str]:
     """`tunesmith serve` on a free loopback port, its home `home`; the model's folder's parent
     is an allowed root, so a file can be checked through the model by its path."""
     with socket.socket() as s:
@@ -247,6 +271,8 @@ def start_server(model: str, threads: int | None, home: Path) -> tuple[subproces
            "--workers", "0", "--max-upload-mb", str(UPLOAD_LIMIT_MB), "--allow-path", str(Path(model).parent)]
     if threads:
         cmd += ["--threads", str(threads)]
+    if in_process:
+        cmd += ["--engine-in-process"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TUNESMITH_API_KEY": KEY,
            "TUNESMITH_HOME": str(home)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -283,6 +309,9 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct", help="Model to serve.")
     ap.add_argument("--tiny", action="store_true", help="Serve the tests' tiny random model instead.")
     ap.add_argument("--threads", type=int, help="--threads for the server.")
+    ap.add_argument("--engine-in-process", action="store_true",
+                    help="Serve with --engine-in-process (the engine's thread beside the event loop), the peer of "
+                         "the default engine process.")
     ap.add_argument("--max-tokens", type=int, default=64, help="New tokens per normal chat.")
     ap.add_argument("--skip", action="append", default=[], metavar="TEXT",
                     help="Leave out the hostile kinds whose name holds TEXT (repeatable): to find which kinds cost "
@@ -295,7 +324,7 @@ def main() -> None:
         model_spec = tiny_model(Path(tmp) / "tiny") if args.tiny else registry_path(args.model)
         home = Path(tmp) / "home"
         bad_adapters(home)
-        proc, url = start_server(model_spec, args.threads, home)
+        proc, url = start_server(model_spec, args.threads, home, args.engine_in_process)
         try:
             model = httpx.get(url + "/models", headers=AUTH).json()["data"][0]["id"]
             normal_run(url, model, 4)  # warm-up
@@ -306,10 +335,11 @@ def main() -> None:
             hostile.start()
             ready.wait(timeout=300)
             time.sleep(1.0)  # the hostile requests are already arriving when the chats start
-            t0, server0, own0 = time.perf_counter(), cpu_s(proc.pid), sum(os.times()[:2])
+            t0, server0, own0 = time.perf_counter(), tree_cpu_s(proc.pid), sum(os.times()[:2])
             under = normal_run(url, model, args.max_tokens)
-            wall, server_cpu, own_cpu = (time.perf_counter() - t0, cpu_s(proc.pid) - server0,
-                                         sum(os.times()[:2]) - own0)
+            wall, server1, own_cpu = time.perf_counter() - t0, tree_cpu_s(proc.pid), sum(os.times()[:2]) - own0
+            server_cpu = server1.pop(proc.pid) - server0.pop(proc.pid)
+            kids_cpu = sorted((c - server0.get(k, 0.0) for k, c in server1.items()), reverse=True)
             stop.set()
             answers, hostile_cpu = results.get(timeout=600)  # the requests in flight end first
             hostile.join(timeout=60)
@@ -318,9 +348,12 @@ def main() -> None:
             proc.wait(timeout=30)
 
     pct = lambda xs, q: xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]  # noqa: E731
+    kids = ", ".join(f"{c:.1f}" for c in kids_cpu if c >= 0.05) or "none busy"
     print(f"CPU seconds while the chats ran under traffic ({wall:.1f} s on {os.cpu_count()} CPUs): server "
-          f"{server_cpu:.1f}, chats' client {own_cpu:.1f}; the hostile client {hostile_cpu:.1f} over its whole run")
-    print(f"16 streamed chats x {args.max_tokens} new tokens, model {model}")
+          f"{server_cpu:.1f} and its child processes {kids} (the engine's first, unless it runs in-process), "
+          f"chats' client {own_cpu:.1f}; the hostile client {hostile_cpu:.1f} over its whole run")
+    print(f"16 streamed chats x {args.max_tokens} new tokens, model {model}, engine "
+          f"{'in the server process' if args.engine_in_process else 'in its own process'}")
     print(f"{'':24}{'p50 s':>8}{'p95 s':>8}")
     for name, lat in (("alone", alone), ("under hostile traffic", under)):
         print(f"{name:24}{statistics.median(lat):>8.2f}{pct(lat, 0.95):>8.2f}")

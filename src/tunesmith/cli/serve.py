@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
@@ -51,6 +51,11 @@ def serve_cmd(
         "1 is often faster on a CPU shared with other work."
     ),
     weights: str = typer.Option("fp32", "--weights", help=WEIGHTS_HELP),
+    engine_process: bool = typer.Option(
+        True, "--engine-process/--engine-in-process", help="Run the model in its own process (default), so a "
+        "flood of requests cannot starve generation of CPU; in-process saves its start (a few seconds) and "
+        "the tokenizer's second copy."
+    ),
     db: Optional[str] = typer.Option(None, "--db", help=DB_HELP),
     workers: int = typer.Option(1, "--workers", help="Fine-tuning job workers in this process (0: API only)."),
     max_upload_mb: float = typer.Option(512.0, "--max-upload-mb", help="Largest file /v1/files accepts, in MB."),
@@ -110,7 +115,12 @@ def serve_cmd(
     if allow_python_graders:
         settings = dataclasses.replace(settings, python_graders=True)
     typer.echo(f"loading {model} ({weights} weights) and {len(pairs)} adapter(s) ...", err=True)
-    engine = LocalEngine.load(model, pairs, weights=weights)
+    if engine_process:
+        from tunesmith.generate.process import ProcessEngine
+
+        engine: Any = ProcessEngine(model, pairs, weights=weights, threads=threads)
+    else:
+        engine = LocalEngine.load(model, pairs, weights=weights)
     from tunesmith.serve.jobs_api import build_jobs_service
 
     jobs = build_jobs_service(db, workers, engine, max_upload_mb, settings, leakage_error=leakage_error,

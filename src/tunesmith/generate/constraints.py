@@ -51,6 +51,9 @@ class ConstraintError(UsageError):
         super().__init__(message)
         self.code = code
 
+    def __reduce__(self) -> tuple:  # keeps `code` when it crosses a process boundary (generate/process.py)
+        return (type(self), (str(self), self.code))
+
 
 @dataclass(frozen=True)
 class Constraint:

@@ -92,6 +92,15 @@ def _peft_name(name: str) -> str:
     return name.replace(".", "~")
 
 
+def chat_prompt(tokenizer: Any, messages: Sequence[dict[str, Any]],
+                tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
+    """The prompt for a conversation (and the tools it may call) as API clients send it:
+    exactly training's tokens plus the generation prompt."""
+    msgs = [Message(m["role"], m.get("content") or "", name=m.get("name"), tool_calls=m.get("tool_calls"))
+            for m in messages]
+    return render_prompt(tokenizer, msgs, list(tools) if tools else None)
+
+
 class Engine(Protocol):
     """What the HTTP app and the terminal chat need from an engine."""
 
@@ -237,9 +246,7 @@ class LocalEngine:
     def render_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
         """The prompt for a conversation (and the tools it may call): exactly training's tokens
         plus the generation prompt."""
-        msgs = [Message(m["role"], m.get("content") or "", name=m.get("name"), tool_calls=m.get("tool_calls"))
-                for m in messages]
-        return render_prompt(self._tok, msgs, list(tools) if tools else None)
+        return chat_prompt(self._tok, messages, tools)
 
     def stats(self) -> dict[str, int]:
         """Rows generating now, requests queued, the most rows ever decoded together, decode

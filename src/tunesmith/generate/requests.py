@@ -27,6 +27,11 @@ class EngineOverloaded(TunesmithError):
     retry_after_s = 1
 
 
+class EngineStopped(TunesmithError):
+    """The engine's process is gone (killed, or out of memory): nothing is generated until the
+    server is restarted (the server's 503)."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int

@@ -234,7 +234,8 @@ def get_limits(request: Request) -> lim.Limits:
 
 @health_router.get("/health")
 async def health(engine: Engine = Depends(get_engine)) -> dict[str, Any]:
-    return {"status": "ok", "models": [c.id for c in engine.models()], **engine.stats()}
+    # stats may ask the engine's process (generate/process.py): off the event loop
+    return {"status": "ok", "models": [c.id for c in engine.models()], **await run_in_threadpool(engine.stats)}
 
 
 def _model_object(card: Any) -> p.ModelObject:

@@ -8,6 +8,7 @@ jobs routes answer the same exception with the same status:
 
 - a request body or query that does not validate: 400 naming the first bad `param`;
 - the engine's queue full (`EngineOverloaded`): 429 `server_overloaded` with `Retry-After`;
+- the engine's process gone (`EngineStopped`): 503 `engine_unavailable`;
 - a malformed grader (`GraderError`): 400 whose `param` names the field;
 - `ModelNotFoundError`: 404 `model_not_found`; an adapter name already taken: 409;
   any other `UsageError` or `DataError`: 400 with its sentence;
@@ -32,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunesmith.errors import DataError, ModelNotFoundError, TunesmithError, UsageError
 from tunesmith.generate.engine import AdapterConflictError, EngineOverloaded
+from tunesmith.generate.requests import EngineStopped
 from tunesmith.graders.types import GraderError
 from tunesmith.serve.protocol import ErrorBody, ErrorResponse
 
@@ -117,6 +119,8 @@ def error_from_tunesmith(exc: TunesmithError) -> APIError:
     """The response for a TunesmithError: the request's fault (usage, data) or the server's."""
     if isinstance(exc, EngineOverloaded):
         return APIError(429, str(exc), code="server_overloaded", retry_after_s=exc.retry_after_s)
+    if isinstance(exc, EngineStopped):
+        return APIError(503, str(exc), code="engine_unavailable")
     if isinstance(exc, ModelNotFoundError):
         return APIError(404, str(exc), param="model", code="model_not_found")
     if isinstance(exc, GraderError):  # param names the grader's field, as OpenAI's does
