@@ -61,6 +61,10 @@ PUBLISHED_CHECKPOINTS = 3
 """Checkpoints per job that are loaded as models (the last ones, as hosted APIs keep)."""
 SWEEP_CACHE_S = 2.0
 """How long GET /v1/sweeps/{name} reuses a sweep's results (the dashboard polls every 3 s)."""
+CHECK_NICE = 10
+"""The priority of the process that checks files through a model: below the engine and the
+server, yet not 19. At 19 it got about 1.5% of a core beside two busy processes (a training
+job, an evaluation), and its start alone (importing torch and transformers) took minutes."""
 MAX_WAITING_VALIDATIONS = 16
 """Model-based file checks (GET /v1/files/{id}/validation?model=) waiting for the one running;
 more are refused with 429 `server_overloaded`."""
@@ -143,6 +147,15 @@ def check_through_model(path: Path, model: str, against: Path | None) -> dict[st
         problems, report["audit"] = audit_problems(path, against)
         report["warnings"] += problems
     return report
+
+
+def _start_checker() -> None:
+    """The checking process's start: its imports (this module's, and transformers, which loads
+    the model's tokenizer; several CPU seconds) at the server's priority, then CHECK_NICE for
+    the checks themselves."""
+    import transformers  # noqa: F401
+
+    os.nice(CHECK_NICE)
 
 
 class JobsService:
@@ -350,7 +363,7 @@ class JobsService:
         with self._validation_lock:
             if self._checker is None:  # started at the first check, kept for the next ones
                 self._checker = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                                    initializer=os.nice, initargs=(19,))
+                                                    initializer=_start_checker)
             try:
                 return self._checker.submit(check_through_model, path, model, against).result()
             except BrokenProcessPool:  # the checking process died (e.g. killed for memory)
