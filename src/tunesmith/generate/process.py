@@ -289,11 +289,10 @@ class _Child:
     def __init__(self, conn: Any, engine: Any) -> None:
         self.conn, self.engine = conn, engine
         self.out: queue.SimpleQueue = queue.SimpleQueue()
-        self.handles: dict[int, Handle] = {}
+        self.rows: dict[int, list] = {}
+        """Per row not ended: [its group id (None: no group), its Handle once submitted]."""
         self.groups: dict[int, list] = {}
         """Per request id of the parent's: [the one object its rows share as their group, rows not ended]."""
-        self.row_group: dict[int, int | None] = {}
-        """The group id of each row not ended (None: a row without a group)."""
         self.lock = threading.Lock()
         self.calls = ThreadPoolExecutor(2, thread_name_prefix="tunesmith-engine-call")
 
@@ -310,10 +309,9 @@ class _Child:
                     self._submit(*msg[1:])
                 elif msg[0] == "cancel":
                     with self.lock:
-                        handle = self.handles.get(msg[1])
-                        self._end(msg[1])
-                    if handle is not None:
-                        handle.cancel()
+                        row = self._end(msg[1])
+                    if row is not None and row[1] is not None:
+                        row[1].cancel()
                 elif msg[0] == "call":
                     self.calls.submit(self._answer, *msg[1:])
                 elif msg[0] == "close":
@@ -324,17 +322,16 @@ class _Child:
             self.out.put(None)
             sender.join(10)
 
-    def _end(self, rid: int) -> None:
-        """Forget a row that ended or was cancelled (call with the lock held; once is enough)."""
-        self.handles.pop(rid, None)
-        if rid not in self.row_group:
-            return
-        gid = self.row_group.pop(rid)
-        group = self.groups.get(gid) if gid is not None else None
+    def _end(self, rid: int) -> list | None:
+        """Forget a row that ended or was cancelled (call with the lock held; once is enough);
+        what was kept of it, None when it was already forgotten."""
+        row = self.rows.pop(rid, None)
+        group = self.groups.get(row[0]) if row is not None and row[0] is not None else None
         if group is not None:
             group[1] -= 1
             if not group[1]:
-                del self.groups[gid]
+                del self.groups[row[0]]
+        return row
 
     def _submit(self, rid: int, prompt_ids: list[int], model: str, params: SamplingParams, gid: int | None) -> None:
         with self.lock:
@@ -342,7 +339,7 @@ class _Child:
             if gid is not None:
                 group = self.groups.setdefault(gid, [object(), 0])
                 group[1] += 1
-            self.row_group[rid] = gid
+            self.rows[rid] = [gid, None]
 
         def on_event(ev: Event) -> None:  # the engine thread: hand over and go on
             self.out.put((rid, ev))
@@ -357,8 +354,8 @@ class _Child:
             on_event(Event("", "error", len(prompt_ids), 0))
             return
         with self.lock:
-            if rid in self.row_group:  # not ended or cancelled meanwhile
-                self.handles[rid] = handle
+            if rid in self.rows:  # not ended or cancelled meanwhile
+                self.rows[rid][1] = handle
 
     def _answer(self, cid: int, method: str, args: tuple) -> None:
         try:
