@@ -106,6 +106,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("wheel", type=Path, help="the bfcl-eval wheel (pip download --no-deps bfcl-eval)")
     parser.add_argument("--out", type=Path, default=Path("data/bfcl"))
+    parser.add_argument("--max-functions", type=int, default=None,
+                        help="keep only lines offering at most this many functions (1: the short, one-function "
+                             "lines, a task that trains in minutes here)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     counts = {"train": 0, "heldout": 0, "skipped": 0}
@@ -114,6 +117,8 @@ def main() -> None:
             for row_id, obj in read(args.wheel, category):
                 if not valid(obj):
                     counts["skipped"] += 1
+                    continue
+                if args.max_functions is not None and len(obj.get("tools", [])) > args.max_functions:
                     continue
                 side = "heldout" if heldout(row_id) else "train"
                 (held if side == "heldout" else train).write(json.dumps(obj, ensure_ascii=False) + "\n")
