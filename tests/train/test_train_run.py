@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 from in_process import run_tunesmith
 
+from tunesmith.errors import UsageError
 from tunesmith.train.config import TrainConfig
 from tunesmith.train.run import train
 
@@ -277,6 +279,13 @@ def test_full_fine_tuning_leaves_a_model_dir(tiny_model_dir, chat_file, tmp_path
     assert (result.adapter_dir / "config.json").is_file() and (result.adapter_dir / "tokenizer_config.json").is_file()
     assert json.loads((result.adapter_dir / "tunesmith_adapter.json").read_text())["method"] == "full"
     AutoModelForCausalLM.from_pretrained(str(result.adapter_dir))
+    # Given where an adapter goes (serve --adapter, a job's published model), the sentence says
+    # what the folder holds and how to serve it, not "holds no adapter".
+    from tunesmith.models.adapters import resolve_adapter
+
+    for given in (out, result.adapter_dir):
+        with pytest.raises(UsageError, match=rf"whole fine-tuned weights .* tunesmith serve --model {re.escape(str(result.adapter_dir))}$"):
+            resolve_adapter(given)
 
 
 def test_two_processes_match_one(tiny_model_dir, chat_file, tmp_path):

@@ -52,6 +52,12 @@ def resolve_adapter(path: str | Path, checkpoint: str = "best") -> Path:
                 return ckpt
         have = [p.name for _, p in found]
         raise UsageError(f"run '{path}' has no checkpoint {checkpoint}; it has: {', '.join(have) or 'none'}")
+    full = full_weights_dir(path)
+    if full is not None:  # e.g. a `method: full` trial of a sweep, given to `serve --adapter` or published
+        raise UsageError(
+            f"'{path}' holds whole fine-tuned weights (method full), not an adapter; serve them as the "
+            f"base model: tunesmith serve --model {full}"
+        )
     raise UsageError(
         f"'{path}' holds no adapter (no {ADAPTER_CONFIG_FILE} in it, in {ADAPTER_DIR}/ or in {CHECKPOINTS_DIR}/); "
         "was the training run finished or checkpointed?"
