@@ -207,3 +207,46 @@ def test_adapter_refusals(engine, tiny_model_dir, tmp_path):
     with pytest.raises(UsageError, match="only safetensors"):
         engine.add_adapter("pickled", pickled)
     assert {c.id for c in engine.models()} == {engine.base_id, "alpha", "beta", "gamma"}
+
+
+def test_a_row_in_its_prefill_counts_as_running_and_a_cancel_is_counted_before_it_leaves(tiny_model_dir):
+    """Between leaving the queue and joining the batch (its prefill, seconds for a long
+    prompt) a row was in neither list, so stats read an idle engine: /health said so, and a
+    test that waited for idle saw 1 of 2 cancellations (a flaky failure under CI load)."""
+    import time
+
+    engine = LocalEngine.load(str(tiny_model_dir))
+    entered, release = threading.Event(), threading.Event()
+    prefill = engine._prefill
+
+    def held_prefill(new, prefix):
+        entered.set()
+        assert release.wait(30)
+        prefill(new, prefix)
+
+    engine._prefill = held_prefill
+    try:
+        ids = engine.render_chat([{"role": "user", "content": "hi"}])
+        ended = threading.Event()
+        engine.submit(ids, engine.base_id, GREEDY, lambda ev: ev.finish_reason and ended.set())
+        assert entered.wait(30)
+        stats = engine.stats()
+        assert (stats["running"], stats["waiting"]) == (1, 0)  # held in its prefill: running, not gone
+        release.set()
+        assert ended.wait(30)
+        assert wait_until_idle(engine)["running"] == 0
+
+        # Cancelled after leaving the queue: once stats read idle, the cancellation is counted.
+        entered.clear(), release.clear()
+        handle = engine.submit(ids, engine.base_id, GREEDY, lambda ev: None)
+        assert entered.wait(30)
+        handle.cancel()
+        assert engine.stats()["running"] == 1
+        release.set()
+        deadline = time.time() + 30
+        while (stats := engine.stats())["running"] and time.time() < deadline:
+            time.sleep(0.01)
+        assert stats["running"] == stats["waiting"] == 0 and stats["cancelled"] == 1
+    finally:
+        release.set()
+        engine.close()

@@ -206,6 +206,9 @@ class LocalEngine:
         self._last_turn: dict[Any, int] = {}
         """Per waiting request, when it last had a row admitted (fair admission, see _admit)."""
         self._rows: list[_Seq] = []
+        self._joining: list[_Seq] = []
+        """Rows taken from the queue this step, until the prefill puts them in the batch: stats
+        count them as running, so a long prefill never reads as an idle engine."""
         self._cache: Any = None
         self._mask: Any = None
         self._next_ids: Any = None
@@ -253,7 +256,8 @@ class LocalEngine:
         steps run, requests cancelled before their end (clients that went away), and rows
         taken out of the batch to give other requests their share (see _admit)."""
         with self._queue_cv:
-            return {"running": len(self._rows), "waiting": len(self._waiting),
+            running = {id(s) for s in self._rows} | {id(s) for s in self._joining if not s.done}
+            return {"running": len(running), "waiting": len(self._waiting),
                     "peak_rows": self._peak_rows, "steps": self._steps, "cancelled": self._cancelled,
                     "preempted": self._preempted}
 
@@ -482,6 +486,7 @@ class LocalEngine:
                 if self._closed:
                     break
                 new = self._admit()
+                self._joining = new
             try:
                 with self._model_lock, torch.inference_mode(), autocast(self.precision, self._device.type):
                     self._evict()
@@ -499,6 +504,7 @@ class LocalEngine:
                         s.done = True
                         s.on_event(Event("", "error", len(s.prompt_ids), len(s.out_ids)))
                 self._rows, self._cache, self._mask, self._next_ids = [], None, None, None
+            self._joining = []
         for s in self._rows + self._waiting:
             if not s.done:
                 s.on_event(Event("", "error", len(s.prompt_ids), len(s.out_ids)))
@@ -580,8 +586,8 @@ class LocalEngine:
 
     def _finish_if_cancelled(self, s: _Seq) -> bool:
         if s.handle.cancelled and not s.done:
+            self._cancelled += 1  # counted before it leaves the stats' running rows
             s.done = True
-            self._cancelled += 1
         return s.done
 
     def _forward(self, rows: list[_Seq], **kwargs: Any) -> Any:
