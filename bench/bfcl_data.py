@@ -110,6 +110,8 @@ def main() -> None:
                         help="keep only lines offering at most this many functions (1: the short, one-function "
                              "lines, a task that trains in minutes here)")
     args = parser.parse_args()
+    if not args.wheel.is_file():
+        parser.error(f"{args.wheel} is not a file; get the wheel with: pip download --no-deps bfcl-eval -d /tmp/bfcl")
     args.out.mkdir(parents=True, exist_ok=True)
     counts = {"train": 0, "heldout": 0, "skipped": 0}
     with open(args.out / "train.jsonl", "w") as train, open(args.out / "heldout.jsonl", "w") as held:
