@@ -668,8 +668,11 @@ def test_a_worker_renews_its_lease_while_it_validates_so_no_other_worker_takes_t
             heartbeats.add(job["heartbeat_at"])
             service.store.requeue_lapsed(lease_s)
             claimed = service.store.claim_job("w2", lease_s)
-            if claimed is not None:
-                rival_claims.append(claimed["id"])
+            if claimed is not None:  # (the job as it was before the claim)
+                # Taken while still being validated is the bug; taken once w1 queued it (between
+                # this loop's read of the status and its claim) is the job being anyone's.
+                if claimed["status"] == "validating_files":
+                    rival_claims.append(claimed["id"])
                 service.store.release(claimed["id"], "w2")
             time.sleep(0.05)
             job = service.store.get_job(job_id)
